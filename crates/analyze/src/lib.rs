@@ -1,0 +1,1 @@
+//! Istio analyzers and their IST messages

@@ -1,0 +1,1 @@
+//! Certificate authority, Istio CA API, tokens, SPIFFE verifiers

@@ -1,0 +1,1 @@
+//! Traffic capture rules (istio-iptables compatible)

@@ -1,0 +1,136 @@
+use isthmus_config::{Kind, Loader, Severity, Snapshot};
+
+const MIXED: &str = r#"apiVersion: v1
+kind: Service
+metadata:
+  name: reviews
+  namespace: default
+spec:
+  selector:
+    app: reviews
+  ports:
+  - name: http
+    port: 9080
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: broken
+spec:
+  hosts: [reviews]
+  http:
+  - timeout: 5x
+    route:
+    - destination:
+        host: reviews
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancr:
+      simple: RANDOM
+  subsets:
+  - name: v1
+    labels: {version: v1}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata:
+  name: w
+---
+this is: [not, closed
+"#;
+
+#[test]
+fn bad_documents_are_reported_and_good_ones_load() {
+    let loaded = Loader::default().load_str("mixed.yaml", MIXED);
+    for d in &loaded.diagnostics {
+        eprintln!("{d}");
+    }
+    let snap: Snapshot = loaded.resources.iter().cloned().collect();
+    assert_eq!(snap.services.len(), 1);
+    assert_eq!(snap.destination_rules.len(), 1);
+    assert_eq!(snap.virtual_services.len(), 0);
+
+    let err = loaded
+        .diagnostics
+        .iter()
+        .find(|d| d.document == 2)
+        .expect("VirtualService error");
+    assert_eq!(err.severity, Severity::Error);
+    assert_eq!(err.field.as_deref(), Some("spec.http[0].timeout"));
+    assert_eq!(err.line, Some(20));
+    assert!(err.message.contains("invalid duration"), "{}", err.message);
+    assert_eq!(err.resource.as_deref(), Some("VirtualService broken"));
+
+    let warn = loaded
+        .diagnostics
+        .iter()
+        .find(|d| d.document == 3)
+        .expect("unknown field warning");
+    assert_eq!(warn.severity, Severity::Warning);
+    assert_eq!(
+        warn.field.as_deref(),
+        Some("spec.trafficPolicy.loadBalancr")
+    );
+
+    let unknown = loaded.diagnostics.iter().find(|d| d.document == 4).unwrap();
+    assert_eq!(unknown.severity, Severity::Warning);
+    assert!(unknown.message.contains("Widget"));
+
+    let syntax = loaded.diagnostics.iter().find(|d| d.document == 5).unwrap();
+    assert_eq!(syntax.severity, Severity::Error);
+    assert!(syntax.line.unwrap() >= 42, "{syntax}");
+}
+
+#[test]
+fn lists_and_default_namespace() {
+    let text = r#"apiVersion: v1
+kind: List
+items:
+- apiVersion: networking.istio.io/v1alpha3
+  kind: Gateway
+  metadata: {name: a}
+  spec: {selector: {istio: ingressgateway}}
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: foo}
+"#;
+    let loader = Loader {
+        default_namespace: Some("default".into()),
+    };
+    let loaded = loader.load_str("list.yaml", text);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    assert_eq!(loaded.resources.len(), 2);
+    assert_eq!(loaded.resources[0].kind(), Kind::Gateway);
+    assert_eq!(loaded.resources[0].namespace(), "default");
+    // Cluster-scoped kinds get no namespace.
+    assert_eq!(loaded.resources[1].namespace(), "");
+}
+
+#[test]
+fn json_documents_load() {
+    let text = r#"{"apiVersion":"security.istio.io/v1","kind":"PeerAuthentication",
+      "metadata":{"name":"default","namespace":"istio-system"},
+      "spec":{"mtls":{"mode":"STRICT"},"portLevelMtls":{"8080":{"mode":"DISABLE"}}}}"#;
+    let loaded = Loader::default().load_str("pa.json", text);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let snap: Snapshot = loaded.resources.into_iter().collect();
+    let pa = &snap.peer_authentications[0].object.spec;
+    assert_eq!(
+        pa.port_mode(8080).and_then(|m| m.mode.as_deref()),
+        Some("DISABLE")
+    );
+}
+
+#[test]
+fn unserved_version_is_an_error() {
+    let text = "apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: x}\n";
+    let loaded = Loader::default().load_str("ef.yaml", text);
+    assert!(loaded.has_errors());
+    assert!(loaded.diagnostics[0].message.contains("v1alpha3"));
+}

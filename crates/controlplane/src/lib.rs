@@ -1,0 +1,1 @@
+//! The control plane server: config sources, pushes, debug and metrics HTTP

@@ -1,0 +1,1 @@
+//! The mesh as a model: services, hostnames, endpoints, protocols

@@ -1,0 +1,1 @@
+//! xDS protocol: ADS server and client, type URLs, config dumps as JSON
