@@ -1,0 +1,162 @@
+//! Port protocols as Istio infers them (seed 003, "Protocol Detection").
+
+use std::fmt;
+
+/// A port's protocol. `Unknown` ports are sniffed by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Http,
+    Http2,
+    Https,
+    Grpc,
+    GrpcWeb,
+    Mongo,
+    Mysql,
+    Redis,
+    Tcp,
+    Tls,
+    Udp,
+    /// Istio's "UnsupportedProtocol": decided at connection time by sniffing.
+    Unknown,
+}
+
+impl Protocol {
+    /// Parses a protocol name case-insensitively, as Istio does for `Port.protocol` and
+    /// `appProtocol`.
+    pub fn parse(s: &str) -> Protocol {
+        match s.to_ascii_lowercase().as_str() {
+            "http" | "http_proxy" => Protocol::Http,
+            "http2" | "h2c" => Protocol::Http2,
+            "https" => Protocol::Https,
+            "grpc" => Protocol::Grpc,
+            "grpc-web" => Protocol::GrpcWeb,
+            "mongo" => Protocol::Mongo,
+            "mysql" => Protocol::Mysql,
+            "redis" => Protocol::Redis,
+            "tcp" => Protocol::Tcp,
+            "tls" => Protocol::Tls,
+            "udp" => Protocol::Udp,
+            _ => Protocol::Unknown,
+        }
+    }
+
+    /// The protocol a port name implies: the part before the first `-` (`http-web`, `grpc`),
+    /// with `grpc-web` recognised as a whole.
+    pub fn from_port_name(name: &str) -> Protocol {
+        let lower = name.to_ascii_lowercase();
+        if lower == "grpc-web" || lower.starts_with("grpc-web-") {
+            return Protocol::GrpcWeb;
+        }
+        let prefix = lower.split('-').next().unwrap_or("");
+        Protocol::parse(prefix)
+    }
+
+    /// `appProtocol` values, including the Kubernetes-defined ones.
+    pub fn from_app_protocol(app: &str) -> Protocol {
+        match app {
+            "kubernetes.io/h2c" => Protocol::Http2,
+            "kubernetes.io/ws" => Protocol::Http,
+            "kubernetes.io/wss" => Protocol::Https,
+            other => Protocol::parse(other),
+        }
+    }
+
+    /// A Kubernetes service port's protocol: UDP from `protocol`, then `appProtocol`, then the
+    /// port name.
+    pub fn for_kube_port(name: &str, l4: Option<&str>, app_protocol: Option<&str>) -> Protocol {
+        match l4 {
+            Some("UDP") => return Protocol::Udp,
+            Some("SCTP") => return Protocol::Unknown,
+            _ => {}
+        }
+        match app_protocol {
+            Some(a) if !a.is_empty() => Protocol::from_app_protocol(a),
+            _ => Protocol::from_port_name(name),
+        }
+    }
+
+    /// HTTP of any kind: routed per request by the HTTP connection manager.
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
+        )
+    }
+    /// Protocols that need HTTP/2 upstream.
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+    /// Opaque TCP as far as the proxy is concerned (TLS originated by the app included).
+    pub fn is_tcp(self) -> bool {
+        matches!(
+            self,
+            Protocol::Https
+                | Protocol::Mongo
+                | Protocol::Mysql
+                | Protocol::Redis
+                | Protocol::Tcp
+                | Protocol::Tls
+        )
+    }
+
+    /// Istio's name for the protocol (`HTTP`, `GRPC-Web`, `UnsupportedProtocol`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "HTTP",
+            Protocol::Http2 => "HTTP2",
+            Protocol::Https => "HTTPS",
+            Protocol::Grpc => "GRPC",
+            Protocol::GrpcWeb => "GRPC-Web",
+            Protocol::Mongo => "Mongo",
+            Protocol::Mysql => "MySQL",
+            Protocol::Redis => "Redis",
+            Protocol::Tcp => "TCP",
+            Protocol::Tls => "TLS",
+            Protocol::Udp => "UDP",
+            Protocol::Unknown => "UnsupportedProtocol",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Ports where the server speaks first (SMTP, DNS, MySQL, MongoDB): Istio never sniffs them,
+/// because waiting for the client's first bytes would stall the connection.
+pub const SERVER_FIRST_PORTS: [u16; 4] = [25, 53, 3306, 27017];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_names() {
+        assert_eq!(Protocol::from_port_name("http"), Protocol::Http);
+        assert_eq!(Protocol::from_port_name("http-web"), Protocol::Http);
+        assert_eq!(Protocol::from_port_name("HTTP2-x"), Protocol::Http2);
+        assert_eq!(Protocol::from_port_name("grpc-web"), Protocol::GrpcWeb);
+        assert_eq!(Protocol::from_port_name("grpc-foo"), Protocol::Grpc);
+        assert_eq!(Protocol::from_port_name("web"), Protocol::Unknown);
+        assert_eq!(Protocol::from_port_name("httpx"), Protocol::Unknown);
+        assert_eq!(Protocol::from_port_name(""), Protocol::Unknown);
+    }
+
+    #[test]
+    fn app_protocol_takes_precedence() {
+        assert_eq!(
+            Protocol::for_kube_port("tcp-db", Some("TCP"), Some("http")),
+            Protocol::Http
+        );
+        assert_eq!(
+            Protocol::for_kube_port("http", Some("UDP"), None),
+            Protocol::Udp
+        );
+        assert_eq!(
+            Protocol::for_kube_port("web", None, Some("kubernetes.io/h2c")),
+            Protocol::Http2
+        );
+    }
+}

@@ -1,0 +1,127 @@
+use std::net::IpAddr;
+
+use isthmus_config::{Loader, Snapshot};
+use isthmus_registry::{Address, Protocol, Registry, Resolution};
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: bookinfo}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: reviews}
+  ports:
+  - {name: http, port: 9080, targetPort: http-api}
+  - {name: metrics, port: 9090, targetPort: 19090}
+  - {name: db, port: 5432, appProtocol: tcp}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1, namespace: bookinfo, labels: {app: reviews, version: v1}}
+spec:
+  serviceAccountName: bookinfo-reviews
+  containers:
+  - name: app
+    ports: [{name: http-api, containerPort: 8080}]
+status: {podIP: 10.244.0.5}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v2, namespace: bookinfo, labels: {app: reviews, version: v2}}
+spec:
+  containers:
+  - name: app
+    ports: [{name: other, containerPort: 7070}]
+status: {podIP: 10.244.0.6}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: bookinfo, labels: {app: reviews}}
+spec: {containers: [{name: app}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: data}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: tcp-pg, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: data, labels: {app: db}}
+spec: {hostname: db-0, subdomain: db, containers: [{name: pg}]}
+status: {podIP: 10.244.1.2}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: bookinfo}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+  resolution: DNS
+"#;
+
+fn registry() -> Registry {
+    let loaded = Loader::default().load_str("mesh.yaml", MESH);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let snap: Snapshot = loaded.resources.into_iter().collect();
+    Registry::build(&snap, "cluster.local")
+}
+
+#[test]
+fn resolves_every_hostname_form() {
+    let reg = registry();
+    for name in [
+        "reviews",
+        "reviews.bookinfo",
+        "reviews.bookinfo.svc",
+        "reviews.bookinfo.svc.cluster.local",
+    ] {
+        let s = reg.resolve(name, "bookinfo").expect(name);
+        assert_eq!(s.hostname, "reviews.bookinfo.svc.cluster.local");
+    }
+    // A bare name only resolves in the service's own namespace.
+    assert!(reg.resolve("reviews", "default").is_none());
+    assert!(reg.resolve("reviews.bookinfo", "default").is_some());
+    let vip: IpAddr = "10.96.0.20".parse().unwrap();
+    assert_eq!(reg.service_by_vip(vip).unwrap().name, "reviews");
+}
+
+#[test]
+fn protocols_and_named_target_ports() {
+    let reg = registry();
+    let s = reg.resolve("reviews", "bookinfo").unwrap();
+    assert_eq!(s.port(9080).unwrap().protocol, Protocol::Http);
+    assert_eq!(s.port(9090).unwrap().protocol, Protocol::Unknown);
+    assert_eq!(s.port(5432).unwrap().protocol, Protocol::Tcp);
+    // Only reviews-v1 has the named port; the pending pod has no IP.
+    let http: Vec<_> = s.endpoints_for(9080).collect();
+    assert_eq!(http.len(), 1);
+    assert_eq!(http[0].address, Address::Ip("10.244.0.5".parse().unwrap()));
+    assert_eq!(http[0].port, 8080);
+    assert_eq!(http[0].service_account, "bookinfo-reviews");
+    // Numbered target ports apply to every selected pod.
+    assert_eq!(s.endpoints_for(9090).count(), 2);
+}
+
+#[test]
+fn headless_services_and_pod_hostnames() {
+    let reg = registry();
+    let db = reg.resolve("db.data", "bookinfo").unwrap();
+    assert!(db.headless);
+    assert_eq!(db.resolution, Resolution::Passthrough);
+    let names: Vec<String> = reg.pod_hostnames().into_iter().map(|(h, _, _)| h).collect();
+    assert_eq!(names, vec!["db-0.db.data.svc.cluster.local".to_string()]);
+}
+
+#[test]
+fn service_entries_join_the_registry() {
+    let reg = registry();
+    let ext = reg.services_by_host("api.example.com").next().unwrap();
+    assert_eq!(ext.resolution, Resolution::Dns);
+    assert!(ext.mesh_external);
+    let eps: Vec<_> = ext.endpoints_for(443).collect();
+    assert_eq!(eps[0].address, Address::Dns("api.example.com".into()));
+    assert_eq!(ext.port(443).unwrap().protocol, Protocol::Https);
+}
