@@ -10,6 +10,7 @@ pub mod istio;
 pub mod load;
 pub mod mesh;
 pub mod resource;
+pub mod validate;
 
 pub use k8s_openapi;
 pub use load::{Diagnostic, Loaded, Loader, Severity};

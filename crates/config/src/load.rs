@@ -566,9 +566,8 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
     let mut docs = Vec::new();
     let mut start = 0usize;
     let mut start_line = 1usize;
-    let mut line_no = 1usize;
     let mut offset = 0usize;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in (1usize..).zip(text.split_inclusive('\n')) {
         let is_marker =
             line.starts_with("---") && line[3..].chars().next().is_none_or(|c| c.is_whitespace());
         let is_end =
@@ -584,7 +583,6 @@ fn split_documents(text: &str) -> Vec<Document<'_>> {
             start_line = if is_marker { line_no } else { line_no + 1 };
         }
         offset += line.len();
-        line_no += 1;
     }
     push_doc(&mut docs, &text[start..], start_line);
     for (i, d) in docs.iter_mut().enumerate() {

@@ -414,6 +414,7 @@ impl Registry {
                 };
                 Some(Port {
                     protocol: Protocol::for_kube_port(
+                        port,
                         &name,
                         p.protocol.as_deref(),
                         p.app_protocol.as_deref(),

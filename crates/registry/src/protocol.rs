@@ -40,20 +40,14 @@ impl Protocol {
         }
     }
 
-    /// The protocol a port name implies: the part before the first `-` (`http-web`, `grpc`),
-    /// with `grpc-web` recognised as a whole.
+    /// The protocol a port name (or `appProtocol`) implies, as Istio's `ConvertProtocol` reads
+    /// it: a `grpc-web` prefix, else the part before the first `-`.
     pub fn from_port_name(name: &str) -> Protocol {
-        let lower = name.to_ascii_lowercase();
-        if lower == "grpc-web" || lower.starts_with("grpc-web-") {
+        if name.len() >= 8 && name[..8].eq_ignore_ascii_case("grpc-web") {
             return Protocol::GrpcWeb;
         }
-        let prefix = lower.split('-').next().unwrap_or("");
-        Protocol::parse(prefix)
-    }
-
-    /// `appProtocol` values, including the Kubernetes-defined ones.
-    pub fn from_app_protocol(app: &str) -> Protocol {
-        match app {
+        let prefix = name.split('-').next().unwrap_or("");
+        match prefix {
             "kubernetes.io/h2c" => Protocol::Http2,
             "kubernetes.io/ws" => Protocol::Http,
             "kubernetes.io/wss" => Protocol::Https,
@@ -61,18 +55,22 @@ impl Protocol {
         }
     }
 
-    /// A Kubernetes service port's protocol: UDP from `protocol`, then `appProtocol`, then the
-    /// port name.
-    pub fn for_kube_port(name: &str, l4: Option<&str>, app_protocol: Option<&str>) -> Protocol {
-        match l4 {
-            Some("UDP") => return Protocol::Udp,
-            Some("SCTP") => return Protocol::Unknown,
-            _ => {}
+    /// A Kubernetes service port's protocol: UDP from `protocol`, then `appProtocol` or the port
+    /// name; a port left unknown on one of the server-first [`SERVER_FIRST_PORTS`] is TCP.
+    pub fn for_kube_port(
+        port: u16,
+        name: &str,
+        l4: Option<&str>,
+        app_protocol: Option<&str>,
+    ) -> Protocol {
+        if l4 == Some("UDP") {
+            return Protocol::Udp;
         }
-        match app_protocol {
-            Some(a) if !a.is_empty() => Protocol::from_app_protocol(a),
-            _ => Protocol::from_port_name(name),
+        let p = Protocol::from_port_name(app_protocol.unwrap_or(name));
+        if p == Protocol::Unknown && SERVER_FIRST_PORTS.contains(&port) {
+            return Protocol::Tcp;
         }
+        p
     }
 
     /// HTTP of any kind: routed per request by the HTTP connection manager.
@@ -138,6 +136,7 @@ mod tests {
         assert_eq!(Protocol::from_port_name("http-web"), Protocol::Http);
         assert_eq!(Protocol::from_port_name("HTTP2-x"), Protocol::Http2);
         assert_eq!(Protocol::from_port_name("grpc-web"), Protocol::GrpcWeb);
+        assert_eq!(Protocol::from_port_name("GRPC-Web-x"), Protocol::GrpcWeb);
         assert_eq!(Protocol::from_port_name("grpc-foo"), Protocol::Grpc);
         assert_eq!(Protocol::from_port_name("web"), Protocol::Unknown);
         assert_eq!(Protocol::from_port_name("httpx"), Protocol::Unknown);
@@ -147,16 +146,25 @@ mod tests {
     #[test]
     fn app_protocol_takes_precedence() {
         assert_eq!(
-            Protocol::for_kube_port("tcp-db", Some("TCP"), Some("http")),
+            Protocol::for_kube_port(80, "tcp-db", Some("TCP"), Some("http")),
             Protocol::Http
         );
         assert_eq!(
-            Protocol::for_kube_port("http", Some("UDP"), None),
+            Protocol::for_kube_port(80, "http", Some("UDP"), None),
             Protocol::Udp
         );
         assert_eq!(
-            Protocol::for_kube_port("web", None, Some("kubernetes.io/h2c")),
+            Protocol::for_kube_port(80, "web", None, Some("kubernetes.io/h2c")),
             Protocol::Http2
+        );
+        // Server-first ports are TCP when nothing names them.
+        assert_eq!(
+            Protocol::for_kube_port(3306, "db", None, None),
+            Protocol::Tcp
+        );
+        assert_eq!(
+            Protocol::for_kube_port(3307, "db", None, None),
+            Protocol::Unknown
         );
     }
 }
