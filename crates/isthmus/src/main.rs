@@ -1,1 +1,49 @@
-fn main() {}
+//! `isthmus`: a service mesh that speaks Istio's APIs. One binary, many subcommands.
+
+mod cmd;
+mod exit;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "isthmus",
+    version,
+    about = "A service mesh that speaks Istio's APIs",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Analyze Kubernetes and Istio configuration, as `istioctl analyze` does.
+    Analyze(cmd::analyze::AnalyzeArgs),
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let result = match cli.command {
+        Command::Analyze(a) => cmd::analyze::run(a),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(exit::FAILURE);
+        }
+    }
+}
