@@ -33,6 +33,51 @@ pub fn is_istio_control_plane(labels: &BTreeMap<String, String>) -> bool {
 
 /// Equality selector (`labels.SelectorFromSet`): every key present with the same value. An empty
 /// selector matches everything.
+/// Label sets indexed by `key=value`, so that finding the sets a selector matches costs the
+/// candidates of its rarest pair instead of a scan of every set.
+pub struct LabelIndex<'a> {
+    sets: Vec<&'a BTreeMap<String, String>>,
+    by_pair: HashMap<(&'a str, &'a str), Vec<usize>>,
+}
+
+impl<'a> LabelIndex<'a> {
+    pub fn new(sets: impl IntoIterator<Item = &'a BTreeMap<String, String>>) -> Self {
+        let sets: Vec<_> = sets.into_iter().collect();
+        let mut by_pair: HashMap<(&str, &str), Vec<usize>> = HashMap::new();
+        for (i, labels) in sets.iter().enumerate() {
+            for (k, v) in labels.iter() {
+                by_pair.entry((k, v)).or_default().push(i);
+            }
+        }
+        LabelIndex { sets, by_pair }
+    }
+
+    /// Indices of the label sets that `selector` matches (all of them for an empty selector).
+    pub fn matching<'s>(
+        &'s self,
+        selector: &'s BTreeMap<String, String>,
+    ) -> Box<dyn Iterator<Item = usize> + 's> {
+        if selector.is_empty() {
+            return Box::new(0..self.sets.len());
+        }
+        let rarest = selector
+            .iter()
+            .map(|(k, v)| {
+                self.by_pair
+                    .get(&(k.as_str(), v.as_str()))
+                    .map_or(&[][..], Vec::as_slice)
+            })
+            .min_by_key(|c| c.len())
+            .unwrap_or(&[]);
+        Box::new(
+            rarest
+                .iter()
+                .copied()
+                .filter(move |&i| selector_matches(selector, self.sets[i])),
+        )
+    }
+}
+
 pub fn selector_matches(
     selector: &BTreeMap<String, String>,
     labels: &BTreeMap<String, String>,

@@ -1,7 +1,7 @@
 //! `schema.ValidationAnalyzer.<Kind>`: Istio's validation webhook rules as analyzers.
 
+use isthmus_config::Kind;
 use isthmus_config::validate::{Reachability, validate};
-use isthmus_config::{Kind, Resource};
 
 use crate::{Analyzer, Context, ResourceRef};
 
@@ -36,13 +36,7 @@ impl Analyzer for ValidationAnalyzer {
         )
     }
     fn analyze(&self, ctx: &mut Context<'_>) {
-        let resources: Vec<Resource> = ctx
-            .snapshot
-            .resources()
-            .into_iter()
-            .filter(|r| r.kind() == self.0)
-            .collect();
-        for res in resources {
+        for res in ctx.snapshot.of_kind(self.0) {
             let r = ResourceRef {
                 kind: self.0.name().to_string(),
                 namespace: res.namespace().to_string(),

@@ -17,6 +17,9 @@ use crate::resource::{Kind, Origin, Resource, decode_object, split_api_version};
 /// Largest input read from one file or from standard input.
 pub const MAX_INPUT_BYTES: u64 = 256 << 20;
 
+/// Streams with fewer documents than this per core are parsed on one thread.
+const PARALLEL_MIN_DOCUMENTS: usize = 256;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
     Error,
@@ -144,9 +147,32 @@ impl Loader {
 
     /// Loads a YAML or JSON stream; `name` is used in origins and diagnostics.
     pub fn load_str(&self, name: &str, text: &str) -> Loaded {
+        let docs = split_documents(text);
+        // YAML parsing dominates loading; large streams are parsed on every core, in order.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = docs.len().div_ceil(threads).max(PARALLEL_MIN_DOCUMENTS);
+        let parts: Vec<Loaded> = std::thread::scope(|scope| {
+            let handles: Vec<_> = docs
+                .chunks(chunk)
+                .map(|docs| {
+                    scope.spawn(move || {
+                        let mut out = Loaded::default();
+                        for doc in docs {
+                            self.load_document(name, doc, &mut out);
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .collect()
+        });
         let mut out = Loaded::default();
-        for doc in split_documents(text) {
-            self.load_document(name, &doc, &mut out);
+        for part in parts {
+            out.resources.extend(part.resources);
+            out.diagnostics.extend(part.diagnostics);
         }
         out
     }
@@ -162,8 +188,10 @@ impl Loader {
             field,
             message,
         };
-        let header: Header = match serde_saphyr::from_str_with_options(doc.text, options()) {
-            Ok(Some(h)) => h,
+        // Like kubectl, YAML becomes a JSON value first and objects decode from that: one parse
+        // per document, and the same typing rules as the API server (a plain `1.10` is a number).
+        let value: Value = match serde_saphyr::from_str_with_options(doc.text, options()) {
+            Ok(Some(v)) => v,
             Ok(None) => return, // an empty or null document
             Err(e) => {
                 let (line, col) = doc.locate(&e);
@@ -178,16 +206,35 @@ impl Loader {
                 return;
             }
         };
+        if value.is_null() {
+            return;
+        }
+        let header = match Header::deserialize(&value) {
+            Ok(h) => h,
+            Err(e) => {
+                out.diagnostics.push(diag(
+                    Severity::Error,
+                    Some(doc.first_line),
+                    None,
+                    None,
+                    None,
+                    format!("not a Kubernetes object: {e}"),
+                ));
+                return;
+            }
+        };
         let origin = Origin {
             file: file.to_string(),
             document: doc.index,
             line: doc.first_line,
         };
-        if header.kind.ends_with("List") && header.items.is_some() {
-            self.load_list(file, doc, &origin, out);
-            return;
+        if header.kind.ends_with("List") {
+            if let Some(Value::Array(items)) = value.get("items") {
+                self.load_list(file, doc, &origin, items, out);
+                return;
+            }
         }
-        match self.decode(&header, &origin, Source::Yaml(doc)) {
+        match self.decode(&header, &origin, &value) {
             Ok((resource, warnings)) => {
                 let label = resource_label(&resource);
                 for (path, msg) in warnings {
@@ -202,43 +249,36 @@ impl Loader {
                 }
                 out.resources.push(resource);
             }
-            Err(e) => out.diagnostics.push(diag(
-                e.severity,
-                e.line.or(Some(doc.first_line)),
-                e.column,
-                (!header.kind.is_empty()).then(|| header.label()),
-                e.field,
-                e.message,
-            )),
+            Err(e) => {
+                let (line, column) = match (&e.field, header.known_kind()) {
+                    (Some(field), Some(kind)) => doc
+                        .locate_decode_error(kind)
+                        .unwrap_or((Some(doc.line_of_key(field)), None)),
+                    _ => (Some(doc.first_line), None),
+                };
+                out.diagnostics.push(diag(
+                    e.severity,
+                    line,
+                    column,
+                    (!header.kind.is_empty()).then(|| header.label()),
+                    e.field,
+                    e.message,
+                ))
+            }
         }
     }
 
-    fn load_list(&self, file: &str, doc: &Document<'_>, origin: &Origin, out: &mut Loaded) {
-        #[derive(Deserialize)]
-        struct ListDoc {
-            #[serde(default)]
-            items: Vec<Value>,
-        }
-        let list: ListDoc = match serde_saphyr::from_str_with_options(doc.text, options()) {
-            Ok(l) => l,
-            Err(e) => {
-                let (line, column) = doc.locate(&e);
-                out.diagnostics.push(Diagnostic {
-                    severity: Severity::Error,
-                    file: file.to_string(),
-                    document: doc.index,
-                    line,
-                    column,
-                    resource: None,
-                    field: Some("items".into()),
-                    message: error_text(&e),
-                });
-                return;
-            }
-        };
-        for (i, item) in list.items.into_iter().enumerate() {
+    fn load_list(
+        &self,
+        file: &str,
+        doc: &Document<'_>,
+        origin: &Origin,
+        items: &[Value],
+        out: &mut Loaded,
+    ) {
+        for (i, item) in items.iter().enumerate() {
             let prefix = format!("items[{i}]");
-            let header = Header::deserialize(&item).unwrap_or_default();
+            let header = Header::deserialize(item).unwrap_or_default();
             let d = |severity, resource, field: Option<String>, message| Diagnostic {
                 severity,
                 file: file.to_string(),
@@ -252,7 +292,7 @@ impl Loader {
                 }),
                 message,
             };
-            match self.decode(&header, origin, Source::Json(&item)) {
+            match self.decode(&header, origin, item) {
                 Ok((resource, warnings)) => {
                     let label = resource_label(&resource);
                     for (path, msg) in warnings {
@@ -278,7 +318,7 @@ impl Loader {
         &self,
         header: &Header,
         origin: &Origin,
-        source: Source<'_>,
+        value: &Value,
     ) -> Result<(Resource, Vec<(String, String)>), DecodeError> {
         if header.kind.is_empty() {
             return Err(DecodeError::error(None, "missing field `kind`".into()));
@@ -289,12 +329,10 @@ impl Loader {
                 "missing field `apiVersion`".into(),
             ));
         }
-        let (group, version) = split_api_version(&header.api_version);
-        let Some(kind) = Kind::lookup(group, &header.kind) else {
+        let version = split_api_version(&header.api_version).1;
+        let Some(kind) = header.known_kind() else {
             return Err(DecodeError {
                 severity: Severity::Warning,
-                line: None,
-                column: None,
                 field: None,
                 message: format!(
                     "unknown kind {:?} in {:?}: skipped",
@@ -314,33 +352,13 @@ impl Loader {
         }
         let mut unknown: Vec<String> = Vec::new();
         let mut track = serde_path_to_error::Track::new();
-        let decoded = match source {
-            Source::Yaml(doc) => {
-                serde_saphyr::with_deserializer_from_str_with_options(doc.text, options(), |de| {
-                    let de = serde_path_to_error::Deserializer::new(de, &mut track);
-                    let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
-                    let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
-                    decode_object(kind, de)
-                })
-                .map_err(|e| {
-                    let (line, column) = doc.locate(&e);
-                    DecodeError {
-                        severity: Severity::Error,
-                        line,
-                        column,
-                        field: field_path(&track.path().to_string()),
-                        message: error_text(&e),
-                    }
-                })
-            }
-            Source::Json(v) => {
-                let de = serde_path_to_error::Deserializer::new(v, &mut track);
-                let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
-                let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
-                decode_object(kind, de).map_err(|e| {
-                    DecodeError::error(field_path(&track.path().to_string()), e.to_string())
-                })
-            }
+        let decoded = {
+            let de = serde_path_to_error::Deserializer::new(value, &mut track);
+            let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+            let de = serde_ignored::Deserializer::new(de, &mut on_unknown);
+            decode_object(kind, de).map_err(|e| {
+                DecodeError::error(field_path(&track.path().to_string()), e.to_string())
+            })
         };
         let mut object = decoded?;
         if kind.namespaced() {
@@ -364,15 +382,8 @@ impl Loader {
     }
 }
 
-enum Source<'a> {
-    Yaml(&'a Document<'a>),
-    Json(&'a Value),
-}
-
 struct DecodeError {
     severity: Severity,
-    line: Option<usize>,
-    column: Option<usize>,
     field: Option<String>,
     message: String,
 }
@@ -381,8 +392,6 @@ impl DecodeError {
     fn error(field: Option<String>, message: String) -> Self {
         DecodeError {
             severity: Severity::Error,
-            line: None,
-            column: None,
             field,
             message,
         }
@@ -396,20 +405,24 @@ struct Header {
     api_version: String,
     kind: String,
     metadata: HeaderMeta,
-    items: Option<serde::de::IgnoredAny>,
 }
 
+/// Lenient: a malformed name is reported by the typed decode, with its field path.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct HeaderMeta {
-    name: Option<String>,
-    namespace: Option<String>,
+    name: Value,
+    namespace: Value,
 }
 
 impl Header {
+    fn known_kind(&self) -> Option<Kind> {
+        Kind::lookup(split_api_version(&self.api_version).0, &self.kind)
+    }
+
     fn label(&self) -> String {
-        let name = self.metadata.name.as_deref().unwrap_or("<unnamed>");
-        match self.metadata.namespace.as_deref() {
+        let name = self.metadata.name.as_str().unwrap_or("<unnamed>");
+        match self.metadata.namespace.as_str() {
             Some(ns) if !ns.is_empty() => format!("{} {ns}/{name}", self.kind),
             _ => format!("{} {name}", self.kind),
         }
@@ -545,6 +558,16 @@ impl Document<'_> {
                 .is_some_and(|rest| rest.trim_start().starts_with(':'))
         });
         self.first_line + found.unwrap_or(0)
+    }
+
+    /// Where decoding `kind` from this document's YAML fails, when the YAML decoder (which knows
+    /// positions) fails too.
+    fn locate_decode_error(&self, kind: Kind) -> Option<(Option<usize>, Option<usize>)> {
+        serde_saphyr::with_deserializer_from_str_with_options(self.text, options(), |de| {
+            decode_object(kind, de)
+        })
+        .err()
+        .map(|e| self.locate(&e))
     }
 
     /// The absolute line and column of a parse error.

@@ -221,15 +221,15 @@ macro_rules! kinds {
                 $(out.extend(self.$field.iter().map(|e| (Kind::$variant, &e.origin, e.object.metadata())));)*
                 out
             }
-            /// Every resource, cloned back into [`Resource`]s.
-            pub fn resources(&self) -> Vec<Resource> {
-                let mut out = Vec::with_capacity(self.len());
-                $(out.extend(self.$field.iter().map(|e| Resource {
-                    origin: e.origin.clone(),
-                    api_version: e.api_version.clone(),
-                    object: Object::$variant(Box::new(e.object.clone())),
-                }));)*
-                out
+            /// The resources of one kind, cloned back into [`Resource`]s.
+            pub fn of_kind(&self, kind: Kind) -> Vec<Resource> {
+                match kind {
+                    $(Kind::$variant => self.$field.iter().map(|e| Resource {
+                        origin: e.origin.clone(),
+                        api_version: e.api_version.clone(),
+                        object: Object::$variant(Box::new(e.object.clone())),
+                    }).collect(),)*
+                }
             }
         }
 

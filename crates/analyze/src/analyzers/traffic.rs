@@ -124,32 +124,32 @@ impl Analyzer for SubsetSelectPodAnalyzer {
                 subsets.push((i, s.name.clone(), sel));
             }
         }
-        let mut matched = HashSet::new();
-        for pod in &snap.pods {
-            // Endpoints carry the node's topology labels and hostname, as the registry adds them.
-            let mut labels = pod.labels().clone();
-            if let Some(node) = pod
-                .object
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.as_deref())
-                && let Some(nl) = node_labels.get(node)
-            {
-                for k in TOPOLOGY_LABELS {
-                    if let Some(v) = nl.get(k).filter(|v| !v.is_empty()) {
-                        labels.insert(k.to_string(), v.clone());
+        // Endpoints carry the node's topology labels and hostname, as the registry adds them.
+        let pod_labels: Vec<BTreeMap<String, String>> = snap
+            .pods
+            .iter()
+            .map(|pod| {
+                let mut labels = pod.labels().clone();
+                if let Some(node) = pod
+                    .object
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_deref())
+                    && let Some(nl) = node_labels.get(node)
+                {
+                    for k in TOPOLOGY_LABELS {
+                        if let Some(v) = nl.get(k).filter(|v| !v.is_empty()) {
+                            labels.insert(k.to_string(), v.clone());
+                        }
                     }
+                    labels.insert("kubernetes.io/hostname".into(), node.to_string());
                 }
-                labels.insert("kubernetes.io/hostname".into(), node.to_string());
-            }
-            for (idx, (_, _, sel)) in subsets.iter().enumerate() {
-                if util::selector_matches(sel, &labels) {
-                    matched.insert(idx);
-                }
-            }
-        }
-        for (idx, (dr, name, _)) in subsets.iter().enumerate() {
-            if !matched.contains(&idx) {
+                labels
+            })
+            .collect();
+        let pods = util::LabelIndex::new(&pod_labels);
+        for (dr, name, sel) in &subsets {
+            if pods.matching(sel).next().is_none() {
                 let dr = &snap.destination_rules[*dr];
                 ctx.report(
                     Kind::DestinationRule,
