@@ -228,11 +228,11 @@ impl Loader {
             document: doc.index,
             line: doc.first_line,
         };
-        if header.kind.ends_with("List") {
-            if let Some(Value::Array(items)) = value.get("items") {
-                self.load_list(file, doc, &origin, items, out);
-                return;
-            }
+        if header.kind.ends_with("List")
+            && let Some(Value::Array(items)) = value.get("items")
+        {
+            self.load_list(file, doc, &origin, items, out);
+            return;
         }
         match self.decode(&header, &origin, &value) {
             Ok((resource, warnings)) => {
