@@ -7,7 +7,9 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -105,6 +107,7 @@ k8s_has_metadata!(
     Pod,
     ConfigMap,
     Secret,
+    ServiceAccount,
     Deployment,
     StatefulSet,
     DaemonSet,
@@ -252,6 +255,7 @@ kinds! {
     Pod: Pod => pods, CORE, "Pod", ["v1"], true;
     ConfigMap: ConfigMap => config_maps, CORE, "ConfigMap", ["v1"], true;
     Secret: Secret => secrets, CORE, "Secret", ["v1"], true;
+    ServiceAccount: ServiceAccount => service_accounts, CORE, "ServiceAccount", ["v1"], true;
     Deployment: Deployment => deployments, APPS, "Deployment", ["v1"], true;
     StatefulSet: StatefulSet => stateful_sets, APPS, "StatefulSet", ["v1"], true;
     DaemonSet: DaemonSet => daemon_sets, APPS, "DaemonSet", ["v1"], true;
