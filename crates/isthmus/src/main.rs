@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Analyze Kubernetes and Istio configuration, as `istioctl analyze` does.
     Analyze(cmd::analyze::AnalyzeArgs),
+    /// Install the sidecar's traffic capture rules, as `istio-iptables` does.
+    Iptables(cmd::iptables::IptablesArgs),
 }
 
 fn main() {
@@ -38,6 +40,7 @@ fn main() {
     };
     let result = match cli.command {
         Command::Analyze(a) => cmd::analyze::run(a),
+        Command::Iptables(a) => cmd::iptables::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,3 +1,4 @@
 //! Subcommands.
 
 pub mod analyze;
+pub mod iptables;
