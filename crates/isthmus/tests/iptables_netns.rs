@@ -126,12 +126,10 @@ fn outbound_traffic_is_captured_except_the_proxy_uid() {
         let original =
             nix::sys::socket::getsockopt(&accepted, nix::sys::socket::sockopt::OriginalDst)
                 .expect("SO_ORIGINAL_DST");
-        let original = SocketAddr::from((
+        SocketAddr::from((
             std::net::Ipv4Addr::from(u32::from_be(original.sin_addr.s_addr)),
             u16::from_be(original.sin_port),
-        ));
-
-        original
+        ))
     });
     assert_eq!(original, "10.255.0.9:8080".parse().unwrap());
 
