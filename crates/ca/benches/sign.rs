@@ -26,7 +26,10 @@ fn main() {
     let rsa_key = rsa_ca(rsa_dir.path());
     let rsa = Authority::load(rsa_dir.path(), CaOptions::default()).unwrap();
 
-    println!("{:<14} {:>14} {:>16} {:>8}", "CA key", "certs/s", "raw signs/s", "ratio");
+    println!(
+        "{:<14} {:>14} {:>16} {:>8}",
+        "CA key", "certs/s", "raw signs/s", "ratio"
+    );
     for (name, ca, key) in [("ECDSA P-256", &ec, &ec_key), ("RSA 2048", &rsa, &rsa_key)] {
         let certs = rate(|i| {
             ca.sign_csr(&csrs[i % csrs.len()], &id, None).unwrap();
@@ -62,7 +65,14 @@ fn rate(mut f: impl FnMut(usize)) -> f64 {
 fn rsa_ca(dir: &Path) -> String {
     let key_path = dir.join("ca-key.pem");
     let status = Command::new("openssl")
-        .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out"])
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
         .arg(&key_path)
         .stderr(std::process::Stdio::null())
         .status()

@@ -23,6 +23,8 @@ enum Command {
     Analyze(cmd::analyze::AnalyzeArgs),
     /// Install the sidecar's traffic capture rules, as `istio-iptables` does.
     Iptables(cmd::iptables::IptablesArgs),
+    /// Print a workload token for the mesh CA, as `kubectl create token` does.
+    CreateToken(cmd::token::CreateTokenArgs),
 }
 
 fn main() {
@@ -41,6 +43,7 @@ fn main() {
     let result = match cli.command {
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Iptables(a) => cmd::iptables::run(a),
+        Command::CreateToken(a) => cmd::token::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),
