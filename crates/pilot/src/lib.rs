@@ -1,1 +1,12 @@
-//! Translation of the mesh model into per-proxy Envoy v3 resources
+//! Pilot: the mesh translated into Envoy v3 resources for one proxy, in Istio's names and
+//! shapes. `context` holds the mesh at one moment, `proxy` who asks; `cluster` (CDS) and
+//! `endpoint` (EDS) build the resources.
+
+pub mod cluster;
+pub mod context;
+pub mod endpoint;
+pub mod names;
+pub mod proxy;
+
+pub use context::{InboundMode, MtlsMode, PushContext};
+pub use proxy::{NodeMetadata, Proxy};

@@ -1,1 +1,3 @@
-//! xDS protocol: ADS server and client, type URLs, config dumps as JSON
+//! xDS: Envoy's discovery protocol. `json` prints resources as Envoy's config dumps do.
+
+pub mod json;

@@ -1,0 +1,544 @@
+//! CDS: the clusters of a sidecar, in Istio's names and shapes.
+//!
+//! - `outbound|<port>||<host>` for every port of every service the proxy may reach, and
+//!   `outbound|<port>|<subset>|<host>` for each DestinationRule subset; EDS for Kubernetes
+//!   services, ORIGINAL_DST for headless ones, STRICT_DNS for DNS ServiceEntries.
+//! - `inbound|<port>||` for each port the proxy's workload serves: the original destination
+//!   (the pod IP, Istio ≥ 1.10) bound from 127.0.0.6, or 127.0.0.1 under LOCALHOST mode or a
+//!   Sidecar ingress `defaultEndpoint`.
+//! - `PassthroughCluster`, `BlackHoleCluster`, `InboundPassthroughCluster`.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbPolicy,
+    TransportSocketMatch,
+};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, OutlierDetection};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, Metadata, SocketAddress,
+    TransportSocket, address, config_source, socket_address, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
+    UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{
+    Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
+};
+use envoy_types::util::pack_any;
+use isthmus_config::istio::networking::{ClientTlsSettings, TrafficPolicy};
+use isthmus_registry::{Resolution, Service};
+
+use crate::context::{InboundMode, PushContext};
+use crate::names::{
+    BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_BIND_V4, INBOUND_PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_CLUSTER, inbound_cluster, outbound_cluster,
+};
+use crate::proxy::Proxy;
+
+/// Istio's default connect timeout (MeshConfig `connectTimeout`).
+const CONNECT_TIMEOUT_SECS: i64 = 10;
+/// Istio sets circuit-breaker limits to the maximum unless a DestinationRule lowers them.
+const UNLIMITED: u32 = u32::MAX;
+/// The SDS secret names the proxy's agent serves.
+pub const SDS_DEFAULT: &str = "default";
+pub const SDS_ROOTCA: &str = "ROOTCA";
+/// Endpoint metadata key/value that selects the mTLS transport socket (auto mTLS).
+pub const TLS_MODE_KEY: &str = "tlsMode";
+
+/// Every cluster of `proxy`, sorted by name.
+pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+    let mut out = Vec::new();
+    for svc in ctx.services_for(proxy) {
+        let dr = ctx.destination_rule(&proxy.namespace, svc);
+        let dr_spec = dr.map(|d| &d.object.spec);
+        for port in &svc.ports {
+            let base_policy = dr_spec.and_then(|d| d.traffic_policy.as_ref());
+            out.push(outbound(
+                ctx,
+                svc,
+                port.port,
+                "",
+                None,
+                base_policy,
+                port_policy(base_policy, port.port),
+            ));
+            for subset in dr_spec.map(|d| d.subsets.as_slice()).unwrap_or_default() {
+                let policy = subset.traffic_policy.as_ref().or(base_policy);
+                out.push(outbound(
+                    ctx,
+                    svc,
+                    port.port,
+                    &subset.name,
+                    Some(&subset.labels),
+                    policy,
+                    port_policy(policy, port.port),
+                ));
+            }
+        }
+    }
+    out.extend(inbound(ctx, proxy));
+    out.push(passthrough(PASSTHROUGH_CLUSTER, None));
+    out.push(passthrough(
+        INBOUND_PASSTHROUGH_CLUSTER,
+        Some(INBOUND_PASSTHROUGH_BIND_V4),
+    ));
+    out.push(Cluster {
+        name: BLACKHOLE_CLUSTER.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+        connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
+        ..Default::default()
+    });
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup_by(|a, b| a.name == b.name);
+    out
+}
+
+/// A port-level policy overriding the fields it sets.
+fn port_policy(policy: Option<&TrafficPolicy>, port: u16) -> Option<TrafficPolicy> {
+    let p = policy?;
+    let level = p
+        .port_level_settings
+        .iter()
+        .find(|l| l.port.as_ref().is_some_and(|s| s.number == u32::from(port)))?;
+    let mut merged = p.clone();
+    merged.port_level_settings.clear();
+    if level.load_balancer.is_some() {
+        merged.load_balancer = level.load_balancer.clone();
+    }
+    if level.connection_pool.is_some() {
+        merged.connection_pool = level.connection_pool.clone();
+    }
+    if level.outlier_detection.is_some() {
+        merged.outlier_detection = level.outlier_detection.clone();
+    }
+    if level.tls.is_some() {
+        merged.tls = level.tls.clone();
+    }
+    Some(merged)
+}
+
+fn outbound(
+    ctx: &PushContext,
+    svc: &Service,
+    port: u16,
+    subset: &str,
+    subset_labels: Option<&BTreeMap<String, String>>,
+    policy: Option<&TrafficPolicy>,
+    port_level: Option<TrafficPolicy>,
+) -> Cluster {
+    let policy = port_level.as_ref().or(policy);
+    let name = outbound_cluster(port, subset, &svc.hostname);
+    let mut c = Cluster {
+        name: name.clone(),
+        connect_timeout: Some(connect_timeout(policy)),
+        circuit_breakers: Some(circuit_breakers(policy)),
+        common_lb_config: Some(CommonLbConfig::default()),
+        metadata: Some(service_metadata(svc, subset)),
+        ..Default::default()
+    };
+    if svc.headless && svc.is_kubernetes() {
+        // Headless: connect to whatever pod IP the app resolved (seed 004).
+        c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        ));
+        c.lb_policy = LbPolicy::ClusterProvided as i32;
+    } else if svc.resolution == Resolution::Dns {
+        c.cluster_discovery_type =
+            Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+        c.load_assignment = Some(crate::endpoint::load_assignment(
+            svc,
+            port,
+            subset_labels,
+            &name,
+        ));
+        c.lb_policy = lb_policy(policy) as i32;
+    } else {
+        c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+        c.eds_cluster_config = Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.clone(),
+        });
+        c.lb_policy = lb_policy(policy) as i32;
+    }
+    if let Some(od) = policy.and_then(|p| p.outlier_detection.as_ref()) {
+        c.outlier_detection = Some(outlier(od));
+    }
+    let tls = policy.and_then(|p| p.tls.as_ref());
+    match tls.and_then(|t| t.mode.as_deref()) {
+        Some("ISTIO_MUTUAL") => {
+            c.transport_socket = Some(istio_mtls(svc, port, subset, ctx));
+        }
+        Some("DISABLE") => {}
+        Some("SIMPLE" | "MUTUAL") => {
+            c.transport_socket = tls.map(|t| user_tls(t, svc));
+        }
+        // Unset: auto mTLS, by endpoint label.
+        _ if ctx.mesh.auto_mtls() && !svc.mesh_external => {
+            c.transport_socket_matches = vec![
+                TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(strukt([(TLS_MODE_KEY, string("istio"))])),
+                    transport_socket: Some(istio_mtls(svc, port, subset, ctx)),
+                },
+                TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Struct::default()),
+                    transport_socket: Some(raw_buffer()),
+                },
+            ];
+        }
+        _ => {}
+    }
+    c
+}
+
+fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+    let Some(workload) = ctx.workload_of(proxy) else {
+        return Vec::new();
+    };
+    let sidecar = ctx.sidecar_for(proxy);
+    let mut ports: BTreeMap<u16, Option<String>> = BTreeMap::new();
+    for svc in ctx.registry.services_for_workload(workload) {
+        for p in &svc.ports {
+            if let Some(target) = crate::endpoint::target_port(p, workload) {
+                ports.entry(target).or_insert(None);
+            }
+        }
+    }
+    // Sidecar ingress listeners declare ports and where they go.
+    for ing in sidecar.iter().flat_map(|s| s.object.spec.ingress.iter()) {
+        if let Some(p) = ing.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) {
+            let dest = (!ing.default_endpoint.is_empty()).then(|| ing.default_endpoint.clone());
+            ports.insert(p, dest);
+        }
+    }
+    ports
+        .into_iter()
+        .map(|(port, default_endpoint)| {
+            let name = inbound_cluster(port);
+            let localhost = ctx.inbound_mode == InboundMode::Localhost
+                || default_endpoint
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("127.0.0.1:"));
+            let mut c = Cluster {
+                name: name.clone(),
+                connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
+                circuit_breakers: Some(circuit_breakers(None)),
+                common_lb_config: Some(CommonLbConfig::default()),
+                ..Default::default()
+            };
+            if localhost {
+                let target = default_endpoint
+                    .as_deref()
+                    .and_then(|e| e.rsplit_once(':'))
+                    .and_then(|(_, p)| p.parse().ok())
+                    .unwrap_or(port);
+                c.cluster_discovery_type =
+                    Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+                c.load_assignment = Some(ClusterLoadAssignment {
+                    cluster_name: name,
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints: vec![LbEndpoint {
+                            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
+                                EnvoyEndpoint {
+                                    address: Some(socket("127.0.0.1", target)),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                });
+            } else {
+                // Passthrough: to the destination the connection had, the pod IP.
+                c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+                    DiscoveryType::OriginalDst as i32,
+                ));
+                c.lb_policy = LbPolicy::ClusterProvided as i32;
+                c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
+            }
+            c
+        })
+        .collect()
+}
+
+fn passthrough(name: &str, bind_from: Option<&str>) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
+            DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
+        circuit_breakers: Some(circuit_breakers(None)),
+        upstream_bind_config: bind_from.map(bind),
+        ..Default::default()
+    }
+}
+
+fn lb_policy(policy: Option<&TrafficPolicy>) -> LbPolicy {
+    match policy
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|l| l.simple.as_deref())
+    {
+        Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+        Some("RANDOM") => LbPolicy::Random,
+        Some("PASSTHROUGH") => LbPolicy::ClusterProvided,
+        // LEAST_CONN, LEAST_REQUEST and unset: Istio's default is least request.
+        _ => LbPolicy::LeastRequest,
+    }
+}
+
+fn connect_timeout(policy: Option<&TrafficPolicy>) -> PbDuration {
+    policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|c| c.tcp.as_ref())
+        .and_then(|t| t.connect_timeout.as_ref())
+        .map_or_else(|| secs(CONNECT_TIMEOUT_SECS), |d| duration(d.as_std()))
+}
+
+fn circuit_breakers(policy: Option<&TrafficPolicy>) -> CircuitBreakers {
+    let pool = policy.and_then(|p| p.connection_pool.as_ref());
+    let limit = |v: Option<i32>| {
+        Some(UInt32Value {
+            value: v.filter(|n| *n > 0).map_or(UNLIMITED, |n| n as u32),
+        })
+    };
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    CircuitBreakers {
+        thresholds: vec![Thresholds {
+            max_connections: limit(tcp.map(|t| t.max_connections)),
+            max_pending_requests: limit(http.map(|h| h.http1_max_pending_requests)),
+            max_requests: limit(http.map(|h| h.http2_max_requests)),
+            max_retries: limit(http.map(|h| h.max_retries)),
+            track_remaining: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn outlier(od: &isthmus_config::istio::networking::OutlierDetection) -> OutlierDetection {
+    let u32v = |v: u32| Some(UInt32Value { value: v });
+    let consecutive = od
+        .consecutive_5xx_errors
+        .or(od.consecutive_errors.and_then(|e| u32::try_from(e).ok()));
+    OutlierDetection {
+        consecutive_5xx: consecutive.map_or(u32v(0), u32v),
+        enforcing_consecutive_5xx: Some(UInt32Value {
+            value: if consecutive.unwrap_or(0) > 0 { 100 } else { 0 },
+        }),
+        consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(u32v),
+        enforcing_consecutive_gateway_failure: od
+            .consecutive_gateway_errors
+            .map(|_| UInt32Value { value: 100 }),
+        interval: od.interval.as_ref().map(|d| duration(d.as_std())),
+        base_ejection_time: od.base_ejection_time.as_ref().map(|d| duration(d.as_std())),
+        max_ejection_percent: od
+            .max_ejection_percent
+            .and_then(|p| u32::try_from(p).ok())
+            .and_then(u32v),
+        split_external_local_origin_errors: od.split_external_local_origin_errors,
+        consecutive_local_origin_failure: od.consecutive_local_origin_failures.and_then(u32v),
+        // Istio disables success-rate ejection.
+        enforcing_success_rate: u32v(0),
+        ..Default::default()
+    }
+}
+
+/// Istio mTLS to a mesh destination: the workload certificate and root from SDS, the
+/// destination's identities as accepted SANs, Istio's ALPN and SNI.
+fn istio_mtls(svc: &Service, port: u16, subset: &str, ctx: &PushContext) -> TransportSocket {
+    let sans = if svc.subject_alt_names.is_empty() {
+        service_accounts(svc, ctx)
+    } else {
+        svc.subject_alt_names.clone()
+    };
+    let tls = UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(SDS_DEFAULT)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: sans
+                                .iter()
+                                .map(|s| SubjectAltNameMatcher {
+                                    san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                                    matcher: Some(StringMatcher {
+                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                            s.clone(),
+                                        )),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(SDS_ROOTCA)),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+            ..Default::default()
+        }),
+        sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+/// TLS origination configured by the user (SIMPLE / MUTUAL with files or a credential).
+fn user_tls(t: &ClientTlsSettings, svc: &Service) -> TransportSocket {
+    let tls = UpstreamTlsContext {
+        sni: if t.sni.is_empty() {
+            svc.hostname.clone()
+        } else {
+            t.sni.clone()
+        },
+        common_tls_context: Some(CommonTlsContext::default()),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+/// The SPIFFE identities of a service's endpoints (what Istio puts in `subjectAltNames`).
+fn service_accounts(svc: &Service, ctx: &PushContext) -> Vec<String> {
+    let td = ctx.mesh.trust_domain();
+    let mut out: Vec<String> = svc
+        .endpoints
+        .iter()
+        .filter(|e| !e.service_account.is_empty())
+        .map(|e| {
+            format!(
+                "spiffe://{td}/ns/{}/sa/{}",
+                svc.namespace, e.service_account
+            )
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn raw_buffer() -> TransportSocket {
+    TransportSocket {
+        name: "envoy.transport_sockets.raw_buffer".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer {},
+        ))),
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    }
+}
+
+/// Config source: the ADS stream the proxy already has.
+pub fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        initial_fetch_timeout: Some(PbDuration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+/// `filter_metadata.istio.services`: which service a cluster belongs to (for telemetry).
+fn service_metadata(svc: &Service, subset: &str) -> Metadata {
+    let mut service = vec![
+        ("host", string(&svc.hostname)),
+        ("name", string(&svc.name)),
+        ("namespace", string(&svc.namespace)),
+    ];
+    if !subset.is_empty() {
+        service.push(("subset", string(subset)));
+    }
+    let services = Value {
+        kind: Some(value::Kind::ListValue(ListValue {
+            values: vec![Value {
+                kind: Some(value::Kind::StructValue(strukt(service))),
+            }],
+        })),
+    };
+    let mut m = Metadata::default();
+    m.filter_metadata
+        .insert("istio".into(), strukt([("services", services)]));
+    m
+}
+
+pub(crate) fn string(s: &str) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(s.to_string())),
+    }
+}
+
+pub(crate) fn strukt<'a>(fields: impl IntoIterator<Item = (&'a str, Value)>) -> Struct {
+    Struct {
+        fields: fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    }
+}
+
+pub(crate) fn socket(ip: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn bind(ip: &str) -> BindConfig {
+    BindConfig {
+        source_address: Some(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn secs(s: i64) -> PbDuration {
+    PbDuration {
+        seconds: s,
+        nanos: 0,
+    }
+}
+
+fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}

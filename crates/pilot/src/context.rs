@@ -1,0 +1,262 @@
+//! Everything translation needs about the mesh at one moment: the snapshot, the registry built
+//! from it, MeshConfig, and the lookups Istio's push context answers (which DestinationRule
+//! applies, which Sidecar scopes a proxy, which mTLS mode a port has).
+
+use std::collections::BTreeMap;
+
+use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
+use isthmus_config::{Entry, MeshConfig, Snapshot};
+use isthmus_registry::host::{host_matches, resolve_config_host};
+use isthmus_registry::{Registry, Service, Workload};
+
+use crate::proxy::Proxy;
+
+/// How a proxy hands inbound traffic to its app (seeds 000–002).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboundMode {
+    /// To the pod IP, as the app would have received it without a sidecar (Istio ≥ 1.10).
+    Passthrough,
+    /// To 127.0.0.1 (`inboundTrafficPolicy.mode: LOCALHOST` or
+    /// `PILOT_ENABLE_INBOUND_PASSTHROUGH=false`).
+    Localhost,
+}
+
+/// PeerAuthentication's effective mode for a workload port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    Disable,
+    Permissive,
+    Strict,
+}
+
+#[derive(Debug, Clone)]
+pub struct PushContext {
+    pub snapshot: Snapshot,
+    pub registry: Registry,
+    pub mesh: MeshConfig,
+    pub inbound_mode: InboundMode,
+}
+
+impl PushContext {
+    /// `passthrough_env` is `PILOT_ENABLE_INBOUND_PASSTHROUGH` as set (`Some(false)` selects
+    /// LOCALHOST like the mesh setting does).
+    pub fn new(
+        snapshot: Snapshot,
+        mesh: MeshConfig,
+        domain: &str,
+        passthrough_env: Option<bool>,
+    ) -> Self {
+        let registry = Registry::build(&snapshot, domain);
+        let inbound_mode = if mesh.inbound_localhost() || passthrough_env == Some(false) {
+            InboundMode::Localhost
+        } else {
+            InboundMode::Passthrough
+        };
+        PushContext {
+            snapshot,
+            registry,
+            mesh,
+            inbound_mode,
+        }
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.registry.domain
+    }
+
+    pub fn root_namespace(&self) -> &str {
+        self.mesh.root_namespace()
+    }
+
+    /// The workload a proxy runs beside, found by its IP.
+    pub fn workload_of(&self, proxy: &Proxy) -> Option<&Workload> {
+        proxy
+            .ips
+            .iter()
+            .find_map(|ip| self.registry.workload_by_ip(*ip))
+    }
+
+    /// The labels of a proxy's workload: its node metadata, else the registry's.
+    pub fn proxy_labels<'a>(&'a self, proxy: &'a Proxy) -> &'a BTreeMap<String, String> {
+        if !proxy.labels.is_empty() {
+            return &proxy.labels;
+        }
+        self.workload_of(proxy).map_or(&proxy.labels, |w| &w.labels)
+    }
+
+    /// The Sidecar resource scoping `proxy`: one whose selector matches it in its namespace,
+    /// else its namespace's selector-less one, else the root namespace's.
+    pub fn sidecar_for<'a>(&'a self, proxy: &'a Proxy) -> Option<&'a Entry<Sidecar>> {
+        let labels = self.proxy_labels(proxy);
+        let sidecars = &self.snapshot.sidecars;
+        let in_ns = |ns: &'a str| sidecars.iter().filter(move |s| s.namespace() == ns);
+        in_ns(&proxy.namespace)
+            .find(|s| {
+                s.object
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|sel| selector_matches(&sel.labels, labels))
+            })
+            .or_else(|| in_ns(&proxy.namespace).find(|s| s.object.spec.workload_selector.is_none()))
+            .or_else(|| {
+                in_ns(self.root_namespace()).find(|s| s.object.spec.workload_selector.is_none())
+            })
+    }
+
+    /// The services a proxy may reach: visible to its namespace, and within its Sidecar's
+    /// egress hosts when it has one.
+    pub fn services_for(&self, proxy: &Proxy) -> Vec<&Service> {
+        let export = &self.mesh.default_service_export_to;
+        // A Sidecar without egress listeners imports everything, as Istio's does.
+        let egress: Option<Vec<(String, String)>> = self
+            .sidecar_for(proxy)
+            .filter(|s| !s.object.spec.egress.is_empty())
+            .map(|s| {
+                s.object
+                    .spec
+                    .egress
+                    .iter()
+                    .flat_map(|e| e.hosts.iter())
+                    .filter_map(|h| h.split_once('/'))
+                    .map(|(ns, host)| {
+                        let ns = if ns == "." { s.namespace() } else { ns };
+                        (ns.to_string(), host.to_string())
+                    })
+                    .collect()
+            });
+        let mut out: Vec<&Service> = self
+            .registry
+            .services
+            .iter()
+            .filter(|svc| svc.visible_to(&proxy.namespace, export))
+            .filter(|svc| match &egress {
+                None => true,
+                Some(hosts) => hosts.iter().any(|(ns, host)| {
+                    (ns == "*" || ns == &svc.namespace) && host_matches(host, &svc.hostname)
+                }),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.hostname, &a.namespace).cmp(&(&b.hostname, &b.namespace)));
+        out.dedup_by(|a, b| a.hostname == b.hostname);
+        out
+    }
+
+    /// The DestinationRule that applies to `svc` for a proxy in `proxy_ns`: the proxy's own
+    /// namespace first, then the service's namespace (if exported to the proxy), then the root
+    /// namespace; within one namespace an exact host beats a wildcard, then the oldest wins.
+    pub fn destination_rule(
+        &self,
+        proxy_ns: &str,
+        svc: &Service,
+    ) -> Option<&Entry<DestinationRule>> {
+        let candidates = |ns: &str, need_export: bool| {
+            let mut matching: Vec<&Entry<DestinationRule>> = self
+                .snapshot
+                .destination_rules
+                .iter()
+                .filter(|dr| dr.namespace() == ns)
+                .filter(|dr| dr.object.spec.workload_selector.is_none())
+                .filter(|dr| !need_export || dr_exported(dr, proxy_ns, &self.mesh))
+                .filter(|dr| {
+                    let host = resolve_config_host(&dr.object.spec.host, ns, self.domain());
+                    host_matches(&host, &svc.hostname)
+                })
+                .collect();
+            matching.sort_by_key(|dr| {
+                let host = resolve_config_host(&dr.object.spec.host, ns, self.domain());
+                (host != svc.hostname, creation(dr))
+            });
+            matching.into_iter().next()
+        };
+        candidates(proxy_ns, false)
+            .or_else(|| candidates(&svc.namespace, true))
+            .or_else(|| candidates(self.root_namespace(), true))
+    }
+
+    /// The mTLS mode PeerAuthentication gives `port` of a workload: workload policy (port-level
+    /// first), then namespace policy, then mesh policy (root namespace); PERMISSIVE by default.
+    pub fn mtls_mode(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> MtlsMode {
+        let policies: Vec<&Entry<PeerAuthentication>> = {
+            let ws = self.snapshot.peer_authentications.iter().filter(|p| {
+                p.namespace() == namespace
+                    && p.object.spec.selector.as_ref().is_some_and(|s| {
+                        !s.match_labels.is_empty() && selector_matches(&s.match_labels, labels)
+                    })
+            });
+            let ns = self
+                .snapshot
+                .peer_authentications
+                .iter()
+                .filter(|p| p.namespace() == namespace && p.object.spec.selector.is_none());
+            let mesh = self.snapshot.peer_authentications.iter().filter(|p| {
+                p.namespace() == self.root_namespace() && p.object.spec.selector.is_none()
+            });
+            ws.chain(ns).chain(mesh).collect()
+        };
+        for p in &policies {
+            if let Some(m) = p
+                .object
+                .spec
+                .port_mode(u32::from(port))
+                .and_then(|m| parse_mode(m.mode.as_deref()))
+            {
+                return m;
+            }
+            if let Some(m) = p
+                .object
+                .spec
+                .mtls
+                .as_ref()
+                .and_then(|m| parse_mode(m.mode.as_deref()))
+            {
+                return m;
+            }
+        }
+        MtlsMode::Permissive
+    }
+}
+
+fn parse_mode(s: Option<&str>) -> Option<MtlsMode> {
+    match s? {
+        "DISABLE" => Some(MtlsMode::Disable),
+        "PERMISSIVE" => Some(MtlsMode::Permissive),
+        "STRICT" => Some(MtlsMode::Strict),
+        _ => None, // UNSET inherits
+    }
+}
+
+fn dr_exported(dr: &Entry<DestinationRule>, proxy_ns: &str, mesh: &MeshConfig) -> bool {
+    let export = if dr.object.spec.export_to.is_empty() {
+        &mesh.default_destination_rule_export_to
+    } else {
+        &dr.object.spec.export_to
+    };
+    export.is_empty()
+        || export.iter().any(|e| match e.as_str() {
+            "*" => true,
+            "." => dr.namespace() == proxy_ns,
+            ns => ns == proxy_ns,
+        })
+}
+
+fn creation<T: isthmus_config::HasMetadata>(e: &Entry<T>) -> String {
+    e.object
+        .metadata()
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string())
+        .unwrap_or_default()
+}
+
+pub fn selector_matches(
+    selector: &BTreeMap<String, String>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}

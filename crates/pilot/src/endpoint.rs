@@ -1,0 +1,146 @@
+//! EDS: one ClusterLoadAssignment per EDS cluster, endpoints grouped by locality, with weight,
+//! health and the `tlsMode` metadata auto mTLS matches on.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{HealthStatus, Locality as EnvoyLocality, Metadata};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use isthmus_registry::{Address, Port, Service, TargetPort, Workload};
+
+use crate::cluster::{TLS_MODE_KEY, socket, string, strukt};
+use crate::context::{PushContext, selector_matches};
+use crate::names::parse_outbound;
+use crate::proxy::Proxy;
+
+/// The assignments for the requested EDS clusters (all of the proxy's when `names` is empty),
+/// sorted by name.
+pub fn endpoints(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<ClusterLoadAssignment> {
+    let clusters = crate::cluster::clusters(ctx, proxy);
+    let mut out: Vec<ClusterLoadAssignment> = clusters
+        .iter()
+        .filter_map(|c| c.eds_cluster_config.as_ref().map(|_| c.name.as_str()))
+        .filter(|n| names.is_empty() || names.iter().any(|r| r == n))
+        .filter_map(|name| {
+            let (port, subset, host) = parse_outbound(name)?;
+            let svc = ctx
+                .registry
+                .services_by_host(host)
+                .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))?;
+            let labels = subset_labels(ctx, proxy, svc, subset);
+            Some(load_assignment(svc, port, labels.as_ref(), name))
+        })
+        .collect();
+    out.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out
+}
+
+/// The labels a subset selects, from the DestinationRule that applies for this proxy.
+fn subset_labels(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &Service,
+    subset: &str,
+) -> Option<BTreeMap<String, String>> {
+    if subset.is_empty() {
+        return None;
+    }
+    let dr = ctx.destination_rule(&proxy.namespace, svc)?;
+    // An unknown subset selects nothing rather than everything.
+    Some(
+        dr.object
+            .spec
+            .subsets
+            .iter()
+            .find(|s| s.name == subset)
+            .map_or_else(
+                || BTreeMap::from([("\0".to_string(), String::new())]),
+                |s| s.labels.clone(),
+            ),
+    )
+}
+
+/// The assignment of one cluster: the service's endpoints for `port`, filtered by subset labels.
+pub fn load_assignment(
+    svc: &Service,
+    port: u16,
+    subset: Option<&BTreeMap<String, String>>,
+    cluster_name: &str,
+) -> ClusterLoadAssignment {
+    let mut by_locality: BTreeMap<(String, String, String), Vec<LbEndpoint>> = BTreeMap::new();
+    let mut eps: Vec<_> = svc
+        .endpoints_for(port)
+        .filter(|e| subset.is_none_or(|sel| selector_matches(sel, &e.labels)))
+        .collect();
+    eps.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+    for e in eps {
+        let addr = match &e.address {
+            Address::Ip(ip) => ip.to_string(),
+            Address::Dns(h) => h.clone(),
+        };
+        let mut md = Metadata::default();
+        if e.sidecar {
+            md.filter_metadata.insert(
+                "envoy.transport_socket_match".into(),
+                strukt([(TLS_MODE_KEY, string("istio"))]),
+            );
+        }
+        let lb = LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+                address: Some(socket(&addr, e.port)),
+                ..Default::default()
+            })),
+            health_status: if e.healthy {
+                HealthStatus::Healthy
+            } else {
+                HealthStatus::Unhealthy
+            } as i32,
+            load_balancing_weight: Some(UInt32Value {
+                value: e.weight.max(1),
+            }),
+            metadata: Some(md),
+        };
+        by_locality
+            .entry((
+                e.locality.region.clone(),
+                e.locality.zone.clone(),
+                e.locality.subzone.clone(),
+            ))
+            .or_default()
+            .push(lb);
+    }
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(
+                |((region, zone, sub_zone), lb_endpoints)| LocalityLbEndpoints {
+                    locality: Some(EnvoyLocality {
+                        region,
+                        zone,
+                        sub_zone,
+                    }),
+                    load_balancing_weight: Some(UInt32Value {
+                        value: lb_endpoints
+                            .iter()
+                            .map(|e| e.load_balancing_weight.as_ref().map_or(1, |w| w.value))
+                            .sum(),
+                    }),
+                    lb_endpoints,
+                    ..Default::default()
+                },
+            )
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The container port a service port reaches on `workload` (named target ports resolved).
+pub fn target_port(p: &Port, workload: &Workload) -> Option<u16> {
+    match &p.target {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => workload.named_ports.get(name).copied(),
+    }
+}

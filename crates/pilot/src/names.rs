@@ -1,0 +1,46 @@
+//! Istio's Envoy resource names, so that `proxy-config` output reads as Istio's does.
+
+pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
+/// Source of the proxy's inbound-passthrough connections to the app (IPv4 / IPv6).
+pub const INBOUND_PASSTHROUGH_BIND_V4: &str = "127.0.0.6";
+pub const INBOUND_PASSTHROUGH_BIND_V6: &str = "::6";
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PORT: u16 = 15006;
+
+/// `outbound|<port>|<subset>|<host>`
+pub fn outbound_cluster(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+/// `inbound|<port>||` (Istio ≥ 1.10 no longer names the service).
+pub fn inbound_cluster(port: u16) -> String {
+    format!("inbound|{port}||")
+}
+
+/// Splits an `outbound|port|subset|host` name.
+pub fn parse_outbound(name: &str) -> Option<(u16, &str, &str)> {
+    let mut it = name.splitn(4, '|');
+    if it.next()? != "outbound" {
+        return None;
+    }
+    let port = it.next()?.parse().ok()?;
+    Some((port, it.next()?, it.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn names_round_trip() {
+        let n = super::outbound_cluster(9080, "v1", "reviews.bookinfo.svc.cluster.local");
+        assert_eq!(n, "outbound|9080|v1|reviews.bookinfo.svc.cluster.local");
+        assert_eq!(
+            super::parse_outbound(&n),
+            Some((9080, "v1", "reviews.bookinfo.svc.cluster.local"))
+        );
+        assert_eq!(super::inbound_cluster(8080), "inbound|8080||");
+    }
+}

@@ -1,0 +1,152 @@
+//! Golden files of the per-proxy configuration for `testdata/mesh.yaml`. Set
+//! `ISTHMUS_UPDATE_GOLDEN=1` to rewrite them after an intended change, then review the diff.
+
+use isthmus_config::{Loader, MeshConfig, Snapshot};
+use isthmus_pilot::{NodeMetadata, Proxy, PushContext};
+use isthmus_xds::json::to_json;
+
+fn context() -> PushContext {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+    let loaded = Loader::default().load_paths(&[dir.join("mesh.yaml")]);
+    assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+    let snapshot: Snapshot = loaded.resources.into_iter().collect();
+    PushContext::new(snapshot, MeshConfig::default(), "cluster.local", None)
+}
+
+fn proxy(ip: &str, pod: &str, ns: &str) -> Proxy {
+    let id = Proxy::node_id(ip.parse().unwrap(), pod, ns, "cluster.local");
+    Proxy::from_node(&id, &NodeMetadata::default()).unwrap()
+}
+
+fn golden(name: &str, ctx: &PushContext, p: &Proxy) -> serde_json::Value {
+    let clusters: Vec<_> = isthmus_pilot::cluster::clusters(ctx, p)
+        .iter()
+        .map(|c| to_json(c).unwrap())
+        .collect();
+    let endpoints: Vec<_> = isthmus_pilot::endpoint::endpoints(ctx, p, &[])
+        .iter()
+        .map(|e| to_json(e).unwrap())
+        .collect();
+    let got = serde_json::json!({ "clusters": clusters, "endpoints": endpoints });
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.json"));
+    let text = serde_json::to_string_pretty(&got).unwrap() + "\n";
+    if std::env::var_os("ISTHMUS_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        want == text,
+        "{name}: translation differs from {}; rerun with ISTHMUS_UPDATE_GOLDEN=1 and review",
+        path.display()
+    );
+    got
+}
+
+fn names(v: &serde_json::Value, key: &str, field: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c[field].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn productpage_sidecar() {
+    let ctx = context();
+    let v = golden(
+        "productpage",
+        &ctx,
+        &proxy("10.1.0.10", "productpage-v1-0", "bookinfo"),
+    );
+    let clusters = names(&v, "clusters", "name");
+    for want in [
+        "BlackHoleCluster",
+        "InboundPassthroughCluster",
+        "PassthroughCluster",
+        "inbound|9080||",
+        "outbound|9080|v1|reviews.bookinfo.svc.cluster.local",
+        "outbound|9080|v2|reviews.bookinfo.svc.cluster.local",
+        "outbound|9080||reviews.bookinfo.svc.cluster.local",
+        "outbound|5432||db.data.svc.cluster.local",
+    ] {
+        assert!(
+            clusters.contains(&want.to_string()),
+            "missing {want}: {clusters:?}"
+        );
+    }
+    // Subset endpoints: v1 is reviews-v1-0 on the named target port.
+    let v1 = v["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["cluster_name"] == "outbound|9080|v1|reviews.bookinfo.svc.cluster.local")
+        .unwrap();
+    let addr = &v1["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"];
+    assert_eq!(addr["address"], "10.1.0.11");
+    assert_eq!(addr["port_value"], 9081);
+    assert_eq!(
+        v1["endpoints"][0]["lb_endpoints"].as_array().unwrap().len(),
+        1
+    );
+    // The inbound cluster passes through to the pod IP from 127.0.0.6.
+    let inbound = v["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "inbound|9080||")
+        .unwrap();
+    assert_eq!(inbound["type"], "ORIGINAL_DST");
+    assert_eq!(
+        inbound["upstream_bind_config"]["source_address"]["address"],
+        "127.0.0.6"
+    );
+}
+
+#[test]
+fn sidecar_default_endpoint_goes_to_localhost_and_headless_is_original_dst() {
+    let ctx = context();
+    let v = golden("nc", &ctx, &proxy("10.1.1.30", "nc-0", "data"));
+    let clusters = v["clusters"].as_array().unwrap();
+    let inbound = clusters
+        .iter()
+        .find(|c| c["name"] == "inbound|5000||")
+        .unwrap();
+    assert_eq!(inbound["type"], "STATIC");
+    let addr = &inbound["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        ["socket_address"];
+    assert_eq!(addr["address"], "127.0.0.1");
+    let db = clusters
+        .iter()
+        .find(|c| c["name"] == "outbound|5432||db.data.svc.cluster.local")
+        .unwrap();
+    assert_eq!(db["type"], "ORIGINAL_DST");
+}
+
+#[test]
+fn localhost_mode_sends_inbound_to_loopback() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+    let loaded = Loader::default().load_paths(&[dir.join("mesh.yaml")]);
+    let snapshot: Snapshot = loaded.resources.into_iter().collect();
+    // PILOT_ENABLE_INBOUND_PASSTHROUGH=false (seeds 000-001).
+    let ctx = PushContext::new(
+        snapshot,
+        MeshConfig::default(),
+        "cluster.local",
+        Some(false),
+    );
+    let p = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let c = isthmus_pilot::cluster::clusters(&ctx, &p)
+        .into_iter()
+        .find(|c| c.name == "inbound|9080||")
+        .unwrap();
+    let v = to_json(&c).unwrap();
+    assert_eq!(v["type"], "STATIC");
+    assert_eq!(
+        v["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["address"],
+        "127.0.0.1"
+    );
+}

@@ -1,0 +1,87 @@
+//! Envoy resources as JSON, the way Envoy's admin `config_dump` prints them (proto field names,
+//! `Any` expanded with its `@type`). Used by config dumps, `proxy-config` and golden tests.
+
+use std::sync::OnceLock;
+
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+
+/// Envoy's v3 descriptors (see `data/README.md`).
+static DESCRIPTORS: &[u8] = include_bytes!("../data/envoy-descriptors.bin");
+
+#[derive(Debug, thiserror::Error)]
+pub enum JsonError {
+    #[error("Envoy descriptors unusable: {0}")]
+    Descriptors(String),
+    #[error("unknown message type {0}")]
+    UnknownType(String),
+    #[error("cannot convert {type_name}: {message}")]
+    Convert { type_name: String, message: String },
+}
+
+fn pool() -> Result<&'static DescriptorPool, JsonError> {
+    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
+    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| JsonError::Descriptors(e.clone()))
+}
+
+/// A message as JSON, for a message whose full protobuf name is `type_name`.
+pub fn encoded_to_json(type_name: &str, bytes: &[u8]) -> Result<serde_json::Value, JsonError> {
+    let desc = pool()?
+        .get_message_by_name(type_name)
+        .ok_or_else(|| JsonError::UnknownType(type_name.to_string()))?;
+    let convert = |message: String| JsonError::Convert {
+        type_name: type_name.to_string(),
+        message,
+    };
+    let msg = DynamicMessage::decode(desc, bytes).map_err(|e| convert(e.to_string()))?;
+    let options = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true);
+    msg.serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| convert(e.to_string()))
+}
+
+/// Any prost-generated Envoy message as JSON.
+pub fn to_json<M: prost::Message + prost::Name>(m: &M) -> Result<serde_json::Value, JsonError> {
+    encoded_to_json(&M::full_name(), &m.encode_to_vec())
+}
+
+/// An `Any` as JSON with its `@type`.
+pub fn any_to_json(
+    any: &envoy_types::pb::google::protobuf::Any,
+) -> Result<serde_json::Value, JsonError> {
+    let name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
+    let mut v = encoded_to_json(name, &any.value)?;
+    if let serde_json::Value::Object(map) = &mut v {
+        map.insert(
+            "@type".into(),
+            serde_json::Value::String(any.type_url.clone()),
+        );
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+
+    #[test]
+    fn prints_clusters_like_envoy() {
+        let c = Cluster {
+            name: "outbound|9080||reviews.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let v = super::to_json(&c).unwrap();
+        assert_eq!(
+            v["name"],
+            "outbound|9080||reviews.default.svc.cluster.local"
+        );
+        let any = envoy_types::util::pack_any(c);
+        let v = super::any_to_json(&any).unwrap();
+        assert_eq!(
+            v["@type"],
+            "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        );
+    }
+}
