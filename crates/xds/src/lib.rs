@@ -1,3 +1,7 @@
-//! xDS: Envoy's discovery protocol. `json` prints resources as Envoy's config dumps do.
+//! xDS: Envoy's discovery protocol. `server` is the ADS server (state of the world and delta);
+//! `json` prints resources as Envoy's config dumps do.
 
 pub mod json;
+pub mod server;
+
+pub use server::{AdsServer, Generator, ProxyState};

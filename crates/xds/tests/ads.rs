@@ -1,0 +1,383 @@
+//! The ADS server over real gRPC (tonic client and server on loopback): state of the world and
+//! delta, ACK/NACK, push order, and exactly what one change sends.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use envoy_types::util::pack_any;
+use isthmus_xds::server::{AdsServer, CLUSTER, ENDPOINT, Generator};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+/// A generator serving whatever the test puts in it.
+#[derive(Default)]
+struct Fixed {
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+}
+
+impl Generator for Fixed {
+    fn generate(
+        &self,
+        _: &Node,
+        type_url: &str,
+        _: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Any>, String> {
+        Ok(self
+            .resources
+            .lock()
+            .unwrap()
+            .get(type_url)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+impl Fixed {
+    fn cluster(&self, name: &str, timeout: i64) {
+        let c = Cluster {
+            name: name.into(),
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: timeout,
+                nanos: 0,
+            }),
+            ..Default::default()
+        };
+        self.put(CLUSTER, name, pack_any(c));
+    }
+    fn endpoints(&self, name: &str, tag: u32) {
+        let e = ClusterLoadAssignment {
+            cluster_name: name.into(),
+            policy: Some(Default::default()),
+            endpoints: vec![
+                envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints {
+                    priority: tag,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        self.put(ENDPOINT, name, pack_any(e));
+    }
+    fn put(&self, t: &str, name: &str, any: Any) {
+        self.resources
+            .lock()
+            .unwrap()
+            .entry(t.into())
+            .or_default()
+            .insert(name.into(), any);
+    }
+    fn remove(&self, t: &str, name: &str) {
+        self.resources
+            .lock()
+            .unwrap()
+            .entry(t.into())
+            .or_default()
+            .remove(name);
+    }
+}
+
+struct Harness {
+    mesh: Arc<Fixed>,
+    bump: watch::Sender<u64>,
+    client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    proxies: Arc<Mutex<BTreeMap<u64, isthmus_xds::ProxyState>>>,
+}
+
+async fn start() -> Harness {
+    let mesh = Arc::new(Fixed::default());
+    mesh.cluster("a", 1);
+    mesh.cluster("b", 1);
+    mesh.endpoints("a", 0);
+    mesh.endpoints("b", 0);
+    mesh.endpoints("c", 0);
+    let (bump, version) = watch::channel(1u64);
+    let server = AdsServer::new(mesh.clone(), version);
+    let proxies = server.proxies();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server.into_service())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    Harness {
+        mesh,
+        bump,
+        client,
+        proxies,
+    }
+}
+
+fn node() -> Option<Node> {
+    Some(Node {
+        id: "sidecar~10.1.0.5~app-0.default~default.svc.cluster.local".into(),
+        ..Default::default()
+    })
+}
+
+async fn next<T>(s: &mut Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), s.message())
+        .await
+        .expect("response in time")
+        .unwrap()
+        .expect("stream open")
+}
+
+/// Asserts nothing arrives for a short while.
+async fn quiet<T: std::fmt::Debug>(s: &mut Streaming<T>) {
+    if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+        panic!("unexpected message: {m:?}");
+    }
+}
+
+fn names(r: &DiscoveryResponse) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| {
+            if a.type_url == CLUSTER {
+                <Cluster as prost::Message>::decode(a.value.as_slice())
+                    .unwrap()
+                    .name
+            } else {
+                <ClusterLoadAssignment as prost::Message>::decode(a.value.as_slice())
+                    .unwrap()
+                    .cluster_name
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn state_of_the_world_ack_nack_and_ordered_pushes() {
+    let mut h = start().await;
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = h
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    tx.send(DiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = next(&mut stream).await;
+    assert_eq!(names(&cds), vec!["a", "b"]);
+    assert_eq!(cds.version_info, "v1");
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        version_info: cds.version_info.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    tx.send(DiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names: vec!["a".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let eds = next(&mut stream).await;
+    assert_eq!(names(&eds), vec!["a"], "only the subscribed assignment");
+    tx.send(DiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names: vec!["a".into()],
+        response_nonce: eds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+
+    // An endpoint change pushes EDS only; an endpoint of an unsubscribed cluster pushes nothing.
+    h.mesh.endpoints("a", 1);
+    h.mesh.endpoints("c", 1);
+    h.bump.send(2).unwrap();
+    let eds = next(&mut stream).await;
+    assert_eq!(eds.type_url, ENDPOINT);
+    assert_eq!(names(&eds), vec!["a"]);
+    tx.send(DiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names: vec!["a".into()],
+        response_nonce: eds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+
+    // Cluster and endpoint both change: CDS comes first.
+    h.mesh.cluster("a", 2);
+    h.mesh.endpoints("a", 2);
+    h.bump.send(3).unwrap();
+    let first = next(&mut stream).await;
+    let second = next(&mut stream).await;
+    assert_eq!(
+        (first.type_url.as_str(), second.type_url.as_str()),
+        (CLUSTER, ENDPOINT)
+    );
+
+    // NACK the CDS: recorded, counted, not resent.
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: first.nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "bad cluster a".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names: vec!["a".into()],
+        response_nonce: second.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+    let state = h.proxies.lock().unwrap().values().next().cloned().unwrap();
+    assert_eq!(state.types[CLUSTER].nack.as_deref(), Some("bad cluster a"));
+    assert_eq!(state.types[ENDPOINT].acked_version, "v3");
+    assert_eq!(state.node_id, node().unwrap().id);
+
+    // A stale nonce is ignored.
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+}
+
+fn delta_names(r: &DeltaDiscoveryResponse) -> Vec<String> {
+    r.resources.iter().map(|x| x.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn delta_sends_only_what_changed_and_resumes_after_reconnect() {
+    let mut h = start().await;
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = h
+        .client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = next(&mut stream).await;
+    assert_eq!(delta_names(&cds), vec!["a", "b"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names_subscribe: vec!["a".into(), "b".into(), "c".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let eds = next(&mut stream).await;
+    assert_eq!(delta_names(&eds), vec!["a", "b", "c"]);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        response_nonce: eds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+
+    // One endpoint changes: exactly that assignment is sent, nothing else.
+    h.mesh.endpoints("b", 7);
+    h.bump.send(2).unwrap();
+    let one = next(&mut stream).await;
+    assert_eq!(one.type_url, ENDPOINT);
+    assert_eq!(delta_names(&one), vec!["b"]);
+    assert!(one.removed_resources.is_empty());
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        response_nonce: one.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+
+    // A removal is a removal.
+    h.mesh.remove(CLUSTER, "b");
+    h.bump.send(3).unwrap();
+    let removed = next(&mut stream).await;
+    assert_eq!(removed.type_url, CLUSTER);
+    assert!(removed.resources.is_empty());
+    assert_eq!(removed.removed_resources, vec!["b"]);
+
+    // Reconnect, telling the server what we have: only what differs comes back.
+    drop(tx);
+    let versions: std::collections::HashMap<String, String> = eds
+        .resources
+        .iter()
+        .filter(|r| r.name != "b")
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .chain(
+            one.resources
+                .iter()
+                .map(|r| (r.name.clone(), r.version.clone())),
+        )
+        .collect();
+    h.mesh.endpoints("c", 9);
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = h
+        .client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: ENDPOINT.into(),
+        resource_names_subscribe: vec!["a".into(), "b".into(), "c".into()],
+        initial_resource_versions: versions,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let resumed = next(&mut stream).await;
+    assert_eq!(delta_names(&resumed), vec!["c"]);
+}
