@@ -336,7 +336,8 @@ async fn mtls_verifies_identities_and_refuses_bad_peers() {
 
     // An expired client certificate.
     let short = issue(&mesh, "default", "productpage", Duration::from_secs(1));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Validity has whole seconds: wait until `now` is past `not_after` even when truncated.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
     let err = exchange(
         trust.clone(),
         store(&server),

@@ -25,6 +25,8 @@ enum Command {
     Iptables(cmd::iptables::IptablesArgs),
     /// Print a workload token for the mesh CA, as `kubectl create token` does.
     CreateToken(cmd::token::CreateTokenArgs),
+    /// Run the control plane (istiod): xDS on 15010, monitoring on 15014.
+    ControlPlane(cmd::control_plane::ControlPlaneArgs),
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Iptables(a) => cmd::iptables::run(a),
         Command::CreateToken(a) => cmd::token::run(a),
+        Command::ControlPlane(a) => cmd::control_plane::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -166,10 +166,16 @@ impl<G> Drop for Conn<G> {
     }
 }
 
+/// A content version of a resource. Protobuf encodings of map fields follow hash-map order, so
+/// equal resources can encode differently; the hash is taken over the canonical JSON (sorted
+/// keys) instead, falling back to the bytes for types the descriptors do not know.
 fn hash(any: &Any) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    any.value.hash(&mut h);
+    match crate::json::any_to_json(any) {
+        Ok(v) => v.to_string().hash(&mut h),
+        Err(_) => any.value.hash(&mut h),
+    }
     h.finish()
 }
 

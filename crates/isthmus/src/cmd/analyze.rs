@@ -10,6 +10,7 @@ use isthmus_config::mesh::{MeshConfig, MeshNetworks};
 use isthmus_config::{Loader, Severity, Snapshot};
 use serde::Serialize;
 
+use crate::cmd::read_yaml;
 use crate::exit;
 
 #[derive(Debug, Args)]
@@ -189,7 +190,7 @@ pub fn run(args: AnalyzeArgs) -> Result<i32> {
     let mesh_networks = args
         .mesh_networks_file
         .as_ref()
-        .map(read_yaml::<MeshNetworks>)
+        .map(|p| read_yaml::<MeshNetworks>(p))
         .transpose()?;
     let input = Input {
         snapshot,
@@ -268,11 +269,6 @@ fn print(args: &AnalyzeArgs, shown: &[&Message]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_yaml<T: serde::de::DeserializeOwned>(p: &PathBuf) -> Result<T> {
-    let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-    serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
 /// MeshConfig from the `istio` ConfigMap's `mesh` key, as istiod reads it.

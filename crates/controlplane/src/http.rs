@@ -1,0 +1,231 @@
+//! The monitoring port (15014): `/ready`, `/metrics` and istiod's debug endpoints.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_xds::server::{CLUSTER, Counters, ENDPOINT, LISTENER, ROUTE};
+use isthmus_xds::{ProxyState, json};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::generator::{Shared, proxy_of};
+
+#[derive(Clone)]
+pub struct State {
+    pub proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
+    pub counters: Arc<Counters>,
+    pub context: Shared,
+    pub version: watch::Receiver<u64>,
+}
+
+pub async fn serve(listener: TcpListener, state: State) {
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}
+
+fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    match req.uri().path() {
+        "/ready" => text(StatusCode::OK, "ok\n".into()),
+        "/metrics" => text(StatusCode::OK, metrics(state)),
+        "/debug/syncz" => json_response(syncz(state)),
+        "/debug/registryz" => json_response(registryz(state)),
+        "/debug/configz" => json_response(configz(state)),
+        "/debug/config_dump" => match query.get("proxyID") {
+            Some(id) => match config_dump(state, id) {
+                Ok(v) => json_response(v),
+                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+            },
+            None => text(StatusCode::BAD_REQUEST, "proxyID is required\n".into()),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+fn json_response(v: Value) -> Response<Full<Bytes>> {
+    let mut r = text(
+        StatusCode::OK,
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+    );
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Prometheus text exposition with istiod's metric names (written directly: OpenMetrics
+/// encoders would rename counters with a `_total` suffix that Istio dashboards do not query).
+fn metrics(state: &State) -> String {
+    let connected = state.proxies.lock().map_or(0, |p| p.len());
+    let c = &state.counters;
+    format!(
+        "# HELP pilot_xds Number of endpoints connected to this pilot using XDS.\n\
+         # TYPE pilot_xds gauge\npilot_xds {connected}\n\
+         # HELP pilot_xds_pushes Pilot build and send errors for lds, rds, cds and eds.\n\
+         # TYPE pilot_xds_pushes counter\npilot_xds_pushes {}\n\
+         # HELP pilot_total_xds_rejects Total number of XDS responses from pilot rejected by proxy.\n\
+         # TYPE pilot_total_xds_rejects counter\npilot_total_xds_rejects {}\n\
+         # HELP pilot_xds_connections_total Connections accepted since start.\n\
+         # TYPE pilot_xds_connections_total counter\npilot_xds_connections_total {}\n",
+        c.pushes.load(Ordering::Relaxed),
+        c.nacks.load(Ordering::Relaxed),
+        c.connections.load(Ordering::Relaxed),
+    )
+}
+
+/// Per proxy: what was sent and acknowledged per type (istiod's `/debug/syncz`).
+pub fn syncz(state: &State) -> Value {
+    let proxies = state.proxies.lock().map(|p| p.clone()).unwrap_or_default();
+    let version = format!("v{}", *state.version.borrow());
+    Value::Array(
+        proxies
+            .values()
+            .map(|p| {
+                let t = |url: &str| p.types.get(url);
+                let sent = |url: &str| t(url).map_or("", |s| s.sent_version.as_str()).to_string();
+                let acked = |url: &str| t(url).map_or("", |s| s.acked_version.as_str()).to_string();
+                let nacks: BTreeMap<&str, &str> = p
+                    .types
+                    .iter()
+                    .filter_map(|(k, v)| v.nack.as_deref().map(|n| (short(k), n)))
+                    .collect();
+                json!({
+                    "proxy": p.node_id,
+                    "delta": p.delta,
+                    "control_plane_version": version,
+                    "cluster_sent": sent(CLUSTER), "cluster_acked": acked(CLUSTER),
+                    "endpoint_sent": sent(ENDPOINT), "endpoint_acked": acked(ENDPOINT),
+                    "listener_sent": sent(LISTENER), "listener_acked": acked(LISTENER),
+                    "route_sent": sent(ROUTE), "route_acked": acked(ROUTE),
+                    "nacks": nacks,
+                })
+            })
+            .collect(),
+    )
+}
+
+fn short(type_url: &str) -> &str {
+    match type_url {
+        CLUSTER => "CDS",
+        ENDPOINT => "EDS",
+        LISTENER => "LDS",
+        ROUTE => "RDS",
+        other => other,
+    }
+}
+
+fn current(state: &State) -> Arc<isthmus_pilot::PushContext> {
+    state
+        .context
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+fn registryz(state: &State) -> Value {
+    let ctx = current(state);
+    Value::Array(
+        ctx.registry
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "hostname": s.hostname,
+                    "namespace": s.namespace,
+                    "addresses": s.vips.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+                    "headless": s.headless,
+                    "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol.as_str()})).collect::<Vec<_>>(),
+                    "endpoints": s.endpoints.iter().map(|e| format!("{}:{}", e.address, e.port)).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
+}
+
+fn configz(state: &State) -> Value {
+    let ctx = current(state);
+    Value::Array(
+        ctx.snapshot
+            .all_metadata()
+            .into_iter()
+            .map(|(kind, origin, meta)| {
+                json!({
+                    "kind": kind.name(),
+                    "namespace": meta.namespace.clone().unwrap_or_default(),
+                    "name": meta.name.clone().unwrap_or_default(),
+                    "origin": format!("{}:{}", origin.file, origin.line),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// Envoy's config dump (clusters and endpoints) for a proxy named by node id or `pod.namespace`.
+fn config_dump(state: &State, id: &str) -> Result<Value, String> {
+    let node_id = {
+        let proxies = state.proxies.lock().map(|p| p.clone()).unwrap_or_default();
+        proxies
+            .values()
+            .map(|p| p.node_id.clone())
+            .find(|n| n == id || n.split('~').nth(2) == Some(id))
+            .ok_or_else(|| format!("proxy {id:?} is not connected"))?
+    };
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        id: node_id,
+        ..Default::default()
+    };
+    let proxy = proxy_of(&node)?;
+    let ctx = current(state);
+    let version = format!("v{}", *state.version.borrow());
+    let clusters: Vec<Value> = isthmus_pilot::cluster::clusters(&ctx, &proxy)
+        .iter()
+        .filter_map(|c| json::to_json(c).ok())
+        .map(|c| json!({"version_info": version, "cluster": c}))
+        .collect();
+    let endpoints: Vec<Value> = isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &[])
+        .iter()
+        .filter_map(|e| json::to_json(e).ok())
+        .map(|e| json!({"version_info": version, "endpoint_config": e}))
+        .collect();
+    Ok(json!({
+        "configs": [
+            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
+            {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
+        ]
+    }))
+}

@@ -1,0 +1,100 @@
+//! The config source of the embedded default: a directory of YAML, reloaded on change. A file
+//! that does not load or validate is rejected with its error while the last good version of that
+//! file keeps being served; the files beside it are not affected.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use isthmus_config::load::is_manifest;
+use isthmus_config::validate::validate;
+use isthmus_config::{Diagnostic, Loader, Resource, Severity, Snapshot};
+
+/// A file's problem, as reported to the operator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    pub file: PathBuf,
+    pub errors: Vec<String>,
+}
+
+/// The directory and the last good resources of each file in it.
+pub struct DirSource {
+    dir: PathBuf,
+    loader: Loader,
+    good: BTreeMap<PathBuf, Vec<Resource>>,
+}
+
+impl DirSource {
+    pub fn new(dir: &Path) -> Self {
+        DirSource {
+            dir: dir.to_path_buf(),
+            loader: Loader::default(),
+            good: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Reads the directory again. Returns the snapshot to serve and the files rejected this time.
+    pub fn reload(&mut self) -> (Snapshot, Vec<Rejected>) {
+        let mut files = Vec::new();
+        collect(&self.dir, &mut files);
+        files.sort();
+        let mut rejected = Vec::new();
+        let mut next = BTreeMap::new();
+        for file in files {
+            let loaded = self.loader.load_paths(std::slice::from_ref(&file));
+            let mut errors: Vec<String> = loaded
+                .diagnostics
+                .iter()
+                .filter(|d| d.severity == Severity::Error)
+                .map(Diagnostic::to_string)
+                .collect();
+            for r in &loaded.resources {
+                for e in validate(&r.object).errors {
+                    errors.push(format!(
+                        "error: {}:{}: {} {}/{}: {e}",
+                        r.origin.file,
+                        r.origin.line,
+                        r.kind().name(),
+                        r.namespace(),
+                        r.name()
+                    ));
+                }
+            }
+            if errors.is_empty() {
+                next.insert(file, loaded.resources);
+            } else {
+                if let Some(last) = self.good.get(&file) {
+                    next.insert(file.clone(), last.clone());
+                }
+                rejected.push(Rejected { file, errors });
+            }
+        }
+        self.good = next;
+        let snapshot = self.good.values().flatten().cloned().collect();
+        (snapshot, rejected)
+    }
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            collect(&p, out);
+        } else if is_manifest(&p) {
+            out.push(p);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The control plane as a whole: config directory in, ADS out over real gRPC; a broken file is
+//! rejected while the last good config keeps being served; a valid change is pushed.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use isthmus_controlplane::{Options, start};
+use isthmus_xds::server::CLUSTER;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  clusterIP: 10.96.0.11
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-0, namespace: default, labels: {app: reviews}}
+spec: {containers: [{name: app, image: app}]}
+status: {podIP: 10.1.0.11}
+"#;
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    out
+}
+
+async fn next(
+    s: &mut tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(15), s.message())
+        .await
+        .expect("push in time")
+        .unwrap()
+        .unwrap()
+}
+
+fn cluster_names(
+    r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+) -> Vec<String> {
+    r.resources
+        .iter()
+        .map(|a| {
+            <Cluster as prost::Message>::decode(a.value.as_slice())
+                .unwrap()
+                .name
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn serves_config_keeps_last_good_and_pushes_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+    let cp = start(Options {
+        config_dir: dir.path().to_path_buf(),
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        mesh: Default::default(),
+        inbound_passthrough: None,
+    })
+    .await
+    .unwrap();
+
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Node {
+        id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = next(&mut stream).await;
+    let names = cluster_names(&cds);
+    assert!(
+        names.contains(&"outbound|9080||reviews.default.svc.cluster.local".to_string()),
+        "{names:?}"
+    );
+    assert!(names.contains(&"inbound|9080||".to_string()), "{names:?}");
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Broken YAML in the directory: rejected, nothing changes for the proxy.
+    std::fs::write(
+        dir.path().join("broken.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x\n",
+    )
+    .unwrap();
+    // And an invalid VirtualService (weights do not add up) beside it.
+    std::fs::write(
+        dir.path().join("vs.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      weight: 30\n    - destination: {host: reviews}\n      weight: 30\n",
+    )
+    .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), stream.message())
+            .await
+            .is_err(),
+        "no push for rejected config"
+    );
+    let configz = get(cp.http_addr, "/debug/configz").await;
+    assert!(
+        configz.contains("reviews") && !configz.contains("\"r\""),
+        "{configz}"
+    );
+
+    // A valid new service is pushed.
+    std::fs::write(
+        dir.path().join("ratings.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\nspec:\n  clusterIP: 10.96.0.12\n  ports: [{name: http, port: 9080}]\n",
+    )
+    .unwrap();
+    let cds = next(&mut stream).await;
+    assert!(
+        cluster_names(&cds)
+            .contains(&"outbound|9080||ratings.default.svc.cluster.local".to_string())
+    );
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let syncz = get(cp.http_addr, "/debug/syncz").await;
+    assert!(
+        syncz.contains("reviews-0.default") && syncz.contains("\"cluster_acked\": \"v"),
+        "{syncz}"
+    );
+    let metrics = get(cp.http_addr, "/metrics").await;
+    assert!(metrics.contains("pilot_xds 1"), "{metrics}");
+    let dump = get(cp.http_addr, "/debug/config_dump?proxyID=reviews-0.default").await;
+    assert!(
+        dump.contains("outbound|9080||ratings.default.svc.cluster.local"),
+        "{dump}"
+    );
+    assert!(get(cp.http_addr, "/ready").await.contains("200 OK"));
+}

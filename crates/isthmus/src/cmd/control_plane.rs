@@ -1,0 +1,71 @@
+//! `isthmus control-plane`: istiod for the embedded default, reading a directory of YAML.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use isthmus_config::MeshConfig;
+
+use crate::cmd::read_yaml;
+use crate::exit;
+
+#[derive(Debug, Args)]
+pub struct ControlPlaneArgs {
+    /// Directory of Kubernetes and Istio YAML to serve; watched for changes.
+    #[arg(long = "config-dir")]
+    config_dir: PathBuf,
+    /// Plaintext xDS (Istio's 15010).
+    #[arg(long = "xds-addr", default_value = "127.0.0.1:15010")]
+    xds_addr: SocketAddr,
+    /// Monitoring and debug HTTP (Istio's 15014).
+    #[arg(long = "http-addr", default_value = "127.0.0.1:15014")]
+    http_addr: SocketAddr,
+    /// MeshConfig file (Istio's defaults otherwise).
+    #[arg(long = "meshConfig")]
+    mesh_config: Option<PathBuf>,
+    /// Cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    domain: String,
+    /// Istio's switch of seeds 000-001: `false` sends inbound traffic to 127.0.0.1.
+    #[arg(long, env = "PILOT_ENABLE_INBOUND_PASSTHROUGH")]
+    inbound_passthrough: Option<bool>,
+}
+
+pub fn run(a: ControlPlaneArgs) -> Result<i32> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mesh: MeshConfig = match &a.mesh_config {
+        Some(p) => read_yaml(p)?,
+        None => MeshConfig::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let running = isthmus_controlplane::start(isthmus_controlplane::Options {
+            config_dir: a.config_dir.clone(),
+            xds_addr: a.xds_addr,
+            http_addr: a.http_addr,
+            domain: a.domain,
+            mesh,
+            inbound_passthrough: a.inbound_passthrough,
+        })
+        .await
+        .with_context(|| format!("control plane for {}", a.config_dir.display()))?;
+        tracing::info!(xds = %running.xds_addr, http = %running.http_addr, "control plane serving");
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for a signal")?;
+        tracing::info!("shutting down");
+        drop(running);
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(exit::OK)
+}
