@@ -9,7 +9,7 @@ use envoy_types::pb::google::protobuf::{Any, Struct, value};
 use envoy_types::util::pack_any;
 use isthmus_pilot::{NodeMetadata, Proxy, PushContext};
 use isthmus_xds::Generator;
-use isthmus_xds::server::{CLUSTER, ENDPOINT};
+use isthmus_xds::server::{CLUSTER, ENDPOINT, ROUTE};
 
 /// The push context being served, swapped whole on every accepted change.
 pub type Shared = Arc<RwLock<Arc<PushContext>>>;
@@ -48,7 +48,14 @@ impl Generator for PilotGenerator {
                     .map(|e| (e.cluster_name.clone(), pack_any(e)))
                     .collect()
             }
-            // Listeners, routes and secrets come with the rest of the translation.
+            ROUTE => {
+                let names: Vec<String> = names.iter().cloned().collect();
+                isthmus_pilot::route::routes(&ctx, &proxy, &names)
+                    .into_iter()
+                    .map(|r| (r.name.clone(), pack_any(r)))
+                    .collect()
+            }
+            // Listeners and secrets come with the rest of the translation.
             _ => BTreeMap::new(),
         })
     }

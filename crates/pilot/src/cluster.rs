@@ -536,7 +536,7 @@ fn secs(s: i64) -> PbDuration {
     }
 }
 
-fn duration(d: std::time::Duration) -> PbDuration {
+pub(crate) fn duration(d: std::time::Duration) -> PbDuration {
     PbDuration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),

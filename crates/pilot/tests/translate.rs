@@ -27,7 +27,11 @@ fn golden(name: &str, ctx: &PushContext, p: &Proxy) -> serde_json::Value {
         .iter()
         .map(|e| to_json(e).unwrap())
         .collect();
-    let got = serde_json::json!({ "clusters": clusters, "endpoints": endpoints });
+    let routes: Vec<_> = isthmus_pilot::route::routes(ctx, p, &[])
+        .iter()
+        .map(|r| to_json(r).unwrap())
+        .collect();
+    let got = serde_json::json!({ "clusters": clusters, "endpoints": endpoints, "routes": routes });
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(format!("{name}.json"));
@@ -102,6 +106,79 @@ fn productpage_sidecar() {
     assert_eq!(
         inbound["upstream_bind_config"]["source_address"]["address"],
         "127.0.0.6"
+    );
+}
+
+#[test]
+fn routes_follow_the_virtual_service_and_seed_004_host_forms() {
+    let ctx = context();
+    let p = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let routes = isthmus_pilot::route::routes(&ctx, &p, &["9080".to_string()]);
+    assert_eq!(routes.len(), 1);
+    let v = to_json(&routes[0]).unwrap();
+    assert_eq!(v["name"], "9080");
+    let vh = v["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "reviews.bookinfo.svc.cluster.local:9080")
+        .unwrap();
+    let domains: Vec<&str> = vh["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    for d in [
+        "reviews",
+        "reviews:9080",
+        "reviews.bookinfo",
+        "reviews.bookinfo.svc.cluster.local",
+        "10.96.0.11",
+        "10.96.0.11:9080",
+    ] {
+        assert!(domains.contains(&d), "missing {d} in {domains:?}");
+    }
+    let jason = &vh["routes"][0];
+    assert_eq!(jason["match"]["headers"][0]["name"], "end-user");
+    assert_eq!(
+        jason["route"]["cluster"],
+        "outbound|9080|v2|reviews.bookinfo.svc.cluster.local"
+    );
+    let split = &vh["routes"][1]["route"];
+    assert_eq!(
+        split["weighted_clusters"]["clusters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(split["timeout"], "3s");
+    assert_eq!(split["retry_policy"]["num_retries"], 3);
+    assert_eq!(
+        v["virtual_hosts"].as_array().unwrap().last().unwrap()["name"],
+        "allow_any"
+    );
+
+    // From another namespace the bare short name is not a domain.
+    let other = proxy("10.1.1.30", "nc-0", "data");
+    let routes = isthmus_pilot::route::routes(&ctx, &other, &["9080".to_string()]);
+    let v = to_json(&routes[0]).unwrap();
+    let vh = v["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == "reviews.bookinfo.svc.cluster.local:9080")
+        .unwrap();
+    let domains: Vec<&str> = vh["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert!(
+        !domains.contains(&"reviews") && domains.contains(&"reviews.bookinfo"),
+        "{domains:?}"
     );
 }
 

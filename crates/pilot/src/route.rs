@@ -1,0 +1,423 @@
+//! RDS: the outbound HTTP route configurations of a sidecar, one per port (named `"9080"`), as
+//! Istio builds them.
+//!
+//! Each service with an HTTP port gets a virtual host whose domains are every hostname form the
+//! caller may use (seed 004: the bare name only from the service's own namespace; each with and
+//! without `:port`; the cluster IPs). A VirtualService for the host replaces the default route
+//! with its own matches and destinations. A headless service matches any host on its port (the
+//! pod hostnames and pod IPs of seed 004 go to its ORIGINAL_DST cluster). Last comes
+//! `allow_any` (PassthroughCluster) or, under REGISTRY_ONLY, a 502 to the BlackHoleCluster.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::config::route::v3::route_action::{
+    ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
+};
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    query_parameter_matcher, redirect_action, route, route_match,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use isthmus_config::istio::networking::{
+    Destination, HttpMatchRequest, HttpRoute, StringMatch, VirtualServiceSpec,
+};
+use isthmus_registry::Service;
+use isthmus_registry::host::{host_matches, resolve_config_host, virtual_host_domains};
+
+use crate::cluster::duration as pb;
+use crate::context::PushContext;
+use crate::names::{PASSTHROUGH_CLUSTER, outbound_cluster};
+use crate::proxy::Proxy;
+
+/// The route configurations for the requested names (all of the proxy's HTTP ports when
+/// `names` is empty), sorted by name.
+pub fn routes(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<RouteConfiguration> {
+    let services = ctx.services_for(proxy);
+    let mut ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
+    for svc in &services {
+        for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
+            ports.entry(p.port).or_default().push(svc);
+        }
+    }
+    ports
+        .into_iter()
+        .filter(|(port, _)| names.is_empty() || names.iter().any(|n| n == &port.to_string()))
+        .map(|(port, svcs)| route_config(ctx, proxy, port, &svcs))
+        .collect()
+}
+
+fn route_config(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    port: u16,
+    svcs: &[&Service],
+) -> RouteConfiguration {
+    let mut vhosts: Vec<VirtualHost> = Vec::new();
+    let mut headless_wildcard = None;
+    for svc in svcs {
+        let routes = match virtual_service_for(ctx, proxy, svc) {
+            Some(vs) => vs
+                .http
+                .iter()
+                .filter(|r| applies_to_sidecar(r, port))
+                .map(|r| http_route(ctx, proxy, r, port, &svc.namespace))
+                .collect(),
+            None => vec![default_route(&outbound_cluster(port, "", &svc.hostname))],
+        };
+        if svc.headless && svc.is_kubernetes() && headless_wildcard.is_none() {
+            headless_wildcard = Some(outbound_cluster(port, "", &svc.hostname));
+        }
+        vhosts.push(VirtualHost {
+            name: format!("{}:{port}", svc.hostname),
+            domains: virtual_host_domains(
+                &svc.hostname,
+                &svc.namespace,
+                &proxy.namespace,
+                ctx.domain(),
+                port,
+                &svc.vips,
+            ),
+            routes,
+            ..Default::default()
+        });
+    }
+    vhosts.sort_by(|a, b| a.name.cmp(&b.name));
+    let fallback = if ctx.mesh.outbound_allow_any() {
+        VirtualHost {
+            name: "allow_any".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "allow_any".into(),
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(ClusterSpecifier::Cluster(
+                        headless_wildcard.unwrap_or_else(|| PASSTHROUGH_CLUSTER.into()),
+                    )),
+                    timeout: Some(PbDuration::default()),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    } else {
+        VirtualHost {
+            name: "block_all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "block_all".into(),
+                r#match: Some(prefix_match("/")),
+                action: Some(route::Action::DirectResponse(DirectResponseAction {
+                    status: 502,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    };
+    vhosts.push(fallback);
+    RouteConfiguration {
+        name: port.to_string(),
+        virtual_hosts: vhosts,
+        validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+        ..Default::default()
+    }
+}
+
+/// The VirtualService bound to the mesh gateway whose hosts include the service, visible to the
+/// proxy's namespace; the oldest wins, as in Istio.
+fn virtual_service_for<'a>(
+    ctx: &'a PushContext,
+    proxy: &Proxy,
+    svc: &Service,
+) -> Option<&'a VirtualServiceSpec> {
+    ctx.snapshot
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            let spec = &vs.object.spec;
+            let mesh_bound = spec.gateways.is_empty() || spec.gateways.iter().any(|g| g == "mesh");
+            let exported = spec.export_to.is_empty()
+                || spec.export_to.iter().any(|e| {
+                    e == "*"
+                        || e == &proxy.namespace
+                        || (e == "." && vs.namespace() == proxy.namespace)
+                });
+            mesh_bound
+                && exported
+                && spec.hosts.iter().any(|h| {
+                    let h = resolve_config_host(h, vs.namespace(), ctx.domain());
+                    host_matches(&h, &svc.hostname)
+                })
+        })
+        .map(|vs| &vs.object.spec)
+        .next()
+}
+
+/// Routes with a `port` match for another port, or bound to gateways only, do not apply.
+fn applies_to_sidecar(r: &HttpRoute, port: u16) -> bool {
+    r.matches.is_empty()
+        || r.matches.iter().any(|m| {
+            (m.port == 0 || m.port == u32::from(port))
+                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+        })
+}
+
+fn default_route(cluster: &str) -> Route {
+    Route {
+        name: "default".into(),
+        r#match: Some(prefix_match("/")),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+            // Istio disables Envoy's 15 s default: no timeout unless a VirtualService sets one.
+            timeout: Some(PbDuration::default()),
+            retry_policy: Some(default_retries()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+/// Istio's default retry policy: 2 attempts on connection-level failures.
+fn default_retries() -> RetryPolicy {
+    RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
+            .into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        host_selection_retry_max_attempts: 5,
+        retriable_status_codes: vec![503],
+        ..Default::default()
+    }
+}
+
+fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns: &str) -> Route {
+    // Istio emits one Envoy route per match (OR); the first match stands for them here.
+    let m = r
+        .matches
+        .iter()
+        .find(|m| m.port == 0 || m.port == u32::from(port));
+    let r#match = m.map_or_else(|| prefix_match("/"), route_match_of);
+    let action = if let Some(redirect) = &r.redirect {
+        route::Action::Redirect(RedirectAction {
+            host_redirect: redirect.authority.clone(),
+            port_redirect: redirect.port.unwrap_or(0),
+            response_code: match redirect.redirect_code {
+                302 => redirect_action::RedirectResponseCode::Found as i32,
+                303 => redirect_action::RedirectResponseCode::SeeOther as i32,
+                307 => redirect_action::RedirectResponseCode::TemporaryRedirect as i32,
+                308 => redirect_action::RedirectResponseCode::PermanentRedirect as i32,
+                _ => redirect_action::RedirectResponseCode::MovedPermanently as i32,
+            },
+            path_rewrite_specifier: (!redirect.uri.is_empty())
+                .then(|| redirect_action::PathRewriteSpecifier::PathRedirect(redirect.uri.clone())),
+            ..Default::default()
+        })
+    } else if let Some(direct) = &r.direct_response {
+        route::Action::DirectResponse(DirectResponseAction {
+            status: direct.status,
+            body: direct
+                .body
+                .as_ref()
+                .and_then(|b| b.string.clone())
+                .map(|s| DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(s)),
+                    ..Default::default()
+                }),
+            ..Default::default()
+        })
+    } else {
+        route::Action::Route(route_action(ctx, proxy, r, port, vs_ns))
+    };
+    Route {
+        name: r.name.clone(),
+        r#match: Some(r#match),
+        action: Some(action),
+        ..Default::default()
+    }
+}
+
+fn route_action(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    r: &HttpRoute,
+    port: u16,
+    vs_ns: &str,
+) -> RouteAction {
+    let cluster = |d: &Destination| {
+        let host = resolve_config_host(&d.host, vs_ns, ctx.domain());
+        let dport = d
+            .port
+            .as_ref()
+            .and_then(|p| u16::try_from(p.number).ok())
+            .or_else(|| {
+                // Without a port: the service's only port, else the port being routed.
+                ctx.registry
+                    .services_by_host(&host)
+                    .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))
+                    .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].port))
+            })
+            .unwrap_or(port);
+        outbound_cluster(dport, &d.subset, &host)
+    };
+    let specifier = match r.route.as_slice() {
+        [one] => ClusterSpecifier::Cluster(cluster(&one.destination)),
+        many => ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: many
+                .iter()
+                .filter(|d| d.weight > 0 || many.iter().all(|x| x.weight == 0))
+                .map(|d| ClusterWeight {
+                    name: cluster(&d.destination),
+                    weight: Some(UInt32Value {
+                        value: u32::try_from(d.weight)
+                            .unwrap_or(0)
+                            .max(u32::from(many.iter().all(|x| x.weight == 0))),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let retry_policy = match &r.retries {
+        Some(retries) if retries.attempts == 0 => None,
+        Some(retries) => Some(RetryPolicy {
+            retry_on: if retries.retry_on.is_empty() {
+                default_retries().retry_on
+            } else {
+                retries.retry_on.clone()
+            },
+            num_retries: Some(UInt32Value {
+                value: u32::try_from(retries.attempts).unwrap_or(0),
+            }),
+            per_try_timeout: retries.per_try_timeout.as_ref().map(|d| pb(d.as_std())),
+            host_selection_retry_max_attempts: 5,
+            retriable_status_codes: vec![503],
+            ..Default::default()
+        }),
+        None => Some(default_retries()),
+    };
+    let rewrite = r.rewrite.as_ref();
+    RouteAction {
+        cluster_specifier: Some(specifier),
+        timeout: Some(
+            r.timeout
+                .as_ref()
+                .map_or_else(PbDuration::default, |d| pb(d.as_std())),
+        ),
+        retry_policy,
+        prefix_rewrite: rewrite.map(|w| w.uri.clone()).unwrap_or_default(),
+        host_rewrite_specifier: rewrite
+            .filter(|w| !w.authority.is_empty())
+            .map(|w| HostRewriteSpecifier::HostRewriteLiteral(w.authority.clone())),
+        request_mirror_policies: r
+            .mirror
+            .iter()
+            .map(|m| RequestMirrorPolicy {
+                cluster: cluster(m),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn route_match_of(m: &HttpMatchRequest) -> RouteMatch {
+    let path_specifier = match &m.uri {
+        Some(StringMatch { exact: Some(e), .. }) => {
+            Some(route_match::PathSpecifier::Path(e.clone()))
+        }
+        Some(StringMatch {
+            prefix: Some(p), ..
+        }) => Some(route_match::PathSpecifier::Prefix(p.clone())),
+        Some(StringMatch { regex: Some(r), .. }) => {
+            Some(route_match::PathSpecifier::SafeRegex(regex(r)))
+        }
+        _ => Some(route_match::PathSpecifier::Prefix("/".into())),
+    };
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(name, sm)| header(name, sm, false))
+        .collect();
+    headers.extend(
+        m.without_headers
+            .iter()
+            .map(|(name, sm)| header(name, sm, true)),
+    );
+    if let Some(method) = &m.method {
+        headers.push(header(":method", method, false));
+    }
+    if let Some(authority) = &m.authority {
+        headers.push(header(":authority", authority, false));
+    }
+    if let Some(scheme) = &m.scheme {
+        headers.push(header(":scheme", scheme, false));
+    }
+    RouteMatch {
+        path_specifier,
+        case_sensitive: m
+            .ignore_uri_case
+            .then_some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+        headers,
+        query_parameters: m
+            .query_params
+            .iter()
+            .map(|(name, sm)| QueryParameterMatcher {
+                name: name.clone(),
+                query_parameter_match_specifier: Some(
+                    query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string(sm)),
+                ),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn header(name: &str, sm: &StringMatch, invert: bool) -> HeaderMatcher {
+    let empty = sm.exact.is_none() && sm.prefix.is_none() && sm.regex.is_none();
+    HeaderMatcher {
+        name: name.to_string(),
+        invert_match: invert,
+        header_match_specifier: Some(if empty {
+            header_matcher::HeaderMatchSpecifier::PresentMatch(true)
+        } else {
+            header_matcher::HeaderMatchSpecifier::StringMatch(string(sm))
+        }),
+        ..Default::default()
+    }
+}
+
+fn string(sm: &StringMatch) -> StringMatcher {
+    let pattern = if let Some(e) = &sm.exact {
+        string_matcher::MatchPattern::Exact(e.clone())
+    } else if let Some(p) = &sm.prefix {
+        string_matcher::MatchPattern::Prefix(p.clone())
+    } else if let Some(r) = &sm.regex {
+        string_matcher::MatchPattern::SafeRegex(regex(r))
+    } else {
+        string_matcher::MatchPattern::Prefix(String::new())
+    };
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    }
+}
+
+fn regex(r: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: r.to_string(),
+        ..Default::default()
+    }
+}
+
+fn prefix_match(p: &str) -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())),
+        ..Default::default()
+    }
+}
