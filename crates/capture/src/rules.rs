@@ -767,45 +767,41 @@ fn dns(b: &mut Builder, cfg: &CaptureConfig) {
         );
         return;
     }
-    if !cfg.dns_servers_v4.is_empty() {
-        b.append_v4("raw", "PREROUTING", &["-j", ISTIO_INBOUND]);
-    }
-    for s in &cfg.dns_servers_v4 {
-        let a = format!("{s}/32");
-        b.append_v4(
-            "raw",
-            ISTIO_OUTPUT_DNS,
-            &[
-                "-p", "udp", "--dport", "53", "-d", &a, "-j", "CT", "--zone", "2",
-            ],
-        );
-        b.append_v4(
-            "raw",
-            ISTIO_INBOUND,
-            &[
-                "-p", "udp", "--sport", "53", "-s", &a, "-j", "CT", "--zone", "1",
-            ],
-        );
-    }
-    if !cfg.dns_servers_v6.is_empty() {
-        b.append_v6("raw", "PREROUTING", &["-j", ISTIO_INBOUND]);
-    }
-    for s in &cfg.dns_servers_v6 {
-        let a = format!("{s}/128");
-        b.append_v6(
-            "raw",
-            ISTIO_OUTPUT_DNS,
-            &[
-                "-p", "udp", "--dport", "53", "-d", &a, "-j", "CT", "--zone", "2",
-            ],
-        );
-        b.append_v6(
-            "raw",
-            ISTIO_INBOUND,
-            &[
-                "-p", "udp", "--sport", "53", "-s", &a, "-j", "CT", "--zone", "1",
-            ],
-        );
+    // Conntrack zones per resolver, each family with its own prefix length.
+    for (v6, servers, prefix) in [
+        (false, &cfg.dns_servers_v4, 32),
+        (true, &cfg.dns_servers_v6, 128),
+    ] {
+        if !servers.is_empty() {
+            b.push(
+                v6,
+                "raw",
+                "PREROUTING",
+                Position::Append,
+                owned(&["-j", ISTIO_INBOUND]),
+            );
+        }
+        for s in servers {
+            let a = format!("{s}/{prefix}");
+            b.push(
+                v6,
+                "raw",
+                ISTIO_OUTPUT_DNS,
+                Position::Append,
+                owned(&[
+                    "-p", "udp", "--dport", "53", "-d", &a, "-j", "CT", "--zone", "2",
+                ]),
+            );
+            b.push(
+                v6,
+                "raw",
+                ISTIO_INBOUND,
+                Position::Append,
+                owned(&[
+                    "-p", "udp", "--sport", "53", "-s", &a, "-j", "CT", "--zone", "1",
+                ]),
+            );
+        }
     }
 }
 

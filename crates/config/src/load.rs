@@ -499,7 +499,7 @@ fn read_bounded(path: &Path) -> Result<String, String> {
 }
 
 /// The files below `p` that hold resources, sorted so loads are deterministic.
-fn collect_files(p: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn collect_files(p: &Path) -> Result<Vec<PathBuf>, String> {
     let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
     if meta.is_file() {
         return Ok(vec![p.to_path_buf()]);

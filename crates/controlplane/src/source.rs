@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use isthmus_config::load::is_manifest;
+use isthmus_config::load::collect_files;
 use isthmus_config::validate::validate;
 use isthmus_config::{Diagnostic, Loader, Resource, Severity, Snapshot};
 
@@ -38,9 +38,8 @@ impl DirSource {
 
     /// Reads the directory again. Returns the snapshot to serve and the files rejected this time.
     pub fn reload(&mut self) -> (Snapshot, Vec<Rejected>) {
-        let mut files = Vec::new();
-        collect(&self.dir, &mut files);
-        files.sort();
+        // A directory that cannot be read (yet) serves nothing rather than failing.
+        let files = collect_files(&self.dir).unwrap_or_default();
         let mut rejected = Vec::new();
         let mut next = BTreeMap::new();
         for file in files {
@@ -75,26 +74,5 @@ impl DirSource {
         self.good = next;
         let snapshot = self.good.values().flatten().cloned().collect();
         (snapshot, rejected)
-    }
-}
-
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if p.is_dir() {
-            collect(&p, out);
-        } else if is_manifest(&p) {
-            out.push(p);
-        }
     }
 }

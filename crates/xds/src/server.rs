@@ -192,73 +192,69 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let mut version = self.version.clone();
-        let mut conn = self.conn(false);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    req = requests.message() => {
-                        let req = match req {
-                            Ok(Some(r)) => r,
-                            Ok(None) | Err(_) => break,
-                        };
-                        let current = *version.borrow();
-                        if let Some(resp) = conn.sotw_request(req, current)
-                            && tx.send(resp).await.is_err()
-                        {
-                            break;
-                        }
-                    }
-                    changed = version.changed() => {
-                        if changed.is_err() { break; }
-                        let current = *version.borrow_and_update();
-                        for resp in conn.sotw_push(current) {
-                            if tx.send(resp).await.is_err() { return; }
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
+        let conn = self.conn(false);
+        Ok(serve_stream(
+            request.into_inner(),
+            self.version.clone(),
+            conn,
+            Conn::sotw_request,
+            Conn::sotw_push,
+        ))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let mut requests = request.into_inner();
-        let (tx, rx) = mpsc::channel(16);
-        let mut version = self.version.clone();
-        let mut conn = self.conn(true);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    req = requests.message() => {
-                        let req = match req {
-                            Ok(Some(r)) => r,
-                            Ok(None) | Err(_) => break,
-                        };
-                        let current = *version.borrow();
-                        if let Some(resp) = conn.delta_request(req, current)
-                            && tx.send(resp).await.is_err()
-                        {
-                            break;
-                        }
+        let conn = self.conn(true);
+        Ok(serve_stream(
+            request.into_inner(),
+            self.version.clone(),
+            conn,
+            Conn::delta_request,
+            Conn::delta_push,
+        ))
+    }
+}
+
+/// Runs one ADS stream: answers requests, and pushes when the mesh version changes, until
+/// either side goes away.
+fn serve_stream<G, Req, Resp>(
+    mut requests: Streaming<Req>,
+    mut version: watch::Receiver<u64>,
+    mut conn: Conn<G>,
+    on_request: fn(&mut Conn<G>, Req, u64) -> Option<Resp>,
+    on_push: fn(&mut Conn<G>, u64) -> Vec<Resp>,
+) -> Response<ResponseStream<Resp>>
+where
+    G: Generator,
+    Req: prost::Message + Default + 'static,
+    Resp: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                req = requests.message() => {
+                    let Ok(Some(req)) = req else { break };
+                    let current = *version.borrow();
+                    if let Some(resp) = on_request(&mut conn, req, current)
+                        && tx.send(resp).await.is_err()
+                    {
+                        break;
                     }
-                    changed = version.changed() => {
-                        if changed.is_err() { break; }
-                        let current = *version.borrow_and_update();
-                        for resp in conn.delta_push(current) {
-                            if tx.send(resp).await.is_err() { return; }
-                        }
+                }
+                changed = version.changed() => {
+                    if changed.is_err() { break; }
+                    let current = *version.borrow_and_update();
+                    for resp in on_push(&mut conn, current) {
+                        if tx.send(resp).await.is_err() { return; }
                     }
                 }
             }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx).map(Ok))))
-    }
+        }
+    });
+    Response::new(Box::pin(ReceiverStream::new(rx).map(Ok)))
 }
 
 impl<G: Generator> AdsServer<G> {
