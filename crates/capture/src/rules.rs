@@ -314,59 +314,15 @@ pub fn build(cfg: &CaptureConfig) -> RuleSet {
             // The proxy calling its own pod through a service VIP: back in through inbound.
             // With DNS capture, port 53 is left to the agent's resolver (UID rules only, as
             // istio-iptables does).
-            if redirect_dns && owner == "--uid-owner" {
-                b.append_versioned(
-                    loopback,
-                    "::1/128",
-                    "nat",
-                    ISTIO_OUTPUT,
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        VERSIONED,
-                        "-p",
-                        "tcp",
-                        "-m",
-                        "multiport",
-                        "!",
-                        "--dports",
-                        &dns_and_tunnel,
-                        "-m",
-                        "owner",
-                        owner,
-                        id,
-                        "-j",
-                        ISTIO_IN_REDIRECT,
-                    ],
-                );
+            let ports: Vec<&str> = if redirect_dns && owner == "--uid-owner" {
+                vec!["-m", "multiport", "!", "--dports", &dns_and_tunnel]
             } else {
-                b.append_versioned(
-                    loopback,
-                    "::1/128",
-                    "nat",
-                    ISTIO_OUTPUT,
-                    &[
-                        "-o",
-                        "lo",
-                        "!",
-                        "-d",
-                        VERSIONED,
-                        "-p",
-                        "tcp",
-                        "!",
-                        "--dport",
-                        &tunnel,
-                        "-m",
-                        "owner",
-                        owner,
-                        id,
-                        "-j",
-                        ISTIO_IN_REDIRECT,
-                    ],
-                );
-            }
+                vec!["!", "--dport", &tunnel]
+            };
+            let mut params = vec!["-o", "lo", "!", "-d", VERSIONED, "-p", "tcp"];
+            params.extend(ports);
+            params.extend(["-m", "owner", owner, id, "-j", ISTIO_IN_REDIRECT]);
+            b.append_versioned(loopback, "::1/128", "nat", ISTIO_OUTPUT, &params);
             // An app calling itself over loopback stays on loopback.
             if !loopback_included {
                 if redirect_dns {

@@ -364,19 +364,7 @@ impl<G: Generator> Conn<G> {
         }
         sub.sent = hashes;
         sub.rejected = None;
-        let nonce = self.next_nonce();
-        if let Some(s) = self.subs.get_mut(type_url) {
-            s.nonce = nonce.clone();
-        }
-        let v = version_string(version);
-        let count = resources.len();
-        self.state(|s| {
-            let t = s.types.entry(type_url.to_string()).or_default();
-            t.sent_version = v.clone();
-            t.sent_nonce = nonce.clone();
-            t.resources = count;
-        });
-        self.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        let (v, nonce) = self.record_send(type_url, version, resources.len());
         Some(DiscoveryResponse {
             version_info: v,
             resources: resources.into_values().collect(),
@@ -384,6 +372,23 @@ impl<G: Generator> Conn<G> {
             nonce,
             ..Default::default()
         })
+    }
+
+    /// Gives a response its nonce and records what is being sent; returns version and nonce.
+    fn record_send(&mut self, type_url: &str, version: u64, count: usize) -> (String, String) {
+        let nonce = self.next_nonce();
+        if let Some(s) = self.subs.get_mut(type_url) {
+            s.nonce = nonce.clone();
+        }
+        let v = version_string(version);
+        self.state(|s| {
+            let t = s.types.entry(type_url.to_string()).or_default();
+            t.sent_version = v.clone();
+            t.sent_nonce = nonce.clone();
+            t.resources = count;
+        });
+        self.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        (v, nonce)
     }
 
     fn sotw_push(&mut self, version: u64) -> Vec<DiscoveryResponse> {
@@ -478,19 +483,7 @@ impl<G: Generator> Conn<G> {
             return None;
         }
         sub.rejected = None;
-        let nonce = self.next_nonce();
-        if let Some(s) = self.subs.get_mut(type_url) {
-            s.nonce = nonce.clone();
-        }
-        let v = version_string(version);
-        let count = resources.len();
-        self.state(|s| {
-            let t = s.types.entry(type_url.to_string()).or_default();
-            t.sent_version = v.clone();
-            t.sent_nonce = nonce.clone();
-            t.resources = count;
-        });
-        self.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        let (v, nonce) = self.record_send(type_url, version, resources.len());
         Some(DeltaDiscoveryResponse {
             system_version_info: v,
             resources: changed,
