@@ -27,6 +27,8 @@ enum Command {
     CreateToken(cmd::token::CreateTokenArgs),
     /// Run the control plane (istiod): xDS on 15010, monitoring on 15014.
     ControlPlane(cmd::control_plane::ControlPlaneArgs),
+    /// Show which proxies are in sync with the control plane, as `istioctl proxy-status`.
+    ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
 }
 
 fn main() {
@@ -47,6 +49,7 @@ fn main() {
         Command::Iptables(a) => cmd::iptables::run(a),
         Command::CreateToken(a) => cmd::token::run(a),
         Command::ControlPlane(a) => cmd::control_plane::run(a),
+        Command::ProxyStatus(a) => cmd::proxy_status::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -3,6 +3,7 @@
 pub mod analyze;
 pub mod control_plane;
 pub mod iptables;
+pub mod proxy_status;
 pub mod token;
 
 use std::path::Path;
