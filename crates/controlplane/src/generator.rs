@@ -9,7 +9,7 @@ use envoy_types::pb::google::protobuf::{Any, Struct, value};
 use envoy_types::util::pack_any;
 use isthmus_pilot::{NodeMetadata, Proxy, PushContext};
 use isthmus_xds::Generator;
-use isthmus_xds::server::{CLUSTER, ENDPOINT, ROUTE};
+use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
 /// The push context being served, swapped whole on every accepted change.
 pub type Shared = Arc<RwLock<Arc<PushContext>>>;
@@ -48,6 +48,10 @@ impl Generator for PilotGenerator {
                     .map(|e| (e.cluster_name.clone(), pack_any(e)))
                     .collect()
             }
+            LISTENER => isthmus_pilot::listener::listeners(&ctx, &proxy)
+                .into_iter()
+                .map(|l| (l.name.clone(), pack_any(l)))
+                .collect(),
             ROUTE => {
                 let names: Vec<String> = names.iter().cloned().collect();
                 isthmus_pilot::route::routes(&ctx, &proxy, &names)
@@ -55,7 +59,7 @@ impl Generator for PilotGenerator {
                     .map(|r| (r.name.clone(), pack_any(r)))
                     .collect()
             }
-            // Listeners and secrets come with the rest of the translation.
+            // Secrets come with the proxy's SDS.
             _ => BTreeMap::new(),
         })
     }

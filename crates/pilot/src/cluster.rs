@@ -365,41 +365,47 @@ fn istio_mtls(svc: &Service, port: u16, subset: &str, ctx: &PushContext) -> Tran
         svc.subject_alt_names.clone()
     };
     let tls = UpstreamTlsContext {
-        common_tls_context: Some(CommonTlsContext {
-            tls_certificate_sds_secret_configs: vec![sds(SDS_DEFAULT)],
-            validation_context_type: Some(
-                common_tls_context::ValidationContextType::CombinedValidationContext(
-                    common_tls_context::CombinedCertificateValidationContext {
-                        default_validation_context: Some(CertificateValidationContext {
-                            match_typed_subject_alt_names: sans
-                                .iter()
-                                .map(|s| SubjectAltNameMatcher {
-                                    san_type: subject_alt_name_matcher::SanType::Uri as i32,
-                                    matcher: Some(StringMatcher {
-                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
-                                            s.clone(),
-                                        )),
-                                        ..Default::default()
-                                    }),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                            ..Default::default()
-                        }),
-                        validation_context_sds_secret_config: Some(sds(SDS_ROOTCA)),
-                        ..Default::default()
-                    },
-                ),
-            ),
-            alpn_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
-            ..Default::default()
-        }),
+        common_tls_context: Some(istio_common_tls(&sans, &["istio-peer-exchange", "istio"])),
         sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
         ..Default::default()
     };
     TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+/// The workload certificate and root from SDS; peers' URI SANs must be one of `sans` (any
+/// identity of the trust bundle when empty).
+pub(crate) fn istio_common_tls(sans: &[String], alpn: &[&str]) -> CommonTlsContext {
+    CommonTlsContext {
+        tls_certificate_sds_secret_configs: vec![sds(SDS_DEFAULT)],
+        validation_context_type: Some(
+            common_tls_context::ValidationContextType::CombinedValidationContext(
+                common_tls_context::CombinedCertificateValidationContext {
+                    default_validation_context: Some(CertificateValidationContext {
+                        match_typed_subject_alt_names: sans
+                            .iter()
+                            .map(|s| SubjectAltNameMatcher {
+                                san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        s.clone(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    }),
+                    validation_context_sds_secret_config: Some(sds(SDS_ROOTCA)),
+                    ..Default::default()
+                },
+            ),
+        ),
+        alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
     }
 }
 

@@ -1,11 +1,12 @@
 //! Pilot: the mesh translated into Envoy v3 resources for one proxy, in Istio's names and
 //! shapes. `context` holds the mesh at one moment, `proxy` who asks; `cluster` (CDS) and
-//! `endpoint` (EDS) and `route`
-//! (RDS) build the resources.
+//! `endpoint` (EDS), `listener`
+//! (LDS) and `route` (RDS) build the resources.
 
 pub mod cluster;
 pub mod context;
 pub mod endpoint;
+pub mod listener;
 pub mod names;
 pub mod proxy;
 pub mod route;

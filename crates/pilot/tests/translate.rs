@@ -31,7 +31,16 @@ fn golden(name: &str, ctx: &PushContext, p: &Proxy) -> serde_json::Value {
         .iter()
         .map(|r| to_json(r).unwrap())
         .collect();
-    let got = serde_json::json!({ "clusters": clusters, "endpoints": endpoints, "routes": routes });
+    let listeners: Vec<_> = isthmus_pilot::listener::listeners(ctx, p)
+        .iter()
+        .map(|l| to_json(l).unwrap())
+        .collect();
+    let got = serde_json::json!({
+        "clusters": clusters,
+        "endpoints": endpoints,
+        "listeners": listeners,
+        "routes": routes,
+    });
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(format!("{name}.json"));
@@ -179,6 +188,64 @@ fn routes_follow_the_virtual_service_and_seed_004_host_forms() {
     assert!(
         !domains.contains(&"reviews") && domains.contains(&"reviews.bookinfo"),
         "{domains:?}"
+    );
+}
+
+#[test]
+fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
+    let ctx = context();
+    let find = |v: &serde_json::Value, name: &str| {
+        v["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    };
+    let v = golden(
+        "productpage",
+        &ctx,
+        &proxy("10.1.0.10", "productpage-v1-0", "bookinfo"),
+    );
+    let out = find(&v, "virtualOutbound");
+    assert_eq!(out["use_original_dst"], true);
+    assert_eq!(out["address"]["socket_address"]["port_value"], 15001);
+    assert_eq!(find(&v, "0.0.0.0_9080")["bind_to_port"], false);
+    // STRICT in bookinfo: port 9080 accepts TLS only.
+    let inbound = find(&v, "virtualInbound");
+    let chains: Vec<&str> = inbound["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        chains,
+        vec!["inbound|9080||-tls", "virtualInbound-catchall"]
+    );
+
+    // PERMISSIVE (no policy) in data: both, and the TCP service listens by VIP.
+    let v = golden("nc", &ctx, &proxy("10.1.1.30", "nc-0", "data"));
+    let inbound = find(&v, "virtualInbound");
+    let chains: Vec<&str> = inbound["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        chains,
+        vec![
+            "inbound|5000||-tls",
+            "inbound|5000||",
+            "virtualInbound-catchall"
+        ]
+    );
+    let tcp = find(&v, "10.96.1.30_5000");
+    assert_eq!(
+        tcp["filter_chains"][0]["filters"][0]["typed_config"]["cluster"],
+        "outbound|5000||nc.data.svc.cluster.local"
     );
 }
 

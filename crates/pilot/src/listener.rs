@@ -1,0 +1,309 @@
+//! LDS: a sidecar's listeners, in Istio's shape.
+//!
+//! - `virtualOutbound` on 15001 receives every captured outbound connection and hands it, by its
+//!   original destination, to the per-port listeners below (`use_original_dst`); what matches
+//!   none goes to `PassthroughCluster` (ALLOW_ANY) or `BlackHoleCluster` (REGISTRY_ONLY).
+//! - Per service port, a listener that does not bind: `0.0.0.0_<port>` with the HTTP connection
+//!   manager and route configuration `"<port>"` for HTTP ports, `<vip>_<port>` with a TCP proxy to
+//!   `outbound|<port>||<host>` for TCP ports.
+//! - `virtualInbound` on 15006: per workload port a filter chain matched on the destination
+//!   port, mTLS or plaintext per PeerAuthentication (STRICT: TLS only; PERMISSIVE: both;
+//!   DISABLE: plaintext only), HTTP or TCP per the port's protocol, to `inbound|<port>||`; other
+//!   ports pass through to `InboundPassthroughCluster`.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    TrafficDirection, TransportSocket, transport_socket,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
+use envoy_types::util::pack_any;
+use isthmus_registry::Protocol;
+
+use crate::cluster::{ads, duration, istio_common_tls, socket};
+use crate::context::{MtlsMode, PushContext};
+use crate::names::{
+    BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, INBOUND_PORT, OUTBOUND_PORT,
+    PASSTHROUGH_CLUSTER, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND, inbound_cluster, outbound_cluster,
+};
+use crate::proxy::Proxy;
+
+/// Every listener of `proxy`, sorted by name.
+pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
+    let mut out = outbound(ctx, proxy);
+    out.push(virtual_outbound(ctx));
+    out.push(virtual_inbound(ctx, proxy));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
+    let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
+    for svc in ctx.services_for(proxy) {
+        for port in &svc.ports {
+            if port.protocol.is_http() {
+                let name = format!("0.0.0.0_{}", port.port);
+                by_name.entry(name.clone()).or_insert_with(|| Listener {
+                    name: name.clone(),
+                    address: Some(socket("0.0.0.0", port.port)),
+                    filter_chains: vec![FilterChain {
+                        filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                        ..Default::default()
+                    }],
+                    bind_to_port: Some(BoolValue { value: false }),
+                    traffic_direction: TrafficDirection::Outbound as i32,
+                    ..Default::default()
+                });
+            } else if port.protocol != Protocol::Udp {
+                let cluster = outbound_cluster(port.port, "", &svc.hostname);
+                // Headless and VIP-less services match on the port alone.
+                let ip = svc
+                    .vips
+                    .first()
+                    .filter(|_| !svc.headless)
+                    .map_or("0.0.0.0".to_string(), |v| v.to_string());
+                let name = format!("{ip}_{}", port.port);
+                by_name.entry(name.clone()).or_insert_with(|| Listener {
+                    name: name.clone(),
+                    address: Some(socket(&ip, port.port)),
+                    filter_chains: vec![FilterChain {
+                        filters: vec![tcp_proxy_filter(&cluster)],
+                        ..Default::default()
+                    }],
+                    bind_to_port: Some(BoolValue { value: false }),
+                    traffic_direction: TrafficDirection::Outbound as i32,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+fn virtual_outbound(ctx: &PushContext) -> Listener {
+    let catch_all = if ctx.mesh.outbound_allow_any() {
+        PASSTHROUGH_CLUSTER
+    } else {
+        BLACKHOLE_CLUSTER
+    };
+    Listener {
+        name: VIRTUAL_OUTBOUND.into(),
+        address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
+        use_original_dst: Some(BoolValue { value: true }),
+        filter_chains: vec![FilterChain {
+            name: "virtualOutbound-catchall-tcp".into(),
+            filters: vec![tcp_proxy_filter(catch_all)],
+            ..Default::default()
+        }],
+        listener_filters: vec![listener_filter_of(
+            "envoy.filters.listener.original_dst",
+            pack_any(envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {}),
+        )],
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
+fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
+    let mut chains = Vec::new();
+    if let Some(workload) = ctx.workload_of(proxy) {
+        let mut ports: BTreeMap<u16, Protocol> = BTreeMap::new();
+        for svc in ctx.registry.services_for_workload(workload) {
+            for p in &svc.ports {
+                if let Some(target) = crate::endpoint::target_port(p, workload) {
+                    ports.entry(target).or_insert(p.protocol);
+                }
+            }
+        }
+        for ing in ctx
+            .sidecar_for(proxy)
+            .iter()
+            .flat_map(|s| s.object.spec.ingress.iter())
+        {
+            if let Some(p) = ing.port.as_ref()
+                && let Ok(n) = u16::try_from(p.number)
+            {
+                ports.insert(n, Protocol::parse(&p.protocol));
+            }
+        }
+        for (port, protocol) in ports {
+            let mode = ctx.mtls_mode(&workload.namespace, &workload.labels, port);
+            let cluster = inbound_cluster(port);
+            let filters = || {
+                if protocol.is_http() {
+                    vec![http_connection_manager_inline(&cluster, port)]
+                } else {
+                    vec![tcp_proxy_filter(&cluster)]
+                }
+            };
+            if mode != MtlsMode::Disable {
+                chains.push(FilterChain {
+                    name: format!("{cluster}-tls"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        destination_port: Some(UInt32Value {
+                            value: u32::from(port),
+                        }),
+                        transport_protocol: "tls".into(),
+                        ..Default::default()
+                    }),
+                    filters: filters(),
+                    transport_socket: Some(inbound_tls()),
+                    ..Default::default()
+                });
+            }
+            if mode != MtlsMode::Strict {
+                chains.push(FilterChain {
+                    name: cluster.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        destination_port: Some(UInt32Value {
+                            value: u32::from(port),
+                        }),
+                        transport_protocol: "raw_buffer".into(),
+                        ..Default::default()
+                    }),
+                    filters: filters(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    chains.push(FilterChain {
+        name: "virtualInbound-catchall".into(),
+        filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
+        ..Default::default()
+    });
+    Listener {
+        name: VIRTUAL_INBOUND.into(),
+        address: Some(socket("0.0.0.0", INBOUND_PORT)),
+        use_original_dst: Some(BoolValue { value: true }),
+        filter_chains: chains,
+        listener_filters: vec![
+            listener_filter_of(
+                "envoy.filters.listener.original_dst",
+                pack_any(envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {}),
+            ),
+            listener_filter_of(
+                "envoy.filters.listener.tls_inspector",
+                pack_any(envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default()),
+            ),
+        ],
+        listener_filters_timeout: Some(duration(std::time::Duration::from_secs(5))),
+        continue_on_listener_filters_timeout: true,
+        traffic_direction: TrafficDirection::Inbound as i32,
+        ..Default::default()
+    }
+}
+
+/// Mesh mTLS on inbound: a client certificate from the mesh is required.
+fn inbound_tls() -> TransportSocket {
+    let tls = DownstreamTlsContext {
+        common_tls_context: Some(istio_common_tls(&[], &["h2", "http/1.1"])),
+        require_client_certificate: Some(BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
+    }
+}
+
+fn listener_filter_of(name: &str, config: Any) -> ListenerFilter {
+    ListenerFilter {
+        name: name.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    }
+}
+
+fn network_filter(name: &str, config: Any) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(config)),
+    }
+}
+
+fn tcp_proxy_filter(cluster: &str) -> Filter {
+    network_filter(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+fn router() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn http_connection_manager_rds(stat_prefix: &str, route_config: &str) -> Filter {
+    network_filter(
+        "envoy.filters.network.http_connection_manager",
+        pack_any(HttpConnectionManager {
+            stat_prefix: stat_prefix.into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                config_source: Some(ads()),
+                route_config_name: route_config.into(),
+            })),
+            http_filters: vec![router()],
+            ..Default::default()
+        }),
+    )
+}
+
+/// Inbound HTTP: an inline route to the inbound cluster, any host.
+fn http_connection_manager_inline(cluster: &str, port: u16) -> Filter {
+    let routes = RouteConfiguration {
+        name: cluster.into(),
+        virtual_hosts: vec![VirtualHost {
+            name: format!("inbound|http|{port}"),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "default".into(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster.into(),
+                    )),
+                    timeout: Some(duration(std::time::Duration::ZERO)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    };
+    network_filter(
+        "envoy.filters.network.http_connection_manager",
+        pack_any(HttpConnectionManager {
+            stat_prefix: cluster.into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
+            http_filters: vec![router()],
+            ..Default::default()
+        }),
+    )
+}
