@@ -1,7 +1,7 @@
 //! Helpers shared by analyzers, mirroring Istio's analyzer utilities: label selectors, host
 //! scoping, the service lookup used for destination hosts, and mesh membership.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use isthmus_config::k8s_openapi::api::core::v1::{Container, PodSpec};
 use isthmus_config::{Entry, HasMetadata, Snapshot};
@@ -133,6 +133,24 @@ pub fn export_to_all(export_to: &[String]) -> bool {
     export_to.is_empty() || export_to.iter().any(|e| e == "*")
 }
 
+/// The namespaces a resource in `namespace` is visible to: `{"*"}` when exported to all, else
+/// its `exportTo` with `.` resolved to its own namespace.
+pub fn export_scopes(export_to: &[String], namespace: &str) -> BTreeSet<String> {
+    if export_to_all(export_to) {
+        return ["*".to_string()].into();
+    }
+    export_to
+        .iter()
+        .map(|e| {
+            if e == "." {
+                namespace.to_string()
+            } else {
+                e.clone()
+            }
+        })
+        .collect()
+}
+
 /// What a destination host resolves to: the service's ports and, for ServiceEntries, its
 /// workload selector (Kubernetes services are looked up without one, as Istio does).
 #[derive(Debug, Clone, Default)]
@@ -194,21 +212,17 @@ pub fn service_entry_host_map(snap: &Snapshot, domain: &str) -> HashMap<ScopedFq
             ports,
             workload_selector: BTreeMap::new(),
         };
-        let scopes: Vec<String> = match s.annotations().get(isthmus_registry::EXPORT_TO_ANNOTATION)
-        {
-            None => vec!["*".into()],
-            Some(a) if a.is_empty() => vec!["*".into()],
-            Some(a) => a
-                .split(',')
-                .map(|e| {
-                    if e == "." {
-                        ns.to_string()
-                    } else {
-                        e.to_string()
-                    }
-                })
-                .collect(),
-        };
+        let export: Vec<String> = s
+            .annotations()
+            .get(isthmus_registry::EXPORT_TO_ANNOTATION)
+            .map(|a| {
+                a.split(',')
+                    .filter(|e| !e.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let scopes = export_scopes(&export, ns);
         for scope in scopes {
             out.insert(ScopedFqdn::new(&scope, ns, s.name(), domain), info.clone());
         }

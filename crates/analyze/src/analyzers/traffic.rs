@@ -223,20 +223,7 @@ impl Analyzer for ConflictingServiceEntryProtocolAnalyzer {
         let mut index: BTreeMap<(String, String, u32), Vec<(String, usize)>> = BTreeMap::new();
         for (i, se) in snap.service_entries.iter().enumerate() {
             let spec = &se.object.spec;
-            let scopes: BTreeSet<String> = if util::export_to_all(&spec.export_to) {
-                ["*".to_string()].into()
-            } else {
-                spec.export_to
-                    .iter()
-                    .map(|e| {
-                        if e == "." {
-                            se.namespace().to_string()
-                        } else {
-                            e.clone()
-                        }
-                    })
-                    .collect()
-            };
+            let scopes = util::export_scopes(&spec.export_to, se.namespace());
             for scope in &scopes {
                 for h in &spec.hosts {
                     for p in &spec.ports {

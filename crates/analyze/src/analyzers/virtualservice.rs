@@ -1,7 +1,7 @@
 //! VirtualService analyzers: conflicting mesh hosts, destination hosts and subsets, gateways,
 //! and JWT claim routes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use isthmus_config::Kind;
 use isthmus_config::istio::networking::Destination;
@@ -78,20 +78,7 @@ impl Analyzer for ConflictingMeshGatewayHostsAnalyzer {
             if !on_mesh {
                 continue;
             }
-            let scopes: BTreeSet<String> = if util::export_to_all(&spec.export_to) {
-                ["*".to_string()].into()
-            } else {
-                spec.export_to
-                    .iter()
-                    .map(|e| {
-                        if e == "." {
-                            vs.namespace().to_string()
-                        } else {
-                            e.clone()
-                        }
-                    })
-                    .collect()
-            };
+            let scopes = util::export_scopes(&spec.export_to, vs.namespace());
             for scope in &scopes {
                 for h in &spec.hosts {
                     hosts
