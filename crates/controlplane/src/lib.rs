@@ -32,7 +32,33 @@ pub struct Options {
     pub mesh: MeshConfig,
     /// `PILOT_ENABLE_INBOUND_PASSTHROUGH` when set.
     pub inbound_passthrough: Option<bool>,
+    /// The CA and the TLS port (Istio's 15012) serving it beside xDS.
+    pub ca: Option<CaOptions>,
 }
+
+/// Where the CA keeps its files and how it is served.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    pub dir: PathBuf,
+    pub secure_addr: SocketAddr,
+    pub trust_domain: String,
+    /// DNS names of the serving certificate (istiod's by default).
+    pub dns_names: Vec<String>,
+}
+
+/// The names Istio's clients use for istiod.
+pub fn istiod_dns_names(namespace: &str) -> Vec<String> {
+    vec![
+        "istiod".into(),
+        format!("istiod.{namespace}"),
+        format!("istiod.{namespace}.svc"),
+        format!("istiod.{namespace}.svc.cluster.local"),
+        format!("istio-pilot.{namespace}.svc"),
+    ]
+}
+
+/// Lifetime of the control plane's own serving certificate, reissued at each start.
+const SERVING_CERT_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
@@ -43,11 +69,17 @@ pub enum ControlPlaneError {
     },
     #[error("cannot watch {dir}: {message}")]
     Watch { dir: PathBuf, message: String },
+    #[error("CA: {0}")]
+    Ca(#[from] isthmus_ca::CaError),
+    #[error("TLS on {addr}: {message}")]
+    Tls { addr: SocketAddr, message: String },
 }
 
 /// A started control plane.
 pub struct Running {
     pub xds_addr: SocketAddr,
+    /// The TLS port (CA and xDS), when the CA is on.
+    pub secure_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub context: Shared,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -99,6 +131,7 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
         version: version_rx,
     };
     let mut tasks = Vec::new();
+    let secure_ads = ads.clone();
     let service = ads.into_service();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
@@ -111,6 +144,14 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
         }
     }));
     tasks.push(tokio::spawn(http::serve(http_listener, state)));
+    let secure_addr = match &opts.ca {
+        Some(ca) => {
+            let (addr, task) = serve_secure(ca, secure_ads).await?;
+            tasks.push(task);
+            Some(addr)
+        }
+        None => None,
+    };
 
     // File events → debounced reload → new push context → version bump.
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<()>();
@@ -133,11 +174,50 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
     }));
     Ok(Running {
         xds_addr,
+        secure_addr,
         http_addr,
         context,
         tasks,
         _watcher: watcher,
     })
+}
+
+/// The TLS port: Istio's CA API and xDS, with a serving certificate from the mesh CA.
+async fn serve_secure(
+    ca: &CaOptions,
+    ads: AdsServer<PilotGenerator>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ControlPlaneError> {
+    let authority = Arc::new(isthmus_ca::Authority::load_or_create(
+        &ca.dir,
+        isthmus_ca::CaOptions {
+            trust_domain: ca.trust_domain.clone(),
+            ..Default::default()
+        },
+    )?);
+    let tokens = Arc::new(isthmus_ca::TokenAuthority::load_or_create(&ca.dir)?);
+    let (chain, key) = authority.issue_server(&ca.dns_names, SERVING_CERT_TTL)?;
+    let listener = bind(ca.secure_addr).await?;
+    let addr = local(&listener, ca.secure_addr);
+    let tls_err = |e: tonic::transport::Error| ControlPlaneError::Tls {
+        addr,
+        message: e.to_string(),
+    };
+    let mut server = tonic::transport::Server::builder()
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(chain.concat(), key)),
+        )
+        .map_err(tls_err)?;
+    let router = server
+        .add_service(isthmus_ca::service::CaService::new(authority, tokens).into_server())
+        .add_service(ads.into_service());
+    let task = tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        if let Err(e) = router.serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "secure server stopped");
+        }
+    });
+    Ok((addr, task))
 }
 
 /// Waits until events stop for [`DEBOUNCE_AFTER`], or [`DEBOUNCE_MAX`] has passed.

@@ -76,6 +76,7 @@ async fn serves_config_keeps_last_good_and_pushes_changes() {
         domain: "cluster.local".into(),
         mesh: Default::default(),
         inbound_passthrough: None,
+        ca: None,
     })
     .await
     .unwrap();
@@ -172,4 +173,79 @@ async fn serves_config_keeps_last_good_and_pushes_changes() {
         "{dump}"
     );
     assert!(get(cp.http_addr, "/ready").await.contains("200 OK"));
+}
+
+#[tokio::test]
+async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+    let cp = start(Options {
+        config_dir: dir.path().to_path_buf(),
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        mesh: Default::default(),
+        inbound_passthrough: None,
+        ca: Some(isthmus_controlplane::CaOptions {
+            dir: ca_dir.path().to_path_buf(),
+            secure_addr: "127.0.0.1:0".parse().unwrap(),
+            trust_domain: "cluster.local".into(),
+            dns_names: isthmus_controlplane::istiod_dns_names("istio-system"),
+        }),
+    })
+    .await
+    .unwrap();
+    // A client that trusts only root-cert.pem, and checks istiod's name.
+    let root = std::fs::read_to_string(ca_dir.path().join("root-cert.pem")).unwrap();
+    let channel = Endpoint::from_shared(format!("https://{}", cp.secure_addr.unwrap()))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root))
+                .domain_name("istiod.istio-system.svc"),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let token = isthmus_ca::TokenAuthority::load_or_create(ca_dir.path())
+        .unwrap()
+        .issue("default", "reviews", Duration::from_secs(60));
+    let id = isthmus_ca::SpiffeId::new("cluster.local", "default", "reviews");
+    let issued =
+        isthmus_ca::workload::fetch(channel.clone(), &token, &id, Duration::from_secs(3600))
+            .await
+            .expect("certificate from the control plane's CA");
+    assert_eq!(issued.chain.len(), 2);
+
+    // xDS on the same TLS port.
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Node {
+        id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let cds = next(&mut stream).await;
+    assert!(cluster_names(&cds).contains(&"inbound|9080||".to_string()));
+    // The same proxies table serves both ports.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        get(cp.http_addr, "/debug/syncz")
+            .await
+            .contains("reviews-0.default")
+    );
 }

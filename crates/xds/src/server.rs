@@ -77,13 +77,26 @@ pub struct Counters {
     pub connections: AtomicU64,
 }
 
-/// The ADS service.
+/// The ADS service. Clones share their proxies and counters, so one control plane can serve
+/// the same ADS on several ports (plaintext 15010, TLS 15012).
 pub struct AdsServer<G> {
     generator: Arc<G>,
     version: watch::Receiver<u64>,
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
-    next_id: AtomicU64,
+    next_id: Arc<AtomicU64>,
     pub counters: Arc<Counters>,
+}
+
+impl<G> Clone for AdsServer<G> {
+    fn clone(&self) -> Self {
+        AdsServer {
+            generator: self.generator.clone(),
+            version: self.version.clone(),
+            proxies: self.proxies.clone(),
+            next_id: self.next_id.clone(),
+            counters: self.counters.clone(),
+        }
+    }
 }
 
 impl<G: Generator> AdsServer<G> {
@@ -93,7 +106,7 @@ impl<G: Generator> AdsServer<G> {
             generator,
             version,
             proxies: Arc::default(),
-            next_id: AtomicU64::new(1),
+            next_id: Arc::new(AtomicU64::new(1)),
             counters: Arc::default(),
         }
     }

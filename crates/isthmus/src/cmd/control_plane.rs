@@ -27,6 +27,16 @@ pub struct ControlPlaneArgs {
     /// Cluster DNS domain.
     #[arg(long, default_value = "cluster.local")]
     domain: String,
+    /// Run the CA, keeping Istio's file layout (root-cert.pem, ca-cert.pem, …) in this directory,
+    /// and serve it with xDS over TLS on --secure-addr.
+    #[arg(long = "ca-dir", env = "ISTHMUS_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// TLS port for the CA and xDS (Istio's 15012).
+    #[arg(long = "secure-addr", default_value = "127.0.0.1:15012")]
+    secure_addr: SocketAddr,
+    /// DNS names of the control plane's serving certificate (istiod's by default).
+    #[arg(long = "dns-name")]
+    dns_names: Vec<String>,
     /// Istio's switch of seeds 000-001: `false` sends inbound traffic to 127.0.0.1.
     #[arg(long, env = "PILOT_ENABLE_INBOUND_PASSTHROUGH")]
     inbound_passthrough: Option<bool>,
@@ -44,6 +54,8 @@ pub fn run(a: ControlPlaneArgs) -> Result<i32> {
         Some(p) => read_yaml(p)?,
         None => MeshConfig::default(),
     };
+    let trust_domain = mesh.trust_domain().to_string();
+    let root_namespace = mesh.root_namespace().to_string();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,10 +68,21 @@ pub fn run(a: ControlPlaneArgs) -> Result<i32> {
             domain: a.domain,
             mesh,
             inbound_passthrough: a.inbound_passthrough,
+            ca: a.ca_dir.map(|dir| isthmus_controlplane::CaOptions {
+                dir,
+                secure_addr: a.secure_addr,
+                trust_domain: trust_domain.clone(),
+                dns_names: if a.dns_names.is_empty() {
+                    isthmus_controlplane::istiod_dns_names(&root_namespace)
+                } else {
+                    a.dns_names
+                },
+            }),
         })
         .await
         .with_context(|| format!("control plane for {}", a.config_dir.display()))?;
-        tracing::info!(xds = %running.xds_addr, http = %running.http_addr, "control plane serving");
+        let secure = running.secure_addr.map(|a| a.to_string()).unwrap_or_else(|| "off".into());
+        tracing::info!(xds = %running.xds_addr, http = %running.http_addr, secure, "control plane serving");
         tokio::signal::ctrl_c()
             .await
             .context("waiting for a signal")?;
