@@ -195,7 +195,7 @@ fn configz(state: &State) -> Value {
     )
 }
 
-/// Envoy's config dump (clusters and endpoints) for a proxy named by node id or `pod.namespace`.
+/// Envoy's config dump (clusters, endpoints, listeners, routes) for a proxy named by node id or `pod.namespace`.
 fn config_dump(state: &State, id: &str) -> Result<Value, String> {
     let node_id = {
         let proxies = state.proxies.lock().map(|p| p.clone()).unwrap_or_default();
@@ -222,10 +222,26 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
         .filter_map(|e| json::to_json(e).ok())
         .map(|e| json!({"version_info": version, "endpoint_config": e}))
         .collect();
+    let listeners: Vec<Value> = isthmus_pilot::listener::listeners(&ctx, &proxy)
+        .iter()
+        .filter_map(|l| json::to_json(l).ok())
+        .map(|l| {
+            let name = l["name"].clone();
+            json!({"name": name, "active_state": {"version_info": version, "listener": l}})
+        })
+        .collect();
+    let routes: Vec<Value> = isthmus_pilot::route::routes(&ctx, &proxy, &[])
+        .iter()
+        .filter_map(|r| json::to_json(r).ok())
+        .map(|r| json!({"version_info": version, "route_config": r}))
+        .collect();
+    // Envoy's order: clusters, endpoints, listeners, routes.
     Ok(json!({
         "configs": [
             {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
             {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
+            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners},
+            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes},
         ]
     }))
 }
