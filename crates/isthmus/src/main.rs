@@ -29,6 +29,8 @@ enum Command {
     ControlPlane(cmd::control_plane::ControlPlaneArgs),
     /// Show which proxies are in sync with the control plane, as `istioctl proxy-status`.
     ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
+    /// Show a proxy's clusters, listeners, routes or endpoints, as `istioctl proxy-config`.
+    ProxyConfig(cmd::proxy_config::ProxyConfigArgs),
 }
 
 fn main() {
@@ -50,6 +52,7 @@ fn main() {
         Command::CreateToken(a) => cmd::token::run(a),
         Command::ControlPlane(a) => cmd::control_plane::run(a),
         Command::ProxyStatus(a) => cmd::proxy_status::run(a),
+        Command::ProxyConfig(a) => cmd::proxy_config::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

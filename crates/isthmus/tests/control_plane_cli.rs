@@ -128,6 +128,43 @@ async fn proxy_status_shows_a_connected_proxy() {
     assert_eq!(cols[2], "SYNCED", "{table}");
     assert_eq!(cols[3], "NOT SENT", "{table}");
 
+    let clusters = Command::new(BIN)
+        .args([
+            "proxy-config",
+            "cluster",
+            "sleep-0.default",
+            "--control-plane",
+            &http,
+        ])
+        .output()
+        .unwrap();
+    let clusters = String::from_utf8_lossy(&clusters.stdout);
+    assert!(clusters.starts_with("SERVICE FQDN"), "{clusters}");
+    let row = clusters
+        .lines()
+        .find(|l| l.starts_with("reviews.default.svc.cluster.local"))
+        .unwrap_or_else(|| panic!("{clusters}"));
+    assert!(
+        row.contains("9080") && row.contains("outbound") && row.contains("EDS"),
+        "{row}"
+    );
+    let listeners = Command::new(BIN)
+        .args([
+            "proxy-config",
+            "listener",
+            "sleep-0.default",
+            "--control-plane",
+            &http,
+        ])
+        .output()
+        .unwrap();
+    let listeners = String::from_utf8_lossy(&listeners.stdout);
+    assert!(
+        listeners.contains("15001") && listeners.contains("Cluster: PassthroughCluster"),
+        "{listeners}"
+    );
+    assert!(listeners.contains("Route: 9080"), "{listeners}");
+
     let missing = Command::new(BIN)
         .args(["proxy-status", "nope.default", "--control-plane", &http])
         .output()

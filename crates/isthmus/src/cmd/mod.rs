@@ -3,15 +3,71 @@
 pub mod analyze;
 pub mod control_plane;
 pub mod iptables;
+pub mod proxy_config;
 pub mod proxy_status;
 pub mod token;
 
 use std::path::Path;
 
-use anyhow::{Context as _, Result};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
 
 /// Reads one YAML document into `T` (mesh config files and the like).
 pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     serde_saphyr::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+}
+
+/// Longest a debug request may take; the body is bounded too.
+const TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BODY: usize = 64 << 20;
+
+/// GET `path` from `addr` (host:port), bounded in time and size.
+pub(crate) async fn http_get(addr: &str, path: &str) -> Result<bytes::Bytes> {
+    let work = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the control plane at {addr}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
+                .await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get(path)
+            .header(hyper::header::HOST, addr)
+            .body(Empty::new())?;
+        let resp = sender.send_request(req).await?;
+        if !resp.status().is_success() {
+            bail!("{path}: {}", resp.status());
+        }
+        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
+        Ok(body.to_bytes())
+    };
+    tokio::time::timeout(TIMEOUT, work)
+        .await
+        .with_context(|| format!("{addr}{path}: no answer within {TIMEOUT:?}"))?
+}
+
+/// Columns padded like istioctl's tabwriter output.
+pub(crate) fn render_table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("     ").trim_end());
+        out.push('\n');
+    }
+    out
 }

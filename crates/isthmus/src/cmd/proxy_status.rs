@@ -1,13 +1,10 @@
 //! `isthmus proxy-status`: istioctl's sync table, from the control plane's `/debug/syncz`.
 
-use std::time::Duration;
-
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+use crate::cmd::{http_get, render_table};
 use crate::exit;
 
 #[derive(Debug, Args)]
@@ -23,16 +20,12 @@ pub struct ProxyStatusArgs {
     control_plane: String,
 }
 
-/// Longest a debug request may take; the body is bounded too.
-const TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_BODY: usize = 64 << 20;
-
 pub fn run(a: ProxyStatusArgs) -> Result<i32> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let body = runtime.block_on(get(&a.control_plane, "/debug/syncz"))?;
+    let body = runtime.block_on(http_get(&a.control_plane, "/debug/syncz"))?;
     let proxies: Vec<Value> =
         serde_json::from_slice(&body).context("control plane answered with invalid JSON")?;
     let rows: Vec<&Value> = proxies
@@ -97,46 +90,5 @@ fn table(rows: &[&Value]) -> String {
             env!("CARGO_PKG_VERSION").into(),
         ]);
     }
-    let widths: Vec<usize> = (0..9)
-        .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    for l in lines {
-        let cells: Vec<String> = l
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("     ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// GET `path` from `addr` (host:port), bounded in time and size.
-async fn get(addr: &str, path: &str) -> Result<bytes::Bytes> {
-    let work = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to the control plane at {addr}"))?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
-                .await?;
-        tokio::spawn(conn);
-        let req = hyper::Request::get(path)
-            .header(hyper::header::HOST, addr)
-            .body(Empty::new())?;
-        let resp = sender.send_request(req).await?;
-        if !resp.status().is_success() {
-            bail!("{path}: {}", resp.status());
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| anyhow::anyhow!("reading {path}: {e}"))?;
-        Ok(body.to_bytes())
-    };
-    tokio::time::timeout(TIMEOUT, work)
-        .await
-        .with_context(|| format!("{addr}{path}: no answer within {TIMEOUT:?}"))?
+    render_table(&lines)
 }
