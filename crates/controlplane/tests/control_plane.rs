@@ -249,3 +249,71 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
             .contains("reviews-0.default")
     );
 }
+
+#[tokio::test]
+async fn the_proxy_client_follows_clusters_to_endpoints_and_listeners_to_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+    let cp = start(Options {
+        config_dir: dir.path().to_path_buf(),
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        mesh: Default::default(),
+        inbound_passthrough: None,
+        ca: None,
+    })
+    .await
+    .unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let node = Node {
+        id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(isthmus_xds::client::run(channel, node, tx));
+    let wait =
+        |rx: &mut tokio::sync::watch::Receiver<std::sync::Arc<isthmus_xds::client::XdsState>>,
+         f: fn(&isthmus_xds::client::XdsState) -> bool| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| f(s)))
+                    .await
+                    .expect("state in time")
+                    .unwrap()
+                    .clone()
+            }
+        };
+    let state = wait(&mut rx, |s| {
+        s.endpoints
+            .contains_key("outbound|9080||reviews.default.svc.cluster.local")
+            && s.routes.contains_key("9080")
+    })
+    .await;
+    assert!(state.listeners.contains_key("virtualInbound"));
+    let eps = &state.endpoints["outbound|9080||reviews.default.svc.cluster.local"];
+    assert_eq!(eps.endpoints[0].lb_endpoints.len(), 1);
+
+    // A second pod appears: the client sees two endpoints.
+    std::fs::write(
+        dir.path().join("pod2.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-1, namespace: default, labels: {app: reviews}}\nspec: {containers: [{name: app, image: app}]}\nstatus: {podIP: 10.1.0.12}\n",
+    )
+    .unwrap();
+    wait(&mut rx, |s| {
+        s.endpoints
+            .get("outbound|9080||reviews.default.svc.cluster.local")
+            .is_some_and(|e| {
+                e.endpoints
+                    .iter()
+                    .map(|l| l.lb_endpoints.len())
+                    .sum::<usize>()
+                    == 2
+            })
+    })
+    .await;
+}

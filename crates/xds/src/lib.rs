@@ -1,6 +1,8 @@
-//! xDS: Envoy's discovery protocol. `server` is the ADS server (state of the world and delta);
+//! xDS: Envoy's discovery protocol. `server` is the ADS server (state of the world and delta),
+//! `client` the proxy's delta ADS client;
 //! `json` prints resources as Envoy's config dumps do.
 
+pub mod client;
 pub mod json;
 pub mod server;
 

@@ -123,6 +123,8 @@ impl<G: Generator> AdsServer<G> {
 
 /// Requests from a proxy are small; anything larger is not an Envoy talking.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Largest response a client accepts (a big mesh's full CDS fits well within).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

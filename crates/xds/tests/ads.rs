@@ -89,6 +89,7 @@ impl Fixed {
 
 struct Harness {
     mesh: Arc<Fixed>,
+    client_addr: std::net::SocketAddr,
     bump: watch::Sender<u64>,
     client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
     proxies: Arc<Mutex<BTreeMap<u64, isthmus_xds::ProxyState>>>,
@@ -116,6 +117,7 @@ async fn start() -> Harness {
         .unwrap();
     Harness {
         mesh,
+        client_addr: addr,
         bump,
         client,
         proxies,
@@ -380,4 +382,43 @@ async fn delta_sends_only_what_changed_and_resumes_after_reconnect() {
     .unwrap();
     let resumed = next(&mut stream).await;
     assert_eq!(delta_names(&resumed), vec!["c"]);
+}
+
+#[tokio::test]
+async fn the_client_nacks_a_response_that_does_not_decode() {
+    let h = start().await;
+    // A "cluster" whose bytes are not a Cluster.
+    h.mesh.put(
+        CLUSTER,
+        "broken",
+        Any {
+            type_url: CLUSTER.into(),
+            value: vec![0xff, 0xff, 0xff],
+        },
+    );
+    let endpoint = format!("http://{}", h.client_addr);
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, _rx) = watch::channel(Default::default());
+    tokio::spawn(isthmus_xds::client::run(channel, node().unwrap(), tx));
+    let nacked = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let nack = h
+                .proxies
+                .lock()
+                .unwrap()
+                .values()
+                .find_map(|p| p.types.get(CLUSTER).and_then(|t| t.nack.clone()));
+            if let Some(n) = nack {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("NACK in time");
+    assert!(nacked.contains("broken"), "{nacked}");
 }
