@@ -31,6 +31,8 @@ enum Command {
     ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
     /// Show a proxy's clusters, listeners, routes or endpoints, as `istioctl proxy-config`.
     ProxyConfig(cmd::proxy_config::ProxyConfigArgs),
+    /// The echo test app (server), or `echo client URL` to call one.
+    Echo(cmd::echo::EchoArgs),
 }
 
 fn main() {
@@ -53,6 +55,7 @@ fn main() {
         Command::ControlPlane(a) => cmd::control_plane::run(a),
         Command::ProxyStatus(a) => cmd::proxy_status::run(a),
         Command::ProxyConfig(a) => cmd::proxy_config::run(a),
+        Command::Echo(a) => cmd::echo::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,126 @@
+//! `isthmus echo`: the test app (server), and `isthmus echo client URL` to send it traffic.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Subcommand};
+use isthmus_echo::{Mode, ServerOptions};
+
+use crate::exit;
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct EchoArgs {
+    #[command(subcommand)]
+    client: Option<EchoCommand>,
+    /// Port to listen on (0 picks one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Address to bind: 0.0.0.0, 127.0.0.1 (only reachable inside the pod, seed 002) or the pod IP.
+    #[arg(long, default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Echo raw TCP instead of HTTP.
+    #[arg(long)]
+    tcp: bool,
+    /// With --tcp, greet first (a server-first protocol such as MySQL).
+    #[arg(long = "server-first", requires = "tcp")]
+    server_first: bool,
+    /// The name answers carry (default: the host name, i.e. the pod name).
+    #[arg(long, env = "HOSTNAME")]
+    hostname: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum EchoCommand {
+    /// Send requests to an echo server and print what it saw.
+    Client(ClientArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// http://host:port/path
+    url: String,
+    /// How many requests (each on a new connection).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Extra request header `Name: value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    headers: Vec<String>,
+    /// Per-request timeout (Go duration).
+    #[arg(long, default_value = "5s", value_parser = isthmus_config::istio::common::parse_go_duration)]
+    timeout: Duration,
+}
+
+pub fn run(a: EchoArgs) -> Result<i32> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    match a.client {
+        Some(EchoCommand::Client(c)) => runtime.block_on(client(c)),
+        None => runtime.block_on(server(a)),
+    }
+}
+
+async fn server(a: EchoArgs) -> Result<i32> {
+    let mode = match (a.tcp, a.server_first) {
+        (false, _) => Mode::Http,
+        (true, false) => Mode::Tcp,
+        (true, true) => Mode::TcpServerFirst,
+    };
+    let hostname = a.hostname.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default()
+    });
+    let (addr, task) = isthmus_echo::serve(ServerOptions {
+        addr: SocketAddr::new(a.bind, a.port),
+        mode,
+        hostname,
+    })
+    .await
+    .with_context(|| format!("listening on {}:{}", a.bind, a.port))?;
+    eprintln!("echo listening on {addr} ({mode:?})");
+    tokio::select! {
+        _ = task => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    Ok(exit::OK)
+}
+
+async fn client(c: ClientArgs) -> Result<i32> {
+    let headers: Vec<(String, String)> = c
+        .headers
+        .iter()
+        .map(|h| {
+            h.split_once(':')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("header {h:?} is not `Name: value`"))
+        })
+        .collect::<Result<_>>()?;
+    let mut failed = 0;
+    for i in 0..c.count {
+        match isthmus_echo::client::get(&c.url, &headers, c.timeout).await {
+            Ok(answer) => {
+                println!(
+                    "[{i}] StatusCode={} Time={:?}",
+                    answer.status, answer.elapsed
+                );
+                for line in answer.body.lines() {
+                    println!("[{i} body] {line}");
+                }
+                if answer.status >= 400 {
+                    failed += 1;
+                }
+            }
+            Err(e) => {
+                println!("[{i}] error: {e}");
+                failed += 1;
+            }
+        }
+    }
+    println!("{} succeeded, {failed} failed", c.count - failed);
+    Ok(if failed == 0 { exit::OK } else { exit::FAILURE })
+}
