@@ -51,7 +51,7 @@ pub fn parse(text: &str) -> Vec<SocketAddr> {
 /// `/proc/net/tcp` prints each 32-bit word of the address as the hex of its in-memory
 /// (little-endian) value.
 fn parse_ip(hex: &str) -> Option<IpAddr> {
-    if hex.len() % 8 != 0 || !hex.is_ascii() {
+    if !hex.len().is_multiple_of(8) || !hex.is_ascii() {
         return None;
     }
     let mut bytes = Vec::with_capacity(hex.len() / 2);
