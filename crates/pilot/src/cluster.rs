@@ -32,7 +32,7 @@ use envoy_types::pb::google::protobuf::{
     Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
 };
 use envoy_types::util::pack_any;
-use isthmus_config::istio::networking::{ClientTlsSettings, TrafficPolicy};
+use isthmus_config::istio::networking::{ClientTlsSettings, Subset, TrafficPolicy};
 use isthmus_registry::{Resolution, Service};
 
 use crate::context::{InboundMode, PushContext};
@@ -52,37 +52,81 @@ pub const SDS_ROOTCA: &str = "ROOTCA";
 /// Endpoint metadata key/value that selects the mTLS transport socket (auto mTLS).
 pub const TLS_MODE_KEY: &str = "tlsMode";
 
-/// Every cluster of `proxy`, sorted by name.
-pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+/// One outbound cluster of a proxy before it is built: a service port, optionally a subset,
+/// and the traffic policy that applies.
+pub(crate) struct Outbound<'a> {
+    pub svc: &'a Service,
+    pub port: u16,
+    pub subset: Option<&'a Subset>,
+    pub policy: Option<&'a TrafficPolicy>,
+}
+
+impl Outbound<'_> {
+    pub fn name(&self) -> String {
+        outbound_cluster(
+            self.port,
+            self.subset.map_or("", |s| s.name.as_str()),
+            &self.svc.hostname,
+        )
+    }
+}
+
+/// The outbound clusters of `proxy`: every port of every service it may reach, and each
+/// DestinationRule subset of it (CDS builds them, EDS serves the EDS ones).
+pub(crate) fn outbound_clusters<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<Outbound<'a>> {
     let mut out = Vec::new();
     for svc in ctx.services_for(proxy) {
-        let dr = ctx.destination_rule(&proxy.namespace, svc);
-        let dr_spec = dr.map(|d| &d.object.spec);
+        let dr_spec = ctx
+            .destination_rule(&proxy.namespace, svc)
+            .map(|d| &d.object.spec);
+        let base = dr_spec.and_then(|d| d.traffic_policy.as_ref());
+        let subsets = dr_spec.map(|d| d.subsets.as_slice()).unwrap_or_default();
         for port in &svc.ports {
-            let base_policy = dr_spec.and_then(|d| d.traffic_policy.as_ref());
-            out.push(outbound(
-                ctx,
+            out.push(Outbound {
                 svc,
-                port.port,
-                "",
-                None,
-                base_policy,
-                port_policy(base_policy, port.port),
-            ));
-            for subset in dr_spec.map(|d| d.subsets.as_slice()).unwrap_or_default() {
-                let policy = subset.traffic_policy.as_ref().or(base_policy);
-                out.push(outbound(
-                    ctx,
+                port: port.port,
+                subset: None,
+                policy: base,
+            });
+            for subset in subsets {
+                let policy = subset.traffic_policy.as_ref().or(base);
+                out.push(Outbound {
                     svc,
-                    port.port,
-                    &subset.name,
-                    Some(&subset.labels),
+                    port: port.port,
+                    subset: Some(subset),
                     policy,
-                    port_policy(policy, port.port),
-                ));
+                });
             }
         }
     }
+    out
+}
+
+/// How a service's cluster finds its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Discovery {
+    /// Headless: whatever pod IP the app resolved (seed 004).
+    OriginalDst,
+    Dns,
+    Eds,
+}
+
+pub(crate) fn discovery(svc: &Service) -> Discovery {
+    if svc.headless && svc.is_kubernetes() {
+        Discovery::OriginalDst
+    } else if svc.resolution == Resolution::Dns {
+        Discovery::Dns
+    } else {
+        Discovery::Eds
+    }
+}
+
+/// Every cluster of `proxy`, sorted by name.
+pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+    let mut out: Vec<Cluster> = outbound_clusters(ctx, proxy)
+        .iter()
+        .map(|o| outbound(ctx, o, port_policy(o.policy, o.port)))
+        .collect();
     out.extend(inbound(ctx, proxy));
     out.push(passthrough(PASSTHROUGH_CLUSTER, None));
     out.push(passthrough(
@@ -124,17 +168,11 @@ fn port_policy(policy: Option<&TrafficPolicy>, port: u16) -> Option<TrafficPolic
     Some(merged)
 }
 
-fn outbound(
-    ctx: &PushContext,
-    svc: &Service,
-    port: u16,
-    subset: &str,
-    subset_labels: Option<&BTreeMap<String, String>>,
-    policy: Option<&TrafficPolicy>,
-    port_level: Option<TrafficPolicy>,
-) -> Cluster {
-    let policy = port_level.as_ref().or(policy);
-    let name = outbound_cluster(port, subset, &svc.hostname);
+fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolicy>) -> Cluster {
+    let (svc, port) = (o.svc, o.port);
+    let subset = o.subset.map_or("", |s| s.name.as_str());
+    let policy = port_level.as_ref().or(o.policy);
+    let name = o.name();
     let mut c = Cluster {
         name: name.clone(),
         connect_timeout: Some(connect_timeout(policy)),
@@ -143,19 +181,19 @@ fn outbound(
         metadata: Some(service_metadata(svc, subset)),
         ..Default::default()
     };
-    if svc.headless && svc.is_kubernetes() {
-        // Headless: connect to whatever pod IP the app resolved (seed 004).
+    let discovery = discovery(svc);
+    if discovery == Discovery::OriginalDst {
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
             DiscoveryType::OriginalDst as i32,
         ));
         c.lb_policy = LbPolicy::ClusterProvided as i32;
-    } else if svc.resolution == Resolution::Dns {
+    } else if discovery == Discovery::Dns {
         c.cluster_discovery_type =
             Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
         c.load_assignment = Some(crate::endpoint::load_assignment(
             svc,
             port,
-            subset_labels,
+            o.subset.map(|s| &s.labels),
             &name,
         ));
         c.lb_policy = lb_policy(policy) as i32;

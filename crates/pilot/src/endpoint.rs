@@ -10,56 +10,23 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::google::protobuf::UInt32Value;
 use isthmus_registry::{Address, Port, Service, TargetPort, Workload};
 
+use crate::cluster::{Discovery, discovery, outbound_clusters};
 use crate::cluster::{TLS_MODE_KEY, socket, string, strukt};
 use crate::context::{PushContext, selector_matches};
-use crate::names::parse_outbound;
 use crate::proxy::Proxy;
 
 /// The assignments for the requested EDS clusters (all of the proxy's when `names` is empty),
 /// sorted by name.
 pub fn endpoints(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<ClusterLoadAssignment> {
-    let clusters = crate::cluster::clusters(ctx, proxy);
-    let mut out: Vec<ClusterLoadAssignment> = clusters
+    let mut out: Vec<ClusterLoadAssignment> = outbound_clusters(ctx, proxy)
         .iter()
-        .filter_map(|c| c.eds_cluster_config.as_ref().map(|_| c.name.as_str()))
-        .filter(|n| names.is_empty() || names.iter().any(|r| r == n))
-        .filter_map(|name| {
-            let (port, subset, host) = parse_outbound(name)?;
-            let svc = ctx
-                .registry
-                .services_by_host(host)
-                .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))?;
-            let labels = subset_labels(ctx, proxy, svc, subset);
-            Some(load_assignment(svc, port, labels.as_ref(), name))
-        })
+        .filter(|o| discovery(o.svc) == Discovery::Eds)
+        .map(|o| (o.name(), o))
+        .filter(|(name, _)| names.is_empty() || names.contains(name))
+        .map(|(name, o)| load_assignment(o.svc, o.port, o.subset.map(|s| &s.labels), &name))
         .collect();
     out.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
     out
-}
-
-/// The labels a subset selects, from the DestinationRule that applies for this proxy.
-fn subset_labels(
-    ctx: &PushContext,
-    proxy: &Proxy,
-    svc: &Service,
-    subset: &str,
-) -> Option<BTreeMap<String, String>> {
-    if subset.is_empty() {
-        return None;
-    }
-    let dr = ctx.destination_rule(&proxy.namespace, svc)?;
-    // An unknown subset selects nothing rather than everything.
-    Some(
-        dr.object
-            .spec
-            .subsets
-            .iter()
-            .find(|s| s.name == subset)
-            .map_or_else(
-                || BTreeMap::from([("\0".to_string(), String::new())]),
-                |s| s.labels.clone(),
-            ),
-    )
 }
 
 /// The assignment of one cluster: the service's endpoints for `port`, filtered by subset labels.

@@ -21,26 +21,12 @@ pub fn inbound_cluster(port: u16) -> String {
     format!("inbound|{port}||")
 }
 
-/// Splits an `outbound|port|subset|host` name.
-pub fn parse_outbound(name: &str) -> Option<(u16, &str, &str)> {
-    let mut it = name.splitn(4, '|');
-    if it.next()? != "outbound" {
-        return None;
-    }
-    let port = it.next()?.parse().ok()?;
-    Some((port, it.next()?, it.next()?))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn names_round_trip() {
         let n = super::outbound_cluster(9080, "v1", "reviews.bookinfo.svc.cluster.local");
         assert_eq!(n, "outbound|9080|v1|reviews.bookinfo.svc.cluster.local");
-        assert_eq!(
-            super::parse_outbound(&n),
-            Some((9080, "v1", "reviews.bookinfo.svc.cluster.local"))
-        );
         assert_eq!(super::inbound_cluster(8080), "inbound|8080||");
     }
 }
