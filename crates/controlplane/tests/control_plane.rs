@@ -29,6 +29,19 @@ spec: {containers: [{name: app, image: app}]}
 status: {podIP: 10.1.0.11}
 "#;
 
+/// The control plane on free loopback ports, serving `dir`, without the CA.
+fn options(dir: &std::path::Path) -> Options {
+    Options {
+        config_dir: dir.to_path_buf(),
+        xds_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        domain: "cluster.local".into(),
+        mesh: Default::default(),
+        inbound_passthrough: None,
+        ca: None,
+    }
+}
+
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
@@ -69,17 +82,7 @@ fn cluster_names(
 async fn serves_config_keeps_last_good_and_pushes_changes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
-    let cp = start(Options {
-        config_dir: dir.path().to_path_buf(),
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        domain: "cluster.local".into(),
-        mesh: Default::default(),
-        inbound_passthrough: None,
-        ca: None,
-    })
-    .await
-    .unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
 
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
         .await
@@ -182,18 +185,13 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
     let ca_dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
     let cp = start(Options {
-        config_dir: dir.path().to_path_buf(),
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        domain: "cluster.local".into(),
-        mesh: Default::default(),
-        inbound_passthrough: None,
         ca: Some(isthmus_controlplane::CaOptions {
             dir: ca_dir.path().to_path_buf(),
             secure_addr: "127.0.0.1:0".parse().unwrap(),
             trust_domain: "cluster.local".into(),
             dns_names: isthmus_controlplane::istiod_dns_names("istio-system"),
         }),
+        ..options(dir.path())
     })
     .await
     .unwrap();
@@ -254,17 +252,7 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
 async fn the_proxy_client_follows_clusters_to_endpoints_and_listeners_to_routes() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
-    let cp = start(Options {
-        config_dir: dir.path().to_path_buf(),
-        xds_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        domain: "cluster.local".into(),
-        mesh: Default::default(),
-        inbound_passthrough: None,
-        ca: None,
-    })
-    .await
-    .unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds_addr))
         .unwrap()
         .connect()
