@@ -212,36 +212,27 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
     let proxy = proxy_of(&node)?;
     let ctx = current(state);
     let version = format!("v{}", *state.version.borrow());
-    let clusters: Vec<Value> = isthmus_pilot::cluster::clusters(&ctx, &proxy)
-        .iter()
-        .filter_map(|c| json::to_json(c).ok())
-        .map(|c| json!({"version_info": version, "cluster": c}))
-        .collect();
-    let endpoints: Vec<Value> = isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &[])
-        .iter()
-        .filter_map(|e| json::to_json(e).ok())
-        .map(|e| json!({"version_info": version, "endpoint_config": e}))
-        .collect();
-    let listeners: Vec<Value> = isthmus_pilot::listener::listeners(&ctx, &proxy)
-        .iter()
-        .filter_map(|l| json::to_json(l).ok())
-        .map(|l| {
-            let name = l["name"].clone();
-            json!({"name": name, "active_state": {"version_info": version, "listener": l}})
-        })
-        .collect();
-    let routes: Vec<Value> = isthmus_pilot::route::routes(&ctx, &proxy, &[])
-        .iter()
-        .filter_map(|r| json::to_json(r).ok())
-        .map(|r| json!({"version_info": version, "route_config": r}))
-        .collect();
-    // Envoy's order: clusters, endpoints, listeners, routes.
-    Ok(json!({
-        "configs": [
-            {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters},
-            {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints},
-            {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners},
-            {"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes},
-        ]
-    }))
+    let dump = isthmus_xds::client::XdsState {
+        clusters: isthmus_pilot::cluster::clusters(&ctx, &proxy)
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect(),
+        endpoints: isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &[])
+            .into_iter()
+            .map(|e| (e.cluster_name.clone(), e))
+            .collect(),
+        listeners: isthmus_pilot::listener::listeners(&ctx, &proxy)
+            .into_iter()
+            .map(|l| (l.name.clone(), l))
+            .collect(),
+        routes: isthmus_pilot::route::routes(&ctx, &proxy, &[])
+            .into_iter()
+            .map(|r| (r.name.clone(), r))
+            .collect(),
+        versions: [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+            .into_iter()
+            .map(|t| (t.to_string(), version.clone()))
+            .collect(),
+    };
+    Ok(json::config_dump(&dump, Vec::new()))
 }

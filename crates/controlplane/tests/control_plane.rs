@@ -263,7 +263,10 @@ async fn the_proxy_client_follows_clusters_to_endpoints_and_listeners_to_routes(
         ..Default::default()
     };
     let (tx, mut rx) = tokio::sync::watch::channel(Default::default());
-    tokio::spawn(isthmus_xds::client::run(channel, node, tx));
+    tokio::spawn(async move {
+        let mut state = isthmus_xds::client::XdsState::default();
+        isthmus_xds::client::run(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+    });
     let wait =
         |rx: &mut tokio::sync::watch::Receiver<std::sync::Arc<isthmus_xds::client::XdsState>>,
          f: fn(&isthmus_xds::client::XdsState) -> bool| {

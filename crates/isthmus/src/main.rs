@@ -31,6 +31,8 @@ enum Command {
     ProxyStatus(cmd::proxy_status::ProxyStatusArgs),
     /// Show a proxy's clusters, listeners, routes or endpoints, as `istioctl proxy-config`.
     ProxyConfig(cmd::proxy_config::ProxyConfigArgs),
+    /// Run the sidecar proxy (Envoy and pilot-agent of an `istio-proxy` container).
+    Proxy(cmd::proxy::ProxyArgs),
     /// The echo test app (server), or `echo client URL` to call one.
     Echo(cmd::echo::EchoArgs),
 }
@@ -56,6 +58,7 @@ fn main() {
         Command::ProxyStatus(a) => cmd::proxy_status::run(a),
         Command::ProxyConfig(a) => cmd::proxy_config::run(a),
         Command::Echo(a) => cmd::echo::run(a),
+        Command::Proxy(a) => cmd::proxy::run(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

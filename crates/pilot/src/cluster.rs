@@ -208,6 +208,13 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     if let Some(od) = policy.and_then(|p| p.outlier_detection.as_ref()) {
         c.outlier_detection = Some(outlier(od));
     }
+    if svc
+        .ports
+        .iter()
+        .any(|p| p.port == port && p.protocol.is_http2())
+    {
+        set_http2(&mut c);
+    }
     let tls = policy.and_then(|p| p.tls.as_ref());
     match tls.and_then(|t| t.mode.as_deref()) {
         Some("ISTIO_MUTUAL") => {
@@ -243,10 +250,14 @@ fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
     };
     let sidecar = ctx.sidecar_for(proxy);
     let mut ports: BTreeMap<u16, Option<String>> = BTreeMap::new();
+    let mut http2: Vec<u16> = Vec::new();
     for svc in ctx.registry.services_for_workload(workload) {
         for p in &svc.ports {
             if let Some(target) = crate::endpoint::target_port(p, workload) {
                 ports.entry(target).or_insert(None);
+                if p.protocol.is_http2() {
+                    http2.push(target);
+                }
             }
         }
     }
@@ -304,9 +315,39 @@ fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
                 c.lb_policy = LbPolicy::ClusterProvided as i32;
                 c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
             }
+            if http2.contains(&port) {
+                set_http2(&mut c);
+            }
             c
         })
         .collect()
+}
+
+/// HTTP/2 to the upstream (gRPC and HTTP/2 ports), the way Istio sets it: explicit HTTP/2 in
+/// the cluster's `HttpProtocolOptions`.
+fn set_http2(c: &mut Cluster) {
+    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions, http_protocol_options,
+    };
+    let opts = HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(opts),
+    );
 }
 
 fn passthrough(name: &str, bind_from: Option<&str>) -> Cluster {

@@ -179,11 +179,34 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             }
         }
     }
-    chains.push(FilterChain {
-        name: "virtualInbound-catchall".into(),
-        filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
-        ..Default::default()
+    // Ports no service declares pass through, under the workload's mTLS mode (port 0 has
+    // no port-level setting): STRICT accepts only mTLS there too.
+    let mode = ctx.workload_of(proxy).map_or(MtlsMode::Permissive, |w| {
+        ctx.mtls_mode(&w.namespace, &w.labels, 0)
     });
+    if mode != MtlsMode::Disable {
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall-tls".into(),
+            filter_chain_match: Some(FilterChainMatch {
+                transport_protocol: "tls".into(),
+                ..Default::default()
+            }),
+            filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
+            transport_socket: Some(inbound_tls()),
+            ..Default::default()
+        });
+    }
+    if mode != MtlsMode::Strict {
+        chains.push(FilterChain {
+            name: "virtualInbound-catchall".into(),
+            filter_chain_match: (mode == MtlsMode::Permissive).then(|| FilterChainMatch {
+                transport_protocol: "raw_buffer".into(),
+                ..Default::default()
+            }),
+            filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
+            ..Default::default()
+        });
+    }
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
@@ -303,6 +326,17 @@ fn http_connection_manager_inline(cluster: &str, port: u16) -> Filter {
             stat_prefix: cluster.into(),
             route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
             http_filters: vec![router()],
+            // Istio's inbound: the caller's identity reaches the app in XFCC.
+            forward_client_cert_details:
+                http_connection_manager::ForwardClientCertDetails::AppendForward as i32,
+            set_current_client_cert_details: Some(
+                http_connection_manager::SetCurrentClientCertDetails {
+                    subject: Some(BoolValue { value: true }),
+                    dns: true,
+                    uri: true,
+                    ..Default::default()
+                },
+            ),
             ..Default::default()
         }),
     )

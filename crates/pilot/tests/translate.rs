@@ -212,7 +212,7 @@ fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
     assert_eq!(out["use_original_dst"], true);
     assert_eq!(out["address"]["socket_address"]["port_value"], 15001);
     assert_eq!(find(&v, "0.0.0.0_9080")["bind_to_port"], false);
-    // STRICT in bookinfo: port 9080 accepts TLS only.
+    // STRICT in bookinfo: port 9080 accepts TLS only, and so do undeclared ports.
     let inbound = find(&v, "virtualInbound");
     let chains: Vec<&str> = inbound["filter_chains"]
         .as_array()
@@ -222,7 +222,7 @@ fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
         .collect();
     assert_eq!(
         chains,
-        vec!["inbound|9080||-tls", "virtualInbound-catchall"]
+        vec!["inbound|9080||-tls", "virtualInbound-catchall-tls"]
     );
 
     // PERMISSIVE (no policy) in data: both, and the TCP service listens by VIP.
@@ -239,6 +239,7 @@ fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
         vec![
             "inbound|5000||-tls",
             "inbound|5000||",
+            "virtualInbound-catchall-tls",
             "virtualInbound-catchall"
         ]
     );

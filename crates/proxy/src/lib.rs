@@ -1,1 +1,123 @@
-//! The sidecar data plane
+//! The sidecar: Envoy's data path for the configuration Istio's control plane sends, and
+//! pilot-agent's duties (certificate, readiness, merged metrics), in one process.
+//!
+//! - [`config`] compiles accepted xDS into what the data path runs (and NACKs what it cannot).
+//! - [`serve`] accepts on 15001/15006 and picks listener and filter chain; [`tcp`] and
+//!   [`http`] are the two network filters; [`upstream`] makes and pools upstream connections.
+//! - [`identity`] holds the workload certificate; [`stats`] and [`peer`] are telemetry.
+//! - [`admin`] serves 15000, 15020, 15021 and 15090; [`agent`] starts and drains it all.
+
+pub mod admin;
+pub mod agent;
+pub mod config;
+mod http;
+pub mod identity;
+mod inspect;
+pub mod peer;
+mod serve;
+pub mod stats;
+mod tcp;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ::http::HeaderValue;
+use tokio::sync::watch;
+
+use crate::config::{Cluster, Config};
+use crate::peer::Workload;
+use crate::serve::ConnInfo;
+use crate::stats::{Parties, Stats};
+use crate::upstream::Pools;
+
+/// This proxy, as it presents itself to peers and in telemetry.
+#[derive(Debug, Clone)]
+pub struct Me {
+    pub workload: Workload,
+    /// `spiffe://…` of the workload.
+    pub principal_uri: String,
+    pub node_id: HeaderValue,
+    pub metadata: HeaderValue,
+}
+
+/// What every connection of the proxy shares.
+pub struct Shared {
+    config: watch::Receiver<Arc<Config>>,
+    pub pools: Arc<Pools>,
+    pub stats: Arc<Stats>,
+    pub me: Me,
+    pub draining: watch::Receiver<bool>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Counts a downstream connection while it lives (draining waits for them).
+pub struct ConnectionGuard(Arc<AtomicUsize>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Shared {
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    pub fn connection_guard(&self) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.connections.clone())
+    }
+
+    pub fn active_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// The labels of a request or connection: this workload on one side, the peer (from its
+    /// certificate and metadata headers) and the cluster's service on the other.
+    fn parties(
+        &self,
+        info: &ConnInfo,
+        cluster: Option<&Cluster>,
+        source_peer: Option<Workload>,
+        destination_peer: Option<Workload>,
+    ) -> Parties {
+        let service = cluster.and_then(|c| c.service.clone()).unwrap_or_default();
+        if info.inbound() {
+            let peer_id = info.peer.as_ref().and_then(|p| p.identity.as_ref());
+            let mut source = source_peer.unwrap_or_default();
+            if source.namespace.is_empty()
+                && let Some(id) = peer_id
+            {
+                source.namespace = id.namespace.clone();
+            }
+            Parties {
+                source,
+                source_principal: peer_id.map(|i| i.to_string()).unwrap_or_default(),
+                destination: self.me.workload.clone(),
+                destination_principal: if info.peer.is_some() {
+                    self.me.principal_uri.clone()
+                } else {
+                    String::new()
+                },
+                destination_service: service.host,
+                destination_service_name: service.name,
+                destination_service_namespace: service.namespace,
+                mutual_tls: info.peer.is_some(),
+            }
+        } else {
+            Parties {
+                source: self.me.workload.clone(),
+                source_principal: self.me.principal_uri.clone(),
+                destination: destination_peer.unwrap_or_default(),
+                destination_principal: String::new(),
+                destination_service: service.host,
+                destination_service_name: service.name,
+                destination_service_namespace: service.namespace,
+                mutual_tls: false,
+            }
+        }
+    }
+}

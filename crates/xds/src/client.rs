@@ -44,18 +44,24 @@ pub enum ClientError {
     Closed,
 }
 
-/// Runs one ADS session until the stream ends; accepted states go to `state`.
-pub async fn run(
+/// Runs one ADS session until the stream ends. `state` carries what was accepted across
+/// sessions: the first response of each type in a session replaces that type wholesale, so a
+/// reconnect keeps serving the old configuration until the new one has arrived. Every
+/// accepted state is compiled by `compile`; a response whose state does not compile is NACKed
+/// with the error as detail and leaves `state` as it was. Compiled states go to `out`.
+pub async fn run<T, F>(
     channel: tonic::transport::Channel,
     node: Node,
-    state: watch::Sender<Arc<XdsState>>,
-) -> Result<(), ClientError> {
+    state: &mut XdsState,
+    mut compile: F,
+    out: &watch::Sender<Arc<T>>,
+) -> Result<(), ClientError>
+where
+    F: FnMut(&XdsState) -> Result<T, String>,
+{
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
-    // A new session starts from a full state: the previous one stays published until the
-    // first accepted response replaces its parts.
-    let mut current = XdsState::default();
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx
             .send(DeltaDiscoveryRequest {
@@ -70,16 +76,26 @@ pub async fn run(
         .await?
         .into_inner();
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    let mut fresh: BTreeSet<String> = BTreeSet::new();
     while let Some(resp) = responses.message().await? {
-        let (ack, follow) = match apply(&mut current, &resp) {
-            Ok(follow) => {
-                current
-                    .versions
+        let mut next = state.clone();
+        let replace = fresh.insert(resp.type_url.clone());
+        let outcome = apply(&mut next, &resp, replace).and_then(|follow| {
+            let compiled = compile(&next)?;
+            Ok((follow, compiled))
+        });
+        let (nack, follow) = match outcome {
+            Ok((follow, compiled)) => {
+                next.versions
                     .insert(resp.type_url.clone(), resp.system_version_info.clone());
-                state.send_replace(Arc::new(current.clone()));
+                *state = next;
+                out.send_replace(Arc::new(compiled));
                 (None, follow)
             }
             Err(e) => {
+                if replace {
+                    fresh.remove(&resp.type_url);
+                }
                 tracing::warn!(type_url = %resp.type_url, error = %e, "rejecting xDS response");
                 (Some(e), None)
             }
@@ -88,7 +104,7 @@ pub async fn run(
             .send(DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
                 response_nonce: resp.nonce.clone(),
-                error_detail: ack.map(|message| RpcStatus {
+                error_detail: nack.map(|message| RpcStatus {
                     code: tonic::Code::InvalidArgument as i32,
                     message,
                     details: vec![],
@@ -122,6 +138,7 @@ pub async fn run(
 fn apply(
     state: &mut XdsState,
     resp: &DeltaDiscoveryResponse,
+    replace: bool,
 ) -> Result<Option<(&'static str, BTreeSet<String>)>, String> {
     fn decode<T: Message + Default>(
         resp: &DeltaDiscoveryResponse,
@@ -145,7 +162,15 @@ fn apply(
             })
             .collect()
     }
-    fn merge<T>(map: &mut BTreeMap<String, T>, new: Vec<(String, T)>, removed: &[String]) {
+    fn merge<T>(
+        map: &mut BTreeMap<String, T>,
+        new: Vec<(String, T)>,
+        removed: &[String],
+        replace: bool,
+    ) {
+        if replace {
+            map.clear();
+        }
         for n in removed {
             map.remove(n);
         }
@@ -154,7 +179,7 @@ fn apply(
     match resp.type_url.as_str() {
         CLUSTER => {
             let new = decode::<Cluster>(resp)?;
-            merge(&mut state.clusters, new, &resp.removed_resources);
+            merge(&mut state.clusters, new, &resp.removed_resources, replace);
             let eds = state
                 .clusters
                 .values()
@@ -172,18 +197,18 @@ fn apply(
         }
         ENDPOINT => {
             let new = decode::<ClusterLoadAssignment>(resp)?;
-            merge(&mut state.endpoints, new, &resp.removed_resources);
+            merge(&mut state.endpoints, new, &resp.removed_resources, replace);
             Ok(None)
         }
         LISTENER => {
             let new = decode::<Listener>(resp)?;
-            merge(&mut state.listeners, new, &resp.removed_resources);
+            merge(&mut state.listeners, new, &resp.removed_resources, replace);
             let rds = state.listeners.values().flat_map(route_names).collect();
             Ok(Some((ROUTE, rds)))
         }
         ROUTE => {
             let new = decode::<RouteConfiguration>(resp)?;
-            merge(&mut state.routes, new, &resp.removed_resources);
+            merge(&mut state.routes, new, &resp.removed_resources, replace);
             Ok(None)
         }
         other => Err(format!("unexpected type {other}")),

@@ -62,6 +62,51 @@ pub fn any_to_json(
     Ok(v)
 }
 
+/// Envoy's `/config_dump` of an xDS state: clusters, endpoints, listeners, routes (Envoy's
+/// order), then `extra` sections (secrets).
+pub fn config_dump(
+    state: &crate::client::XdsState,
+    extra: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    use crate::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+    use serde_json::json;
+    let version = |t: &str| state.versions.get(t).cloned().unwrap_or_default();
+    let clusters: Vec<_> = state
+        .clusters
+        .values()
+        .filter_map(|c| to_json(c).ok())
+        .map(|c| json!({"version_info": version(CLUSTER), "cluster": c}))
+        .collect();
+    let endpoints: Vec<_> = state
+        .endpoints
+        .values()
+        .filter_map(|e| to_json(e).ok())
+        .map(|e| json!({"version_info": version(ENDPOINT), "endpoint_config": e}))
+        .collect();
+    let listeners: Vec<_> = state
+        .listeners
+        .iter()
+        .filter_map(|(name, l)| Some((name, to_json(l).ok()?)))
+        .map(|(name, l)| {
+            json!({"name": name, "active_state": {"version_info": version(LISTENER), "listener": l}})
+        })
+        .collect();
+    let routes: Vec<_> = state
+        .routes
+        .values()
+        .filter_map(|r| to_json(r).ok())
+        .map(|r| json!({"version_info": version(ROUTE), "route_config": r}))
+        .collect();
+    let mut configs = vec![
+        json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters}),
+        json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints}),
+        json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners}),
+        json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes}),
+    ];
+    configs.extend(extra);
+    json!({ "configs": configs })
+}
+
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::envoy::config::cluster::v3::Cluster;

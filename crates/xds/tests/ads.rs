@@ -403,7 +403,10 @@ async fn the_client_nacks_a_response_that_does_not_decode() {
         .await
         .unwrap();
     let (tx, _rx) = watch::channel(Default::default());
-    tokio::spawn(isthmus_xds::client::run(channel, node().unwrap(), tx));
+    tokio::spawn(async move {
+        let mut state = isthmus_xds::client::XdsState::default();
+        isthmus_xds::client::run(channel, node().unwrap(), &mut state, |s| Ok(s.clone()), &tx).await
+    });
     let nacked = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let nack = h

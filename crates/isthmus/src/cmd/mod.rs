@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod control_plane;
 pub mod echo;
 pub mod iptables;
+pub mod proxy;
 pub mod proxy_config;
 pub mod proxy_status;
 pub mod token;

@@ -1,0 +1,552 @@
+//! Clusters: how endpoints are found, chosen and connected to.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster as PbCluster, OutlierDetection, cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, UpstreamTlsContext, common_tls_context,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::google::protobuf::{Struct, value};
+use prost::Message;
+
+use super::CompileError;
+use super::listener::{pb_duration, socket_addr, socket_address};
+use crate::upstream::{Address, EndpointState, Pools, TlsSpec, Transport, TransportSpec};
+
+const KIND: &str = "cluster";
+/// The workload certificate and the mesh roots, as Istio's agent names them over SDS.
+const SDS_WORKLOAD: &str = "default";
+const SDS_ROOT: &str = "ROOTCA";
+const TLS_MATCH_KEY: &str = "envoy.transport_socket_match";
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Discovery {
+    Static,
+    Eds,
+    Dns,
+    /// The connection's original destination is the endpoint.
+    OriginalDst,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lb {
+    RoundRobin,
+    LeastRequest,
+    Random,
+    ClusterProvided,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: Address,
+    pub healthy: bool,
+    /// Reached over mesh mTLS (its `tlsMode: istio` metadata matched).
+    pub tls: bool,
+    pub state: Arc<EndpointState>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outlier {
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+/// The services a cluster stands for (Istio's `istio` metadata), for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceRef {
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub discovery: Discovery,
+    pub lb: Lb,
+    plain: Arc<Transport>,
+    mtls: Option<Arc<Transport>>,
+    pub endpoints: Vec<Endpoint>,
+    pub outlier: Option<Outlier>,
+    pub service: Option<ServiceRef>,
+    round_robin: AtomicUsize,
+}
+
+/// The endpoint chosen for one request or connection.
+pub struct Pick<'a> {
+    pub address: Address,
+    pub transport: &'a Arc<Transport>,
+    pub state: Option<&'a Arc<EndpointState>>,
+}
+
+/// Milliseconds since the proxy started: the clock of ejections.
+pub fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Checks that a TLS context uses the workload identity (the only certificates this proxy
+/// has) and returns the subject alternative names it requires of the peer.
+pub(crate) fn mesh_tls(common: &CommonTlsContext) -> Result<Vec<String>, String> {
+    if !common.tls_certificates.is_empty()
+        || common
+            .tls_certificate_sds_secret_configs
+            .iter()
+            .any(|s| s.name != SDS_WORKLOAD)
+    {
+        return Err(format!(
+            "TLS certificates other than the workload's ({SDS_WORKLOAD:?}) are not supported"
+        ));
+    }
+    let sans = match &common.validation_context_type {
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => {
+            if c.validation_context_sds_secret_config
+                .as_ref()
+                .is_some_and(|s| s.name != SDS_ROOT)
+            {
+                return Err(format!(
+                    "validation contexts other than the mesh roots ({SDS_ROOT:?}) are not supported"
+                ));
+            }
+            c.default_validation_context
+                .as_ref()
+                .map(|v| {
+                    v.match_typed_subject_alt_names
+                        .iter()
+                        .filter_map(|m| match m.matcher.as_ref()?.match_pattern.as_ref()? {
+                            string_matcher::MatchPattern::Exact(s) => Some(Ok(s.clone())),
+                            _ => {
+                                Some(Err("only exact subject alternative names are supported"
+                                    .to_string()))
+                            }
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?
+                .unwrap_or_default()
+        }
+        Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(s))
+            if s.name == SDS_ROOT =>
+        {
+            Vec::new()
+        }
+        None => Vec::new(),
+        Some(_) => {
+            return Err(format!(
+                "validation contexts other than the mesh roots ({SDS_ROOT:?}) are not supported"
+            ));
+        }
+    };
+    Ok(sans)
+}
+
+/// A transport socket: None for plaintext, the mesh TLS spec otherwise.
+fn upstream_tls(ts: &TransportSocket) -> Result<Option<TlsSpec>, String> {
+    let any = match &ts.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(any)) => any,
+        None => return Ok(None),
+    };
+    if any.type_url.ends_with(".RawBuffer") {
+        return Ok(None);
+    }
+    if !any.type_url.ends_with(".UpstreamTlsContext") {
+        return Err(format!(
+            "transport socket {} is not supported",
+            any.type_url
+        ));
+    }
+    let ctx = UpstreamTlsContext::decode(any.value.as_slice())
+        .map_err(|e| format!("TLS context: {e}"))?;
+    let common = ctx.common_tls_context.unwrap_or_default();
+    let sans = mesh_tls(&common)?;
+    Ok(Some(TlsSpec {
+        sni: ctx.sni,
+        sans,
+        alpn: common.alpn_protocols,
+    }))
+}
+
+fn struct_str<'a>(s: &'a Struct, key: &str) -> Option<&'a str> {
+    match s.fields.get(key)?.kind.as_ref()? {
+        value::Kind::StringValue(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// Whether an endpoint's `envoy.transport_socket_match` metadata satisfies a match.
+fn metadata_matches(criteria: &Struct, metadata: Option<&Struct>) -> bool {
+    criteria.fields.iter().all(|(k, want)| {
+        metadata
+            .and_then(|m| m.fields.get(k))
+            .is_some_and(|got| got == want)
+    })
+}
+
+fn http2(c: &PbCluster) -> Result<bool, String> {
+    #[allow(deprecated)]
+    if c.http2_protocol_options.is_some() {
+        return Ok(true);
+    }
+    let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
+        return Ok(false);
+    };
+    let opts = HttpProtocolOptions::decode(any.value.as_slice())
+        .map_err(|e| format!("{HTTP_OPTIONS}: {e}"))?;
+    Ok(match opts.upstream_protocol_options {
+        Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => matches!(
+            e.protocol_config,
+            Some(
+                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                    _
+                )
+            )
+        ),
+        _ => false,
+    })
+}
+
+pub fn compile(
+    c: &PbCluster,
+    assignment: Option<&ClusterLoadAssignment>,
+    pools: &Pools,
+) -> Result<Cluster, CompileError> {
+    let err = |reason: String| CompileError::new(KIND, &c.name, reason);
+    let discovery = match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::Type(t)) => {
+            match cluster::DiscoveryType::try_from(*t) {
+                Ok(cluster::DiscoveryType::Static) => Discovery::Static,
+                Ok(cluster::DiscoveryType::Eds) => Discovery::Eds,
+                Ok(cluster::DiscoveryType::StrictDns | cluster::DiscoveryType::LogicalDns) => {
+                    Discovery::Dns
+                }
+                Ok(cluster::DiscoveryType::OriginalDst) => Discovery::OriginalDst,
+                _ => return Err(err(format!("discovery type {t} is not supported"))),
+            }
+        }
+        None => Discovery::Static,
+        Some(cluster::ClusterDiscoveryType::ClusterType(t)) => {
+            return Err(err(format!(
+                "custom cluster type {:?} is not supported",
+                t.name
+            )));
+        }
+    };
+    let lb = match cluster::LbPolicy::try_from(c.lb_policy) {
+        Ok(cluster::LbPolicy::RoundRobin) => Lb::RoundRobin,
+        Ok(cluster::LbPolicy::LeastRequest) => Lb::LeastRequest,
+        Ok(cluster::LbPolicy::Random) => Lb::Random,
+        Ok(cluster::LbPolicy::ClusterProvided) => Lb::ClusterProvided,
+        Ok(other) => {
+            return Err(err(format!(
+                "load balancer {} is not supported",
+                other.as_str_name()
+            )));
+        }
+        Err(_) => return Err(err(format!("unknown load balancer {}", c.lb_policy))),
+    };
+    if (discovery == Discovery::OriginalDst) != (lb == Lb::ClusterProvided) {
+        return Err(err(
+            "ORIGINAL_DST clusters need CLUSTER_PROVIDED load balancing, and only they".into(),
+        ));
+    }
+    let bind = c
+        .upstream_bind_config
+        .as_ref()
+        .map(|b| {
+            b.source_address
+                .as_ref()
+                .ok_or_else(|| "no source address".to_string())
+                .and_then(socket_address)
+                .map(|a| a.ip())
+        })
+        .transpose()
+        .map_err(|e| err(format!("upstream bind: {e}")))?;
+    let spec = |tls: Option<TlsSpec>| -> Result<TransportSpec, String> {
+        Ok(TransportSpec {
+            bind,
+            connect_timeout: c
+                .connect_timeout
+                .as_ref()
+                .map_or(Duration::from_secs(5), pb_duration),
+            tls,
+            http2: http2(c)?,
+        })
+    };
+    // Cluster-level transport, then per-endpoint matches (Istio's auto mTLS).
+    let cluster_tls = c
+        .transport_socket
+        .as_ref()
+        .map(upstream_tls)
+        .transpose()
+        .map_err(&err)?
+        .flatten();
+    let mut matches: Vec<(&Struct, Option<TlsSpec>)> = Vec::new();
+    for m in &c.transport_socket_matches {
+        let tls = m
+            .transport_socket
+            .as_ref()
+            .map(upstream_tls)
+            .transpose()
+            .map_err(|e| err(format!("transport socket match {:?}: {e}", m.name)))?
+            .flatten();
+        static EMPTY: OnceLock<Struct> = OnceLock::new();
+        matches.push((
+            m.r#match
+                .as_ref()
+                .unwrap_or(EMPTY.get_or_init(Struct::default)),
+            tls,
+        ));
+    }
+    let mtls_spec = cluster_tls
+        .clone()
+        .or_else(|| matches.iter().find_map(|(_, t)| t.clone()));
+    let transport = |tls| {
+        spec(tls)
+            .and_then(|s| pools.transport(&c.name, s))
+            .map_err(&err)
+    };
+    let plain = transport(None)?;
+    let mtls = mtls_spec.map(|s| transport(Some(s))).transpose()?;
+    if matches.iter().filter(|(_, t)| t.is_some()).count() > 1 {
+        return Err(err(
+            "more than one TLS transport socket match is not supported".into(),
+        ));
+    }
+
+    let load = match discovery {
+        Discovery::Eds => assignment,
+        _ => c.load_assignment.as_ref(),
+    };
+    let mut endpoints = Vec::new();
+    for locality in load.iter().flat_map(|a| a.endpoints.iter()) {
+        for lbe in &locality.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lbe.host_identifier else {
+                continue;
+            };
+            let address = match socket_addr(ep.address.as_ref()) {
+                Ok(a) => Address::Ip(a),
+                Err(_) if discovery == Discovery::Dns => {
+                    dns_address(ep.address.as_ref()).map_err(&err)?
+                }
+                Err(e) => return Err(err(format!("endpoint: {e}"))),
+            };
+            let tls_meta = lbe
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get(TLS_MATCH_KEY));
+            let tls = cluster_tls.is_some()
+                || matches
+                    .iter()
+                    .find(|(criteria, _)| metadata_matches(criteria, tls_meta))
+                    .is_some_and(|(_, t)| t.is_some());
+            // HEALTHY (1) and UNKNOWN (0) take traffic; UNHEALTHY, DRAINING, TIMEOUT do not.
+            let healthy = matches!(lbe.health_status, 0 | 1);
+            endpoints.push(Endpoint {
+                state: pools.endpoint(&c.name, &address),
+                address,
+                healthy,
+                tls,
+            });
+        }
+    }
+    let outlier = c.outlier_detection.as_ref().map(outlier);
+    let service = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|istio| match istio.fields.get("services")?.kind.as_ref()? {
+            value::Kind::ListValue(l) => l.values.first().cloned(),
+            _ => None,
+        })
+        .and_then(|v| match v.kind {
+            Some(value::Kind::StructValue(s)) => Some(ServiceRef {
+                host: struct_str(&s, "host").unwrap_or_default().to_string(),
+                name: struct_str(&s, "name").unwrap_or_default().to_string(),
+                namespace: struct_str(&s, "namespace").unwrap_or_default().to_string(),
+            }),
+            _ => None,
+        });
+    Ok(Cluster {
+        name: c.name.clone(),
+        discovery,
+        lb,
+        plain,
+        mtls,
+        endpoints,
+        outlier,
+        service,
+        round_robin: AtomicUsize::new(0),
+    })
+}
+
+fn dns_address(
+    a: Option<&envoy_types::pb::envoy::config::core::v3::Address>,
+) -> Result<Address, String> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    match a.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => match sa.port_specifier {
+            Some(socket_address::PortSpecifier::PortValue(p)) => Ok(Address::Dns(
+                sa.address.clone(),
+                u16::try_from(p).map_err(|_| format!("port {p} out of range"))?,
+            )),
+            _ => Err(format!("endpoint {:?} has no port", sa.address)),
+        },
+        _ => Err("endpoint is not a socket address".into()),
+    }
+}
+
+fn outlier(o: &OutlierDetection) -> Outlier {
+    let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
+        x.as_ref().map_or(d, |x| x.value)
+    };
+    let enforcing_5xx = v(&o.enforcing_consecutive_5xx, 100) > 0;
+    let enforcing_gw = v(&o.enforcing_consecutive_gateway_failure, 0) > 0;
+    Outlier {
+        consecutive_5xx: if enforcing_5xx {
+            v(&o.consecutive_5xx, 5)
+        } else {
+            0
+        },
+        consecutive_gateway: if enforcing_gw {
+            v(&o.consecutive_gateway_failure, 5)
+        } else {
+            0
+        },
+        base_ejection: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(Duration::from_secs(30), pb_duration),
+        max_ejection_percent: v(&o.max_ejection_percent, 10),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PickError {
+    #[error("no healthy upstream")]
+    NoHealthy,
+    #[error("no original destination")]
+    NoOriginalDst,
+}
+
+impl Cluster {
+    pub(crate) fn transports(&self) -> impl Iterator<Item = &Arc<Transport>> {
+        std::iter::once(&self.plain).chain(self.mtls.iter())
+    }
+
+    fn transport_for(&self, tls: bool) -> &Arc<Transport> {
+        match (&self.mtls, tls) {
+            (Some(t), true) => t,
+            _ => &self.plain,
+        }
+    }
+
+    /// Chooses an endpoint. `original_dst` serves ORIGINAL_DST clusters; `exclude` keeps
+    /// retries off endpoints that already failed when others exist.
+    pub fn pick(
+        &self,
+        original_dst: Option<SocketAddr>,
+        exclude: &[Address],
+    ) -> Result<Pick<'_>, PickError> {
+        if self.discovery == Discovery::OriginalDst {
+            let dst = original_dst.ok_or(PickError::NoOriginalDst)?;
+            return Ok(Pick {
+                address: Address::Ip(dst),
+                transport: &self.plain,
+                state: None,
+            });
+        }
+        let now = now_ms();
+        let up =
+            |e: &&Endpoint| e.healthy && e.state.ejected_until_ms.load(Ordering::Relaxed) <= now;
+        let mut candidates: Vec<&Endpoint> = self
+            .endpoints
+            .iter()
+            .filter(up)
+            .filter(|e| !exclude.contains(&e.address))
+            .collect();
+        if candidates.is_empty() {
+            candidates = self.endpoints.iter().filter(up).collect();
+        }
+        let chosen = match (candidates.len(), self.lb) {
+            (0, _) => return Err(PickError::NoHealthy),
+            (1, _) => candidates[0],
+            (n, Lb::RoundRobin) => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
+            (n, Lb::Random | Lb::ClusterProvided) => candidates[rand::random_range(0..n)],
+            (n, Lb::LeastRequest) => {
+                // Power of two choices.
+                let a = rand::random_range(0..n);
+                let b = (a + rand::random_range(1..n)) % n;
+                let (ea, eb) = (candidates[a], candidates[b]);
+                if eb.state.active.load(Ordering::Relaxed) < ea.state.active.load(Ordering::Relaxed)
+                {
+                    eb
+                } else {
+                    ea
+                }
+            }
+        };
+        Ok(Pick {
+            address: chosen.address.clone(),
+            transport: self.transport_for(chosen.tls),
+            state: Some(&chosen.state),
+        })
+    }
+
+    /// Records an outcome for outlier detection: `status` of a response, or None for a
+    /// connection failure or reset (a gateway error).
+    pub fn record(&self, state: &EndpointState, status: Option<u16>) {
+        state.requests.fetch_add(1, Ordering::Relaxed);
+        let failed5xx = status.is_none_or(|s| s >= 500);
+        let gateway = status.is_none_or(|s| matches!(s, 502..=504));
+        if !failed5xx {
+            state.consecutive_errors.store(0, Ordering::Relaxed);
+            return;
+        }
+        state.errors.fetch_add(1, Ordering::Relaxed);
+        let n = state.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        let Some(o) = &self.outlier else { return };
+        let trips = (o.consecutive_5xx > 0 && n >= o.consecutive_5xx)
+            || (gateway && o.consecutive_gateway > 0 && n >= o.consecutive_gateway);
+        if !trips {
+            return;
+        }
+        let now = now_ms();
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.state.ejected_until_ms.load(Ordering::Relaxed) > now)
+            .count();
+        let total = self.endpoints.len().max(1);
+        // Envoy always allows one ejection, whatever the percentage.
+        if ejected > 0 && (ejected + 1) * 100 > total * o.max_ejection_percent as usize {
+            return;
+        }
+        let times = state.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let ms = u64::try_from(o.base_ejection.as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(times));
+        state
+            .ejected_until_ms
+            .store(now.saturating_add(ms), Ordering::Relaxed);
+        state.consecutive_errors.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether the endpoint at `addr` is ejected now (for `/clusters`).
+    pub fn is_ejected(state: &EndpointState) -> bool {
+        state.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+}

@@ -1,0 +1,603 @@
+//! Listeners: address, listener filters, filter chains and how a connection picks one.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain as PbFilterChain, Listener as PbListener, filter, listener_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+use envoy_types::pb::google::protobuf::Any;
+use ipnet::IpNet;
+use prost::Message;
+
+use super::CompileError;
+use super::cluster::mesh_tls;
+use super::route::{self, RouteTable};
+
+const KIND: &str = "listener";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+    Unspecified,
+}
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// False for the per-port listeners that only receive connections handed over by
+    /// `virtualOutbound` (`bind_to_port: false`).
+    pub bind: bool,
+    pub use_original_dst: bool,
+    pub direction: Direction,
+    /// `tls_inspector` present: the transport protocol, SNI and ALPN are known before matching.
+    pub inspect_tls: bool,
+    /// `http_inspector` present: plaintext HTTP/1.x and h2c are recognised before matching.
+    pub inspect_http: bool,
+    pub inspect_timeout: Duration,
+    pub continue_on_timeout: bool,
+    pub chains: Vec<Arc<FilterChain>>,
+    pub default_chain: Option<Arc<FilterChain>>,
+}
+
+/// What is known about a connection when its filter chain is chosen.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFacts {
+    pub destination: Option<SocketAddr>,
+    pub source: Option<SocketAddr>,
+    /// `tls` or `raw_buffer`, when inspected.
+    pub transport: Option<&'static str>,
+    pub server_name: Option<String>,
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct ChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<IpNet>,
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+    pub source_prefix_ranges: Vec<IpNet>,
+    pub source_ports: Vec<u16>,
+}
+
+impl ChainMatch {
+    /// Whether matching needs the first bytes of the connection.
+    pub fn needs_inspection(&self) -> bool {
+        !self.server_names.is_empty()
+            || self.transport_protocol.is_some()
+            || !self.application_protocols.is_empty()
+    }
+}
+
+#[derive(Debug)]
+pub struct FilterChain {
+    pub name: String,
+    pub matcher: ChainMatch,
+    /// Terminate TLS with the workload certificate before the filter.
+    pub tls: Option<DownstreamTls>,
+    pub filter: NetworkFilter,
+}
+
+#[derive(Debug, Clone)]
+pub struct DownstreamTls {
+    pub alpn: Vec<Vec<u8>>,
+    pub require_client_certificate: bool,
+}
+
+#[derive(Debug)]
+pub enum NetworkFilter {
+    Http(Arc<Hcm>),
+    Tcp {
+        cluster: String,
+        stat_prefix: String,
+    },
+}
+
+#[derive(Debug)]
+pub enum RouteSource {
+    Rds(String),
+    Inline(Arc<RouteTable>),
+}
+
+/// How the client certificate reaches the app (Envoy's `forward_client_cert_details`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardClientCert {
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    SanitizeSet,
+    AlwaysForwardOnly,
+}
+
+#[derive(Debug)]
+pub struct Hcm {
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+    pub forward_client_cert: ForwardClientCert,
+    /// `set_current_client_cert_details`: subject, URI, DNS.
+    pub xfcc_subject: bool,
+    pub xfcc_uri: bool,
+    pub xfcc_dns: bool,
+    pub generate_request_id: bool,
+}
+
+pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
+    let err = |reason: String| CompileError::new(KIND, &l.name, reason);
+    let address = socket_addr(l.address.as_ref()).map_err(err)?;
+    let mut inspect_tls = false;
+    let mut inspect_http = false;
+    for f in &l.listener_filters {
+        match f.name.as_str() {
+            "envoy.filters.listener.original_dst" => {}
+            "envoy.filters.listener.tls_inspector" => inspect_tls = true,
+            "envoy.filters.listener.http_inspector" => inspect_http = true,
+            other => {
+                let typed = match &f.config_type {
+                    Some(listener_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+                    _ => "",
+                };
+                return Err(err(format!(
+                    "listener filter {other:?} ({typed}) is not supported"
+                )));
+            }
+        }
+    }
+    let chains = l
+        .filter_chains
+        .iter()
+        .map(|c| chain(c).map(Arc::new))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(err)?;
+    let default_chain = l
+        .default_filter_chain
+        .as_ref()
+        .map(|c| chain(c).map(Arc::new))
+        .transpose()
+        .map_err(err)?;
+    Ok(Listener {
+        name: l.name.clone(),
+        address,
+        bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
+        use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
+        direction: match l.traffic_direction {
+            1 => Direction::Inbound,
+            2 => Direction::Outbound,
+            _ => Direction::Unspecified,
+        },
+        inspect_tls,
+        inspect_http,
+        inspect_timeout: l
+            .listener_filters_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(15), pb_duration),
+        continue_on_timeout: l.continue_on_listener_filters_timeout,
+        chains,
+        default_chain,
+    })
+}
+
+pub(crate) fn pb_duration(d: &envoy_types::pb::google::protobuf::Duration) -> Duration {
+    Duration::new(
+        u64::try_from(d.seconds).unwrap_or(0),
+        u32::try_from(d.nanos).unwrap_or(0),
+    )
+}
+
+pub(crate) fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
+    let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
+        return Err("address is not a socket address".into());
+    };
+    socket_address(sa)
+}
+
+pub(crate) fn socket_address(sa: &SocketAddress) -> Result<SocketAddr, String> {
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("address {:?} is not an IP address", sa.address))?;
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} out of range"))?
+        }
+        Some(socket_address::PortSpecifier::NamedPort(ref n)) => {
+            return Err(format!("named port {n:?} is not supported"));
+        }
+        None => 0,
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
+    let name = &c.name;
+    let m = c.filter_chain_match.clone().unwrap_or_default();
+    let cidrs = |ranges: &[envoy_types::pb::envoy::config::core::v3::CidrRange]| {
+        ranges
+            .iter()
+            .map(|r| {
+                let len = r.prefix_len.as_ref().map_or(0, |l| l.value);
+                format!("{}/{len}", r.address_prefix)
+                    .parse::<IpNet>()
+                    .map_err(|_| format!("filter chain {name:?}: bad CIDR {r:?}"))
+            })
+            .collect::<Result<Vec<_>, String>>()
+    };
+    let matcher = ChainMatch {
+        destination_port: m
+            .destination_port
+            .as_ref()
+            .map(|p| u16::try_from(p.value))
+            .transpose()
+            .map_err(|_| format!("filter chain {name:?}: destination port out of range"))?,
+        prefix_ranges: cidrs(&m.prefix_ranges)?,
+        server_names: m.server_names.clone(),
+        transport_protocol: (!m.transport_protocol.is_empty())
+            .then(|| m.transport_protocol.clone()),
+        application_protocols: m.application_protocols.clone(),
+        source_prefix_ranges: cidrs(&m.source_prefix_ranges)?,
+        source_ports: m
+            .source_ports
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok())
+            .collect(),
+    };
+    let tls = match &c.transport_socket {
+        None => None,
+        Some(ts) => match &ts.config_type {
+            Some(
+                envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                    any,
+                ),
+            ) if any.type_url.ends_with(".DownstreamTlsContext") => {
+                let ctx = DownstreamTlsContext::decode(any.value.as_slice())
+                    .map_err(|e| format!("filter chain {name:?}: TLS context: {e}"))?;
+                let common = ctx.common_tls_context.unwrap_or_default();
+                mesh_tls(&common).map_err(|e| format!("filter chain {name:?}: {e}"))?;
+                Some(DownstreamTls {
+                    alpn: common
+                        .alpn_protocols
+                        .iter()
+                        .map(|a| a.as_bytes().to_vec())
+                        .collect(),
+                    require_client_certificate: ctx
+                        .require_client_certificate
+                        .as_ref()
+                        .is_some_and(|b| b.value),
+                })
+            }
+            Some(
+                envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                    any,
+                ),
+            ) if any.type_url.ends_with(".RawBuffer") => None,
+            _ => {
+                return Err(format!(
+                    "filter chain {name:?}: transport socket {:?} is not supported",
+                    ts.name
+                ));
+            }
+        },
+    };
+    let filter = match c.filters.as_slice() {
+        [one] => network_filter(one).map_err(|e| format!("filter chain {name:?}: {e}"))?,
+        [] => return Err(format!("filter chain {name:?} has no network filter")),
+        many => {
+            return Err(format!(
+                "filter chain {name:?}: {} network filters; one terminal filter is supported",
+                many.len()
+            ));
+        }
+    };
+    Ok(FilterChain {
+        name: name.clone(),
+        matcher,
+        tls,
+        filter,
+    })
+}
+
+fn typed(f: &Filter) -> Result<&Any, String> {
+    match &f.config_type {
+        Some(filter::ConfigType::TypedConfig(any)) => Ok(any),
+        _ => Err(format!("filter {:?} has no typed config", f.name)),
+    }
+}
+
+fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
+    let any = typed(f)?;
+    if any.type_url.ends_with(".TcpProxy") {
+        let tp = TcpProxy::decode(any.value.as_slice()).map_err(|e| format!("tcp_proxy: {e}"))?;
+        let cluster = match tp.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
+            Some(tcp_proxy::ClusterSpecifier::WeightedClusters(_)) => {
+                return Err("tcp_proxy weighted clusters are not supported".into());
+            }
+            None => return Err("tcp_proxy names no cluster".into()),
+        };
+        return Ok(NetworkFilter::Tcp {
+            cluster,
+            stat_prefix: tp.stat_prefix,
+        });
+    }
+    if any.type_url.ends_with(".HttpConnectionManager") {
+        let hcm = HttpConnectionManager::decode(any.value.as_slice())
+            .map_err(|e| format!("http_connection_manager: {e}"))?;
+        return http_connection_manager(hcm).map(|h| NetworkFilter::Http(Arc::new(h)));
+    }
+    Err(format!(
+        "network filter {:?} ({}) is not supported",
+        f.name, any.type_url
+    ))
+}
+
+fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
+    let mut has_router = false;
+    for f in &hcm.http_filters {
+        let type_url = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
+            _ => "",
+        };
+        if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
+            has_router = true;
+        } else if !f.is_optional {
+            return Err(format!(
+                "HTTP filter {:?} ({type_url}) is not supported",
+                f.name
+            ));
+        }
+    }
+    if !has_router {
+        return Err("http_connection_manager has no router filter".into());
+    }
+    let routes = match hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+            RouteSource::Rds(rds.route_config_name)
+        }
+        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
+            RouteSource::Inline(Arc::new(route::compile(&rc).map_err(|e| e.to_string())?))
+        }
+        _ => {
+            return Err("http_connection_manager: only RDS and inline routes are supported".into());
+        }
+    };
+    let details = hcm.set_current_client_cert_details.unwrap_or_default();
+    Ok(Hcm {
+        stat_prefix: hcm.stat_prefix,
+        routes,
+        forward_client_cert: match hcm.forward_client_cert_details {
+            1 => ForwardClientCert::ForwardOnly,
+            2 => ForwardClientCert::AppendForward,
+            3 => ForwardClientCert::SanitizeSet,
+            4 => ForwardClientCert::AlwaysForwardOnly,
+            _ => ForwardClientCert::Sanitize,
+        },
+        xfcc_subject: details.subject.is_some_and(|b| b.value),
+        xfcc_uri: details.uri,
+        xfcc_dns: details.dns,
+        generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
+    })
+}
+
+/// How well one criterion of a chain matches a connection.
+enum Spec {
+    /// The chain does not constrain it.
+    Any,
+    /// It matches, with this specificity (higher wins).
+    Match(u32),
+    No,
+}
+
+impl Listener {
+    /// Whether any chain still in play for `facts` needs the first bytes to decide.
+    pub fn needs_inspection(&self, facts: &ConnectionFacts) -> bool {
+        (self.inspect_tls || self.inspect_http)
+            && narrow_by_address(self.chains.iter().collect(), facts)
+                .iter()
+                .any(|c| c.matcher.needs_inspection())
+    }
+
+    /// Envoy's filter-chain selection: each criterion in turn keeps the most specific chains
+    /// that match it, or those that do not constrain it; a criterion that leaves none means no
+    /// chain (the default chain, if any) — less specific chains are not reconsidered.
+    pub fn select(&self, facts: &ConnectionFacts) -> Option<&Arc<FilterChain>> {
+        let mut c = narrow_by_address(self.chains.iter().collect(), facts);
+        c = narrow(c, |m| {
+            if m.server_names.is_empty() {
+                return Spec::Any;
+            }
+            let Some(sni) = facts.server_name.as_deref() else {
+                return Spec::No;
+            };
+            m.server_names
+                .iter()
+                .filter_map(|n| server_name_match(n, sni))
+                .max()
+                .map_or(Spec::No, Spec::Match)
+        });
+        c = narrow(c, |m| match (&m.transport_protocol, facts.transport) {
+            (None, _) => Spec::Any,
+            (Some(want), Some(got)) if want == got => Spec::Match(1),
+            (Some(want), None) if want == "raw_buffer" => Spec::Match(1),
+            _ => Spec::No,
+        });
+        c = narrow(c, |m| {
+            if m.application_protocols.is_empty() {
+                Spec::Any
+            } else if m
+                .application_protocols
+                .iter()
+                .any(|p| facts.alpn.contains(p))
+            {
+                Spec::Match(1)
+            } else {
+                Spec::No
+            }
+        });
+        c = narrow(c, |m| {
+            let Some(src) = facts.source else {
+                return Spec::Any;
+            };
+            prefix_spec(&m.source_prefix_ranges, src.ip())
+        });
+        c = narrow(c, |m| match facts.source {
+            Some(src) if !m.source_ports.is_empty() => {
+                if m.source_ports.contains(&src.port()) {
+                    Spec::Match(1)
+                } else {
+                    Spec::No
+                }
+            }
+            _ => Spec::Any,
+        });
+        c.first().copied().or(self.default_chain.as_ref())
+    }
+}
+
+fn narrow_by_address<'a>(
+    chains: Vec<&'a Arc<FilterChain>>,
+    facts: &ConnectionFacts,
+) -> Vec<&'a Arc<FilterChain>> {
+    let c = narrow(chains, |m| match (m.destination_port, facts.destination) {
+        (None, _) => Spec::Any,
+        (Some(p), Some(d)) if p == d.port() => Spec::Match(1),
+        _ => Spec::No,
+    });
+    narrow(c, |m| match facts.destination {
+        Some(d) => prefix_spec(&m.prefix_ranges, d.ip()),
+        None if m.prefix_ranges.is_empty() => Spec::Any,
+        None => Spec::No,
+    })
+}
+
+fn prefix_spec(ranges: &[IpNet], ip: IpAddr) -> Spec {
+    if ranges.is_empty() {
+        return Spec::Any;
+    }
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    ranges
+        .iter()
+        .filter(|r| r.contains(&ip))
+        .map(|r| u32::from(r.prefix_len()))
+        .max()
+        .map_or(Spec::No, Spec::Match)
+}
+
+/// Exact names beat wildcards; longer wildcards beat shorter ones.
+fn server_name_match(pattern: &str, sni: &str) -> Option<u32> {
+    let sni = sni.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    if pattern == sni {
+        return Some(u32::MAX);
+    }
+    let suffix = pattern.strip_prefix('*')?;
+    (sni.ends_with(suffix) && sni.len() > suffix.len())
+        .then(|| u32::try_from(suffix.len()).unwrap_or(0))
+}
+
+fn narrow(
+    chains: Vec<&Arc<FilterChain>>,
+    spec: impl Fn(&ChainMatch) -> Spec,
+) -> Vec<&Arc<FilterChain>> {
+    let mut best: Option<u32> = None;
+    let mut matched = Vec::new();
+    let mut any = Vec::new();
+    for c in chains {
+        match spec(&c.matcher) {
+            Spec::Match(s) => {
+                if best.is_none_or(|b| s > b) {
+                    best = Some(s);
+                    matched.clear();
+                }
+                if best == Some(s) {
+                    matched.push(c);
+                }
+            }
+            Spec::Any => any.push(c),
+            Spec::No => {}
+        }
+    }
+    if matched.is_empty() { any } else { matched }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(name: &str, port: Option<u16>, transport: Option<&str>) -> Arc<FilterChain> {
+        Arc::new(FilterChain {
+            name: name.into(),
+            matcher: ChainMatch {
+                destination_port: port,
+                transport_protocol: transport.map(str::to_string),
+                ..Default::default()
+            },
+            tls: None,
+            filter: NetworkFilter::Tcp {
+                cluster: name.into(),
+                stat_prefix: name.into(),
+            },
+        })
+    }
+
+    fn listener(chains: Vec<Arc<FilterChain>>) -> Listener {
+        Listener {
+            name: "virtualInbound".into(),
+            address: "0.0.0.0:15006".parse().unwrap(),
+            bind: true,
+            use_original_dst: true,
+            direction: Direction::Inbound,
+            inspect_tls: true,
+            inspect_http: false,
+            inspect_timeout: Duration::from_secs(1),
+            continue_on_timeout: true,
+            chains,
+            default_chain: None,
+        }
+    }
+
+    fn facts(port: u16, transport: Option<&'static str>) -> ConnectionFacts {
+        ConnectionFacts {
+            destination: Some(SocketAddr::new([10, 0, 0, 1].into(), port)),
+            transport,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn most_specific_chain_wins_without_falling_back() {
+        let l = listener(vec![
+            chain("strict-tls", Some(9080), Some("tls")),
+            chain("permissive-tls", Some(8080), Some("tls")),
+            chain("permissive-raw", Some(8080), Some("raw_buffer")),
+            chain("catchall", None, None),
+        ]);
+        let pick = |port, t| l.select(&facts(port, t)).map(|c| c.name.as_str());
+        assert_eq!(pick(9080, Some("tls")), Some("strict-tls"));
+        // STRICT: plaintext to the port matches no chain; the catch-all is not reconsidered.
+        assert_eq!(pick(9080, Some("raw_buffer")), None);
+        assert_eq!(pick(8080, Some("raw_buffer")), Some("permissive-raw"));
+        assert_eq!(pick(8080, Some("tls")), Some("permissive-tls"));
+        assert_eq!(pick(7000, Some("tls")), Some("catchall"));
+        assert!(l.needs_inspection(&facts(8080, None)));
+    }
+
+    #[test]
+    fn server_names_prefer_exact_then_longest_wildcard() {
+        assert_eq!(server_name_match("a.b.c", "A.b.c"), Some(u32::MAX));
+        assert_eq!(server_name_match("*.b.c", "a.b.c"), Some(4));
+        assert_eq!(server_name_match("*.b.c", "b.c"), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! The Envoy configuration the proxy runs, compiled from the xDS it accepted.
+//!
+//! Compiling is where the proxy decides whether it can implement what it was sent: anything it
+//! cannot (an unknown filter, a load balancer it lacks, TLS it has no certificates for) is an
+//! error that becomes the NACK's detail, and the previous configuration stays in force.
+//! References between resources (a listener naming a route configuration, a route naming a
+//! cluster) are resolved per request, so resources may arrive in any order, as in Envoy.
+
+pub mod cluster;
+pub mod listener;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use isthmus_xds::client::XdsState;
+
+pub use crate::upstream::Pools;
+pub use cluster::{Cluster, Endpoint};
+pub use listener::{FilterChain, Listener, NetworkFilter};
+pub use route::RouteTable;
+
+/// A resource the proxy cannot run, named for the NACK.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind} {name:?}: {reason}")]
+pub struct CompileError {
+    pub kind: &'static str,
+    pub name: String,
+    pub reason: String,
+}
+
+impl CompileError {
+    fn new(kind: &'static str, name: &str, reason: impl Into<String>) -> Self {
+        CompileError {
+            kind,
+            name: name.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// One consistent configuration; swapped whole on every accepted update.
+#[derive(Debug, Default)]
+pub struct Config {
+    pub listeners: Vec<Arc<Listener>>,
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// What it was compiled from, for `/config_dump`.
+    pub xds: Arc<XdsState>,
+}
+
+impl Config {
+    /// Compiles every resource; `pools` keeps connections and counters of unchanged clusters.
+    pub fn compile(xds: &XdsState, pools: &Pools) -> Result<Config, CompileError> {
+        let listeners = xds
+            .listeners
+            .values()
+            .map(|l| listener::compile(l).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let routes = xds
+            .routes
+            .iter()
+            .map(|(name, r)| Ok((name.clone(), Arc::new(route::compile(r)?))))
+            .collect::<Result<HashMap<_, _>, CompileError>>()?;
+        let clusters = xds
+            .clusters
+            .iter()
+            .map(|(name, c)| {
+                let eds_name = c
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| {
+                        if e.service_name.is_empty() {
+                            name.as_str()
+                        } else {
+                            e.service_name.as_str()
+                        }
+                    })
+                    .unwrap_or(name);
+                let assignment = xds.endpoints.get(eds_name);
+                Ok((
+                    name.clone(),
+                    Arc::new(cluster::compile(c, assignment, pools)?),
+                ))
+            })
+            .collect::<Result<HashMap<_, _>, CompileError>>()?;
+        pools.retain(clusters.values());
+        Ok(Config {
+            listeners,
+            routes,
+            clusters,
+            xds: Arc::new(xds.clone()),
+        })
+    }
+
+    /// The listener bound at `port` (15001, 15006, …).
+    pub fn bound_listener(&self, port: u16) -> Option<&Arc<Listener>> {
+        self.listeners
+            .iter()
+            .find(|l| l.bind && l.address.port() == port)
+    }
+
+    /// The listener an original destination is handed to by a `use_original_dst` listener:
+    /// the one with exactly that address, else the wildcard one on that port (Envoy's rule).
+    pub fn listener_for(&self, dst: std::net::SocketAddr) -> Option<&Arc<Listener>> {
+        let exact = self.listeners.iter().find(|l| !l.bind && l.address == dst);
+        exact.or_else(|| {
+            self.listeners.iter().find(|l| {
+                !l.bind && l.address.port() == dst.port() && l.address.ip().is_unspecified()
+            })
+        })
+    }
+}

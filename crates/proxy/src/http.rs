@@ -1,0 +1,783 @@
+//! `http_connection_manager` and the router: per request, the virtual host by authority, the
+//! route, the cluster and endpoint, with Istio's header handling (request id, client
+//! certificate details, peer metadata) and telemetry recorded when the response ends.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode, Version};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Shared;
+use crate::config::Cluster;
+use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
+use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
+use crate::peer::{self, Workload};
+use crate::serve::ConnInfo;
+use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
+use crate::upstream::{Address, Body, EndpointState};
+
+const XFCC: &str = "x-forwarded-client-cert";
+const REQUEST_ID: &str = "x-request-id";
+
+pub async fn serve<S>(io: S, hcm: Arc<Hcm>, info: Arc<ConnInfo>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = {
+        let shared = shared.clone();
+        hyper::service::service_fn(move |req| {
+            let (hcm, info, shared) = (hcm.clone(), info.clone(), shared.clone());
+            async move { Ok::<_, Infallible>(handle(req, &hcm, &info, &shared).await) }
+        })
+    };
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    let mut drain = shared.draining.clone();
+    let draining = async move {
+        let _ = drain.wait_for(|d| *d).await;
+    };
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = draining => {
+            // Finish what is in flight, accept nothing new on this connection.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// The request's authority: `Host`, else the URI's (HTTP/2 `:authority`).
+pub fn authority(req: &Parts) -> Option<&str> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A response made by the proxy itself, with Envoy's text and response flag.
+fn local_reply(status: u16, text: &str) -> Response<Body> {
+    let mut r = Response::new(if text.is_empty() {
+        empty()
+    } else {
+        Full::new(Bytes::from(text.to_string()))
+            .map_err(|never| match never {})
+            .boxed()
+    });
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if !text.is_empty() {
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    r
+}
+
+fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
+}
+
+fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
+    h.get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+}
+
+/// RFC 9110 §7.6.1: connection-specific fields do not cross a proxy. An upgrade keeps its
+/// `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = connection_tokens(h)
+        .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        h.remove(n);
+    }
+    if h.get(header::TE)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        h.remove(header::TE);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+fn request_id() -> HeaderValue {
+    let b: [u8; 16] = rand::random();
+    let hex = crate::serve::hex(&b);
+    let s = format!(
+        "{}-{}-4{}-{:x}{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[13..16],
+        (b[8] & 0x3) | 0x8,
+        &hex[17..20],
+        &hex[20..32]
+    );
+    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+/// Envoy's `x-forwarded-client-cert` handling for this connection.
+fn client_cert_header(h: &mut HeaderMap, hcm: &Hcm, info: &ConnInfo, shared: &Shared) {
+    let Some(peer) = &info.peer else {
+        if hcm.forward_client_cert != ForwardClientCert::AlwaysForwardOnly {
+            h.remove(XFCC);
+        }
+        return;
+    };
+    let mut current = format!("By={};Hash={}", shared.me.principal_uri, peer.hash);
+    if hcm.xfcc_subject {
+        current.push_str(";Subject=\"\"");
+    }
+    if hcm.xfcc_uri
+        && let Some(id) = &peer.identity
+    {
+        current.push_str(&format!(";URI={id}"));
+    }
+    let value = match hcm.forward_client_cert {
+        ForwardClientCert::Sanitize => None,
+        ForwardClientCert::ForwardOnly | ForwardClientCert::AlwaysForwardOnly => return,
+        ForwardClientCert::SanitizeSet => Some(current),
+        ForwardClientCert::AppendForward => Some(match h.get(XFCC).and_then(|v| v.to_str().ok()) {
+            Some(prev) if !prev.is_empty() => format!("{prev},{current}"),
+            _ => current,
+        }),
+    };
+    h.remove(XFCC);
+    if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert(XFCC, v);
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    hcm: &Hcm,
+    info: &Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let stats = &shared.stats;
+    stats.inc(&format!("http.{}.downstream_rq_total", hcm.stat_prefix));
+    let cfg = shared.config();
+    let table = match &hcm.routes {
+        RouteSource::Inline(t) => Some(t.clone()),
+        RouteSource::Rds(name) => cfg.routes.get(name).cloned(),
+    };
+    let upgrade = is_upgrade(req.version(), req.headers());
+    let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let host = authority(&parts).unwrap_or_default().to_string();
+    let selected = table.as_ref().and_then(|t| {
+        let vh = t.virtual_host(&host)?;
+        Some((vh, vh.route(&parts)?))
+    });
+    let Some((vh, route)) = selected else {
+        stats.inc(&format!("http.{}.no_route", hcm.stat_prefix));
+        return local_reply(404, "");
+    };
+    match &route.action {
+        Action::Direct { status, body } => {
+            let mut r = local_reply(*status, body);
+            route.headers.apply_response(r.headers_mut());
+            vh.headers.apply_response(r.headers_mut());
+            r
+        }
+        Action::Redirect(rd) => redirect(rd, &parts, &host),
+        Action::Forward(fwd) => {
+            prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
+            let request_bytes = Arc::new(AtomicU64::new(0));
+            let body = Counted {
+                inner: body,
+                bytes: request_bytes.clone(),
+            };
+            let mut resp = forward(
+                parts,
+                body,
+                fwd,
+                &cfg.clusters,
+                info,
+                shared,
+                Pending {
+                    start,
+                    request_bytes,
+                    upgrade,
+                },
+            )
+            .await;
+            route.headers.apply_response(resp.headers_mut());
+            vh.headers.apply_response(resp.headers_mut());
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                && let Some(down) = down_upgrade
+            {
+                let up = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(d), Ok(u)) = (down.await, up.await) {
+                        let _ = tokio::io::copy_bidirectional(
+                            &mut TokioIo::new(d),
+                            &mut TokioIo::new(u),
+                        )
+                        .await;
+                    }
+                });
+            }
+            resp
+        }
+    }
+}
+
+fn redirect(rd: &Redirect, parts: &Parts, host: &str) -> Response<Body> {
+    let scheme = rd.scheme.as_deref().unwrap_or("http");
+    let mut authority = rd.host.clone().unwrap_or_else(|| {
+        host.rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map_or(host.to_string(), |(h, _)| h.to_string())
+    });
+    if let Some(p) = rd.port {
+        authority = format!("{authority}:{p}");
+    } else if rd.host.is_none()
+        && let Some((_, p)) = host.rsplit_once(':')
+    {
+        authority = format!("{authority}:{p}");
+    }
+    let path = rd.path.clone().unwrap_or_else(|| {
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/".to_string(), |p| p.as_str().to_string())
+    });
+    let mut r = local_reply(rd.status, "");
+    if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{authority}{path}")) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare_request(
+    parts: &mut Parts,
+    hcm: &Hcm,
+    info: &ConnInfo,
+    shared: &Shared,
+    vh: &VirtualHost,
+    route: &Route,
+    fwd: &Forward,
+    upgrade: bool,
+) {
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h, upgrade);
+    if hcm.generate_request_id && !h.contains_key(REQUEST_ID) {
+        h.insert(REQUEST_ID, request_id());
+    }
+    client_cert_header(h, hcm, info, shared);
+    if !h.contains_key("x-forwarded-proto") {
+        let proto = if info.peer.is_some() { "https" } else { "http" };
+        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+    // The logical host travels as `Host`: the upstream URI carries the endpoint address.
+    if !h.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        h.insert(header::HOST, v);
+    }
+    route.headers.apply_request(h);
+    vh.headers.apply_request(h);
+    if let Some(host) = &fwd.host_rewrite
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        h.insert(header::HOST, v);
+    }
+    if let Some(prefix) = &fwd.prefix_rewrite {
+        // Replace the part the route matched: for a prefix route, its prefix.
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let matched = route.prefix().unwrap_or("");
+        let rest = pq.strip_prefix(matched).unwrap_or(&pq);
+        let new = if prefix.ends_with('/') && rest.starts_with('/') {
+            format!("{prefix}{}", &rest[1..])
+        } else {
+            format!("{prefix}{rest}")
+        };
+        if let Ok(u) = new.parse() {
+            parts.uri = u;
+        }
+    }
+}
+
+/// What the response still needs to finish the request's telemetry.
+struct Pending {
+    start: Instant,
+    request_bytes: Arc<AtomicU64>,
+    upgrade: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    parts: Parts,
+    body: Counted<Incoming>,
+    fwd: &Forward,
+    clusters: &std::collections::HashMap<String, Arc<Cluster>>,
+    info: &Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+    pending: Pending,
+) -> Response<Body> {
+    let stats = &shared.stats;
+    let reporter = if info.inbound() {
+        Reporter::Destination
+    } else {
+        Reporter::Source
+    };
+    let protocol = if parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"))
+    {
+        "grpc"
+    } else {
+        "http"
+    };
+    let cluster_name = fwd.clusters.pick();
+    let source_peer = if info.inbound() {
+        parts
+            .headers
+            .get(peer::METADATA)
+            .and_then(|v| Workload::decode(v.as_bytes()))
+    } else {
+        None
+    };
+    let Some(cluster) = clusters.get(cluster_name).cloned() else {
+        stats.inc(&format!("http.{cluster_name}.no_cluster"));
+        let parties = shared.parties(info, None, source_peer, None);
+        finish_local(stats, reporter, &parties, protocol, 503, "NC", &pending);
+        return local_reply(503, "");
+    };
+    let mut parts = parts;
+    // Peer metadata: inbound reads and removes the caller's; outbound announces this workload.
+    parts.headers.remove(peer::METADATA);
+    parts.headers.remove(peer::METADATA_ID);
+    if !info.inbound() {
+        parts
+            .headers
+            .insert(peer::METADATA, shared.me.metadata.clone());
+        parts
+            .headers
+            .insert(peer::METADATA_ID, shared.me.node_id.clone());
+    }
+    let bodiless = body.inner.is_end_stream();
+    let retry = fwd.retry.as_ref().filter(|_| bodiless && !pending.upgrade);
+    let attempts = 1 + retry.map_or(0, |r| r.attempts);
+    let per_try = retry.and_then(|r| r.per_try_timeout).or(fwd.timeout);
+    let mut body = Some(body);
+    let mut failed: Vec<Address> = Vec::new();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    let mut last: Response<Body> = local_reply(503, "no healthy upstream");
+    let mut last_flags = "UH";
+    let deadline = fwd.timeout.map(|t| pending.start + t);
+    for attempt in 0..attempts {
+        let pick = match cluster.pick(Some(info.destination), &failed) {
+            Ok(p) => p,
+            Err(_) => {
+                stats.inc(&format!(
+                    "cluster.{}.upstream_cx_none_healthy",
+                    cluster.name
+                ));
+                break;
+            }
+        };
+        let Ok(uri) = format!("http://{}{path}", pick.address.authority()).parse::<http::Uri>()
+        else {
+            last = local_reply(400, "");
+            last_flags = "DPE";
+            break;
+        };
+        let mut b = Request::builder()
+            .method(parts.method.clone())
+            .uri(uri)
+            .version(Version::HTTP_11);
+        if let Some(h) = b.headers_mut() {
+            *h = parts.headers.clone();
+        }
+        let up_body: Body = match body.take() {
+            Some(b) if attempt == 0 => b.boxed(),
+            _ => empty(),
+        };
+        let Ok(up_req) = b.body(up_body) else {
+            last = local_reply(400, "");
+            last_flags = "DPE";
+            break;
+        };
+        let client = if pending.upgrade {
+            &pick.transport.http1
+        } else {
+            &pick.transport.http
+        };
+        let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
+        stats.inc(&format!("cluster.{}.upstream_rq_total", cluster.name));
+        let call = client.request(up_req);
+        let limit = match (per_try, deadline) {
+            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(Instant::now()))),
+            (t, None) => t,
+            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+        };
+        let result = match limit {
+            Some(t) => tokio::time::timeout(t, call).await.map_err(|_| ()),
+            None => Ok(call.await),
+        };
+        let more = attempt + 1 < attempts;
+        match result {
+            Ok(Ok(mut resp)) => {
+                let status = resp.status().as_u16();
+                if let Some(s) = pick.state {
+                    cluster.record(s, Some(status));
+                }
+                stats.inc(&format!(
+                    "cluster.{}.upstream_rq_{}xx",
+                    cluster.name,
+                    status / 100
+                ));
+                if more && retry.is_some_and(|r| r.on_status(status)) {
+                    stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
+                    failed.push(pick.address.clone());
+                    continue;
+                }
+                strip_hop_by_hop(resp.headers_mut(), status == 101);
+                let dest_peer = resp
+                    .headers_mut()
+                    .remove(peer::METADATA)
+                    .and_then(|v| Workload::decode(v.as_bytes()));
+                resp.headers_mut().remove(peer::METADATA_ID);
+                if info.inbound() {
+                    resp.headers_mut()
+                        .insert(peer::METADATA, shared.me.metadata.clone());
+                    resp.headers_mut()
+                        .insert(peer::METADATA_ID, shared.me.node_id.clone());
+                }
+                let parties = shared.parties(info, Some(&cluster), source_peer, dest_peer);
+                let grpc_status = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let (head, body) = resp.into_parts();
+                let observed = Observed {
+                    inner: body,
+                    bytes: 0,
+                    telemetry: Some(Telemetry {
+                        stats: shared.stats.clone(),
+                        reporter,
+                        parties,
+                        protocol,
+                        status,
+                        grpc_status,
+                        start: pending.start,
+                        request_bytes: pending.request_bytes.clone(),
+                        _active: active,
+                    }),
+                };
+                return Response::from_parts(head, observed.boxed());
+            }
+            Ok(Err(e)) => {
+                if let Some(s) = pick.state {
+                    cluster.record(s, None);
+                }
+                let connect = e.is_connect();
+                let reason = source_chain(&e);
+                tracing::debug!(cluster = %cluster.name, address = %pick.address, error = %reason, "upstream request failed");
+                stats.inc(&format!(
+                    "cluster.{}.{}",
+                    cluster.name,
+                    if connect {
+                        "upstream_cx_connect_fail"
+                    } else {
+                        "upstream_rq_rx_reset"
+                    }
+                ));
+                failed.push(pick.address.clone());
+                last = local_reply(
+                    503,
+                    &format!(
+                        "upstream connect error or disconnect/reset before headers. reset reason: {}",
+                        if connect {
+                            format!("connection failure, transport failure reason: {reason}")
+                        } else {
+                            "connection termination".to_string()
+                        }
+                    ),
+                );
+                last_flags = if connect { "UF" } else { "UC" };
+                let retriable = retry.is_some_and(|r| {
+                    (connect && r.connect_failure) || (!connect && (r.reset || r.refused_stream))
+                });
+                if more && retriable {
+                    stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
+                    continue;
+                }
+                if more && retry.is_some() {
+                    last_flags = "URX";
+                }
+                break;
+            }
+            Err(()) => {
+                stats.inc(&format!("cluster.{}.upstream_rq_timeout", cluster.name));
+                if let Some(s) = pick.state {
+                    cluster.record(s, Some(504));
+                }
+                last = local_reply(504, "upstream request timeout");
+                last_flags = "UT";
+                let overall_left = deadline.is_none_or(|d| Instant::now() < d);
+                if more && overall_left {
+                    failed.push(pick.address.clone());
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+    let parties = shared.parties(info, Some(&cluster), source_peer, None);
+    finish_local(
+        stats,
+        reporter,
+        &parties,
+        protocol,
+        last.status().as_u16(),
+        last_flags,
+        &pending,
+    );
+    last
+}
+
+fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn finish_local(
+    stats: &Stats,
+    reporter: Reporter,
+    parties: &Parties,
+    protocol: &'static str,
+    status: u16,
+    flags: &'static str,
+    pending: &Pending,
+) {
+    stats.record_request(RequestOutcome {
+        reporter,
+        parties,
+        protocol,
+        status,
+        grpc_status: None,
+        flags,
+        duration_ms: pending.start.elapsed().as_secs_f64() * 1000.0,
+        request_bytes: pending.request_bytes.load(Ordering::Relaxed),
+        response_bytes: 0,
+    });
+}
+
+/// Counts an endpoint's request in flight until the response ends.
+struct ActiveGuard(Arc<EndpointState>);
+
+impl ActiveGuard {
+    fn new(s: Arc<EndpointState>) -> Self {
+        s.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(s)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request body that counts its bytes.
+struct Counted<B> {
+    inner: B,
+    bytes: Arc<AtomicU64>,
+}
+
+impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &p
+            && let Some(d) = f.data_ref()
+        {
+            self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Telemetry of one request, recorded when its response ends (or is abandoned).
+struct Telemetry {
+    stats: Arc<Stats>,
+    reporter: Reporter,
+    parties: Parties,
+    protocol: &'static str,
+    status: u16,
+    grpc_status: Option<String>,
+    start: Instant,
+    request_bytes: Arc<AtomicU64>,
+    _active: Option<ActiveGuard>,
+}
+
+/// A response body that finishes its request's telemetry at its end.
+struct Observed {
+    inner: Incoming,
+    bytes: u64,
+    telemetry: Option<Telemetry>,
+}
+
+impl Observed {
+    fn finish(&mut self) {
+        if let Some(t) = self.telemetry.take() {
+            t.stats.record_request(RequestOutcome {
+                reporter: t.reporter,
+                parties: &t.parties,
+                protocol: t.protocol,
+                status: t.status,
+                grpc_status: t.grpc_status,
+                flags: "-",
+                duration_ms: t.start.elapsed().as_secs_f64() * 1000.0,
+                request_bytes: t.request_bytes.load(Ordering::Relaxed),
+                response_bytes: self.bytes,
+            });
+        }
+    }
+}
+
+impl HttpBody for Observed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let p = Pin::new(&mut self.inner).poll_frame(cx);
+        match &p {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(tel) = self.telemetry.as_mut()
+                {
+                    tel.grpc_status = Some(g.to_string());
+                }
+                if self.inner.is_end_stream() {
+                    self.finish();
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
+            Poll::Pending => {}
+        }
+        p
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_do_not_cross() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-custom"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 3, "{h:?}");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4() {
+        let id = request_id();
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36, "{s}");
+        assert_eq!(&s[14..15], "4");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Accepting connections: the original destination, the hand-off from `virtualOutbound` to
+//! the per-port listeners, filter-chain selection, TLS termination, and the network filter.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use isthmus_ca::identity::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::either::Either;
+
+use crate::Shared;
+use crate::config::listener::{ConnectionFacts, Direction};
+use crate::config::{Listener, NetworkFilter};
+
+/// Bound on a TLS handshake from a peer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The client certificate of an mTLS connection.
+#[derive(Debug, Clone)]
+pub struct PeerCert {
+    pub identity: Option<SpiffeId>,
+    /// SHA-256 of the leaf, hex (the `Hash=` of `x-forwarded-client-cert`).
+    pub hash: String,
+}
+
+/// What the filters know about their connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub listener: Arc<Listener>,
+    pub destination: SocketAddr,
+    pub source: SocketAddr,
+    /// Some when the connection is mTLS terminated here.
+    pub peer: Option<PeerCert>,
+}
+
+impl ConnInfo {
+    pub fn inbound(&self) -> bool {
+        self.listener.direction == Direction::Inbound
+    }
+}
+
+/// Accepts on a bound listener port until draining starts.
+pub async fn accept_loop(tcp: TcpListener, port: u16, shared: Arc<Shared>) {
+    let mut drain = shared.draining.clone();
+    let draining = async move {
+        let _ = drain.wait_for(|d| *d).await;
+    };
+    let mut draining = std::pin::pin!(draining);
+    loop {
+        tokio::select! {
+            r = tcp.accept() => match r {
+                Ok((stream, peer)) => {
+                    let shared = shared.clone();
+                    let guard = shared.connection_guard();
+                    tokio::spawn(async move {
+                        handle(stream, peer, port, &shared).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = &mut draining => return,
+        }
+    }
+}
+
+/// The destination the connection had before iptables redirected it; for TPROXY (no NAT
+/// entry) the local address is that destination.
+fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let local = stream.local_addr()?;
+    let got = if local.is_ipv4() {
+        getsockopt(stream, sockopt::OriginalDst).map(|sin| {
+            SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))),
+                u16::from_be(sin.sin_port),
+            )
+        })
+    } else {
+        getsockopt(stream, sockopt::Ip6tOriginalDst).map(|sin6| {
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)),
+                u16::from_be(sin6.sin6_port),
+            )
+        })
+    };
+    Ok(got.unwrap_or(local))
+}
+
+async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<Shared>) {
+    let cfg = shared.config();
+    let Some(bound) = cfg.bound_listener(port).cloned() else {
+        return;
+    };
+    let destination = if bound.use_original_dst {
+        match original_dst(&stream) {
+            Ok(d) => d,
+            Err(_) => return,
+        }
+    } else {
+        match stream.local_addr() {
+            Ok(d) => d,
+            Err(_) => return,
+        }
+    };
+    // A connection straight to a capture port would come back here forever.
+    if bound.use_original_dst && cfg.bound_listener(destination.port()).is_some() {
+        shared.stats.inc(&format!(
+            "listener.{}.downstream_cx_loop",
+            stat_name(&bound)
+        ));
+        return;
+    }
+    let listener = if bound.use_original_dst {
+        cfg.listener_for(destination).cloned().unwrap_or(bound)
+    } else {
+        bound
+    };
+    let lname = stat_name(&listener);
+    shared
+        .stats
+        .inc(&format!("listener.{lname}.downstream_cx_total"));
+    let mut facts = ConnectionFacts {
+        destination: Some(destination),
+        source: Some(source),
+        ..Default::default()
+    };
+    if listener.needs_inspection(&facts) {
+        match crate::inspect::inspect(&stream, listener.inspect_timeout, &mut facts).await {
+            Ok(true) => {}
+            Ok(false) if listener.continue_on_timeout => {
+                shared
+                    .stats
+                    .inc(&format!("listener.{lname}.listener_filter_timeout"));
+            }
+            Ok(false) | Err(_) => return,
+        }
+    }
+    let Some(chain) = listener.select(&facts).cloned() else {
+        shared
+            .stats
+            .inc(&format!("listener.{lname}.no_filter_chain_match"));
+        return;
+    };
+    let _ = stream.set_nodelay(true);
+    let (io, peer) = match &chain.tls {
+        None => (Either::Left(stream), None),
+        Some(tls) => {
+            let Some(identity) = shared.pools.identity() else {
+                return;
+            };
+            let server = match identity.server_config(&tls.alpn) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "server TLS config");
+                    return;
+                }
+            };
+            let accept = tokio_rustls::TlsAcceptor::from(server).accept(stream);
+            let tls_stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%source, error = %e, "TLS handshake failed");
+                    shared
+                        .stats
+                        .inc(&format!("listener.{lname}.ssl.connection_error"));
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = tls_stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|leaf| PeerCert {
+                    identity: isthmus_ca::tls::peer_identity(leaf).ok(),
+                    hash: hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref()),
+                });
+            (Either::Right(tls_stream), peer)
+        }
+    };
+    let info = Arc::new(ConnInfo {
+        listener,
+        destination,
+        source,
+        peer,
+    });
+    match &chain.filter {
+        NetworkFilter::Tcp { cluster, .. } => {
+            crate::tcp::proxy(io, cluster, &info, shared).await;
+        }
+        NetworkFilter::Http(hcm) => {
+            crate::http::serve(io, hcm.clone(), info, shared.clone()).await;
+        }
+    }
+}
+
+/// Envoy names listener stats by address: `0.0.0.0_15006`.
+pub fn stat_name(l: &Listener) -> String {
+    format!("{}_{}", l.address.ip(), l.address.port())
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

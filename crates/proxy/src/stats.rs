@@ -1,0 +1,358 @@
+//! Telemetry: Istio's standard metrics (Prometheus, on 15090) and Envoy-style counters for
+//! the admin `/stats` page.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::peer::Workload;
+
+/// Istio's duration buckets, in milliseconds.
+const DURATION_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets, in bytes.
+const SIZE_BYTES: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+/// What one request or connection is labelled with.
+#[derive(Debug, Clone, Default)]
+pub struct Parties {
+    pub source: Workload,
+    pub source_principal: String,
+    pub destination: Workload,
+    pub destination_principal: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub mutual_tls: bool,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    reporter: String,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_cluster: String,
+    request_protocol: String,
+    response_code: String,
+    grpc_response_status: String,
+    response_flags: String,
+    connection_security_policy: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    reporter: String,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    source_app: String,
+    source_version: String,
+    source_cluster: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    destination_app: String,
+    destination_version: String,
+    destination_service: String,
+    destination_service_name: String,
+    destination_service_namespace: String,
+    destination_cluster: String,
+    request_protocol: String,
+    response_flags: String,
+    connection_security_policy: String,
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+impl Parties {
+    fn security(&self, reporter: Reporter) -> String {
+        match (reporter, self.mutual_tls) {
+            (Reporter::Destination, true) => "mutual_tls",
+            (Reporter::Destination, false) => "none",
+            (Reporter::Source, _) => "unknown",
+        }
+        .to_string()
+    }
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+pub struct Stats {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Histograms<RequestLabels>,
+    request_bytes: Histograms<RequestLabels>,
+    response_bytes: Histograms<RequestLabels>,
+    tcp_opened: Family<TcpLabels, Counter>,
+    tcp_closed: Family<TcpLabels, Counter>,
+    tcp_sent: Family<TcpLabels, Counter>,
+    tcp_received: Family<TcpLabels, Counter>,
+    /// Envoy-style counters by full name (`cluster.<name>.upstream_rq_total`).
+    counters: Mutex<BTreeMap<String, AtomicU64>>,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stats")
+    }
+}
+
+/// The outcome of one request.
+pub struct RequestOutcome<'a> {
+    pub reporter: Reporter,
+    pub parties: &'a Parties,
+    pub protocol: &'static str,
+    pub status: u16,
+    pub grpc_status: Option<String>,
+    pub flags: &'static str,
+    pub duration_ms: f64,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Stats {
+    pub fn new() -> Stats {
+        fn durations() -> Histogram {
+            Histogram::new(DURATION_MS)
+        }
+        fn sizes() -> Histogram {
+            Histogram::new(SIZE_BYTES)
+        }
+        let mut registry = Registry::default();
+        let requests = Family::default();
+        let duration: Histograms<RequestLabels> = Family::new_with_constructor(durations);
+        let request_bytes: Histograms<RequestLabels> = Family::new_with_constructor(sizes);
+        let response_bytes: Histograms<RequestLabels> = Family::new_with_constructor(sizes);
+        let tcp_opened = Family::default();
+        let tcp_closed = Family::default();
+        let tcp_sent = Family::default();
+        let tcp_received = Family::default();
+        registry.register("istio_requests", "Requests", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration",
+            duration.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request body size",
+            request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response body size",
+            response_bytes.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            tcp_opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            tcp_closed.clone(),
+        );
+        registry.register("istio_tcp_sent_bytes", "Bytes sent", tcp_sent.clone());
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received",
+            tcp_received.clone(),
+        );
+        Stats {
+            registry,
+            requests,
+            duration,
+            request_bytes,
+            response_bytes,
+            tcp_opened,
+            tcp_closed,
+            tcp_sent,
+            tcp_received,
+            counters: Mutex::default(),
+        }
+    }
+
+    pub fn record_request(&self, o: RequestOutcome<'_>) {
+        let p = o.parties;
+        let l = RequestLabels {
+            reporter: reporter_name(o.reporter),
+            source_workload: or_unknown(&p.source.name),
+            source_workload_namespace: or_unknown(&p.source.namespace),
+            source_principal: or_unknown(&p.source_principal),
+            source_app: or_unknown(&p.source.app),
+            source_version: or_unknown(&p.source.version),
+            source_cluster: or_unknown(&p.source.cluster),
+            destination_workload: or_unknown(&p.destination.name),
+            destination_workload_namespace: or_unknown(&p.destination.namespace),
+            destination_principal: or_unknown(&p.destination_principal),
+            destination_app: or_unknown(&p.destination.app),
+            destination_version: or_unknown(&p.destination.version),
+            destination_service: or_unknown(&p.destination_service),
+            destination_service_name: or_unknown(&p.destination_service_name),
+            destination_service_namespace: or_unknown(&p.destination_service_namespace),
+            destination_cluster: or_unknown(&p.destination.cluster),
+            request_protocol: o.protocol.to_string(),
+            response_code: o.status.to_string(),
+            grpc_response_status: o.grpc_status.unwrap_or_default(),
+            response_flags: o.flags.to_string(),
+            connection_security_policy: p.security(o.reporter),
+        };
+        self.requests.get_or_create(&l).inc();
+        self.duration.get_or_create(&l).observe(o.duration_ms);
+        self.request_bytes
+            .get_or_create(&l)
+            .observe(o.request_bytes as f64);
+        self.response_bytes
+            .get_or_create(&l)
+            .observe(o.response_bytes as f64);
+    }
+
+    fn tcp_labels(reporter: Reporter, p: &Parties, flags: &str) -> TcpLabels {
+        TcpLabels {
+            reporter: reporter_name(reporter),
+            source_workload: or_unknown(&p.source.name),
+            source_workload_namespace: or_unknown(&p.source.namespace),
+            source_principal: or_unknown(&p.source_principal),
+            source_app: or_unknown(&p.source.app),
+            source_version: or_unknown(&p.source.version),
+            source_cluster: or_unknown(&p.source.cluster),
+            destination_workload: or_unknown(&p.destination.name),
+            destination_workload_namespace: or_unknown(&p.destination.namespace),
+            destination_principal: or_unknown(&p.destination_principal),
+            destination_app: or_unknown(&p.destination.app),
+            destination_version: or_unknown(&p.destination.version),
+            destination_service: or_unknown(&p.destination_service),
+            destination_service_name: or_unknown(&p.destination_service_name),
+            destination_service_namespace: or_unknown(&p.destination_service_namespace),
+            destination_cluster: or_unknown(&p.destination.cluster),
+            request_protocol: "tcp".into(),
+            response_flags: flags.to_string(),
+            connection_security_policy: p.security(reporter),
+        }
+    }
+
+    pub fn tcp_opened(&self, reporter: Reporter, p: &Parties) {
+        self.tcp_opened
+            .get_or_create(&Self::tcp_labels(reporter, p, "-"))
+            .inc();
+    }
+
+    pub fn tcp_closed(
+        &self,
+        reporter: Reporter,
+        p: &Parties,
+        flags: &str,
+        sent: u64,
+        received: u64,
+    ) {
+        let l = Self::tcp_labels(reporter, p, flags);
+        self.tcp_closed.get_or_create(&l).inc();
+        self.tcp_sent.get_or_create(&l).inc_by(sent);
+        self.tcp_received.get_or_create(&l).inc_by(received);
+    }
+
+    /// Adds to an Envoy-style counter.
+    pub fn inc(&self, name: &str) {
+        self.add(name, 1);
+    }
+
+    pub fn add(&self, name: &str, n: u64) {
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        match c.get(name) {
+            Some(v) => {
+                v.fetch_add(n, Ordering::Relaxed);
+            }
+            None => {
+                c.insert(name.to_string(), AtomicU64::new(n));
+            }
+        }
+    }
+
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map_or(0, |v| v.load(Ordering::Relaxed))
+    }
+
+    /// Envoy's `/stats` text: `name: value` lines, sorted, filtered by a regex.
+    pub fn envoy_text(&self, filter: Option<&regex::Regex>) -> String {
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = String::new();
+        for (k, v) in c.iter() {
+            if filter.is_none_or(|f| f.is_match(k)) {
+                out.push_str(&format!("{k}: {}\n", v.load(Ordering::Relaxed)));
+            }
+        }
+        out
+    }
+
+    /// Prometheus text exposition of Istio's metrics and the Envoy counters.
+    pub fn prometheus_text(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in c.iter() {
+            let name: String = k
+                .chars()
+                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
+                .collect();
+            out.push_str(&format!(
+                "# TYPE envoy_{name} counter\nenvoy_{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+fn reporter_name(r: Reporter) -> String {
+    match r {
+        Reporter::Source => "source",
+        Reporter::Destination => "destination",
+    }
+    .to_string()
+}

@@ -1,0 +1,74 @@
+//! `tcp_proxy`: one upstream connection per downstream connection, bytes copied both ways.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::Shared;
+use crate::serve::ConnInfo;
+use crate::stats::Reporter;
+
+pub async fn proxy<S>(mut down: S, cluster_name: &str, info: &Arc<ConnInfo>, shared: &Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = shared.config();
+    let stats = &shared.stats;
+    let Some(cluster) = cfg.clusters.get(cluster_name) else {
+        stats.inc(&format!("tcp.{cluster_name}.downstream_cx_no_route"));
+        return;
+    };
+    let reporter = if info.inbound() {
+        Reporter::Destination
+    } else {
+        Reporter::Source
+    };
+    let parties = shared.parties(info, Some(cluster), None, None);
+    let pick = match cluster.pick(Some(info.destination), &[]) {
+        Ok(p) => p,
+        Err(_) => {
+            stats.inc(&format!(
+                "cluster.{}.upstream_cx_none_healthy",
+                cluster.name
+            ));
+            stats.tcp_opened(reporter, &parties);
+            stats.tcp_closed(reporter, &parties, "UH", 0, 0);
+            return;
+        }
+    };
+    stats.inc(&format!("cluster.{}.upstream_cx_total", cluster.name));
+    stats.tcp_opened(reporter, &parties);
+    let mut up = match pick.transport.connect(&pick.address).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(source = %info.source, cluster = %cluster.name, address = %pick.address, error = %e, "upstream connect failed");
+            stats.inc(&format!(
+                "cluster.{}.upstream_cx_connect_fail",
+                cluster.name
+            ));
+            if let Some(s) = pick.state {
+                cluster.record(s, None);
+            }
+            stats.tcp_closed(reporter, &parties, "UF", 0, 0);
+            return;
+        }
+    };
+    if let Some(s) = pick.state {
+        s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut up)
+        .await
+        .unwrap_or((0, 0));
+    if let Some(s) = pick.state {
+        s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    stats.add(
+        &format!("cluster.{}.upstream_cx_tx_bytes_total", cluster.name),
+        received,
+    );
+    stats.add(
+        &format!("cluster.{}.upstream_cx_rx_bytes_total", cluster.name),
+        sent,
+    );
+    stats.tcp_closed(reporter, &parties, "-", sent, received);
+}

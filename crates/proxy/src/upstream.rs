@@ -1,0 +1,383 @@
+//! Connections to upstream endpoints: TCP with an optional source address, mesh mTLS with the
+//! workload certificate, and the pooled HTTP clients (HTTP/2 between proxies when ALPN agrees).
+//!
+//! Pools outlive configurations: a cluster whose transport did not change keeps its pooled
+//! connections and per-endpoint counters across updates.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+use crate::identity::Identity;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type HttpClient = Client<Connector, Body>;
+
+/// Mesh mTLS to an upstream: the SNI to send, the identities accepted, the ALPN offered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsSpec {
+    pub sni: String,
+    pub sans: Vec<String>,
+    pub alpn: Vec<String>,
+}
+
+/// Everything that decides how a connection to an endpoint of a cluster is made.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TransportSpec {
+    pub bind: Option<IpAddr>,
+    pub connect_timeout: Duration,
+    pub tls: Option<TlsSpec>,
+    /// HTTP/2 with prior knowledge on plaintext (the cluster's protocol options).
+    pub http2: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connection timeout after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failure: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("no address for {0}")]
+    Resolve(String),
+    #[error("bad SNI {0:?}")]
+    Sni(String),
+    #[error("mTLS needs the workload certificate, which this proxy does not have")]
+    NoIdentity,
+}
+
+/// How connections of one cluster (and TLS variant) are made, with their HTTP pools.
+pub struct Transport {
+    pub spec: TransportSpec,
+    connector: Connector,
+    /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
+    pub http: HttpClient,
+    /// HTTP/1.1 only: upgrades (WebSocket) cannot ride HTTP/2 here.
+    pub http1: HttpClient,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport")
+            .field("spec", &self.spec)
+            .finish()
+    }
+}
+
+impl Transport {
+    fn new(spec: TransportSpec, identity: Option<&Identity>) -> Result<Transport, String> {
+        let tls = match &spec.tls {
+            None => None,
+            Some(t) => {
+                let identity = identity.ok_or("mTLS configured but no workload identity")?;
+                let sni = ServerName::try_from(t.sni.clone())
+                    .map_err(|_| format!("SNI {:?} is not a valid name", t.sni))?;
+                let alpn = |extra: &[&str]| -> Vec<Vec<u8>> {
+                    extra
+                        .iter()
+                        .map(|a| a.as_bytes().to_vec())
+                        .chain(t.alpn.iter().map(|a| a.as_bytes().to_vec()))
+                        .collect()
+                };
+                let raw = identity.client_config(&t.sans, alpn(&[]))?;
+                let http = identity.client_config(&t.sans, alpn(&["h2", "http/1.1"]))?;
+                let http1 = identity.client_config(&t.sans, alpn(&["http/1.1"]))?;
+                Some(TlsConfigs {
+                    sni,
+                    raw: raw.into(),
+                    http: http.into(),
+                    http1: http1.into(),
+                })
+            }
+        };
+        let connector = Connector {
+            bind: spec.bind,
+            timeout: spec.connect_timeout,
+            tls: tls.clone().map(|t| (t.http, t.sni)),
+        };
+        let http1_connector = Connector {
+            tls: tls.clone().map(|t| (t.http1, t.sni)),
+            ..connector.clone()
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(Duration::from_secs(60));
+        let http = builder
+            .clone()
+            .http2_only(spec.http2 && spec.tls.is_none())
+            .build(connector.clone());
+        let http1 = builder.build(http1_connector);
+        Ok(Transport {
+            connector: Connector {
+                tls: tls.map(|t| (t.raw, t.sni)),
+                ..connector
+            },
+            spec,
+            http,
+            http1,
+        })
+    }
+
+    /// A raw connection for TCP proxying (TLS with the mesh ALPN when configured).
+    pub async fn connect(&self, addr: &Address) -> Result<Conn, ConnectError> {
+        self.connector.connect(addr).await
+    }
+}
+
+#[derive(Clone)]
+struct TlsConfigs {
+    sni: ServerName<'static>,
+    raw: Arc<rustls::ClientConfig>,
+    http: Arc<rustls::ClientConfig>,
+    http1: Arc<rustls::ClientConfig>,
+}
+
+/// Where an endpoint is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    Ip(SocketAddr),
+    Dns(String, u16),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Ip(a) => a.fmt(f),
+            Address::Dns(h, p) => write!(f, "{h}:{p}"),
+        }
+    }
+}
+
+impl Address {
+    /// As a URI authority for the HTTP pools (which key connections by it).
+    pub fn authority(&self) -> String {
+        self.to_string()
+    }
+}
+
+#[derive(Clone)]
+pub struct Connector {
+    bind: Option<IpAddr>,
+    timeout: Duration,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+}
+
+impl Connector {
+    async fn connect(&self, addr: &Address) -> Result<Conn, ConnectError> {
+        let work = async {
+            let target = match addr {
+                Address::Ip(a) => *a,
+                Address::Dns(host, port) => tokio::net::lookup_host((host.as_str(), *port))
+                    .await?
+                    .next()
+                    .ok_or_else(|| ConnectError::Resolve(addr.to_string()))?,
+            };
+            let socket = if target.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            if let Some(ip) = self.bind.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
+                socket.bind(SocketAddr::new(ip, 0))?;
+            }
+            let tcp = socket.connect(target).await?;
+            tcp.set_nodelay(true)?;
+            match &self.tls {
+                None => Ok(Conn::Plain(tcp)),
+                Some((cfg, sni)) => tokio_rustls::TlsConnector::from(cfg.clone())
+                    .connect(sni.clone(), tcp)
+                    .await
+                    .map(|s| Conn::Tls(Box::new(s)))
+                    .map_err(ConnectError::Tls),
+            }
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| ConnectError::Timeout(self.timeout))?
+    }
+}
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = TokioIo<Conn>;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let port = uri.port_u16().unwrap_or(80);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let addr = match host.parse::<IpAddr>() {
+                Ok(ip) => Address::Ip(SocketAddr::new(ip, port)),
+                Err(_) => Address::Dns(host.to_string(), port),
+            };
+            this.connect(&addr).await.map(TokioIo::new)
+        })
+    }
+}
+
+/// An upstream connection, plaintext or mTLS.
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl Conn {
+    pub fn negotiated_alpn(&self) -> Option<&[u8]> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(t) => t.get_ref().1.alpn_protocol(),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Conn::Tls(_))
+    }
+}
+
+impl Connection for Conn {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.negotiated_alpn() == Some(b"h2") {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Per-endpoint state that survives configuration updates: requests in flight (least
+/// request), consecutive failures and ejection (outlier detection), and totals for `/clusters`.
+#[derive(Debug, Default)]
+pub struct EndpointState {
+    pub active: AtomicUsize,
+    pub consecutive_errors: AtomicU32,
+    /// Milliseconds since the proxy started until which the endpoint is ejected (0: not).
+    pub ejected_until_ms: AtomicU64,
+    pub ejections: AtomicU32,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Connection pools and endpoint state, shared by successive configurations.
+pub struct Pools {
+    identity: Option<Arc<Identity>>,
+    transports: Mutex<HashMap<(String, TransportSpec), Arc<Transport>>>,
+    endpoints: Mutex<HashMap<(String, Address), Arc<EndpointState>>>,
+}
+
+impl Pools {
+    pub fn new(identity: Option<Arc<Identity>>) -> Pools {
+        Pools {
+            identity,
+            transports: Mutex::default(),
+            endpoints: Mutex::default(),
+        }
+    }
+
+    pub fn identity(&self) -> Option<&Arc<Identity>> {
+        self.identity.as_ref()
+    }
+
+    /// The transport for a cluster: the existing one if its spec is unchanged.
+    pub fn transport(&self, cluster: &str, spec: TransportSpec) -> Result<Arc<Transport>, String> {
+        let key = (cluster.to_string(), spec);
+        let mut map = self.transports.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = map.get(&key) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(Transport::new(key.1.clone(), self.identity.as_deref())?);
+        map.insert(key, t.clone());
+        Ok(t)
+    }
+
+    pub fn endpoint(&self, cluster: &str, addr: &Address) -> Arc<EndpointState> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((cluster.to_string(), addr.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// Drops pools and state no cluster of the new configuration uses.
+    pub fn retain<'a>(&self, clusters: impl Iterator<Item = &'a Arc<crate::config::Cluster>>) {
+        let clusters: Vec<&Arc<crate::config::Cluster>> = clusters.collect();
+        self.transports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, t| {
+                clusters
+                    .iter()
+                    .any(|c| c.transports().any(|ct| Arc::ptr_eq(ct, t)))
+            });
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(name, addr), _| {
+                clusters
+                    .iter()
+                    .any(|c| c.name == *name && c.endpoints.iter().any(|e| e.address == *addr))
+            });
+    }
+}
