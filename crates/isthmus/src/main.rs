@@ -33,6 +33,16 @@ enum Command {
     ProxyConfig(cmd::proxy_config::ProxyConfigArgs),
     /// Run the sidecar proxy (Envoy and pilot-agent of an `istio-proxy` container).
     Proxy(cmd::proxy::ProxyArgs),
+    /// Run a mesh on this machine: pods as network namespaces, with the control plane.
+    Up(cmd::local::UpArgs),
+    /// Tear down a mesh started by `up` (also after a crash).
+    Down(cmd::local::MeshArgs),
+    /// The pods of a mesh started by `up`.
+    Status(cmd::local::StatusArgs),
+    /// A pod's log (`-c istio-proxy` for its sidecar).
+    Logs(cmd::local::LogsArgs),
+    /// Run a command inside a pod's network namespace, as `kubectl exec`.
+    Exec(cmd::local::ExecArgs),
     /// The echo test app (server), or `echo client URL` to call one.
     Echo(cmd::echo::EchoArgs),
 }
@@ -59,6 +69,11 @@ fn main() {
         Command::ProxyConfig(a) => cmd::proxy_config::run(a),
         Command::Echo(a) => cmd::echo::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),
+        Command::Up(a) => cmd::local::up(a),
+        Command::Down(a) => cmd::local::down(a),
+        Command::Status(a) => cmd::local::status(a),
+        Command::Logs(a) => cmd::local::logs(a),
+        Command::Exec(a) => cmd::local::exec(a),
     };
     match result {
         Ok(code) => std::process::exit(code),

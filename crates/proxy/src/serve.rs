@@ -117,7 +117,9 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         return;
     }
     let listener = if bound.use_original_dst {
-        cfg.listener_for(destination).cloned().unwrap_or(bound)
+        cfg.listener_for(destination, bound.direction)
+            .cloned()
+            .unwrap_or(bound)
     } else {
         bound
     };

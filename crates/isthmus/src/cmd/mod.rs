@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod control_plane;
 pub mod echo;
 pub mod iptables;
+pub mod local;
 pub mod proxy;
 pub mod proxy_config;
 pub mod proxy_status;
@@ -72,4 +73,47 @@ pub(crate) fn render_table(rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The local runtime needs root and a few system tools; on a fresh Debian machine it installs
+/// the missing packages itself.
+pub(crate) fn require_root_and_tools() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the local runtime creates network namespaces: run it as root");
+    }
+    let have = |tool: &str| {
+        ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).exists())
+    };
+    let missing: Vec<&str> = [
+        ("ip", "iproute2"),
+        ("iptables-restore", "iptables"),
+        ("setpriv", "util-linux"),
+    ]
+    .iter()
+    .filter(|(tool, _)| !have(tool))
+    .map(|(_, pkg)| *pkg)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!("missing system packages: {}", missing.join(", "));
+    }
+    eprintln!("installing {} with apt-get", missing.join(", "));
+    let ok = std::process::Command::new("apt-get")
+        .arg("update")
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::process::Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        bail!("could not install {}", missing.join(", "));
+    }
+    Ok(())
 }

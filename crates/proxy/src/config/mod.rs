@@ -101,13 +101,24 @@ impl Config {
     }
 
     /// The listener an original destination is handed to by a `use_original_dst` listener:
-    /// the one with exactly that address, else the wildcard one on that port (Envoy's rule).
-    pub fn listener_for(&self, dst: std::net::SocketAddr) -> Option<&Arc<Listener>> {
-        let exact = self.listeners.iter().find(|l| !l.bind && l.address == dst);
-        exact.or_else(|| {
-            self.listeners.iter().find(|l| {
-                !l.bind && l.address.port() == dst.port() && l.address.ip().is_unspecified()
+    /// the one with exactly that address, else the wildcard one on that port (Envoy's rule),
+    /// among listeners of the same traffic direction — so that `virtualInbound` never hands
+    /// an inbound connection to the outbound `0.0.0.0_<port>` listener.
+    pub fn listener_for(
+        &self,
+        dst: std::net::SocketAddr,
+        direction: listener::Direction,
+    ) -> Option<&Arc<Listener>> {
+        let candidates = || {
+            self.listeners.iter().filter(move |l| {
+                !l.bind
+                    && (l.direction == direction
+                        || l.direction == listener::Direction::Unspecified
+                        || direction == listener::Direction::Unspecified)
             })
+        };
+        candidates().find(|l| l.address == dst).or_else(|| {
+            candidates().find(|l| l.address.port() == dst.port() && l.address.ip().is_unspecified())
         })
     }
 }

@@ -247,8 +247,12 @@ pub fn compile(rc: &RouteConfiguration) -> Result<RouteTable, CompileError> {
         }
         table.vhosts.push(v);
     }
-    table.suffix.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-    table.prefix.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    table
+        .suffix
+        .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+    table
+        .prefix
+        .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
     Ok(table)
 }
 
