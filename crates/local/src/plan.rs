@@ -120,7 +120,50 @@ fn hold_application(annotations: &BTreeMap<String, String>) -> bool {
     })
 }
 
-fn containers(spec: &PodSpec) -> Result<Vec<Container>, String> {
+/// What the downward API and `$(VAR)` references can see of a pod.
+struct PodFacts<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    ip: Ipv4Addr,
+    service_account: &'a str,
+}
+
+fn field_ref(path: &str, pod: &PodFacts<'_>) -> Option<String> {
+    Some(match path {
+        "status.podIP" => pod.ip.to_string(),
+        "metadata.name" => pod.name.to_string(),
+        "metadata.namespace" => pod.namespace.to_string(),
+        "spec.serviceAccountName" => pod.service_account.to_string(),
+        _ => return None,
+    })
+}
+
+/// Kubernetes' `$(VAR)` expansion of commands and arguments (`$$` escapes).
+fn expand(arg: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(inner) = after.strip_prefix('(')
+            && let Some(end) = inner.find(')')
+            && let Some((_, v)) = env.iter().rev().find(|(k, _)| k == &inner[..end])
+        {
+            out.push_str(v);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn containers(spec: &PodSpec, pod: &PodFacts<'_>) -> Result<Vec<Container>, String> {
     let pod_uid = spec
         .security_context
         .as_ref()
@@ -135,8 +178,22 @@ fn containers(spec: &PodSpec) -> Result<Vec<Container>, String> {
         .iter()
         .filter(|c| c.name != "istio-proxy")
         .map(|c| {
+            let env: Vec<(String, String)> = c
+                .env
+                .iter()
+                .flatten()
+                .filter_map(|e| {
+                    let value = match (&e.value, &e.value_from) {
+                        (Some(v), _) => v.clone(),
+                        (None, Some(from)) => field_ref(&from.field_ref.as_ref()?.field_path, pod)?,
+                        (None, None) => String::new(),
+                    };
+                    Some((e.name.clone(), value))
+                })
+                .collect();
             let mut argv: Vec<String> = c.command.clone().unwrap_or_default();
             argv.extend(c.args.clone().unwrap_or_default());
+            let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
             if argv.is_empty() {
                 return Err(format!(
                     "container {:?} has no command: the local runtime runs commands, not images",
@@ -147,12 +204,7 @@ fn containers(spec: &PodSpec) -> Result<Vec<Container>, String> {
             Ok(Container {
                 name: c.name.clone(),
                 argv,
-                env: c
-                    .env
-                    .iter()
-                    .flatten()
-                    .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-                    .collect(),
+                env,
                 uid: sc
                     .and_then(|s| s.run_as_user)
                     .and_then(|u| u32::try_from(u).ok())
@@ -221,14 +273,20 @@ pub fn plan(resources: &[Resource], domain: &str) -> Result<Plan, PlanError> {
         labels.extend(extra_labels);
         let annotations = template_meta.annotations.clone().unwrap_or_default();
         let sidecar = injection_enabled(&snapshot, ns, template_meta);
-        let containers = containers(spec)
-            .map_err(|e| PlanError::Invalid(format!("{owner} in namespace {ns}: {e}")))?;
         let ip = ips.pod()?;
         let service_account = spec
             .service_account_name
             .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into());
+        let facts = PodFacts {
+            name: &name,
+            namespace: ns,
+            ip,
+            service_account: &service_account,
+        };
+        let containers = containers(spec, &facts)
+            .map_err(|e| PlanError::Invalid(format!("{owner} in namespace {ns}: {e}")))?;
         if sidecar {
             // What the injector adds, so that the registry sees a meshed pod.
             labels.insert("security.istio.io/tlsMode".into(), "istio".into());
@@ -524,5 +582,94 @@ impl Plan {
             "search {}.svc.{d} svc.{d} {d}\nnameserver {GATEWAY}\noptions ndots:5\n",
             pod.namespace
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_like_kubernetes() {
+        let env = vec![("POD_IP".to_string(), "10.200.0.10".to_string())];
+        assert_eq!(expand("--bind=$(POD_IP)", &env), "--bind=10.200.0.10");
+        assert_eq!(expand("$$(POD_IP) $(NOPE) $", &env), "$(POD_IP) $(NOPE) $");
+    }
+
+    #[test]
+    fn deployments_statefulsets_and_services_get_names_and_addresses() {
+        let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: a, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: a}
+spec:
+  selector: {app: api}
+  ports: [{name: http, port: 8080, targetPort: 9090}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web, namespace: a}
+spec:
+  serviceName: web
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}, annotations: {sidecar.istio.io/inject: "false"}}
+    spec:
+      containers:
+      - name: web
+        command: [isthmus, echo, --bind, $(IP)]
+        env: [{name: IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: api, namespace: a}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: api}}
+  template:
+    metadata: {labels: {app: api}}
+    spec:
+      containers: [{name: api, command: [sleep, "1"]}]
+"#;
+        let loaded = isthmus_config::Loader::default().load_str("t.yaml", yaml);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let plan = plan(&loaded.resources, "cluster.local").unwrap();
+        assert_eq!(plan.pods.len(), 5);
+        let web0 = plan.pods.iter().find(|p| p.name == "web-0").unwrap();
+        assert!(!web0.sidecar);
+        assert_eq!(web0.containers[0].argv[3], web0.ip.to_string());
+        let api: Vec<_> = plan
+            .pods
+            .iter()
+            .filter(|p| p.name.starts_with("api-"))
+            .collect();
+        assert!(
+            api.iter()
+                .all(|p| p.sidecar && p.labels.contains_key("pod-template-hash"))
+        );
+        let hosts = plan.hosts_file(web0);
+        assert!(hosts.contains("web-1.web.a.svc.cluster.local"), "{hosts}");
+        assert!(hosts.contains("api.a.svc.cluster.local"), "{hosts}");
+        let svc = plan.services.iter().find(|s| s.name == "api").unwrap();
+        assert!(svc.cluster_ip.is_some());
+        assert_eq!(plan.endpoints(svc).count(), 3);
+        assert!(
+            plan.services
+                .iter()
+                .any(|s| s.name == "web" && s.cluster_ip.is_none())
+        );
     }
 }

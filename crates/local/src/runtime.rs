@@ -96,6 +96,7 @@ pub struct Status {
     pub name: String,
     pub phase: String,
     pub control_plane: String,
+    pub control_plane_pid: Option<u32>,
     pub node_netns: String,
     pub pods: Vec<PodStatus>,
 }
@@ -230,7 +231,6 @@ struct Proc {
 struct Live {
     status: Status,
     proxy_ready: BTreeMap<usize, bool>,
-    control_plane_pid: Option<u32>,
 }
 
 /// The `pod` index of the control plane's process.
@@ -249,6 +249,7 @@ pub async fn run(
             name: p.opts.name.clone(),
             phase: "Starting".into(),
             control_plane: format!("{GATEWAY}:15012"),
+            control_plane_pid: None,
             node_netns: p.names.node(),
             pods: p
                 .plan
@@ -583,7 +584,7 @@ fn supervise(live: Arc<Mutex<Live>>, mut stop: watch::Receiver<bool>, proc: Proc
 fn set_container(live: &Mutex<Live>, proc: &Proc, pid: Option<u32>, running: bool, restarts: u32) {
     let Ok(mut l) = live.lock() else { return };
     if proc.pod == CONTROL_PLANE {
-        l.control_plane_pid = pid;
+        l.status.control_plane_pid = pid;
         return;
     }
     let Some(pod) = l.status.pods.get_mut(proc.pod) else {
@@ -694,7 +695,7 @@ async fn stop_all(live: &Arc<Mutex<Live>>) {
     let cp = live
         .lock()
         .ok()
-        .and_then(|l| l.control_plane_pid)
+        .and_then(|l| l.status.control_plane_pid)
         .and_then(|p| i32::try_from(p).ok());
     if let Some(cp) = cp {
         signal_all(&[cp], nix::sys::signal::Signal::SIGTERM);
@@ -712,7 +713,16 @@ fn teardown(p: &Prepared) {
         net::delete_netns(ns);
     }
     net::delete_netns(&p.names.node());
-    let _ = std::fs::remove_dir_all(&p.opts.state_dir);
+    remove_state(&p.opts.state_dir);
+}
+
+/// The state directory, and the shared parents when this mesh was their last user.
+fn remove_state(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    let _ = std::fs::remove_dir("/etc/netns");
 }
 
 /// `down` without a supervisor (or after it did not finish): kill what the files name, delete
@@ -727,6 +737,7 @@ pub fn cleanup(state_dir: &Path) {
             .iter()
             .flat_map(|p| p.containers.iter())
             .filter_map(|c| c.pid)
+            .chain(status.control_plane_pid)
         {
             if let Ok(pid) = i32::try_from(pid) {
                 let _ = nix::sys::signal::killpg(
@@ -737,7 +748,7 @@ pub fn cleanup(state_dir: &Path) {
         }
     }
     if let Some(st) = &state {
-        // Processes in the mesh's namespaces that the files did not name (the control plane).
+        // Processes in the mesh's namespaces that the files did not name.
         for ns in &st.netns {
             if let Ok(pids) = net::run(&["ip", "netns", "pids", ns]) {
                 for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
@@ -752,5 +763,5 @@ pub fn cleanup(state_dir: &Path) {
             net::delete_netns(ns);
         }
     }
-    let _ = std::fs::remove_dir_all(state_dir);
+    remove_state(state_dir);
 }

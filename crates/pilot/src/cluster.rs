@@ -224,6 +224,16 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
         Some("SIMPLE" | "MUTUAL") => {
             c.transport_socket = tls.map(|t| user_tls(t, svc));
         }
+        // Headless: the connection's destination has no endpoint metadata to match, so auto
+        // mTLS decides for the cluster — mTLS when every endpoint of the port has a sidecar.
+        _ if ctx.mesh.auto_mtls()
+            && !svc.mesh_external
+            && discovery == Discovery::OriginalDst
+            && svc.endpoints_for(port).next().is_some()
+            && svc.endpoints_for(port).all(|e| e.sidecar) =>
+        {
+            c.transport_socket = Some(istio_mtls(svc, port, subset, ctx));
+        }
         // Unset: auto mTLS, by endpoint label.
         _ if ctx.mesh.auto_mtls() && !svc.mesh_external => {
             c.transport_socket_matches = vec![
@@ -251,10 +261,13 @@ fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
     let sidecar = ctx.sidecar_for(proxy);
     let mut ports: BTreeMap<u16, Option<String>> = BTreeMap::new();
     let mut http2: Vec<u16> = Vec::new();
+    // The service a port serves, for telemetry (Istio's `istio` cluster metadata).
+    let mut served: BTreeMap<u16, &Service> = BTreeMap::new();
     for svc in ctx.registry.services_for_workload(workload) {
         for p in &svc.ports {
             if let Some(target) = crate::endpoint::target_port(p, workload) {
                 ports.entry(target).or_insert(None);
+                served.entry(target).or_insert(svc);
                 if p.protocol.is_http2() {
                     http2.push(target);
                 }
@@ -281,6 +294,7 @@ fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
                 connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
                 circuit_breakers: Some(circuit_breakers(None)),
                 common_lb_config: Some(CommonLbConfig::default()),
+                metadata: served.get(&port).map(|svc| service_metadata(svc, "")),
                 ..Default::default()
             };
             if localhost {

@@ -80,6 +80,8 @@ pub struct Cluster {
     pub lb: Lb,
     plain: Arc<Transport>,
     mtls: Option<Arc<Transport>>,
+    /// The cluster-level transport socket is mTLS: every host, also original destinations.
+    all_mtls: bool,
     pub endpoints: Vec<Endpoint>,
     pub outlier: Option<Outlier>,
     pub service: Option<ServiceRef>,
@@ -385,6 +387,7 @@ pub fn compile(
         discovery,
         lb,
         plain,
+        all_mtls: cluster_tls.is_some(),
         mtls,
         endpoints,
         outlier,
@@ -465,7 +468,7 @@ impl Cluster {
             let dst = original_dst.ok_or(PickError::NoOriginalDst)?;
             return Ok(Pick {
                 address: Address::Ip(dst),
-                transport: &self.plain,
+                transport: self.transport_for(self.all_mtls),
                 state: None,
             });
         }
