@@ -56,6 +56,18 @@ pub fn up(a: UpArgs) -> Result<i32> {
     if a.foreground {
         return up_foreground(a);
     }
+    let st = start_detached(&a, true)?;
+    print!("{}", status_table(&st));
+    Ok(if st.phase == "Running" {
+        exit::OK
+    } else {
+        exit::FAILURE
+    })
+}
+
+/// Starts the supervisor in its own session and waits until the mesh is up; `echo` shows its
+/// progress lines.
+pub fn start_detached(a: &UpArgs, echo: bool) -> Result<Status> {
     let dir = a.mesh.dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let log_path = dir.join("up.log");
@@ -95,27 +107,27 @@ pub fn up(a: UpArgs) -> Result<i32> {
     let mut shown = 0usize;
     loop {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
-        for line in text.lines().skip(shown) {
-            eprintln!("  {line}");
+        if echo {
+            for line in text.lines().skip(shown) {
+                eprintln!("  {line}");
+            }
         }
         shown = text.lines().count();
         if let Some(st) = runtime::read_status(&dir)
             && st.phase != "Starting"
         {
-            print!("{}", status_table(&st));
-            return Ok(if st.phase == "Running" {
-                exit::OK
-            } else {
-                exit::FAILURE
-            });
+            return Ok(st);
         }
         if let Ok(Some(code)) = child.try_wait() {
-            bail!("the supervisor exited ({code}) before the mesh was up; see above");
+            if !echo {
+                eprint!("{text}");
+            }
+            bail!("the supervisor exited ({code}) before the mesh was up");
         }
         if Instant::now() > deadline {
             bail!("the mesh is not up after 180 s; see {}", log_path.display());
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -231,7 +243,7 @@ pub struct StatusArgs {
     pub output: Output,
 }
 
-fn status_table(st: &Status) -> String {
+pub fn status_table(st: &Status) -> String {
     let mut rows = vec![vec![
         "NAMESPACE".to_string(),
         "NAME".into(),

@@ -2,6 +2,7 @@
 
 pub mod analyze;
 pub mod control_plane;
+pub mod demo;
 pub mod echo;
 pub mod iptables;
 pub mod local;
