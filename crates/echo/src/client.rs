@@ -90,3 +90,42 @@ pub async fn get(
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
 }
+
+/// Opens a TCP connection to `addr` (`host:port`), sends `payload` and reads until it comes
+/// back (after a server-first greeting, if any): the whole exchange, bounded by `timeout`.
+pub async fn tcp(addr: &str, payload: &str, timeout: Duration) -> Result<Answer, ClientError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = Instant::now();
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let io = |source| ClientError::Connect {
+            addr: addr.to_string(),
+            source,
+        };
+        s.write_all(payload.as_bytes()).await.map_err(io)?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains(payload) && got.len() < 64 * 1024 {
+            let n = s.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        let body = String::from_utf8_lossy(&got).into_owned();
+        Ok(Answer {
+            // Complete echo: as good as a 200.
+            status: if body.contains(payload) { 200 } else { 502 },
+            body,
+            elapsed: start.elapsed(),
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+}

@@ -33,6 +33,8 @@ enum Command {
     ProxyConfig(cmd::proxy_config::ProxyConfigArgs),
     /// Run the sidecar proxy (Envoy and pilot-agent of an `istio-proxy` container).
     Proxy(cmd::proxy::ProxyArgs),
+    /// Check a running mesh for ports exposed by Services but bound to localhost (IST0143).
+    Precheck(cmd::precheck::PrecheckArgs),
     /// Bring an example up, send traffic through it, show what happened, tear it down.
     Demo(cmd::demo::DemoArgs),
     /// Run a mesh on this machine: pods as network namespaces, with the control plane.
@@ -72,6 +74,7 @@ fn main() {
         Command::Echo(a) => cmd::echo::run(a),
         Command::Proxy(a) => cmd::proxy::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Precheck(a) => cmd::precheck::run(a),
         Command::Up(a) => cmd::local::up(a),
         Command::Down(a) => cmd::local::down(a),
         Command::Status(a) => cmd::local::status(a),

@@ -20,6 +20,13 @@ struct Mesh {
 
 impl Mesh {
     fn up(tag: &str, yaml: &str, extra: &[&str]) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, yaml).expect("write yaml");
+        Mesh::up_paths(tag, dir, &[file], extra)
+    }
+
+    fn up_paths(tag: &str, dir: tempfile::TempDir, paths: &[PathBuf], extra: &[&str]) -> Mesh {
         static N: AtomicU32 = AtomicU32::new(0);
         // Short: it names namespaces and links.
         let name = format!(
@@ -28,8 +35,6 @@ impl Mesh {
             tag,
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("mesh.yaml"), yaml).expect("write yaml");
         let state = dir.path().join("state");
         let mesh = Mesh {
             name,
@@ -38,7 +43,7 @@ impl Mesh {
         };
         let out = Command::new(BIN)
             .arg("up")
-            .arg(mesh._dir.path().join("mesh.yaml"))
+            .args(paths)
             .args(["--name", &mesh.name, "--state-dir"])
             .arg(&mesh.state)
             .args(extra)
@@ -86,6 +91,20 @@ impl Mesh {
         (
             out.status.success() && text.contains("StatusCode=200"),
             text,
+        )
+    }
+
+    /// `isthmus precheck`: (exit code, stdout).
+    fn precheck(&self, extra: &[&str]) -> (i32, String) {
+        let out = Command::new(BIN)
+            .arg("precheck")
+            .args(self.args())
+            .args(extra)
+            .output()
+            .expect("run isthmus precheck");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     }
 
@@ -186,6 +205,15 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: rogue, namespace: e2e, labels: {app: rogue}}
+spec:
+  containers:
+  - name: rogue
+    command: [sleep, "3600"]
+    securityContext: {runAsUser: 1337}
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: legacy, namespace: legacy, labels: {app: legacy}}
 spec:
   containers:
@@ -271,10 +299,21 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         "headless traffic is mTLS too: {out}"
     );
 
-    // Seed 003's gotcha: traffic from UID 1337 is not captured, so it leaves in plaintext
-    // and STRICT refuses it; the same request from the app's user goes through the sidecar.
+    // Seed 003's gotcha: an app running as UID 1337 (the proxy's) is not captured, so its
+    // traffic leaves in plaintext and STRICT refuses it; analyze warns of such pods, and the
+    // same request from another user goes through the sidecar.
+    let analyze = Command::new(BIN)
+        .arg("analyze")
+        .arg(mesh._dir.path().join("mesh.yaml"))
+        .output()
+        .expect("run isthmus analyze");
+    let report = String::from_utf8_lossy(&analyze.stdout);
+    assert!(
+        report.contains("[IST0144] (Pod e2e/rogue") && report.contains("1337"),
+        "{report}"
+    );
     let bypass = mesh.exec(
-        "client",
+        "rogue",
         &[
             "setpriv",
             "--reuid=1337",
@@ -293,7 +332,7 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         !text.contains("StatusCode=200"),
         "UID 1337 was captured: {text}"
     );
-    let (ok, out) = mesh.get("client", "http://server:8080/", &[]);
+    let (ok, out) = mesh.get("rogue", "http://server:8080/", &[]);
     assert!(ok, "{out}");
 }
 
@@ -382,6 +421,17 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
     // …and seed 002's fix, a Sidecar with defaultEndpoint 127.0.0.1, reaches the loopback app.
     let (ok, out) = mesh.get("client", "http://fixed:8080/", &[]);
     assert!(ok, "{out}");
+    // The precheck finds the one pod that is unreachable, from its sockets alone.
+    let (code, out) = mesh.precheck(&[]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        out.trim(),
+        "Error [IST0143] (Pod ll/lo) Port 8080 is exposed in a Service but listens on localhost. It will not be exposed to other pods."
+    );
+    let (_, json) = mesh.precheck(&["-o", "json"]);
+    let items: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(items[0]["code"], "IST0143");
+    assert_eq!(items[0]["origin"], "Pod ll/lo");
 }
 
 #[test]
@@ -399,6 +449,41 @@ fn localhost_mode_sends_inbound_traffic_to_loopback() {
         !ok,
         "an app bound only to the pod IP was reached through 127.0.0.1: {out}"
     );
+    // Inbound goes to loopback in this mode: nothing for the precheck to report.
+    let (code, out) = mesh.precheck(&[]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn localhost_listener_example_fails_precheck_until_its_sidecar_fix() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let example = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/localhost-listener"
+    ));
+    let netcat = example.join("netcat.yaml");
+    {
+        let mesh = Mesh::up_paths("nc", tempfile::tempdir().unwrap(), &[netcat.clone()], &[]);
+        let (code, out) = mesh.precheck(&[]);
+        assert_eq!(code, 1, "{out}");
+        assert!(out.contains("(Pod default/netcat) Port 8080"), "{out}");
+        // Opaque TCP through both sidecars does not reach a loopback-only app.
+        let (ok, out) = mesh.get("client", "tcp://netcat:8080", &[]);
+        assert!(!ok, "{out}");
+    }
+    let mesh = Mesh::up_paths(
+        "nf",
+        tempfile::tempdir().unwrap(),
+        &[netcat, example.join("sidecar.yaml")],
+        &[],
+    );
+    let (code, out) = mesh.precheck(&[]);
+    assert_eq!(code, 0, "{out}");
+    let (ok, out) = mesh.get("client", "tcp://netcat:8080", &[]);
+    assert!(ok, "{out}");
 }
 
 #[test]

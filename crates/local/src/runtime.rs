@@ -64,6 +64,11 @@ pub struct State {
     pub id: String,
     pub supervisor_pid: u32,
     pub netns: Vec<String>,
+    /// What the control plane was started with, for tools that reason like it (precheck).
+    #[serde(default)]
+    pub inbound_passthrough: Option<bool>,
+    #[serde(default)]
+    pub mesh_config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +112,10 @@ pub fn state_path(dir: &Path) -> PathBuf {
 
 pub fn status_path(dir: &Path) -> PathBuf {
     dir.join("status.json")
+}
+
+pub fn read_state(dir: &Path) -> Option<State> {
+    serde_json::from_slice(&std::fs::read(state_path(dir)).ok()?).ok()
 }
 
 pub fn read_status(dir: &Path) -> Option<Status> {
@@ -166,6 +175,8 @@ pub fn prepare(opts: UpOptions, plan: Plan) -> Result<Prepared, RuntimeError> {
         netns: std::iter::once(names.node())
             .chain(pod_netns.iter().cloned())
             .collect(),
+        inbound_passthrough: opts.inbound_passthrough,
+        mesh_config: opts.mesh_config.clone(),
     };
     write_json(&state_path(dir), &state)?;
     // Leftovers of a crashed run with the same name go first.

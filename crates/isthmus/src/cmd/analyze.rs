@@ -71,7 +71,7 @@ fn parse_level(s: &str) -> Result<Level, String> {
 /// One message as `-o json|yaml` prints it (istioctl's field names).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct MessageOut {
+pub(crate) struct MessageOut {
     code: String,
     documentation_url: String,
     level: String,
@@ -79,6 +79,19 @@ struct MessageOut {
     origin: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     reference: Option<String>,
+}
+
+impl From<&Message> for MessageOut {
+    fn from(m: &Message) -> Self {
+        MessageOut {
+            code: m.code().to_string(),
+            documentation_url: m.documentation_url(),
+            level: m.level().to_string(),
+            message: m.text(),
+            origin: m.origin(),
+            reference: m.resource.as_ref().and_then(|r| r.reference()),
+        }
+    }
 }
 
 /// A `--suppress CODE=Kind name` rule.
@@ -249,17 +262,7 @@ fn print(args: &AnalyzeArgs, shown: &[&Message]) -> Result<()> {
             }
         }
         Format::Json | Format::Yaml => {
-            let items: Vec<MessageOut> = shown
-                .iter()
-                .map(|m| MessageOut {
-                    code: m.code().to_string(),
-                    documentation_url: m.documentation_url(),
-                    level: m.level().to_string(),
-                    message: m.text(),
-                    origin: m.origin(),
-                    reference: m.resource.as_ref().and_then(|r| r.reference()),
-                })
-                .collect();
+            let items: Vec<MessageOut> = shown.iter().map(|m| MessageOut::from(*m)).collect();
             if args.output == Format::Json {
                 serde_json::to_writer_pretty(&mut out, &items)?;
                 writeln!(out)?;

@@ -134,7 +134,7 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     let started = Instant::now();
     println!("isthmus demo: running {} on this machine", a.path.display());
     let up = UpArgs {
-        path: a.path.clone(),
+        paths: vec![a.path.clone()],
         mesh: MeshArgs {
             name: a.name.clone(),
             state_dir: None,

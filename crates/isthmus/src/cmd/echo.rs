@@ -39,7 +39,7 @@ enum EchoCommand {
 
 #[derive(Debug, Args)]
 struct ClientArgs {
-    /// http://host:port/path
+    /// http://host:port/path, or tcp://host:port (sends a line, expects it echoed)
     url: String,
     /// How many requests (each on a new connection).
     #[arg(long, default_value_t = 1)]
@@ -102,7 +102,14 @@ async fn client(c: ClientArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
     let mut failed = 0;
     for i in 0..c.count {
-        match isthmus_echo::client::get(&c.url, &headers, c.timeout).await {
+        let answer = match c.url.strip_prefix("tcp://") {
+            Some(addr) => {
+                let addr = addr.trim_end_matches('/');
+                isthmus_echo::client::tcp(addr, &format!("isthmus {i}\n"), c.timeout).await
+            }
+            None => isthmus_echo::client::get(&c.url, &headers, c.timeout).await,
+        };
+        match answer {
             Ok(answer) => {
                 println!(
                     "[{i}] StatusCode={} Time={:?}",

@@ -36,8 +36,9 @@ impl MeshArgs {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    /// Directory (or file) of Kubernetes and Istio YAML.
-    pub path: PathBuf,
+    /// Directories or files of Kubernetes and Istio YAML.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub mesh: MeshArgs,
     /// MeshConfig for the control plane.
@@ -76,7 +77,7 @@ pub fn start_detached(a: &UpArgs, echo: bool) -> Result<Status> {
     let exe = std::env::current_exe().context("locating the isthmus binary")?;
     let mut cmd = std::process::Command::new(&exe);
     cmd.arg("up")
-        .arg(&a.path)
+        .args(a.paths.iter().map(|p| absolute(p)))
         .arg("--foreground")
         .arg("--name")
         .arg(&a.mesh.name)
@@ -142,7 +143,7 @@ fn up_foreground(a: UpArgs) -> Result<i32> {
     let loaded = Loader {
         default_namespace: Some("default".into()),
     }
-    .load_paths(&[&a.path]);
+    .load_paths(&a.paths);
     let mut bad = false;
     for d in &loaded.diagnostics {
         eprintln!("{d}");

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod echo;
 pub mod iptables;
 pub mod local;
+pub mod precheck;
 pub mod proxy;
 pub mod proxy_config;
 pub mod proxy_status;
