@@ -466,7 +466,12 @@ fn localhost_listener_example_fails_precheck_until_its_sidecar_fix() {
     ));
     let netcat = example.join("netcat.yaml");
     {
-        let mesh = Mesh::up_paths("nc", tempfile::tempdir().unwrap(), &[netcat.clone()], &[]);
+        let mesh = Mesh::up_paths(
+            "nc",
+            tempfile::tempdir().unwrap(),
+            std::slice::from_ref(&netcat),
+            &[],
+        );
         let (code, out) = mesh.precheck(&[]);
         assert_eq!(code, 1, "{out}");
         assert!(out.contains("(Pod default/netcat) Port 8080"), "{out}");
