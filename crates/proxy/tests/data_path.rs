@@ -1,0 +1,820 @@
+//! The proxy's data path through real sockets, in a network namespace of the test's own: a
+//! real ADS server (tonic) feeds hand-written Envoy resources, iptables redirects a service
+//! range to 15001, and upstreams are real HTTP servers. Covers HTTP/1.1 (keep-alive, chunked,
+//! hop-by-hop headers, request ids), WebSocket upgrades, HTTP/2 and gRPC trailers, TCP, NACK of
+//! what the proxy cannot run, configuration updates under load, and draining.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, Http2ProtocolOptions, Node, SocketAddress, TrafficDirection, address, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
+    route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
+use envoy_types::util::pack_any;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use isthmus_proxy::agent::{Options, Ports};
+use isthmus_testkit::{Netns, is_root};
+use isthmus_xds::server::{AdsServer, CLUSTER, Generator, LISTENER, ROUTE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Serves whatever the test puts in it; bumping `version` pushes it.
+#[derive(Default)]
+struct Fixed {
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+}
+
+impl Generator for Fixed {
+    fn generate(
+        &self,
+        _: &Node,
+        type_url: &str,
+        _: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Any>, String> {
+        Ok(self
+            .resources
+            .lock()
+            .unwrap()
+            .get(type_url)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+impl Fixed {
+    fn put(&self, t: &str, name: &str, any: Any) {
+        self.resources
+            .lock()
+            .unwrap()
+            .entry(t.into())
+            .or_default()
+            .insert(name.into(), any);
+    }
+}
+
+fn sock(ip: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn typed(name: &str, any: Any) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any)),
+    }
+}
+
+fn tcp_proxy(cluster: &str) -> Filter {
+    typed(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }),
+    )
+}
+
+fn hcm(route_config: &str) -> Filter {
+    typed(
+        "envoy.filters.network.http_connection_manager",
+        pack_any(HttpConnectionManager {
+            stat_prefix: route_config.into(),
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                route_config_name: route_config.into(),
+                ..Default::default()
+            })),
+            http_filters: vec![HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(
+                    ),
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+}
+
+/// A per-port listener that `virtualOutbound` hands connections to.
+fn port_listener(name: &str, ip: &str, port: u16, f: Filter) -> Listener {
+    Listener {
+        name: name.into(),
+        address: Some(sock(ip, port)),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![f],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn virtual_outbound() -> Listener {
+    Listener {
+        name: "virtualOutbound".into(),
+        address: Some(sock("0.0.0.0", 15001)),
+        use_original_dst: Some(BoolValue { value: true }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {},
+            ))),
+            ..Default::default()
+        }],
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_proxy("PassthroughCluster")],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn static_cluster(name: &str, endpoints: &[SocketAddr], http2: bool) -> Cluster {
+    let mut c = Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        lb_policy: cluster::LbPolicy::LeastRequest as i32,
+        connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: endpoints
+                    .iter()
+                    .map(|a| LbEndpoint {
+                        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                            address: Some(sock(&a.ip().to_string(), a.port())),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    if http2 {
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            pack_any(HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(
+                                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                    Http2ProtocolOptions::default(),
+                                ),
+                            ),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+        );
+    }
+    c
+}
+
+fn passthrough() -> Cluster {
+    Cluster {
+        name: "PassthroughCluster".into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    }
+}
+
+/// Route configuration `80`: host `svc` to clusters by weight, host `grpc` to `h2`.
+fn routes(weights: &[(&str, u32)]) -> RouteConfiguration {
+    let action = |spec| {
+        Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(spec),
+            timeout: Some(Default::default()),
+            ..Default::default()
+        }))
+    };
+    let prefix = || {
+        Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        })
+    };
+    RouteConfiguration {
+        name: "80".into(),
+        virtual_hosts: vec![
+            VirtualHost {
+                name: "svc".into(),
+                domains: vec!["svc".into(), "svc:80".into()],
+                routes: vec![Route {
+                    r#match: prefix(),
+                    action: action(route_action::ClusterSpecifier::WeightedClusters(
+                        WeightedCluster {
+                            clusters: weights
+                                .iter()
+                                .map(|(c, w)| weighted_cluster::ClusterWeight {
+                                    name: (*c).into(),
+                                    weight: Some(UInt32Value { value: *w }),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            VirtualHost {
+                name: "grpc".into(),
+                domains: vec!["grpc".into(), "grpc:80".into()],
+                routes: vec![Route {
+                    r#match: prefix(),
+                    action: action(route_action::ClusterSpecifier::Cluster("h2".into())),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    }
+}
+
+/// A test upstream: answers after `delay`, with a trailer for gRPC-style requests, and
+/// upgrades WebSocket requests to a byte echo.
+async fn upstream(name: &'static str, delay: Duration, http2_only: bool) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |mut req: http::Request<hyper::body::Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        if req.headers().contains_key(http::header::UPGRADE) {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let mut io = TokioIo::new(up);
+                                    let mut buf = [0u8; 64];
+                                    while let Ok(n) = io.read(&mut buf).await {
+                                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            });
+                            return Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .status(101)
+                                    .header("connection", "upgrade")
+                                    .header("upgrade", "websocket")
+                                    .body(Full::new(Bytes::new()).boxed_unsync())
+                                    .unwrap(),
+                            );
+                        }
+                        let (head, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let seen = format!(
+                            "name={name} version={:?} request-id={} connection={:?} x-custom={:?} body={}",
+                            head.version,
+                            head.headers.contains_key("x-request-id"),
+                            head.headers.get("connection"),
+                            head.headers.get("x-custom"),
+                            String::from_utf8_lossy(&body),
+                        );
+                        // A body followed by trailers, as gRPC ends its responses.
+                        let frames = vec![
+                            Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(seen))),
+                            Ok(http_body::Frame::trailers({
+                                let mut t = http::HeaderMap::new();
+                                t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                t
+                            })),
+                        ];
+                        Ok(http::Response::builder()
+                            .header("content-type", "application/grpc")
+                            .body(StreamBody::new(futures_stream(frames)).boxed_unsync())
+                            .unwrap())
+                    },
+                );
+                let io = TokioIo::new(s);
+                if http2_only {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, svc)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, svc)
+                        .with_upgrades()
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn futures_stream<T: Send + 'static>(items: Vec<T>) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::iter(items)
+}
+
+/// The proxy and its control plane, running in the current (test) network namespace.
+struct Harness {
+    fixed: Arc<Fixed>,
+    version: watch::Sender<u64>,
+    ads: AdsServer<Fixed>,
+    quit: Option<tokio::sync::oneshot::Sender<()>>,
+    proxy: tokio::task::JoinHandle<Result<(), isthmus_proxy::agent::AgentError>>,
+}
+
+impl Harness {
+    async fn start(a: SocketAddr, b: SocketAddr, h2: SocketAddr, tcp: SocketAddr) -> Harness {
+        let fixed = Arc::new(Fixed::default());
+        fixed.put(LISTENER, "virtualOutbound", pack_any(virtual_outbound()));
+        fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, hcm("80"))),
+        );
+        fixed.put(
+            LISTENER,
+            "10.96.0.20_5000",
+            pack_any(port_listener(
+                "10.96.0.20_5000",
+                "10.96.0.20",
+                5000,
+                tcp_proxy("tcp"),
+            )),
+        );
+        fixed.put(ROUTE, "80", pack_any(routes(&[("a", 100), ("b", 0)])));
+        fixed.put(CLUSTER, "a", pack_any(static_cluster("a", &[a], false)));
+        fixed.put(CLUSTER, "b", pack_any(static_cluster("b", &[b], false)));
+        fixed.put(CLUSTER, "h2", pack_any(static_cluster("h2", &[h2], true)));
+        fixed.put(
+            CLUSTER,
+            "tcp",
+            pack_any(static_cluster("tcp", &[tcp], false)),
+        );
+        fixed.put(CLUSTER, "PassthroughCluster", pack_any(passthrough()));
+        let (version, rx) = watch::channel(1u64);
+        let ads = AdsServer::new(fixed.clone(), rx);
+        let svc = ads.clone().into_service();
+        let xds = tokio::net::TcpListener::bind("127.0.0.1:15010")
+            .await
+            .unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds)),
+        );
+        let (quit, quit_rx) = tokio::sync::oneshot::channel::<()>();
+        let opts = Options {
+            discovery_address: "127.0.0.1:15010".into(),
+            root_cert: None,
+            discovery_san: String::new(),
+            token_path: "/nonexistent".into(),
+            pod_name: "client".into(),
+            namespace: "default".into(),
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            service_account: "default".into(),
+            cluster_id: "Kubernetes".into(),
+            trust_domain: "cluster.local".into(),
+            domain: "cluster.local".into(),
+            labels: BTreeMap::new(),
+            tproxy: false,
+            ports: Ports::default(),
+            bind: "0.0.0.0".parse().unwrap(),
+            drain_duration: Duration::from_secs(3),
+            cert_ttl: Duration::from_secs(3600),
+            app_metrics: None,
+        };
+        let proxy = tokio::spawn(isthmus_proxy::agent::run(opts, None, async {
+            let _ = quit_rx.await;
+        }));
+        let h = Harness {
+            fixed,
+            version,
+            ads,
+            quit: Some(quit),
+            proxy,
+        };
+        h.wait_ready().await;
+        h
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..100 {
+            if http_get("127.0.0.1:15021", "/healthz/ready").await.0 == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("proxy not ready");
+    }
+
+    fn push(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The last NACK of `type_url`, if any.
+    fn nack(&self, type_url: &str) -> Option<String> {
+        self.ads
+            .proxies()
+            .lock()
+            .unwrap()
+            .values()
+            .find_map(|p| p.types.get(type_url).and_then(|t| t.nack.clone()))
+    }
+}
+
+/// A raw GET on a fresh connection: (status, body).
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
+        return (0, String::new());
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", addr)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    match send.send_request(req).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+fn in_netns<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F + Send + 'static) {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let ns = Netns::new("proxy");
+    // The "service range": local addresses whose traffic iptables hands to 15001.
+    ns.exec(&["ip", "route", "add", "local", "10.96.0.0/16", "dev", "lo"]);
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    ns.run_in(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async { tokio::time::timeout(Duration::from_secs(60), f()).await })
+            .expect("test within 60 s");
+    });
+}
+
+async fn harness() -> (Harness, [SocketAddr; 4]) {
+    let a = upstream("a", Duration::ZERO, false).await;
+    let b = upstream("b", Duration::ZERO, false).await;
+    let h2 = upstream("h2", Duration::ZERO, true).await;
+    let tcp = upstream("tcp", Duration::ZERO, false).await;
+    (Harness::start(a, b, h2, tcp).await, [a, b, h2, tcp])
+}
+
+#[test]
+fn http1_routing_headers_chunked_keepalive_and_upgrades() {
+    in_netns(|| async {
+        let (_h, _) = harness().await;
+        // Keep-alive: three requests on one connection, one with a chunked body.
+        let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        for i in 0..3 {
+            send.ready().await.unwrap();
+            let body = futures_stream(vec![
+                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from("chunk-1,"))),
+                Ok(http_body::Frame::data(Bytes::from(format!("chunk-{i}")))),
+            ]);
+            let req = http::Request::post("/x")
+                .header("host", "svc")
+                .header("connection", "x-custom")
+                .header("x-custom", "hop-by-hop")
+                .body(StreamBody::new(body))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let text =
+                String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                    .into_owned();
+            assert!(text.starts_with("name=a"), "{text}");
+            assert!(
+                text.contains("request-id=true"),
+                "x-request-id added: {text}"
+            );
+            assert!(
+                text.contains("x-custom=None"),
+                "hop-by-hop header crossed: {text}"
+            );
+            assert!(text.contains(&format!("body=chunk-1,chunk-{i}")), "{text}");
+        }
+        // Unknown host: no route (404, Envoy's NR).
+        let (status, _) = http_get("10.96.0.10:80", "/").await;
+        assert_eq!(status, 404);
+
+        // WebSocket: the upgrade crosses the proxy and bytes flow both ways.
+        let mut s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut head = vec![0u8; 256];
+        let n = s.read(&mut head).await.unwrap();
+        let head = String::from_utf8_lossy(&head[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: websocket"), "{head}");
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+
+        // Opaque TCP on a TCP service port.
+        let mut t = tokio::net::TcpStream::connect("10.96.0.20:5000")
+            .await
+            .unwrap();
+        t.write_all(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = String::new();
+        t.read_to_string(&mut all).await.unwrap();
+        assert!(all.contains("name=tcp"), "{all}");
+    });
+}
+
+#[test]
+fn h2c_and_grpc_trailers_pass_through() {
+    in_netns(|| async {
+        let (_h, _) = harness().await;
+        let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("http://grpc/echo.Echo/Call")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        let text = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+        // The upstream is HTTP/2 only: the cluster's protocol options were followed.
+        assert!(text.contains("name=h2 version=HTTP/2.0"), "{text}");
+    });
+}
+
+#[test]
+fn unsupported_config_is_nacked_and_the_previous_config_stays() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let bad = port_listener(
+            "0.0.0.0_3306",
+            "0.0.0.0",
+            3306,
+            typed(
+                "envoy.filters.network.mysql_proxy",
+                Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.network.mysql_proxy.v3.MySQLProxy".into(),
+                    value: vec![],
+                },
+            ),
+        );
+        h.fixed.put(LISTENER, "0.0.0.0_3306", pack_any(bad));
+        h.push();
+        let mut nack = None;
+        for _ in 0..100 {
+            nack = h.nack(LISTENER);
+            if nack.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let nack = nack.expect("a NACK");
+        assert!(
+            nack.contains("0.0.0.0_3306")
+                && nack.contains("mysql_proxy")
+                && nack.contains("not supported"),
+            "{nack}"
+        );
+        // The accepted listeners are still in force, and traffic still flows.
+        let (_, dump) = http_get(
+            "127.0.0.1:15000",
+            "/config_dump?resource=dynamic_listeners&mask=name",
+        )
+        .await;
+        assert!(
+            dump.contains("0.0.0.0_80") && !dump.contains("0.0.0.0_3306"),
+            "{dump}"
+        );
+        let (status, body) = http_get_host("10.96.0.10:80", "svc").await;
+        assert_eq!(status, 200, "{body}");
+    });
+}
+
+async fn http_get_host(addr: &str, host: &str) -> (u16, String) {
+    let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
+        return (0, String::new());
+    };
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    match send.send_request(req).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[test]
+fn route_updates_under_load_fail_no_request() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let h = Arc::new(h);
+        // Shift traffic a→b and back every 40 ms while four keep-alive clients send requests.
+        let flipper = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                for i in 0..25 {
+                    let w = if i % 2 == 0 {
+                        [("a", 0), ("b", 100)]
+                    } else {
+                        [("a", 100), ("b", 0)]
+                    };
+                    h.fixed.put(ROUTE, "80", pack_any(routes(&w)));
+                    h.push();
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                }
+            })
+        };
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            clients.push(tokio::spawn(async move {
+                let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+                    .await
+                    .unwrap();
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                let (mut ok, mut failed, mut seen) = (0, 0, BTreeSet::new());
+                let start = std::time::Instant::now();
+                while start.elapsed() < Duration::from_millis(1000) {
+                    send.ready().await.unwrap();
+                    let req = http::Request::get("/")
+                        .header("host", "svc")
+                        .body(http_body_util::Empty::<Bytes>::new())
+                        .unwrap();
+                    match send.send_request(req).await {
+                        Ok(r) if r.status() == 200 => {
+                            let body = r.into_body().collect().await.unwrap().to_bytes();
+                            seen.insert(String::from_utf8_lossy(&body[..6]).into_owned());
+                            ok += 1;
+                        }
+                        _ => failed += 1,
+                    }
+                }
+                (ok, failed, seen)
+            }));
+        }
+        let mut total = 0;
+        let mut seen = BTreeSet::new();
+        for c in clients {
+            let (ok, failed, s) = c.await.unwrap();
+            assert_eq!(failed, 0, "requests failed during updates");
+            total += ok;
+            seen.extend(s);
+        }
+        flipper.await.unwrap();
+        assert!(total > 100, "only {total} requests");
+        // The updates took effect on connections already open.
+        assert_eq!(
+            seen,
+            BTreeSet::from(["name=a".to_string(), "name=b".to_string()])
+        );
+    });
+}
+
+#[test]
+fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
+    in_netns(|| async {
+        let slow = upstream("a", Duration::from_millis(800), false).await;
+        let b = upstream("b", Duration::ZERO, false).await;
+        let mut h = Harness::start(slow, b, b, b).await;
+        let in_flight = tokio::spawn(http_get_host("10.96.0.10:80", "svc"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = h.quit.take().unwrap().send(());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Draining: not ready, and no new connections are taken.
+        assert_ne!(http_get("127.0.0.1:15021", "/healthz/ready").await.0, 200);
+        let (status, _) = tokio::time::timeout(
+            Duration::from_secs(2),
+            http_get_host("10.96.0.10:80", "svc"),
+        )
+        .await
+        .unwrap_or((0, String::new()));
+        assert_ne!(status, 200, "a new connection was served while draining");
+        let (status, body) = in_flight.await.unwrap();
+        assert_eq!(status, 200, "in-flight request cut: {body}");
+        let done = tokio::time::timeout(Duration::from_secs(5), &mut h.proxy).await;
+        assert!(done.is_ok(), "proxy did not exit after draining");
+    });
+}
