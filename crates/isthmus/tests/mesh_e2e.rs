@@ -278,6 +278,37 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         "{metrics}"
     );
 
+    // istioctl's views, read from the proxy's admin port and the control plane.
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .args(mesh.args())
+            .output()
+            .expect("run isthmus");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = cli(&["proxy-status", "client"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("SYNCED") && out.contains("Clusters Match") && out.contains("Routes Match"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["proxy-config", "secret", "client"]);
+    assert!(
+        ok && out.contains("Cert Chain") && out.contains("true"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["proxy-config", "cluster", "client"]);
+    assert!(ok && out.contains("server.e2e.svc.cluster.local"), "{out}");
+    let (ok, out) = cli(&["proxy-config", "all", "client", "-o", "json"]);
+    assert!(
+        ok && out.contains("\"private_key\": {\n") && out.contains("[redacted]"),
+        "key not redacted"
+    );
+
     // STRICT: a pod without a sidecar is refused, by service name and by pod IP.
     let (ok, out) = mesh.get("legacy", "http://server.e2e:8080/", &[]);
     assert!(!ok, "plaintext accepted under STRICT: {out}");

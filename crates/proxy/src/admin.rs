@@ -251,7 +251,7 @@ impl AdminState {
         let mut secrets = Vec::new();
         if let Some(identity) = self.shared.pools.identity() {
             let (issued, at) = identity.issued();
-            let last_updated = humantime_rfc3339(at);
+            let last_updated = rfc3339(at);
             secrets.push(json!({
                 "name": "default",
                 "version_info": last_updated,
@@ -440,7 +440,7 @@ fn apply_mask(v: &Value, paths: &[Vec<&str>]) -> Value {
 }
 
 /// RFC 3339 in UTC without a date crate.
-fn humantime_rfc3339(t: std::time::SystemTime) -> String {
+pub fn rfc3339(t: std::time::SystemTime) -> String {
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -513,7 +513,7 @@ mod tests {
     #[test]
     fn formats_rfc3339() {
         let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
-        assert_eq!(humantime_rfc3339(t), "2026-11-18T11:06:40Z");
+        assert_eq!(rfc3339(t), "2026-11-18T11:06:40Z");
         assert_eq!(percent_decode("a%2Cb+c"), "a,b c");
     }
 }

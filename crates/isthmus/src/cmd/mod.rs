@@ -119,3 +119,25 @@ pub(crate) fn require_root_and_tools() -> Result<()> {
     }
     Ok(())
 }
+
+/// GET from an address inside a network namespace (a pod's admin port, the local runtime's
+/// control plane): a thread enters the namespace and runs the request there.
+pub(crate) fn http_get_in(netns: Option<&str>, addr: &str, path: &str) -> Result<bytes::Bytes> {
+    let (netns, addr, path) = (
+        netns.map(str::to_string),
+        addr.to_string(),
+        path.to_string(),
+    );
+    std::thread::spawn(move || -> Result<bytes::Bytes> {
+        if let Some(ns) = &netns {
+            isthmus_local::runtime::enter_netns(ns)?;
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(http_get(&addr, &path))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("request thread panicked"))?
+}

@@ -1,11 +1,13 @@
-//! `isthmus proxy-config`: a proxy's clusters, listeners, routes and endpoints in istioctl's
-//! tables, from the control plane's config dump of that proxy.
+//! `isthmus proxy-config`: a proxy's clusters, listeners, routes, endpoints and secrets in
+//! istioctl's tables, from the proxy's admin port (pods of the local runtime) or from the
+//! control plane's view of it.
 
 use anyhow::{Context as _, Result};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
 
-use crate::cmd::{http_get, render_table as render};
+use crate::cmd::local::{MeshArgs, find_pod};
+use crate::cmd::{http_get_in, render_table as render};
 use crate::exit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -18,6 +20,8 @@ pub enum Section {
     Route,
     #[value(alias = "endpoints")]
     Endpoint,
+    #[value(alias = "secrets")]
+    Secret,
     All,
 }
 
@@ -31,63 +35,102 @@ pub enum Output {
 pub struct ProxyConfigArgs {
     /// What to show.
     section: Section,
-    /// The proxy: `<pod>.<namespace>`.
+    /// The proxy: a pod of the local runtime (`name`, `name.namespace`, a unique prefix), or
+    /// `<pod>.<namespace>` as the control plane knows it.
     proxy: String,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Short)]
     output: Output,
-    /// The control plane's monitoring address (Istio's 15014).
-    #[arg(
-        long = "control-plane",
-        default_value = "127.0.0.1:15014",
-        env = "ISTHMUS_CONTROL_PLANE"
-    )]
-    control_plane: String,
+    /// Read from this control plane's monitoring address (Istio's 15014) instead of the proxy.
+    #[arg(long = "control-plane", env = "ISTHMUS_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+/// A proxy's config dump: from its admin port when it is a pod of the local runtime, else
+/// what the control plane computes for it.
+pub(crate) fn dump_of(
+    proxy: &str,
+    control_plane: Option<&str>,
+    mesh: &MeshArgs,
+) -> Result<(Value, String)> {
+    if control_plane.is_none()
+        && let Some(st) = isthmus_local::runtime::read_status(&mesh.dir())
+    {
+        let pod = find_pod(&st, proxy)?;
+        let body = http_get_in(Some(&pod.netns), "127.0.0.1:15000", "/config_dump")
+            .with_context(|| format!("reading the admin port of {}/{}", pod.namespace, pod.name))?;
+        let dump = serde_json::from_slice(&body).context("invalid config dump")?;
+        return Ok((dump, format!("{}.{}", pod.name, pod.namespace)));
+    }
+    let addr = control_plane.unwrap_or("127.0.0.1:15014");
+    let body = http_get_in(None, addr, &format!("/debug/config_dump?proxyID={proxy}"))?;
+    Ok((
+        serde_json::from_slice(&body).context("invalid config dump")?,
+        proxy.to_string(),
+    ))
+}
+
+/// The items of one section of a dump (`ClustersConfigDump`, `dynamic_active_clusters`), each
+/// unwrapped from its `field` (`cluster`).
+pub(crate) fn items(dump: &Value, suffix: &str, list: &str, field: &[&str]) -> Vec<Value> {
+    dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["@type"].as_str().is_some_and(|t| t.ends_with(suffix)))
+        .and_then(|c| c[list].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|mut v| {
+            for f in field {
+                v = v[*f].clone();
+            }
+            v
+        })
+        .collect()
 }
 
 pub fn run(a: ProxyConfigArgs) -> Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let path = format!("/debug/config_dump?proxyID={}", a.proxy);
-    let body = runtime.block_on(http_get(&a.control_plane, &path))?;
-    let dump: Value = serde_json::from_slice(&body).context("invalid config dump")?;
-    let config = |suffix: &str, field: &str| -> Vec<Value> {
-        dump["configs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|c| c["@type"].as_str().is_some_and(|t| t.ends_with(suffix)))
-            .and_then(|c| c[field].as_array().cloned())
-            .unwrap_or_default()
-    };
-    let clusters: Vec<Value> = config("ClustersConfigDump", "dynamic_active_clusters")
-        .into_iter()
-        .map(|c| c["cluster"].clone())
-        .collect();
-    let listeners: Vec<Value> = config("ListenersConfigDump", "dynamic_listeners")
-        .into_iter()
-        .map(|l| l["active_state"]["listener"].clone())
-        .collect();
-    let routes: Vec<Value> = config("RoutesConfigDump", "dynamic_route_configs")
-        .into_iter()
-        .map(|r| r["route_config"].clone())
-        .collect();
-    let endpoints: Vec<Value> = config("EndpointsConfigDump", "dynamic_endpoint_configs")
-        .into_iter()
-        .map(|e| e["endpoint_config"].clone())
-        .collect();
+    let (dump, _) = dump_of(&a.proxy, a.control_plane.as_deref(), &a.mesh)?;
+    let clusters = items(
+        &dump,
+        "ClustersConfigDump",
+        "dynamic_active_clusters",
+        &["cluster"],
+    );
+    let listeners = items(
+        &dump,
+        "ListenersConfigDump",
+        "dynamic_listeners",
+        &["active_state", "listener"],
+    );
+    let routes = items(
+        &dump,
+        "RoutesConfigDump",
+        "dynamic_route_configs",
+        &["route_config"],
+    );
+    let endpoints = items(
+        &dump,
+        "EndpointsConfigDump",
+        "dynamic_endpoint_configs",
+        &["endpoint_config"],
+    );
+    let secrets = items(&dump, "SecretsConfigDump", "dynamic_active_secrets", &[]);
     let (json, table) = match a.section {
         Section::Cluster => (Value::Array(clusters.clone()), cluster_table(&clusters)),
         Section::Listener => (Value::Array(listeners.clone()), listener_table(&listeners)),
         Section::Route => (Value::Array(routes.clone()), route_table(&routes)),
         Section::Endpoint => (Value::Array(endpoints.clone()), endpoint_table(&endpoints)),
+        Section::Secret => (Value::Array(secrets.clone()), secret_table(&secrets)),
         Section::All => (
             dump.clone(),
             [
                 cluster_table(&clusters),
                 listener_table(&listeners),
                 route_table(&routes),
+                secret_table(&secrets),
             ]
             .join("\n"),
         ),
@@ -97,6 +140,76 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
         Output::Short => print!("{table}"),
     }
     Ok(exit::OK)
+}
+
+/// istioctl's secret columns, read from the certificates themselves.
+fn secret_table(secrets: &[Value]) -> String {
+    use base64::Engine;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let mut rows = vec![
+        [
+            "RESOURCE NAME",
+            "TYPE",
+            "STATUS",
+            "VALID CERT",
+            "SERIAL NUMBER",
+            "NOT AFTER",
+            "NOT BEFORE",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    for sec in secrets {
+        let name = s(&sec["name"]);
+        let (kind, pem_b64) = if sec["secret"]["tls_certificate"].is_object() {
+            (
+                "Cert Chain",
+                &sec["secret"]["tls_certificate"]["certificate_chain"]["inline_bytes"],
+            )
+        } else {
+            (
+                "CA",
+                &sec["secret"]["validation_context"]["trusted_ca"]["inline_bytes"],
+            )
+        };
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(pem_b64.as_str().unwrap_or(""))
+            .unwrap_or_default();
+        let first = rustls_pki_types::pem::PemObject::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok);
+        let parsed = first
+            .as_ref()
+            .and_then(|der: &rustls_pki_types::CertificateDer<'static>| {
+                X509Certificate::from_der(der).ok().map(|(_, c)| {
+                    let valid = c.validity().is_valid();
+                    let time = |t: x509_parser::time::ASN1Time| {
+                        isthmus_proxy::admin::rfc3339(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(t.timestamp().max(0) as u64),
+                        )
+                    };
+                    (
+                        valid,
+                        c.raw_serial_as_string().replace(':', ""),
+                        time(c.validity().not_after),
+                        time(c.validity().not_before),
+                    )
+                })
+            });
+        let (valid, serial, after, before) =
+            parsed.unwrap_or((false, String::new(), String::new(), String::new()));
+        rows.push(vec![
+            name,
+            kind.into(),
+            "ACTIVE".into(),
+            valid.to_string(),
+            serial,
+            after,
+            before,
+        ]);
+    }
+    render(&rows)
 }
 
 fn s(v: &Value) -> String {
@@ -168,13 +281,21 @@ fn listener_table(listeners: &[Value]) -> String {
         let addr = &l["address"]["socket_address"];
         for chain in l["filter_chains"].as_array().into_iter().flatten() {
             let m = &chain["filter_chain_match"];
-            let matched = match (
-                m["destination_port"].as_u64(),
-                m["transport_protocol"].as_str(),
-            ) {
-                (Some(p), Some(t)) => format!("Port: {p}; Trans: {t}"),
-                (Some(p), None) => format!("Port: {p}"),
-                _ => "ALL".into(),
+            let mut parts = Vec::new();
+            if let Some(p) = m["destination_port"].as_u64() {
+                parts.push(format!("Port: {p}"));
+            }
+            if let Some(t) = m["transport_protocol"].as_str() {
+                parts.push(format!("Trans: {t}"));
+            }
+            if let Some(a) = m["application_protocols"].as_array() {
+                let a: Vec<String> = a.iter().map(s).collect();
+                parts.push(format!("App: {}", a.join(",")));
+            }
+            let matched = if parts.is_empty() {
+                "ALL".to_string()
+            } else {
+                parts.join("; ")
             };
             let filter = &chain["filters"][0]["typed_config"];
             let dest = if let Some(c) = filter["cluster"].as_str() {

@@ -1,48 +1,122 @@
-//! `isthmus proxy-status`: istioctl's sync table, from the control plane's `/debug/syncz`.
+//! `isthmus proxy-status`: istioctl's sync table, from the control plane's `/debug/syncz`;
+//! for one proxy, also whether what it runs matches what the control plane computes for it.
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use serde_json::Value;
 
-use crate::cmd::{http_get, render_table};
+use crate::cmd::local::{MeshArgs, find_pod};
+use crate::cmd::proxy_config::{dump_of, items};
+use crate::cmd::{http_get_in, render_table};
 use crate::exit;
 
 #[derive(Debug, Args)]
 pub struct ProxyStatusArgs {
     /// Show only this proxy (`<pod>.<namespace>`), with its NACKs in full.
     proxy: Option<String>,
-    /// The control plane's monitoring address (Istio's 15014).
-    #[arg(
-        long = "control-plane",
-        default_value = "127.0.0.1:15014",
-        env = "ISTHMUS_CONTROL_PLANE"
-    )]
-    control_plane: String,
+    /// The control plane's monitoring address (Istio's 15014); by default the local runtime's
+    /// when one is up, else 127.0.0.1:15014.
+    #[arg(long = "control-plane", env = "ISTHMUS_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    #[command(flatten)]
+    mesh: MeshArgs,
 }
 
 pub fn run(a: ProxyStatusArgs) -> Result<i32> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let body = runtime.block_on(http_get(&a.control_plane, "/debug/syncz"))?;
+    let local =
+        isthmus_local::runtime::read_status(&a.mesh.dir()).filter(|_| a.control_plane.is_none());
+    let (netns, addr) = match (&local, &a.control_plane) {
+        (Some(st), _) => (
+            Some(st.node_netns.as_str()),
+            format!("{}:15014", isthmus_local::plan::GATEWAY),
+        ),
+        (None, Some(cp)) => (None, cp.clone()),
+        (None, None) => (None, "127.0.0.1:15014".to_string()),
+    };
+    let body = http_get_in(netns, &addr, "/debug/syncz")?;
     let proxies: Vec<Value> =
         serde_json::from_slice(&body).context("control plane answered with invalid JSON")?;
+    // A local pod may be named loosely; the control plane knows it as `<pod>.<namespace>`.
+    let want = match (&a.proxy, &local) {
+        (Some(p), Some(st)) => {
+            let pod = find_pod(st, p)?;
+            Some(format!("{}.{}", pod.name, pod.namespace))
+        }
+        (p, _) => p.clone(),
+    };
     let rows: Vec<&Value> = proxies
         .iter()
-        .filter(|p| a.proxy.as_deref().is_none_or(|want| pod_name(p) == want))
+        .filter(|p| want.as_deref().is_none_or(|w| pod_name(p) == w))
         .collect();
-    if let Some(want) = &a.proxy
+    if let Some(want) = &want
         && rows.is_empty()
     {
         bail!("proxy {want:?} is not connected to the control plane");
     }
     print!("{}", table(&rows));
-    for p in rows.iter().filter(|_| a.proxy.is_some()) {
+    for p in rows.iter().filter(|_| want.is_some()) {
         if let Some(nacks) = p["nacks"].as_object() {
             for (t, msg) in nacks {
                 println!("{t} rejected: {}", msg.as_str().unwrap_or(""));
             }
+        }
+    }
+    // One local proxy: compare what it runs with what the control plane computes for it.
+    if let (Some(w), Some(_)) = (&want, &local) {
+        let (running, _) = dump_of(w, None, &a.mesh)?;
+        let computed: Value = serde_json::from_slice(&http_get_in(
+            netns,
+            &addr,
+            &format!("/debug/config_dump?proxyID={w}"),
+        )?)
+        .context("invalid config dump")?;
+        let mut all = true;
+        for (label, suffix, list, field) in [
+            (
+                "Clusters",
+                "ClustersConfigDump",
+                "dynamic_active_clusters",
+                &["cluster"][..],
+            ),
+            (
+                "Listeners",
+                "ListenersConfigDump",
+                "dynamic_listeners",
+                &["active_state", "listener"][..],
+            ),
+            (
+                "Routes",
+                "RoutesConfigDump",
+                "dynamic_route_configs",
+                &["route_config"][..],
+            ),
+        ] {
+            let by_name = |d: &Value| -> std::collections::BTreeMap<String, Value> {
+                items(d, suffix, list, field)
+                    .into_iter()
+                    .map(|v| (v["name"].as_str().unwrap_or("").to_string(), v))
+                    .collect()
+            };
+            let (a_map, b_map) = (by_name(&running), by_name(&computed));
+            if a_map == b_map {
+                println!("{label} Match");
+            } else {
+                all = false;
+                println!("{label} Don't Match");
+                for (name, v) in &b_map {
+                    match a_map.get(name) {
+                        None => println!("  - {name}: computed, not running"),
+                        Some(r) if r != v => println!("  ~ {name}: differs"),
+                        _ => {}
+                    }
+                }
+                for name in a_map.keys().filter(|n| !b_map.contains_key(*n)) {
+                    println!("  + {name}: running, no longer computed");
+                }
+            }
+        }
+        if !all {
+            return Ok(exit::FAILURE);
         }
     }
     Ok(exit::OK)
