@@ -130,6 +130,8 @@ pub fn create_pod(names: &Names, pod: &PodPlan, index: usize) -> Result<String, 
 /// own namespace, after the sidecar's capture when there is one.
 pub fn install_service_rules(plan: &Plan, pod_ns: &str) -> Result<(), NetError> {
     let mut rules = String::from("*nat\n:ISTHMUS-SERVICES - [0:0]\n");
+    // A service without endpoints refuses connections, as kube-proxy's filter rules do.
+    let mut rejects = String::from("*filter\n:ISTHMUS-NO-ENDPOINTS - [0:0]\n");
     for svc in &plan.services {
         let Some(vip) = svc.cluster_ip else { continue };
         for (port, target) in &svc.ports {
@@ -153,13 +155,15 @@ pub fn install_service_rules(plan: &Plan, pod_ns: &str) -> Result<(), NetError> 
                 ));
             }
             if n == 0 {
-                rules.push_str(&format!(
-                    "-A ISTHMUS-SERVICES -d {vip}/32 -p tcp --dport {port} -j REJECT\n"
+                rejects.push_str(&format!(
+                    "-A ISTHMUS-NO-ENDPOINTS -d {vip}/32 -p tcp --dport {port} -j REJECT --reject-with tcp-reset\n"
                 ));
             }
         }
     }
     rules.push_str("-A OUTPUT -j ISTHMUS-SERVICES\nCOMMIT\n");
+    rejects.push_str("-A OUTPUT -j ISTHMUS-NO-ENDPOINTS\nCOMMIT\n");
+    rules.push_str(&rejects);
     run_input(
         &[
             "ip",
