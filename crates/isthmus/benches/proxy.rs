@@ -32,7 +32,16 @@ const RATE: u64 = 1_000;
 const CONNECTIONS: usize = 4;
 const PAYLOAD: usize = 1024;
 const WARMUP: Duration = Duration::from_secs(2);
-const MEASURE: Duration = Duration::from_secs(10);
+
+/// `ISTHMUS_BENCH_SECONDS` lengthens the measured phase (to profile a proxy under load).
+fn measure() -> Duration {
+    Duration::from_secs(
+        std::env::var("ISTHMUS_BENCH_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10),
+    )
+}
 const MAX_RATE_FOR: Duration = Duration::from_secs(5);
 const BULK_BYTES: u64 = 256 << 20;
 const SERVICES: usize = 100;
@@ -135,15 +144,29 @@ fn main() {
     let machine = machine();
     report.push_str(&format!(
         "{machine}\nload: HTTP/1.1 POST, {PAYLOAD} B request and response bodies, {RATE} requests/s over {CONNECTIONS} connections, open loop, {} s after {} s warm-up; mesh config: {SERVICES} services\n\n",
-        MEASURE.as_secs(),
+        measure().as_secs(),
         WARMUP.as_secs()
     ));
     report.push_str("| path | p50 ms | p90 ms | p99 ms | added p50 | added p90 | added p99 | errors |\n|---|---|---|---|---|---|---|---|\n");
     let mut direct: Option<Histogram<u64>> = None;
     let mut usage = Vec::new();
+    // `ISTHMUS_BENCH_ONLY=isthmus` runs one path (the direct baseline always runs first).
+    let only = std::env::var("ISTHMUS_BENCH_ONLY").ok();
+    let targets: Vec<&Target> = targets
+        .iter()
+        .filter(|t| t.name == "direct" || only.as_deref().is_none_or(|o| o == t.name))
+        .collect();
     for t in &targets {
-        eprintln!("{}: {RATE} requests/s for {} s", t.name, (WARMUP + MEASURE).as_secs());
-        let before: Vec<(u64, u32)> = t.proxies.iter().map(|(_, pid)| (cpu_ticks(*pid), *pid)).collect();
+        eprintln!(
+            "{}: {RATE} requests/s for {} s",
+            t.name,
+            (WARMUP + measure()).as_secs()
+        );
+        let before: Vec<(u64, u32)> = t
+            .proxies
+            .iter()
+            .map(|(_, pid)| (cpu_ticks(*pid), *pid))
+            .collect();
         let (hist, errors, sent) = rt.block_on(open_loop(t));
         let ticks = ticks_per_second();
         for ((label, pid), (b, _)) in t.proxies.iter().zip(&before) {
@@ -153,9 +176,9 @@ fn main() {
         }
         let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
         let added = |p: f64| {
-            direct
-                .as_ref()
-                .map_or("—".to_string(), |d| format!("{:.3}", q(&hist, p) - q(d, p)))
+            direct.as_ref().map_or("—".to_string(), |d| {
+                format!("{:.3}", q(&hist, p) - q(d, p))
+            })
         };
         report.push_str(&format!(
             "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {errors} |\n",
@@ -208,7 +231,10 @@ impl Mesh {
         let mut yaml = String::from(
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: bench, labels: {istio-injection: enabled}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: plain}\n",
         );
-        for (ns, client, server) in [("bench", "client", "server"), ("plain", "pclient", "pserver")] {
+        for (ns, client, server) in [
+            ("bench", "client", "server"),
+            ("plain", "pclient", "pserver"),
+        ] {
             for pod in [client, server] {
                 yaml.push_str(&format!(
                     "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: {ns}, labels: {{app: {pod}}}}}\nspec: {{containers: [{{name: app, command: [sleep, infinity]}}]}}\n"
@@ -300,25 +326,32 @@ async fn serve(l: std::net::TcpListener) {
     let l = tokio::net::TcpListener::from_std(l).expect("listener");
     let answer = Bytes::from(vec![b'x'; PAYLOAD]);
     loop {
-        let Ok((s, _)) = l.accept().await else { continue };
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
         let _ = s.set_nodelay(true);
         let answer = answer.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let answer = answer.clone();
-                async move {
-                    let bulk = req.uri().path() == "/bulk";
-                    let mut body = req.into_body();
-                    let mut n = 0u64;
-                    while let Some(f) = body.frame().await {
-                        if let Ok(d) = f.map(|f| f.into_data()) {
-                            n += d.map_or(0, |d| d.len() as u64);
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        let bulk = req.uri().path() == "/bulk";
+                        let mut body = req.into_body();
+                        let mut n = 0u64;
+                        while let Some(f) = body.frame().await {
+                            if let Ok(d) = f.map(|f| f.into_data()) {
+                                n += d.map_or(0, |d| d.len() as u64);
+                            }
                         }
+                        let out = if bulk {
+                            Bytes::from(n.to_string())
+                        } else {
+                            answer
+                        };
+                        Ok::<_, Infallible>(http::Response::new(Full::new(out)))
                     }
-                    let out = if bulk { Bytes::from(n.to_string()) } else { answer };
-                    Ok::<_, Infallible>(http::Response::new(Full::new(out)))
-                }
-            });
+                });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
@@ -372,7 +405,7 @@ async fn open_loop(t: &Target) -> (Histogram<u64>, u64, u64) {
             let (mut errors, mut sent) = (0u64, 0u64);
             // Connections start staggered across one interval.
             let start = Instant::now() + per_conn * c as u32 / CONNECTIONS as u32;
-            let end = start + WARMUP + MEASURE;
+            let end = start + WARMUP + measure();
             let mut i = 0u32;
             loop {
                 let intended = start + per_conn * i;
@@ -450,7 +483,11 @@ async fn bulk(t: &Target) -> f64 {
     let start = Instant::now();
     let work = async {
         let resp = send.send_request(req).await.expect("bulk");
-        resp.into_body().collect().await.expect("bulk body").to_bytes()
+        resp.into_body()
+            .collect()
+            .await
+            .expect("bulk body")
+            .to_bytes()
     };
     let got = tokio::time::timeout(Duration::from_secs(120), work)
         .await
@@ -491,7 +528,10 @@ fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("model name").map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -503,7 +543,13 @@ fn machine() -> String {
     let haproxy = Command::new("haproxy")
         .arg("-v")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string()
+        })
         .unwrap_or_default();
     format!(
         "machine: {cores} cores ({cpu}), kernel {}, {date}; {haproxy}",

@@ -14,7 +14,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Request, Response, StatusCode, Version};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -338,6 +338,16 @@ fn prepare_request(
     }
 }
 
+/// Request bodies up to this declared length are buffered before forwarding.
+const BUFFER_BODY_MAX: u64 = 16 * 1024;
+/// How long a buffered request body may take to arrive.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+enum RequestBody {
+    Streaming(Option<Counted<Incoming>>),
+    Buffered(Bytes),
+}
+
 /// What the response still needs to finish the request's telemetry.
 struct Pending {
     start: Instant,
@@ -397,11 +407,35 @@ async fn forward(
             .headers
             .insert(peer::METADATA_ID, shared.me.node_id.clone());
     }
-    let bodiless = body.inner.is_end_stream();
-    let retry = fwd.retry.as_ref().filter(|_| bodiless && !pending.upgrade);
+    // Small bodies of declared length are read whole first: they leave with their headers in
+    // one write, and a retry can send them again.
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let mut body = match declared {
+        Some(n) if n <= BUFFER_BODY_MAX && !pending.upgrade => {
+            let read = Limited::new(body, BUFFER_BODY_MAX as usize).collect();
+            match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+                Ok(Ok(b)) => RequestBody::Buffered(b.to_bytes()),
+                _ => {
+                    stats.inc(&format!("http.{}.downstream_rq_rx_reset", cluster.name));
+                    return local_reply(408, "request body not received");
+                }
+            }
+        }
+        _ => RequestBody::Streaming(Some(body)),
+    };
+    let replayable = match &body {
+        RequestBody::Buffered(_) => true,
+        RequestBody::Streaming(b) => b.as_ref().is_some_and(|b| b.inner.is_end_stream()),
+    };
+    let retry = fwd
+        .retry
+        .as_ref()
+        .filter(|_| replayable && !pending.upgrade);
     let attempts = 1 + retry.map_or(0, |r| r.attempts);
     let per_try = retry.and_then(|r| r.per_try_timeout).or(fwd.timeout);
-    let mut body = Some(body);
     let mut failed: Vec<Address> = Vec::new();
     let path = parts
         .uri
@@ -435,9 +469,14 @@ async fn forward(
         if let Some(h) = b.headers_mut() {
             *h = parts.headers.clone();
         }
-        let up_body: Body = match body.take() {
-            Some(b) if attempt == 0 => b.boxed(),
-            _ => empty(),
+        let up_body: Body = match &mut body {
+            RequestBody::Buffered(b) => {
+                Full::new(b.clone()).map_err(|never| match never {}).boxed()
+            }
+            RequestBody::Streaming(b) => match b.take() {
+                Some(b) if attempt == 0 => b.boxed(),
+                _ => empty(),
+            },
         };
         let Ok(up_req) = b.body(up_body) else {
             last = local_reply(400, "");

@@ -184,7 +184,13 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                     identity: isthmus_ca::tls::peer_identity(leaf).ok(),
                     hash: hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref()),
                 });
-            (Either::Right(tls_stream), peer)
+            (
+                Either::Right(tokio::io::BufWriter::with_capacity(
+                    crate::upstream::TLS_WRITE_BUFFER,
+                    tls_stream,
+                )),
+                peer,
+            )
         }
     };
     let info = Arc::new(ConnInfo {

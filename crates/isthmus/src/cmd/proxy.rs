@@ -94,6 +94,9 @@ pub struct ProxyArgs {
     /// Certificate lifetime asked of the CA.
     #[arg(long = "cert-ttl", default_value = "24h")]
     cert_ttl: String,
+    /// Worker threads (Istio's ProxyConfig `concurrency`; 0: one per core). Default 1.
+    #[arg(long)]
+    concurrency: Option<usize>,
     /// Port offset for running several proxies in one network namespace (tests).
     #[arg(long = "port-base", hide = true)]
     port_base: Option<u16>,
@@ -189,11 +192,32 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         cert_ttl: parse_go_duration(&a.cert_ttl).map_err(|e| anyhow::anyhow!("--cert-ttl: {e}"))?,
         app_metrics: a.app_metrics_port.map(|p| (p, a.app_metrics_path)),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    // Istio's ProxyConfig `concurrency`: worker threads (0: one per core). One by default: a
+    // sidecar serves one pod, and a single thread spends no CPU on cross-thread wake-ups.
+    let concurrency = match (
+        a.concurrency,
+        pc.get("concurrency").and_then(|v| v.as_u64()),
+    ) {
+        (Some(c), _) => c,
+        (None, Some(c)) => usize::try_from(c).unwrap_or(1),
+        (None, None) => 1,
+    };
+    let concurrency = if concurrency == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        concurrency
+    };
+    let runtime = if concurrency == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(concurrency)
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
     runtime.block_on(async move {
         let shutdown = async {
             let mut term =
