@@ -203,6 +203,38 @@ spec:
   - name: client
     command: [sleep, "3600"]
 ---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: server, namespace: e2e}
+spec:
+  selector: {matchLabels: {app: server}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/e2e/sa/client]}}]
+    to: [{operation: {methods: [GET]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tcpsrv, namespace: e2e}
+spec:
+  selector: {app: tcpsrv}
+  ports: [{name: tcp, port: 7000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcpsrv, namespace: e2e, labels: {app: tcpsrv}}
+spec:
+  containers:
+  - name: tcpsrv
+    command: [isthmus, echo, --tcp, --port, "7000"]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: tcpsrv, namespace: e2e}
+spec:
+  selector: {matchLabels: {app: tcpsrv}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/e2e/sa/client]}}]
+---
 apiVersion: v1
 kind: Pod
 metadata: {name: rogue, namespace: e2e, labels: {app: rogue}}
@@ -309,6 +341,18 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         "key not redacted"
     );
 
+    // AuthorizationPolicy: only the client's identity, only GET; HTTP denials are 403 with
+    // Envoy's body, TCP denials close the connection.
+    let (ok, out) = mesh.get("rogue", "http://server:8080/", &[]);
+    assert!(
+        !ok && out.contains("StatusCode=403") && out.contains("RBAC: access denied"),
+        "{out}"
+    );
+    let (ok, out) = mesh.get("client", "tcp://tcpsrv:7000", &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = mesh.get("rogue", "tcp://tcpsrv:7000", &[]);
+    assert!(!ok, "a denied TCP connection was served: {out}");
+
     // STRICT: a pod without a sidecar is refused, by service name and by pod IP.
     let (ok, out) = mesh.get("legacy", "http://server.e2e:8080/", &[]);
     assert!(!ok, "plaintext accepted under STRICT: {out}");
@@ -363,8 +407,9 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         !text.contains("StatusCode=200"),
         "UID 1337 was captured: {text}"
     );
-    let (ok, out) = mesh.get("rogue", "http://server:8080/", &[]);
-    assert!(ok, "{out}");
+    // Through its sidecar the same request is mTLS, and the policy decides: 403, not a reset.
+    let (_, out) = mesh.get("rogue", "http://server:8080/", &[]);
+    assert!(out.contains("StatusCode=403"), "{out}");
 }
 
 const LOCALHOST: &str = r#"

@@ -1,8 +1,9 @@
 //! Pilot: the mesh translated into Envoy v3 resources for one proxy, in Istio's names and
 //! shapes. `context` holds the mesh at one moment, `proxy` who asks; `cluster` (CDS) and
-//! `endpoint` (EDS), `listener`
-//! (LDS) and `route` (RDS) build the resources.
+//! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authz` turns
+//! AuthorizationPolicies into the inbound chains' RBAC filters.
 
+pub mod authz;
 pub mod cluster;
 pub mod context;
 pub mod endpoint;

@@ -118,6 +118,13 @@ fn virtual_outbound(ctx: &PushContext) -> Listener {
 
 fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     let mut chains = Vec::new();
+    let http_authz = crate::authz::http_filters(ctx, proxy);
+    let tcp_authz = crate::authz::network_filters(ctx, proxy);
+    let passthrough = || {
+        let mut f = tcp_authz.clone();
+        f.push(tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER));
+        f
+    };
     if let Some(workload) = ctx.workload_of(proxy) {
         let mut ports: BTreeMap<u16, Protocol> = BTreeMap::new();
         for svc in ctx.registry.services_for_workload(workload) {
@@ -143,9 +150,15 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             let cluster = inbound_cluster(port);
             let filters = || {
                 if protocol.is_http() {
-                    vec![http_connection_manager_inline(&cluster, port)]
+                    vec![http_connection_manager_inline(
+                        &cluster,
+                        port,
+                        http_authz.clone(),
+                    )]
                 } else {
-                    vec![tcp_proxy_filter(&cluster)]
+                    let mut f = tcp_authz.clone();
+                    f.push(tcp_proxy_filter(&cluster));
+                    f
                 }
             };
             if mode != MtlsMode::Disable {
@@ -191,7 +204,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
                 transport_protocol: "tls".into(),
                 ..Default::default()
             }),
-            filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
+            filters: passthrough(),
             transport_socket: Some(inbound_tls()),
             ..Default::default()
         });
@@ -203,7 +216,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
                 transport_protocol: "raw_buffer".into(),
                 ..Default::default()
             }),
-            filters: vec![tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER)],
+            filters: passthrough(),
             ..Default::default()
         });
     }
@@ -293,8 +306,14 @@ fn http_connection_manager_rds(stat_prefix: &str, route_config: &str) -> Filter 
     )
 }
 
-/// Inbound HTTP: an inline route to the inbound cluster, any host.
-fn http_connection_manager_inline(cluster: &str, port: u16) -> Filter {
+/// Inbound HTTP: an inline route to the inbound cluster, any host, behind the authorization
+/// filters.
+fn http_connection_manager_inline(
+    cluster: &str,
+    port: u16,
+    mut filters: Vec<HttpFilter>,
+) -> Filter {
+    filters.push(router());
     let routes = RouteConfiguration {
         name: cluster.into(),
         virtual_hosts: vec![VirtualHost {
@@ -325,7 +344,7 @@ fn http_connection_manager_inline(cluster: &str, port: u16) -> Filter {
         pack_any(HttpConnectionManager {
             stat_prefix: cluster.into(),
             route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
-            http_filters: vec![router()],
+            http_filters: filters,
             // Istio's inbound: the caller's identity reaches the app in XFCC.
             forward_client_cert_details:
                 http_connection_manager::ForwardClientCertDetails::AppendForward as i32,

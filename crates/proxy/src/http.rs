@@ -197,6 +197,37 @@ async fn handle(
     let upgrade = is_upgrade(req.version(), req.headers());
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    if !hcm.rbac.is_empty() {
+        let principal = info.principal();
+        let input = crate::config::rbac::Input {
+            principal: principal.as_deref(),
+            source: info.source,
+            destination: info.destination,
+            server_name: None,
+            request: Some(&parts),
+        };
+        if !crate::config::rbac::allowed(&hcm.rbac, &input) {
+            stats.inc(&format!("http.{}.rbac.denied", hcm.stat_prefix));
+            let reporter = if info.inbound() {
+                Reporter::Destination
+            } else {
+                Reporter::Source
+            };
+            let source_peer = parts
+                .headers
+                .get(peer::METADATA)
+                .and_then(|v| Workload::decode(v.as_bytes()));
+            let parties = shared.parties(info, None, source_peer, None);
+            let pending = Pending {
+                start,
+                request_bytes: Arc::new(AtomicU64::new(0)),
+                upgrade,
+            };
+            finish_local(stats, reporter, &parties, "http", 403, "RBAC", &pending);
+            return local_reply(403, "RBAC: access denied");
+        }
+        stats.inc(&format!("http.{}.rbac.allowed", hcm.stat_prefix));
+    }
     let host = authority(&parts).unwrap_or_default().to_string();
     let selected = table.as_ref().and_then(|t| {
         let vh = t.virtual_host(&host)?;

@@ -38,6 +38,14 @@ impl ConnInfo {
     pub fn inbound(&self) -> bool {
         self.listener.direction == Direction::Inbound
     }
+
+    /// The peer's SPIFFE URI, for authorization.
+    pub fn principal(&self) -> Option<String> {
+        self.peer
+            .as_ref()
+            .and_then(|p| p.identity.as_ref())
+            .map(ToString::to_string)
+    }
 }
 
 /// Accepts on a bound listener port until draining starts.
@@ -199,6 +207,23 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         source,
         peer,
     });
+    if !chain.rbac.is_empty() {
+        let principal = info.principal();
+        let input = crate::config::rbac::Input {
+            principal: principal.as_deref(),
+            source,
+            destination,
+            server_name: facts.server_name.as_deref(),
+            request: None,
+        };
+        if !crate::config::rbac::allowed(&chain.rbac, &input) {
+            // A TCP denial closes the connection.
+            shared.stats.inc(&format!("listener.{lname}.rbac.denied"));
+            tracing::debug!(%source, %destination, principal = ?principal, "connection denied by RBAC");
+            return;
+        }
+        shared.stats.inc(&format!("listener.{lname}.rbac.allowed"));
+    }
     match &chain.filter {
         NetworkFilter::Tcp { cluster, .. } => {
             crate::tcp::proxy(io, cluster, &info, shared).await;

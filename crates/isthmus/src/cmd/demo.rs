@@ -50,6 +50,8 @@ struct Probe {
     url: String,
     header: Option<(String, String)>,
     what: String,
+    /// Sent from this pod (name prefix) instead of the default client.
+    from: Option<String>,
 }
 
 fn probes(snapshot: &Snapshot) -> Vec<Probe> {
@@ -80,7 +82,60 @@ fn probes(snapshot: &Snapshot) -> Vec<Probe> {
             url: url.clone(),
             header: None,
             what: format!("GET {}:{}", s.name(), port.port),
+            from: None,
         });
+        // From the workloads an ALLOW policy names, to show it letting them in.
+        for ap in snapshot
+            .authorization_policies
+            .iter()
+            .filter(|p| p.namespace() == s.namespace() && p.object.spec.action() == "ALLOW")
+        {
+            let selects = ap.object.spec.selector.as_ref().is_some_and(|sel| {
+                let svc_sel = s
+                    .object
+                    .spec
+                    .as_ref()
+                    .and_then(|sp| sp.selector.clone())
+                    .unwrap_or_default();
+                !sel.match_labels.is_empty()
+                    && sel
+                        .match_labels
+                        .iter()
+                        .all(|(k, v)| svc_sel.get(k) == Some(v))
+            });
+            if !selects {
+                continue;
+            }
+            for principal in ap
+                .object
+                .spec
+                .rules
+                .iter()
+                .flat_map(|r| r.from.iter())
+                .filter_map(|f| f.source.as_ref())
+                .flat_map(|src| src.principals.iter())
+            {
+                let Some(sa) = principal.rsplit_once("/sa/").map(|(_, sa)| sa) else {
+                    continue;
+                };
+                if let Some(d) = snapshot.deployments.iter().find(|d| {
+                    d.namespace() == s.namespace()
+                        && d.object
+                            .spec
+                            .as_ref()
+                            .and_then(|sp| sp.template.spec.as_ref())
+                            .and_then(|p| p.service_account_name.as_deref())
+                            == Some(sa)
+                }) {
+                    out.push(Probe {
+                        url: url.clone(),
+                        header: None,
+                        what: format!("GET {}:{} from {}", s.name(), port.port, d.name()),
+                        from: Some(d.name().to_string()),
+                    });
+                }
+            }
+        }
         // Each header-matched route of a VirtualService for this service.
         for vs in snapshot
             .virtual_services
@@ -96,6 +151,7 @@ fn probes(snapshot: &Snapshot) -> Vec<Probe> {
                                 url: url.clone(),
                                 header: Some((name.clone(), value.clone())),
                                 what: format!("GET {}:{} {name}: {value}", s.name(), port.port),
+                                from: None,
                             });
                         }
                     }
@@ -167,8 +223,13 @@ pub fn run(a: DemoArgs) -> Result<i32> {
     ]];
     let mut all_ok = true;
     for p in probes(&snapshot) {
+        let source = p
+            .from
+            .as_deref()
+            .and_then(|prefix| st.pods.iter().find(|pod| pod.name.starts_with(prefix)))
+            .unwrap_or(from);
         let mut cmd = std::process::Command::new("ip");
-        cmd.args(["netns", "exec", &from.netns]).arg(&exe).args([
+        cmd.args(["netns", "exec", &source.netns]).arg(&exe).args([
             "echo",
             "client",
             &p.url,
@@ -195,29 +256,44 @@ pub fn run(a: DemoArgs) -> Result<i32> {
                 *identities.entry(id.trim().to_string()).or_default() += 1;
             }
         }
-        all_ok &= statuses.keys().all(|c| c == "200") && !statuses.is_empty();
+        // 403 is an AuthorizationPolicy at work; no answer or a 5xx is a failure.
+        all_ok &= !statuses.is_empty() && statuses.keys().all(|c| c == "200" || c == "403");
+        if statuses.contains_key("403") && !text.contains("RBAC: access denied") {
+            all_ok = false;
+        }
         let join = |m: &BTreeMap<String, u32>| {
             m.iter()
                 .map(|(k, n)| format!("{k} ×{n}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let mut status = if statuses.is_empty() {
+            "no answer".into()
+        } else {
+            join(&statuses)
+        };
+        if statuses.contains_key("403") {
+            status.push_str(" (denied by AuthorizationPolicy)");
+        }
         rows.push(vec![
             p.what,
-            if statuses.is_empty() {
-                "no answer".into()
-            } else {
-                join(&statuses)
-            },
+            status,
             join(&answered),
             identities.keys().cloned().collect::<Vec<_>>().join(", "),
-            if identities.is_empty() { "no" } else { "yes" }.into(),
+            // A denial never reaches the app, which is what reports the identity.
+            match (identities.is_empty(), statuses.contains_key("403")) {
+                (false, _) => "yes",
+                (true, true) => "-",
+                (true, false) => "no",
+            }
+            .into(),
         ]);
     }
     print!("{}", render_table(&rows));
     println!(
-        "\nRoutes follow the VirtualServices, every hop is mutual TLS with SPIFFE identities, and \
-         the server sees the caller's identity in x-forwarded-client-cert."
+        "\nRoutes follow the VirtualServices, every hop is mutual TLS with SPIFFE identities, the \
+         server sees the caller's identity in x-forwarded-client-cert, and AuthorizationPolicies \
+         decide on that identity."
     );
     Ok(if all_ok { exit::OK } else { exit::FAILURE })
 }

@@ -19,7 +19,10 @@ use prost::Message;
 
 use super::CompileError;
 use super::cluster::mesh_tls;
+use super::rbac::{self, Rbac};
 use super::route::{self, RouteTable};
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 
 const KIND: &str = "listener";
 
@@ -86,6 +89,8 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     /// Terminate TLS with the workload certificate before the filter.
     pub tls: Option<DownstreamTls>,
+    /// Network RBAC, decided once per connection.
+    pub rbac: Vec<Rbac>,
     pub filter: NetworkFilter,
 }
 
@@ -130,6 +135,8 @@ pub struct Hcm {
     pub xfcc_uri: bool,
     pub xfcc_dns: bool,
     pub generate_request_id: bool,
+    /// HTTP RBAC, decided per request before routing.
+    pub rbac: Vec<Rbac>,
 }
 
 pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
@@ -288,20 +295,38 @@ fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
             }
         },
     };
-    let filter = match c.filters.as_slice() {
-        [one] => network_filter(one).map_err(|e| format!("filter chain {name:?}: {e}"))?,
-        [] => return Err(format!("filter chain {name:?} has no network filter")),
-        many => {
-            return Err(format!(
-                "filter chain {name:?}: {} network filters; one terminal filter is supported",
-                many.len()
-            ));
-        }
+    // Connection-level RBAC filters, then one terminal filter.
+    let Some((last, before)) = c.filters.split_last() else {
+        return Err(format!("filter chain {name:?} has no network filter"));
     };
+    let rbac = before
+        .iter()
+        .map(|f| {
+            let any = typed(f)?;
+            if !any.type_url.ends_with(".network.rbac.v3.RBAC") {
+                return Err(format!(
+                    "network filter {:?} ({}) is not supported before the terminal filter",
+                    f.name, any.type_url
+                ));
+            }
+            let r = NetworkRbac::decode(any.value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
+            r.rules
+                .as_ref()
+                .map(rbac::compile)
+                .transpose()
+                .map(|o| o.into_iter().collect::<Vec<_>>())
+        })
+        .collect::<Result<Vec<Vec<Rbac>>, String>>()
+        .map_err(|e| format!("filter chain {name:?}: {e}"))?
+        .into_iter()
+        .flatten()
+        .collect();
+    let filter = network_filter(last).map_err(|e| format!("filter chain {name:?}: {e}"))?;
     Ok(FilterChain {
         name: name.clone(),
         matcher,
         tls,
+        rbac,
         filter,
     })
 }
@@ -342,13 +367,19 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
 
 fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut has_router = false;
+    let mut rbac_filters = Vec::new();
     for f in &hcm.http_filters {
-        let type_url = match &f.config_type {
-            Some(http_filter::ConfigType::TypedConfig(any)) => any.type_url.as_str(),
-            _ => "",
+        let (type_url, value) = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(any)) => (any.type_url.as_str(), &any.value),
+            _ => ("", &Vec::new()),
         };
         if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
             has_router = true;
+        } else if type_url.ends_with(".http.rbac.v3.RBAC") {
+            let r = HttpRbac::decode(value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
+            if let Some(rules) = &r.rules {
+                rbac_filters.push(rbac::compile(rules)?);
+            }
         } else if !f.is_optional {
             return Err(format!(
                 "HTTP filter {:?} ({type_url}) is not supported",
@@ -385,6 +416,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         xfcc_uri: details.uri,
         xfcc_dns: details.dns,
         generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
+        rbac: rbac_filters,
     })
 }
 
@@ -545,6 +577,7 @@ mod tests {
                 ..Default::default()
             },
             tls: None,
+            rbac: Vec::new(),
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
                 stat_prefix: name.into(),

@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod listener;
+pub mod rbac;
 pub mod route;
 
 use std::collections::HashMap;

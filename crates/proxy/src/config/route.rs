@@ -144,7 +144,7 @@ enum PathMatch {
 }
 
 #[derive(Debug)]
-struct HeaderMatch {
+pub(crate) struct HeaderMatch {
     name: String,
     test: HeaderTest,
     invert: bool,
@@ -158,7 +158,7 @@ enum HeaderTest {
 
 /// Envoy's `StringMatcher`.
 #[derive(Debug)]
-enum Text {
+pub(crate) enum Text {
     Exact(String, bool),
     Prefix(String, bool),
     Suffix(String, bool),
@@ -167,7 +167,7 @@ enum Text {
 }
 
 impl Text {
-    fn matches(&self, v: &str) -> bool {
+    pub(crate) fn matches(&self, v: &str) -> bool {
         let fold = |ignore: bool, s: &str| {
             if ignore {
                 s.to_ascii_lowercase()
@@ -190,7 +190,7 @@ fn regex(pattern: &str) -> Result<Regex, String> {
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("regex {pattern:?}: {e}"))
 }
 
-fn text(m: &StringMatcher) -> Result<Text, String> {
+pub(crate) fn text(m: &StringMatcher) -> Result<Text, String> {
     let i = m.ignore_case;
     let fold = |s: &str| {
         if i {
@@ -515,7 +515,7 @@ fn route_match(m: &PbRouteMatch) -> Result<RouteMatch, String> {
 
 // The deprecated matchers are what older control planes send.
 #[allow(deprecated)]
-fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
+pub(crate) fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
     use header_matcher::HeaderMatchSpecifier as S;
     let test = match &h.header_match_specifier {
         Some(S::ExactMatch(s)) => HeaderTest::Text(Text::Exact(s.clone(), false)),
@@ -571,7 +571,7 @@ impl RouteMatch {
 }
 
 impl HeaderMatch {
-    fn matches(&self, req: &Parts) -> bool {
+    pub(crate) fn matches(&self, req: &Parts) -> bool {
         let joined;
         let value: Option<&str> = match self.name.as_str() {
             ":method" => Some(req.method.as_str()),
