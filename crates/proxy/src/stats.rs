@@ -40,8 +40,9 @@ pub struct Parties {
     pub mutual_tls: bool,
 }
 
+/// Who talked to whom: the labels requests and TCP connections share.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub struct PartyLabels {
     reporter: String,
     source_workload: String,
     source_workload_namespace: String,
@@ -58,34 +59,25 @@ pub struct RequestLabels {
     destination_service_name: String,
     destination_service_namespace: String,
     destination_cluster: String,
-    request_protocol: String,
-    response_code: String,
-    grpc_response_status: String,
-    response_flags: String,
     connection_security_policy: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    parties: PartyLabels,
+    request_protocol: String,
+    response_code: String,
+    grpc_response_status: String,
+    response_flags: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    reporter: String,
-    source_workload: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
-    destination_cluster: String,
+    #[prometheus(flatten)]
+    parties: PartyLabels,
     request_protocol: String,
     response_flags: String,
-    connection_security_policy: String,
 }
 
 fn or_unknown(s: &str) -> String {
@@ -214,27 +206,11 @@ impl Stats {
     pub fn record_request(&self, o: RequestOutcome<'_>) {
         let p = o.parties;
         let l = RequestLabels {
-            reporter: reporter_name(o.reporter),
-            source_workload: or_unknown(&p.source.name),
-            source_workload_namespace: or_unknown(&p.source.namespace),
-            source_principal: or_unknown(&p.source_principal),
-            source_app: or_unknown(&p.source.app),
-            source_version: or_unknown(&p.source.version),
-            source_cluster: or_unknown(&p.source.cluster),
-            destination_workload: or_unknown(&p.destination.name),
-            destination_workload_namespace: or_unknown(&p.destination.namespace),
-            destination_principal: or_unknown(&p.destination_principal),
-            destination_app: or_unknown(&p.destination.app),
-            destination_version: or_unknown(&p.destination.version),
-            destination_service: or_unknown(&p.destination_service),
-            destination_service_name: or_unknown(&p.destination_service_name),
-            destination_service_namespace: or_unknown(&p.destination_service_namespace),
-            destination_cluster: or_unknown(&p.destination.cluster),
+            parties: party_labels(o.reporter, p),
             request_protocol: o.protocol.to_string(),
             response_code: o.status.to_string(),
             grpc_response_status: o.grpc_status.unwrap_or_default(),
             response_flags: o.flags.to_string(),
-            connection_security_policy: p.security(o.reporter),
         };
         self.requests.get_or_create(&l).inc();
         self.duration.get_or_create(&l).observe(o.duration_ms);
@@ -248,25 +224,9 @@ impl Stats {
 
     fn tcp_labels(reporter: Reporter, p: &Parties, flags: &str) -> TcpLabels {
         TcpLabels {
-            reporter: reporter_name(reporter),
-            source_workload: or_unknown(&p.source.name),
-            source_workload_namespace: or_unknown(&p.source.namespace),
-            source_principal: or_unknown(&p.source_principal),
-            source_app: or_unknown(&p.source.app),
-            source_version: or_unknown(&p.source.version),
-            source_cluster: or_unknown(&p.source.cluster),
-            destination_workload: or_unknown(&p.destination.name),
-            destination_workload_namespace: or_unknown(&p.destination.namespace),
-            destination_principal: or_unknown(&p.destination_principal),
-            destination_app: or_unknown(&p.destination.app),
-            destination_version: or_unknown(&p.destination.version),
-            destination_service: or_unknown(&p.destination_service),
-            destination_service_name: or_unknown(&p.destination_service_name),
-            destination_service_namespace: or_unknown(&p.destination_service_namespace),
-            destination_cluster: or_unknown(&p.destination.cluster),
+            parties: party_labels(reporter, p),
             request_protocol: "tcp".into(),
             response_flags: flags.to_string(),
-            connection_security_policy: p.security(reporter),
         }
     }
 
@@ -346,6 +306,28 @@ impl Stats {
         }
         out.push_str("# EOF\n");
         out
+    }
+}
+
+fn party_labels(reporter: Reporter, p: &Parties) -> PartyLabels {
+    PartyLabels {
+        reporter: reporter_name(reporter),
+        source_workload: or_unknown(&p.source.name),
+        source_workload_namespace: or_unknown(&p.source.namespace),
+        source_principal: or_unknown(&p.source_principal),
+        source_app: or_unknown(&p.source.app),
+        source_version: or_unknown(&p.source.version),
+        source_cluster: or_unknown(&p.source.cluster),
+        destination_workload: or_unknown(&p.destination.name),
+        destination_workload_namespace: or_unknown(&p.destination.namespace),
+        destination_principal: or_unknown(&p.destination_principal),
+        destination_app: or_unknown(&p.destination.app),
+        destination_version: or_unknown(&p.destination.version),
+        destination_service: or_unknown(&p.destination_service),
+        destination_service_name: or_unknown(&p.destination_service_name),
+        destination_service_namespace: or_unknown(&p.destination_service_namespace),
+        destination_cluster: or_unknown(&p.destination.cluster),
+        connection_security_policy: p.security(reporter),
     }
 }
 

@@ -89,7 +89,8 @@ fn req() -> Req {
     }
 }
 
-fn http_allows(f: &[Rbac], r: &Req) -> bool {
+/// The decision for `r`, as an HTTP request or, without one, as a TCP connection.
+fn decide(f: &[Rbac], r: &Req, http: bool) -> bool {
     let mut b = http::Request::builder()
         .method(r.method)
         .uri(r.path)
@@ -105,22 +106,17 @@ fn http_allows(f: &[Rbac], r: &Req) -> bool {
             source: SocketAddr::new(r.source.parse().unwrap(), 40000),
             destination: SocketAddr::new("10.200.0.20".parse().unwrap(), r.port),
             server_name: None,
-            request: Some(&parts),
+            request: http.then_some(&parts),
         },
     )
 }
 
+fn http_allows(f: &[Rbac], r: &Req) -> bool {
+    decide(f, r, true)
+}
+
 fn tcp_allows(f: &[Rbac], r: &Req) -> bool {
-    allowed(
-        f,
-        &Input {
-            principal: r.principal,
-            source: SocketAddr::new(r.source.parse().unwrap(), 40000),
-            destination: SocketAddr::new("10.200.0.20".parse().unwrap(), r.port),
-            server_name: None,
-            request: None,
-        },
-    )
+    decide(f, r, false)
 }
 
 /// Rules of a policy, a change to the base request, whether it is allowed.

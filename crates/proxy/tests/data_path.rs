@@ -7,13 +7,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, Http2ProtocolOptions, Node, SocketAddress, TrafficDirection, address, socket_address,
+    Address, Http2ProtocolOptions, SocketAddress, TrafficDirection, address, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -38,43 +38,11 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_proxy::agent::{Options, Ports};
 use isthmus_testkit::{Netns, is_root};
-use isthmus_xds::server::{AdsServer, CLUSTER, Generator, LISTENER, ROUTE};
+use isthmus_xds::server::{AdsServer, CLUSTER, FixedGenerator, LISTENER, ROUTE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-/// Serves whatever the test puts in it; bumping `version` pushes it.
-#[derive(Default)]
-struct Fixed {
-    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
-}
-
-impl Generator for Fixed {
-    fn generate(
-        &self,
-        _: &Node,
-        type_url: &str,
-        _: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, Any>, String> {
-        Ok(self
-            .resources
-            .lock()
-            .unwrap()
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-impl Fixed {
-    fn put(&self, t: &str, name: &str, any: Any) {
-        self.resources
-            .lock()
-            .unwrap()
-            .entry(t.into())
-            .or_default()
-            .insert(name.into(), any);
-    }
-}
+type Fixed = FixedGenerator;
 
 fn sock(ip: &str, port: u16) -> Address {
     Address {
@@ -475,8 +443,16 @@ impl Harness {
     }
 }
 
-/// A raw GET on a fresh connection: (status, body).
+/// A GET on a fresh connection: (status, body).
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    get_with_host(addr, path, addr).await
+}
+
+async fn http_get_host(addr: &str, host: &str) -> (u16, String) {
+    get_with_host(addr, "/", host).await
+}
+
+async fn get_with_host(addr: &str, path: &str, host: &str) -> (u16, String) {
     let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
         return (0, String::new());
     };
@@ -485,7 +461,7 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
     };
     tokio::spawn(conn);
     let req = http::Request::get(path)
-        .header("host", addr)
+        .header("host", host)
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
     match send.send_request(req).await {
@@ -499,7 +475,7 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
                 .unwrap_or_default();
             (status, String::from_utf8_lossy(&body).into_owned())
         }
-        Err(_) => (0, String::new()),
+        Err(e) => (0, e.to_string()),
     }
 }
 
@@ -695,33 +671,6 @@ fn unsupported_config_is_nacked_and_the_previous_config_stays() {
         let (status, body) = http_get_host("10.96.0.10:80", "svc").await;
         assert_eq!(status, 200, "{body}");
     });
-}
-
-async fn http_get_host(addr: &str, host: &str) -> (u16, String) {
-    let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
-        return (0, String::new());
-    };
-    tokio::spawn(conn);
-    let req = http::Request::get("/")
-        .header("host", host)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    match send.send_request(req).await {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let body = r
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-        Err(e) => (0, e.to_string()),
-    }
 }
 
 #[test]

@@ -51,6 +51,52 @@ pub trait Generator: Send + Sync + 'static {
     ) -> Result<BTreeMap<String, Any>, String>;
 }
 
+/// A generator serving a fixed set of resources that its owner edits (static configurations,
+/// tests); changes are pushed when the server's version is bumped.
+#[derive(Debug, Default)]
+pub struct FixedGenerator {
+    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+}
+
+impl FixedGenerator {
+    pub fn put(&self, type_url: &str, name: &str, any: Any) {
+        self.resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(type_url.into())
+            .or_default()
+            .insert(name.into(), any);
+    }
+
+    pub fn remove(&self, type_url: &str, name: &str) {
+        if let Some(m) = self
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(type_url)
+        {
+            m.remove(name);
+        }
+    }
+}
+
+impl Generator for FixedGenerator {
+    fn generate(
+        &self,
+        _: &Node,
+        type_url: &str,
+        _: &BTreeSet<String>,
+    ) -> Result<BTreeMap<String, Any>, String> {
+        Ok(self
+            .resources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(type_url)
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
 /// What the server knows of one connected proxy, for `proxy-status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProxyState {

@@ -1,7 +1,7 @@
 //! The ADS server over real gRPC (tonic client and server on loopback): state of the world and
 //! delta, ACK/NACK, push order, and exactly what one change sends.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,35 +15,20 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use envoy_types::util::pack_any;
-use isthmus_xds::server::{AdsServer, CLUSTER, ENDPOINT, Generator};
+use isthmus_xds::server::{AdsServer, CLUSTER, ENDPOINT, FixedGenerator};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-/// A generator serving whatever the test puts in it.
-#[derive(Default)]
-struct Fixed {
-    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+/// The test's mesh: a fixed generator with helpers for the resources these tests use.
+type Fixed = FixedGenerator;
+
+trait Resources {
+    fn cluster(&self, name: &str, timeout: i64);
+    fn endpoints(&self, name: &str, tag: u32);
 }
 
-impl Generator for Fixed {
-    fn generate(
-        &self,
-        _: &Node,
-        type_url: &str,
-        _: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, Any>, String> {
-        Ok(self
-            .resources
-            .lock()
-            .unwrap()
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default())
-    }
-}
-
-impl Fixed {
+impl Resources for Fixed {
     fn cluster(&self, name: &str, timeout: i64) {
         let c = Cluster {
             name: name.into(),
@@ -68,22 +53,6 @@ impl Fixed {
             ..Default::default()
         };
         self.put(ENDPOINT, name, pack_any(e));
-    }
-    fn put(&self, t: &str, name: &str, any: Any) {
-        self.resources
-            .lock()
-            .unwrap()
-            .entry(t.into())
-            .or_default()
-            .insert(name.into(), any);
-    }
-    fn remove(&self, t: &str, name: &str) {
-        self.resources
-            .lock()
-            .unwrap()
-            .entry(t.into())
-            .or_default()
-            .remove(name);
     }
 }
 

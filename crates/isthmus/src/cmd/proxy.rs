@@ -97,9 +97,6 @@ pub struct ProxyArgs {
     /// Worker threads (Istio's ProxyConfig `concurrency`; 0: one per core). Default 1.
     #[arg(long)]
     concurrency: Option<usize>,
-    /// Port offset for running several proxies in one network namespace (tests).
-    #[arg(long = "port-base", hide = true)]
-    port_base: Option<u16>,
 }
 
 fn envoy_level(level: &str) -> Result<&'static str, String> {
@@ -161,17 +158,7 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         "TPROXY" => true,
         other => bail!("--interception-mode {other:?}: expected REDIRECT or TPROXY"),
     };
-    let ports = match a.port_base {
-        None => Ports::default(),
-        Some(b) => Ports {
-            admin: b,
-            outbound: b + 1,
-            inbound: b + 6,
-            agent: b + 20,
-            health: b + 21,
-            prometheus: b + 90,
-        },
-    };
+    let ports = Ports::default();
     let opts = Options {
         discovery_address,
         root_cert: a.root_cert,
