@@ -608,3 +608,83 @@ fn traffic_survives_a_control_plane_restart_and_proxies_resync() {
     let (ok, out) = mesh.get("client", "http://server:8080/", &[]);
     assert!(ok, "{out}");
 }
+
+const ROTATION: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: rot, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: rot}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: server
+  namespace: rot
+  labels: {app: server}
+  annotations:
+    proxy.istio.io/config: '{"proxyMetadata": {"SECRET_TTL": "16s"}}'
+spec:
+  containers:
+  - name: server
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: client
+  namespace: rot
+  labels: {app: client}
+  annotations:
+    proxy.istio.io/config: '{"proxyMetadata": {"SECRET_TTL": "16s"}}'
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#;
+
+#[test]
+fn certificates_rotate_at_half_life_without_a_failed_request() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh = Mesh::up("rot", ROTATION, &[]);
+    // The workload certificate's serial, from `proxy-config secret`.
+    let serial = |pod: &str| -> String {
+        let out = Command::new(BIN)
+            .args(["proxy-config", "secret", pod])
+            .args(mesh.args())
+            .output()
+            .expect("proxy-config");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("default "))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or_else(|| panic!("no certificate: {text}"))
+            .to_string()
+    };
+    let (client0, server0) = (serial("client"), serial("server"));
+    // SECRET_TTL 16 s: both renew about 8 s in, while requests keep flowing.
+    let start = Instant::now();
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(12) {
+        let (ok, out) = mesh.get("client", "http://server:8080/", &[]);
+        assert!(ok, "request failed during rotation: {out}");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(sent > 20);
+    assert_ne!(serial("client"), client0, "client certificate not renewed");
+    assert_ne!(serial("server"), server0, "server certificate not renewed");
+    let (ok, out) = mesh.get("client", "http://server:8080/", &[]);
+    assert!(
+        ok && out.contains("Identity=spiffe://cluster.local/ns/rot/sa/default"),
+        "{out}"
+    );
+}

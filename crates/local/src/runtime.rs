@@ -446,6 +446,27 @@ async fn start(
                 argv.push("--label".into());
                 argv.push(format!("{k}={v}"));
             }
+            // The pod's `proxy.istio.io/config` reaches the proxy as PROXY_CONFIG, and its
+            // `proxyMetadata` as environment variables, as Istio's injector passes them.
+            let mut proxy_env = vec![("RUST_LOG".to_string(), "info".to_string())];
+            if let Some(pc) = pod.annotations.get("proxy.istio.io/config") {
+                match serde_saphyr::from_str::<serde_json::Value>(pc) {
+                    Ok(v) => {
+                        if let Some(md) = v.get("proxyMetadata").and_then(|m| m.as_object()) {
+                            for (k, val) in md {
+                                if let Some(val) = val.as_str() {
+                                    proxy_env.push((k.clone(), val.to_string()));
+                                }
+                            }
+                        }
+                        proxy_env.push(("PROXY_CONFIG".into(), v.to_string()));
+                    }
+                    Err(e) => progress(&format!(
+                        "pod {}/{}: proxy.istio.io/config ignored: {e}",
+                        pod.namespace, pod.name
+                    )),
+                }
+            }
             if let Some(port) = pod.annotations.get("prometheus.io/port") {
                 argv.push("--app-metrics-port".into());
                 argv.push(port.clone());
@@ -461,7 +482,7 @@ async fn start(
                     pod: i,
                     container: "istio-proxy".into(),
                     argv,
-                    env: vec![("RUST_LOG".into(), "info".into())],
+                    env: proxy_env,
                     log: pdir.join("istio-proxy.log"),
                 },
             );

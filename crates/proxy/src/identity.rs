@@ -88,11 +88,13 @@ impl Identity {
     pub async fn renew_forever(self: Arc<Self>, ca: CaClient) {
         let mut backoff = Duration::from_secs(1);
         loop {
-            let (nb, na) = {
+            // Half-life counts from when the certificate arrived: the CA backdates
+            // certificates, which would make short-lived ones look half-spent already.
+            let (start, na) = {
                 let i = self.issued.read().unwrap_or_else(|p| p.into_inner());
-                (i.0.not_before, i.0.not_after)
+                (i.0.not_before.max(i.1), i.0.not_after)
             };
-            tokio::time::sleep(renewal_delay(nb, na, SystemTime::now())).await;
+            tokio::time::sleep(renewal_delay(start, na, SystemTime::now())).await;
             match self.renew(&ca).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);

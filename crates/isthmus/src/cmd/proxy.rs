@@ -92,7 +92,7 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "0.0.0.0")]
     bind: IpAddr,
     /// Certificate lifetime asked of the CA.
-    #[arg(long = "cert-ttl", default_value = "24h")]
+    #[arg(long = "cert-ttl", env = "SECRET_TTL", default_value = "24h")]
     cert_ttl: String,
     /// Worker threads (Istio's ProxyConfig `concurrency`; 0: one per core). Default 1.
     #[arg(long)]
