@@ -89,3 +89,22 @@ async fn tcp_echo_and_server_first() {
         .unwrap();
     assert_eq!(&greeting, b"Hostname=echo-0\n");
 }
+
+#[tokio::test]
+async fn grpc_echo_answers_like_istios_echo_service() {
+    let (addr, _task) = isthmus_echo::grpc::serve("127.0.0.1:0".parse().unwrap(), "pod-g".into())
+        .await
+        .unwrap();
+    let answer = isthmus_echo::grpc::call(
+        &addr.to_string(),
+        "hello",
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.field("Hostname"), Some("pod-g"));
+    assert_eq!(answer.field("Echo"), Some("hello"));
+    assert_eq!(answer.field("Proto"), Some("HTTP/2.0"));
+    assert_eq!(answer.field("URL"), Some("/proto.EchoTestService/Echo"));
+}

@@ -236,6 +236,21 @@ spec:
   - from: [{source: {principals: [cluster.local/ns/e2e/sa/client]}}]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: grpc, namespace: e2e}
+spec:
+  selector: {app: grpc}
+  ports: [{name: grpc, port: 7070}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc, namespace: e2e, labels: {app: grpc}}
+spec:
+  containers:
+  - name: grpc
+    command: [isthmus, echo, --port, "8080", --grpc-port, "7070"]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: rogue, namespace: e2e, labels: {app: rogue}}
 spec:
@@ -308,6 +323,19 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     assert!(
         metrics.contains("destination_service=\"server.e2e.svc.cluster.local\""),
         "{metrics}"
+    );
+
+    // gRPC through both sidecars: HTTP/2 end to end, the caller's identity, the status in
+    // trailers.
+    let (ok, out) = mesh.get("client", "grpc://grpc:7070", &["--count", "2"]);
+    assert!(ok && out.contains("2 succeeded"), "{out}");
+    assert!(
+        out.contains("Proto=HTTP/2.0") && out.contains("Echo=isthmus 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Identity=spiffe://cluster.local/ns/e2e/sa/client"),
+        "{out}"
     );
 
     // istioctl's views, read from the proxy's admin port and the control plane.

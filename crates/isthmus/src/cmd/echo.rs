@@ -26,6 +26,9 @@ pub struct EchoArgs {
     /// With --tcp, greet first (a server-first protocol such as MySQL).
     #[arg(long = "server-first", requires = "tcp")]
     server_first: bool,
+    /// Also serve gRPC (Istio's `proto.EchoTestService`) on this port.
+    #[arg(long = "grpc-port")]
+    grpc_port: Option<u16>,
     /// The name answers carry (default: the host name, i.e. the pod name).
     #[arg(long, env = "HOSTNAME")]
     hostname: Option<String>,
@@ -39,7 +42,8 @@ enum EchoCommand {
 
 #[derive(Debug, Args)]
 struct ClientArgs {
-    /// http://host:port/path, or tcp://host:port (sends a line, expects it echoed)
+    /// http://host:port/path, tcp://host:port (sends a line, expects it echoed), or
+    /// grpc://host:port (Istio's EchoTestService/Echo)
     url: String,
     /// How many requests (each on a new connection).
     #[arg(long, default_value_t = 1)]
@@ -78,13 +82,32 @@ async fn server(a: EchoArgs) -> Result<i32> {
     let (addr, task) = isthmus_echo::serve(ServerOptions {
         addr: SocketAddr::new(a.bind, a.port),
         mode,
-        hostname,
+        hostname: hostname.clone(),
     })
     .await
     .with_context(|| format!("listening on {}:{}", a.bind, a.port))?;
     eprintln!("echo listening on {addr} ({mode:?})");
+    let grpc = match a.grpc_port {
+        Some(port) => {
+            let (addr, task) = isthmus_echo::grpc::serve(SocketAddr::new(a.bind, port), hostname)
+                .await
+                .with_context(|| format!("listening on {}:{port}", a.bind))?;
+            eprintln!("echo listening on {addr} (gRPC)");
+            Some(task)
+        }
+        None => None,
+    };
+    let grpc = async move {
+        match grpc {
+            Some(t) => {
+                let _ = t.await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         _ = task => {}
+        _ = grpc => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     Ok(exit::OK)
@@ -102,12 +125,14 @@ async fn client(c: ClientArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
     let mut failed = 0;
     for i in 0..c.count {
-        let answer = match c.url.strip_prefix("tcp://") {
-            Some(addr) => {
-                let addr = addr.trim_end_matches('/');
-                isthmus_echo::client::tcp(addr, &format!("isthmus {i}\n"), c.timeout).await
-            }
-            None => isthmus_echo::client::get(&c.url, &headers, c.timeout).await,
+        let answer = if let Some(addr) = c.url.strip_prefix("tcp://") {
+            let addr = addr.trim_end_matches('/');
+            isthmus_echo::client::tcp(addr, &format!("isthmus {i}\n"), c.timeout).await
+        } else if let Some(addr) = c.url.strip_prefix("grpc://") {
+            let addr = addr.trim_end_matches('/');
+            isthmus_echo::grpc::call(addr, &format!("isthmus {i}"), c.timeout).await
+        } else {
+            isthmus_echo::client::get(&c.url, &headers, c.timeout).await
         };
         match answer {
             Ok(answer) => {
