@@ -21,7 +21,8 @@ use crate::Shared;
 use crate::config::Cluster;
 use crate::config::cluster::Discovery;
 
-/// Changes the log filter at run time (`POST /logging?level=`).
+/// Changes the log filter at run time (`POST /logging?level=`); receives a `tracing` level
+/// name (`trace`, `debug`, `info`, `warn`, `error`, `off`).
 pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// What the admin pages read.
@@ -170,11 +171,12 @@ impl AdminState {
                 };
                 text(code, format!("{s}\n"))
             }
-            "/logging" if post => match (q.get("level"), &self.log_level) {
-                (Some(level), Some(set)) => match set(level) {
+            "/logging" if post => match (q.get("level").map(|l| envoy_level(l)), &self.log_level) {
+                (Some(Ok(level)), Some(set)) => match set(level) {
                     Ok(()) => text(StatusCode::OK, format!("active loggers:\n  all: {level}\n")),
                     Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 },
+                (Some(Err(e)), _) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
                 (None, _) => text(
                     StatusCode::BAD_REQUEST,
                     "usage: POST /logging?level=<trace|debug|info|warning|error|off>\n",
@@ -397,6 +399,19 @@ impl AdminState {
             })
         })
     }
+}
+
+/// Envoy's log level names as `tracing` levels.
+fn envoy_level(level: &str) -> Result<&'static str, String> {
+    Ok(match level {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warning" | "warn" => "warn",
+        "error" | "critical" => "error",
+        "off" => "off",
+        other => return Err(format!("unknown log level {other:?}")),
+    })
 }
 
 /// The dump item type for a `resource=` field (`dynamic_active_clusters` →

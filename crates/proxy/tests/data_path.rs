@@ -341,6 +341,8 @@ struct Harness {
     ads: AdsServer<Fixed>,
     quit: Option<tokio::sync::oneshot::Sender<()>>,
     proxy: tokio::task::JoinHandle<Result<(), isthmus_proxy::agent::AgentError>>,
+    /// Log levels set through `POST /logging`.
+    levels: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Harness {
@@ -404,7 +406,13 @@ impl Harness {
             cert_ttl: Duration::from_secs(3600),
             app_metrics: None,
         };
-        let proxy = tokio::spawn(isthmus_proxy::agent::run(opts, None, async {
+        let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = levels.clone();
+        let setter: isthmus_proxy::admin::LogLevelSetter = Arc::new(move |l: &str| {
+            seen.lock().unwrap().push(l.to_string());
+            Ok(())
+        });
+        let proxy = tokio::spawn(isthmus_proxy::agent::run(opts, Some(setter), async {
             let _ = quit_rx.await;
         }));
         let h = Harness {
@@ -413,6 +421,7 @@ impl Harness {
             ads,
             quit: Some(quit),
             proxy,
+            levels,
         };
         h.wait_ready().await;
         h
@@ -765,5 +774,74 @@ fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
         assert_eq!(status, 200, "in-flight request cut: {body}");
         let done = tokio::time::timeout(Duration::from_secs(5), &mut h.proxy).await;
         assert!(done.is_ok(), "proxy did not exit after draining");
+    });
+}
+
+/// A request with any method on a fresh connection: (status, body).
+async fn admin(method: &str, path: &str) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect("127.0.0.1:15000")
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1:15000")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn admin_endpoints_answer_like_envoys() {
+    in_netns(|| async {
+        let (mut h, [a, ..]) = harness().await;
+        assert_eq!(http_get_host("10.96.0.10:80", "svc").await.0, 200);
+        let (_, info) = admin("GET", "/server_info").await;
+        assert!(info.contains("\"state\": \"LIVE\""), "{info}");
+        let (_, clusters) = admin("GET", "/clusters").await;
+        assert!(
+            clusters.contains(&format!("a::{a}::rq_total::1")),
+            "{clusters}"
+        );
+        assert!(
+            clusters.contains(&format!("a::{a}::health_flags::healthy")),
+            "{clusters}"
+        );
+        let (_, stats) = admin("GET", "/stats?filter=upstream_rq").await;
+        assert!(
+            !stats.is_empty() && stats.lines().all(|l| l.contains("upstream_rq")),
+            "{stats}"
+        );
+        let (_, prom) = http_get("127.0.0.1:15090", "/stats/prometheus").await;
+        assert!(
+            prom.contains("istio_requests_total{reporter=\"source\""),
+            "{prom}"
+        );
+        assert_eq!(admin("GET", "/logging?level=debug").await.0, 405);
+        assert_eq!(admin("POST", "/logging?level=debug").await.0, 200);
+        assert_eq!(admin("POST", "/logging?level=loud").await.0, 400);
+        assert_eq!(admin("POST", "/logging?level=warning").await.0, 200);
+        assert_eq!(*h.levels.lock().unwrap(), vec!["debug", "warn"]);
+        let (status, dump) = admin(
+            "GET",
+            "/config_dump?resource=dynamic_active_clusters&mask=cluster.name",
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(
+            dump.contains("\"name\": \"a\"") && !dump.contains("connect_timeout"),
+            "{dump}"
+        );
+        // quitquitquit: the proxy drains and exits.
+        assert_eq!(admin("POST", "/quitquitquit").await.0, 200);
+        let done = tokio::time::timeout(Duration::from_secs(5), &mut h.proxy).await;
+        assert!(done.is_ok(), "proxy still running after /quitquitquit");
     });
 }

@@ -99,18 +99,6 @@ pub struct ProxyArgs {
     concurrency: Option<usize>,
 }
 
-fn envoy_level(level: &str) -> Result<&'static str, String> {
-    Ok(match level {
-        "trace" => "trace",
-        "debug" => "debug",
-        "info" => "info",
-        "warning" | "warn" => "warn",
-        "error" | "critical" => "error",
-        "off" => "off",
-        other => return Err(format!("unknown log level {other:?}")),
-    })
-}
-
 pub fn run(a: ProxyArgs) -> Result<i32> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
