@@ -107,8 +107,9 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
     let set_level: isthmus_proxy::admin::LogLevelSetter = Arc::new(move |level: &str| {
-        let l = envoy_level(level)?;
-        handle.reload(EnvFilter::new(l)).map_err(|e| e.to_string())
+        handle
+            .reload(EnvFilter::new(level))
+            .map_err(|e| e.to_string())
     });
 
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
