@@ -716,3 +716,76 @@ fn certificates_rotate_at_half_life_without_a_failed_request() {
         "{out}"
     );
 }
+
+#[test]
+fn logs_exec_and_down_after_a_supervisor_crash_leave_nothing_behind() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh = Mesh::up("crash", LOCALHOST, &[]);
+    let logs = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg("logs")
+            .args(args)
+            .args(mesh.args())
+            .output()
+            .expect("isthmus logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(logs(&["podip"]).contains("echo listening on"), "app log");
+    assert!(
+        logs(&["podip", "-c", "istio-proxy"]).contains("workload certificate issued"),
+        "proxy log"
+    );
+    let out = mesh.exec("podip", &["ip", "-o", "addr", "show", "eth0"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&mesh.pod_ip("podip")));
+
+    // The supervisor dies without cleaning up; `down` still removes everything it made.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mesh.state.join("state.json")).unwrap()).unwrap();
+    let pids: Vec<u64> = mesh.status()["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["containers"].as_array().unwrap().clone())
+        .filter_map(|c| c["pid"].as_u64())
+        .collect();
+    let netns: Vec<String> = state["netns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(state["supervisor_pid"].as_u64().unwrap() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = Command::new(BIN)
+        .arg("down")
+        .args(mesh.args())
+        .output()
+        .expect("isthmus down");
+    assert!(out.status.success());
+    let listed = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in &netns {
+        assert!(!listed.contains(ns.as_str()), "{ns} left behind");
+        assert!(!std::path::Path::new(&format!("/etc/netns/{ns}")).exists());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    for pid in pids {
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "));
+        assert!(!alive, "process {pid} left behind");
+    }
+    assert!(!mesh.state.exists(), "state directory left behind");
+}

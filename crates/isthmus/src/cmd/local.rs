@@ -219,8 +219,12 @@ pub fn down(a: MeshArgs) -> Result<i32> {
         );
     }
     // The supervisor drains and removes everything; after a crash, the files say what to remove.
+    let alive = || {
+        i32::try_from(state.supervisor_pid)
+            .is_ok_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while dir.exists() && Instant::now() < deadline {
+    while dir.exists() && alive() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     if dir.exists() {
