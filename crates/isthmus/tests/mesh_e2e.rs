@@ -515,7 +515,14 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
         eprintln!("skipped: needs root");
         return;
     }
-    let mesh = Mesh::up("lo", LOCALHOST, &[]);
+    // With Istio's access logs on, in its default text format.
+    let mesh_config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(mesh_config.path(), "accessLogFile: /dev/stdout\n").unwrap();
+    let mesh = Mesh::up(
+        "lo",
+        LOCALHOST,
+        &["--meshConfig", mesh_config.path().to_str().unwrap()],
+    );
     // Seeds 000-001: bound only to 127.0.0.1, the app is not reachable from other pods…
     let (ok, out) = mesh.get("client", "http://lo:8080/", &[]);
     assert!(!ok, "a localhost-only app was reachable: {out}");
@@ -536,6 +543,39 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
     let items: serde_json::Value = serde_json::from_str(&json).expect("json");
     assert_eq!(items[0]["code"], "IST0143");
     assert_eq!(items[0]["origin"], "Pod ll/lo");
+
+    // The access logs say what happened on each side: the server's sidecar could not reach
+    // the loopback-only app (UF), the successful call went to the pod IP.
+    let proxy_log = |pod: &str| {
+        let out = Command::new(BIN)
+            .args(["logs", pod, "-c", "istio-proxy"])
+            .args(mesh.args())
+            .output()
+            .expect("isthmus logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lo = proxy_log("lo");
+    assert!(
+        // Between sidecars the request is HTTP/2.
+        lo.lines()
+            .any(|l| l.contains("\"GET / HTTP/2\" 503 UF") && l.contains("inbound|8080||")),
+        "{lo}"
+    );
+    let podip = proxy_log("podip");
+    assert!(
+        podip
+            .lines()
+            .any(|l| l.contains("\"GET / HTTP/2\" 200 -") && l.contains("\"podip:8080\"")),
+        "{podip}"
+    );
+    let client = proxy_log("client");
+    assert!(
+        client
+            .lines()
+            .any(|l| l.contains("\"GET / HTTP/1.1\" 200 -")
+                && l.contains("outbound|8080||podip.ll.svc.cluster.local")),
+        "{client}"
+    );
 }
 
 #[test]

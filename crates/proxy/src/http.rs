@@ -21,6 +21,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
+use crate::access_log::{AccessLog, Entry};
 use crate::config::Cluster;
 use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
 use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
@@ -222,8 +223,9 @@ async fn handle(
                 start,
                 request_bytes: Arc::new(AtomicU64::new(0)),
                 upgrade,
+                log: LogCtx::new(hcm, &parts, info, ""),
             };
-            finish_local(stats, reporter, &parties, "http", 403, "RBAC", &pending);
+            finish_local(stats, reporter, &parties, "http", 403, "RBAC", pending);
             return local_reply(403, "RBAC: access denied");
         }
         stats.inc(&format!("http.{}.rbac.allowed", hcm.stat_prefix));
@@ -246,6 +248,7 @@ async fn handle(
         }
         Action::Redirect(rd) => redirect(rd, &parts, &host),
         Action::Forward(fwd) => {
+            let log = LogCtx::new(hcm, &parts, info, &route.name);
             prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
             let request_bytes = Arc::new(AtomicU64::new(0));
             let body = Counted {
@@ -263,6 +266,7 @@ async fn handle(
                     start,
                     request_bytes,
                     upgrade,
+                    log,
                 },
             )
             .await;
@@ -384,6 +388,69 @@ struct Pending {
     start: Instant,
     request_bytes: Arc<AtomicU64>,
     upgrade: bool,
+    /// The request as the access logs will describe it (when any is configured).
+    log: Option<LogCtx>,
+}
+
+struct LogCtx {
+    logs: Vec<Arc<AccessLog>>,
+    entry: Entry,
+}
+
+impl LogCtx {
+    /// The request's head, before it is changed for the upstream.
+    fn new(hcm: &Hcm, parts: &Parts, info: &ConnInfo, route: &str) -> Option<LogCtx> {
+        if hcm.access_logs.is_empty() {
+            return None;
+        }
+        let h = |n: &str| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        Some(LogCtx {
+            logs: hcm.access_logs.clone(),
+            entry: Entry {
+                start: Some(std::time::SystemTime::now()),
+                method: parts.method.to_string(),
+                path: parts
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string(),
+                protocol: match parts.version {
+                    Version::HTTP_10 => "HTTP/1.0",
+                    Version::HTTP_2 => "HTTP/2",
+                    Version::HTTP_3 => "HTTP/3",
+                    _ => "HTTP/1.1",
+                }
+                .to_string(),
+                authority: authority(parts).unwrap_or_default().to_string(),
+                user_agent: h("user-agent"),
+                request_id: h(REQUEST_ID),
+                forwarded_for: h("x-forwarded-for"),
+                downstream_local: Some(info.destination),
+                downstream_remote: Some(info.source),
+                route_name: route.to_string(),
+                ..Default::default()
+            },
+        })
+    }
+
+    fn write(mut self, status: u16, flags: &str, start: Instant, received: u64, sent: u64) {
+        let e = &mut self.entry;
+        e.status = status;
+        e.flags = flags.to_string();
+        e.duration_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        e.bytes_received = received;
+        e.bytes_sent = sent;
+        for l in &self.logs {
+            l.write(&self.entry);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -394,7 +461,7 @@ async fn forward(
     clusters: &std::collections::HashMap<String, Arc<Cluster>>,
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
-    pending: Pending,
+    mut pending: Pending,
 ) -> Response<Body> {
     let stats = &shared.stats;
     let reporter = if info.inbound() {
@@ -423,7 +490,7 @@ async fn forward(
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
         stats.inc(&format!("http.{cluster_name}.no_cluster"));
         let parties = shared.parties(info, None, source_peer, None);
-        finish_local(stats, reporter, &parties, protocol, 503, "NC", &pending);
+        finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
     };
     let mut parts = parts;
@@ -473,6 +540,9 @@ async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
+    if let Some(l) = pending.log.as_mut() {
+        l.entry.upstream_cluster = cluster.name.clone();
+    }
     let mut last: Response<Body> = local_reply(503, "no healthy upstream");
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
@@ -519,6 +589,9 @@ async fn forward(
         } else {
             &pick.transport.http
         };
+        if let Some(l) = pending.log.as_mut() {
+            l.entry.upstream_host = pick.address.to_string();
+        }
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
         stats.inc(&format!("cluster.{}.upstream_rq_total", cluster.name));
         let call = client.request(up_req);
@@ -579,6 +652,7 @@ async fn forward(
                         grpc_status,
                         start: pending.start,
                         request_bytes: pending.request_bytes.clone(),
+                        log: pending.log.take(),
                         _active: active,
                     }),
                 };
@@ -649,7 +723,7 @@ async fn forward(
         protocol,
         last.status().as_u16(),
         last_flags,
-        &pending,
+        pending,
     );
     last
 }
@@ -672,8 +746,12 @@ fn finish_local(
     protocol: &'static str,
     status: u16,
     flags: &'static str,
-    pending: &Pending,
+    pending: Pending,
 ) {
+    let received = pending.request_bytes.load(Ordering::Relaxed);
+    if let Some(log) = pending.log {
+        log.write(status, flags, pending.start, received, 0);
+    }
     stats.record_request(RequestOutcome {
         reporter,
         parties,
@@ -745,6 +823,7 @@ struct Telemetry {
     grpc_status: Option<String>,
     start: Instant,
     request_bytes: Arc<AtomicU64>,
+    log: Option<LogCtx>,
     _active: Option<ActiveGuard>,
 }
 
@@ -757,7 +836,11 @@ struct Observed {
 
 impl Observed {
     fn finish(&mut self) {
-        if let Some(t) = self.telemetry.take() {
+        if let Some(mut t) = self.telemetry.take() {
+            let received = t.request_bytes.load(Ordering::Relaxed);
+            if let Some(log) = t.log.take() {
+                log.write(t.status, "-", t.start, received, self.bytes);
+            }
             t.stats.record_request(RequestOutcome {
                 reporter: t.reporter,
                 parties: &t.parties,

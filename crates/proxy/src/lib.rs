@@ -7,6 +7,7 @@
 //! - [`identity`] holds the workload certificate; [`stats`] and [`peer`] are telemetry.
 //! - [`admin`] serves 15000, 15020, 15021 and 15090; [`agent`] starts and drains it all.
 
+pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod config;

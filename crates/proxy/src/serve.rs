@@ -225,8 +225,12 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         shared.stats.inc(&format!("listener.{lname}.rbac.allowed"));
     }
     match &chain.filter {
-        NetworkFilter::Tcp { cluster, .. } => {
-            crate::tcp::proxy(io, cluster, &info, shared).await;
+        NetworkFilter::Tcp {
+            cluster,
+            access_logs,
+            ..
+        } => {
+            crate::tcp::proxy(io, cluster, access_logs, &info, shared).await;
         }
         NetworkFilter::Http(hcm) => {
             crate::http::serve(io, hcm.clone(), info, shared.clone()).await;

@@ -5,10 +5,47 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
+use crate::access_log::{AccessLog, Entry};
 use crate::serve::ConnInfo;
 use crate::stats::Reporter;
 
-pub async fn proxy<S>(mut down: S, cluster_name: &str, info: &Arc<ConnInfo>, shared: &Arc<Shared>)
+pub async fn proxy<S>(
+    down: S,
+    cluster_name: &str,
+    logs: &[Arc<AccessLog>],
+    info: &Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = (std::time::SystemTime::now(), std::time::Instant::now());
+    let mut entry = Entry {
+        start: Some(start.0),
+        downstream_local: Some(info.destination),
+        downstream_remote: Some(info.source),
+        upstream_cluster: cluster_name.to_string(),
+        ..Default::default()
+    };
+    let (flags, received, sent) = relay(down, cluster_name, info, shared, &mut entry).await;
+    if !logs.is_empty() {
+        entry.flags = flags.to_string();
+        entry.bytes_received = received;
+        entry.bytes_sent = sent;
+        entry.duration_ms = u64::try_from(start.1.elapsed().as_millis()).unwrap_or(u64::MAX);
+        for l in logs {
+            l.write(&entry);
+        }
+    }
+}
+
+/// Connects upstream and copies both ways: (response flags, bytes received, bytes sent).
+async fn relay<S>(
+    mut down: S,
+    cluster_name: &str,
+    info: &Arc<ConnInfo>,
+    shared: &Arc<Shared>,
+    entry: &mut Entry,
+) -> (&'static str, u64, u64)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -16,7 +53,7 @@ where
     let stats = &shared.stats;
     let Some(cluster) = cfg.clusters.get(cluster_name) else {
         stats.inc(&format!("tcp.{cluster_name}.downstream_cx_no_route"));
-        return;
+        return ("NC", 0, 0);
     };
     let reporter = if info.inbound() {
         Reporter::Destination
@@ -33,9 +70,10 @@ where
             ));
             stats.tcp_opened(reporter, &parties);
             stats.tcp_closed(reporter, &parties, "UH", 0, 0);
-            return;
+            return ("UH", 0, 0);
         }
     };
+    entry.upstream_host = pick.address.to_string();
     stats.inc(&format!("cluster.{}.upstream_cx_total", cluster.name));
     stats.tcp_opened(reporter, &parties);
     let mut up = match pick.transport.connect(&pick.address).await {
@@ -50,7 +88,7 @@ where
                 cluster.record(s, None);
             }
             stats.tcp_closed(reporter, &parties, "UF", 0, 0);
-            return;
+            return ("UF", 0, 0);
         }
     };
     if let Some(s) = pick.state {
@@ -71,4 +109,5 @@ where
         sent,
     );
     stats.tcp_closed(reporter, &parties, "-", sent, received);
+    ("-", received, sent)
 }

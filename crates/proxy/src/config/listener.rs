@@ -21,6 +21,7 @@ use super::CompileError;
 use super::cluster::mesh_tls;
 use super::rbac::{self, Rbac};
 use super::route::{self, RouteTable};
+use crate::access_log::AccessLog;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 
@@ -106,6 +107,7 @@ pub enum NetworkFilter {
     Tcp {
         cluster: String,
         stat_prefix: String,
+        access_logs: Vec<Arc<AccessLog>>,
     },
 }
 
@@ -137,6 +139,15 @@ pub struct Hcm {
     pub generate_request_id: bool,
     /// HTTP RBAC, decided per request before routing.
     pub rbac: Vec<Rbac>,
+    pub access_logs: Vec<Arc<AccessLog>>,
+}
+
+fn access_logs(
+    list: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+) -> Result<Vec<Arc<AccessLog>>, String> {
+    list.iter()
+        .map(|a| AccessLog::compile(a).map(Arc::new))
+        .collect()
 }
 
 pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
@@ -352,6 +363,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
         return Ok(NetworkFilter::Tcp {
             cluster,
             stat_prefix: tp.stat_prefix,
+            access_logs: access_logs(&tp.access_log)?,
         });
     }
     if any.type_url.ends_with(".HttpConnectionManager") {
@@ -417,6 +429,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         xfcc_dns: details.dns,
         generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
         rbac: rbac_filters,
+        access_logs: access_logs(&hcm.access_log)?,
     })
 }
 
@@ -581,6 +594,7 @@ mod tests {
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
                 stat_prefix: name.into(),
+                access_logs: Vec::new(),
             },
         })
     }
