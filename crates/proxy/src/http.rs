@@ -28,7 +28,7 @@ use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
 use crate::peer::{self, Workload};
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
-use crate::upstream::{Address, Body, EndpointState};
+use crate::upstream::{Address, Body, EndpointState, Slot};
 
 const XFCC: &str = "x-forwarded-client-cert";
 const REQUEST_ID: &str = "x-request-id";
@@ -543,6 +543,23 @@ async fn forward(
     if let Some(l) = pending.log.as_mut() {
         l.entry.upstream_cluster = cluster.name.clone();
     }
+    // Circuit breaker: too many requests in flight to this cluster answer at once (UO).
+    let Some(slot) = cluster.state.acquire(false, cluster.max_requests) else {
+        stats.inc(&format!(
+            "cluster.{}.upstream_rq_pending_overflow",
+            cluster.name
+        ));
+        let parties = shared.parties(info, Some(&cluster), source_peer, None);
+        finish_local(stats, reporter, &parties, protocol, 503, "UO", pending);
+        let mut r = local_reply(
+            503,
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+        );
+        r.headers_mut()
+            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        return r;
+    };
+    let mut slot = Some(slot);
     let mut last: Response<Body> = local_reply(503, "no healthy upstream");
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
@@ -653,6 +670,7 @@ async fn forward(
                         start: pending.start,
                         request_bytes: pending.request_bytes.clone(),
                         log: pending.log.take(),
+                        _slot: slot.take(),
                         _active: active,
                     }),
                 };
@@ -824,6 +842,8 @@ struct Telemetry {
     start: Instant,
     request_bytes: Arc<AtomicU64>,
     log: Option<LogCtx>,
+    /// The cluster's circuit-breaker slot, held until the response ends.
+    _slot: Option<Slot>,
     _active: Option<ActiveGuard>,
 }
 

@@ -74,6 +74,13 @@ where
         }
     };
     entry.upstream_host = pick.address.to_string();
+    // Circuit breaker: over the cluster's connection limit, the connection is refused (UO).
+    let Some(_slot) = cluster.state.acquire(true, cluster.max_connections) else {
+        stats.inc(&format!("cluster.{}.upstream_cx_overflow", cluster.name));
+        stats.tcp_opened(reporter, &parties);
+        stats.tcp_closed(reporter, &parties, "UO", 0, 0);
+        return ("UO", 0, 0);
+    };
     stats.inc(&format!("cluster.{}.upstream_cx_total", cluster.name));
     stats.tcp_opened(reporter, &parties);
     let mut up = match pick.transport.connect(&pick.address).await {

@@ -323,11 +323,51 @@ pub struct EndpointState {
     pub errors: AtomicU64,
 }
 
+/// What a cluster has in flight, against its circuit-breaker thresholds.
+#[derive(Debug, Default)]
+pub struct ClusterState {
+    pub requests: AtomicUsize,
+    pub connections: AtomicUsize,
+}
+
+/// A slot taken from a circuit-breaker counter, given back on drop.
+#[derive(Debug)]
+pub struct Slot(Arc<ClusterState>, bool);
+
+impl ClusterState {
+    /// Takes a request (`tcp` false) or connection slot if fewer than `limit` are in use.
+    pub fn acquire(self: &Arc<Self>, tcp: bool, limit: usize) -> Option<Slot> {
+        let counter = if tcp {
+            &self.connections
+        } else {
+            &self.requests
+        };
+        let prev = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if prev >= limit {
+            counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        Some(Slot(self.clone(), tcp))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let counter = if self.1 {
+            &self.0.connections
+        } else {
+            &self.0.requests
+        };
+        counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Connection pools and endpoint state, shared by successive configurations.
 pub struct Pools {
     identity: Option<Arc<Identity>>,
     transports: Mutex<HashMap<(String, TransportSpec), Arc<Transport>>>,
     endpoints: Mutex<HashMap<(String, Address), Arc<EndpointState>>>,
+    clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
 }
 
 impl Pools {
@@ -336,6 +376,7 @@ impl Pools {
             identity,
             transports: Mutex::default(),
             endpoints: Mutex::default(),
+            clusters: Mutex::default(),
         }
     }
 
@@ -353,6 +394,15 @@ impl Pools {
         let t = Arc::new(Transport::new(key.1.clone(), self.identity.as_deref())?);
         map.insert(key, t.clone());
         Ok(t)
+    }
+
+    pub fn cluster(&self, cluster: &str) -> Arc<ClusterState> {
+        self.clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(cluster.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn endpoint(&self, cluster: &str, addr: &Address) -> Arc<EndpointState> {
@@ -375,6 +425,10 @@ impl Pools {
                     .iter()
                     .any(|c| c.transports().any(|ct| Arc::ptr_eq(ct, t)))
             });
+        self.clusters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| clusters.iter().any(|c| c.name == *name));
         self.endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())

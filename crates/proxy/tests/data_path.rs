@@ -845,3 +845,70 @@ fn admin_endpoints_answer_like_envoys() {
         assert!(done.is_ok(), "proxy still running after /quitquitquit");
     });
 }
+
+#[test]
+fn circuit_breakers_answer_overflow_with_x_envoy_overloaded() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        // Cluster `a` now: a slow upstream, one connection and one pending request allowed.
+        let slow = upstream("slow", Duration::from_millis(600), false).await;
+        let mut c = static_cluster("a", &[slow], false);
+        c.circuit_breakers = Some(
+            envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers {
+                thresholds: vec![
+                    envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                        max_connections: Some(UInt32Value { value: 1 }),
+                        max_pending_requests: Some(UInt32Value { value: 1 }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        );
+        h.fixed.put(CLUSTER, "a", pack_any(c));
+        h.push();
+        for _ in 0..100 {
+            let (_, dump) = admin("GET", "/config_dump?resource=dynamic_active_clusters").await;
+            if dump.contains("max_pending_requests") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let calls: Vec<_> = (0..4)
+            .map(|_| tokio::spawn(overloaded_get("10.96.0.10:80", "svc")))
+            .collect();
+        let mut ok = 0;
+        let mut overflow = 0;
+        for c in calls {
+            match c.await.unwrap() {
+                (200, _) => ok += 1,
+                (503, true) => overflow += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!((ok, overflow), (2, 2));
+        let (_, stats) = admin("GET", "/stats?filter=overflow").await;
+        assert!(
+            stats.contains("cluster.a.upstream_rq_pending_overflow: 2"),
+            "{stats}"
+        );
+    });
+}
+
+/// A GET: (status, whether `x-envoy-overloaded` was set).
+async fn overloaded_get(addr: &str, host: &str) -> (u16, bool) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    let overloaded = r.headers().contains_key("x-envoy-overloaded");
+    let status = r.status().as_u16();
+    let _ = r.into_body().collect().await;
+    (status, overloaded)
+}

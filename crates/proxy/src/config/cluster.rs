@@ -22,7 +22,9 @@ use prost::Message;
 
 use super::CompileError;
 use super::listener::{pb_duration, socket_addr, socket_address};
-use crate::upstream::{Address, EndpointState, Pools, TlsSpec, Transport, TransportSpec};
+use crate::upstream::{
+    Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec,
+};
 
 const KIND: &str = "cluster";
 /// The workload certificate and the mesh roots, as Istio's agent names them over SDS.
@@ -85,6 +87,10 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     pub outlier: Option<Outlier>,
     pub service: Option<ServiceRef>,
+    /// Circuit breakers: requests in flight (HTTP) and connections (TCP) allowed.
+    pub max_requests: usize,
+    pub max_connections: usize,
+    pub state: Arc<ClusterState>,
     round_robin: AtomicUsize,
 }
 
@@ -382,8 +388,28 @@ pub fn compile(
             }),
             _ => None,
         });
+    // Envoy's defaults are 1,024 of each; Istio sets them from the DestinationRule.
+    let th = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+        .cloned()
+        .unwrap_or_default();
+    let get = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        v.as_ref().map_or(1024, |v| v.value as usize)
+    };
+    let (connections, pending, requests) = (
+        get(&th.max_connections),
+        get(&th.max_pending_requests),
+        get(&th.max_requests),
+    );
     Ok(Cluster {
         name: c.name.clone(),
+        // One request per upstream connection, plus those waiting for one (HTTP/1.1's
+        // accounting, which Istio's connectionPool settings are written against).
+        max_requests: requests.min(connections.saturating_add(pending)),
+        max_connections: connections,
+        state: pools.cluster(&c.name),
         discovery,
         lb,
         plain,
