@@ -103,7 +103,12 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+            // Bytes, not a str slice: what follows `%` may be any UTF-8.
+            b'%' if i + 2 < b.len() => match std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(())
+            {
                 Ok(v) => {
                     out.push(v);
                     i += 3;
@@ -530,5 +535,6 @@ mod tests {
         let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
         assert_eq!(rfc3339(t), "2026-11-18T11:06:40Z");
         assert_eq!(percent_decode("a%2Cb+c"), "a,b c");
+        assert_eq!(percent_decode("%é%"), "%é%");
     }
 }
