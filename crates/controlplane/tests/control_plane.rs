@@ -250,6 +250,15 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
 
 #[tokio::test]
 async fn the_proxy_client_follows_clusters_to_endpoints_and_listeners_to_routes() {
+    client_follows_the_mesh(false).await;
+}
+
+#[tokio::test]
+async fn the_state_of_the_world_client_follows_the_mesh_too() {
+    client_follows_the_mesh(true).await;
+}
+
+async fn client_follows_the_mesh(sotw: bool) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
     let cp = start(options(dir.path())).await.unwrap();
@@ -265,7 +274,11 @@ async fn the_proxy_client_follows_clusters_to_endpoints_and_listeners_to_routes(
     let (tx, mut rx) = tokio::sync::watch::channel(Default::default());
     tokio::spawn(async move {
         let mut state = isthmus_xds::client::XdsState::default();
-        isthmus_xds::client::run(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+        if sotw {
+            isthmus_xds::client::run_sotw(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+        } else {
+            isthmus_xds::client::run(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+        }
     });
     let wait =
         |rx: &mut tokio::sync::watch::Receiver<std::sync::Arc<isthmus_xds::client::XdsState>>,

@@ -391,19 +391,27 @@ async fn follow_control_plane(
 ) {
     let mut state = XdsState::default();
     let mut backoff = Duration::from_millis(100);
+    // Delta first; a control plane without it gets state of the world from then on.
+    let mut sotw = false;
     loop {
         let since = Instant::now();
-        let result = isthmus_xds::client::run(
-            ch.clone(),
-            node.clone(),
-            &mut state,
-            |xds| Config::compile(xds, &pools).map_err(|e| e.to_string()),
-            &out,
-        )
-        .await;
+        let compile = |xds: &XdsState| Config::compile(xds, &pools).map_err(|e| e.to_string());
+        let result = if sotw {
+            isthmus_xds::client::run_sotw(ch.clone(), node.clone(), &mut state, compile, &out).await
+        } else {
+            isthmus_xds::client::run(ch.clone(), node.clone(), &mut state, compile, &out).await
+        };
         shared.stats.inc("control_plane.disconnects");
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "control plane stream ended; reconnecting");
+        match result {
+            Err(isthmus_xds::client::ClientError::Stream(status))
+                if !sotw && status.code() == tonic::Code::Unimplemented =>
+            {
+                tracing::info!("control plane has no delta xDS; using state of the world");
+                sotw = true;
+                continue;
+            }
+            Err(e) => tracing::warn!(error = %e, "control plane stream ended; reconnecting"),
+            Ok(()) => {}
         }
         if since.elapsed() > Duration::from_secs(30) {
             backoff = Duration::from_millis(100);

@@ -1,7 +1,7 @@
-//! The proxy's side of ADS (delta): subscribe to clusters and listeners, follow them to the
-//! endpoints and route configurations they name, keep the latest of each, ACK what decodes and
-//! NACK what does not (the previous good resource stays in force), and publish every accepted
-//! state on a watch channel.
+//! The proxy's side of ADS, delta (`run`) or state of the world (`run_sotw`): subscribe to
+//! clusters and listeners, follow them to the endpoints and route configurations they name,
+//! keep the latest of each, ACK what decodes and compiles and NACK what does not (the previous
+//! good resource stays in force), and publish every accepted state on a watch channel.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,9 +15,8 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -80,7 +79,22 @@ where
     while let Some(resp) = responses.message().await? {
         let mut next = state.clone();
         let replace = fresh.insert(resp.type_url.clone());
-        let outcome = apply(&mut next, &resp, replace).and_then(|follow| {
+        let incoming: Vec<Incoming<'_>> = resp
+            .resources
+            .iter()
+            .map(|r| Incoming {
+                name: Some(&r.name),
+                any: r.resource.as_ref(),
+            })
+            .collect();
+        let outcome = apply(
+            &mut next,
+            &resp.type_url,
+            &incoming,
+            &resp.removed_resources,
+            replace,
+        )
+        .and_then(|follow| {
             let compiled = compile(&next)?;
             Ok((follow, compiled))
         });
@@ -133,32 +147,71 @@ where
     Err(ClientError::Closed)
 }
 
-/// Applies a response to the state, all or nothing. Returns the dependent subscription the
-/// new state implies (EDS names after CDS, RDS names after LDS).
+/// One resource of a response: its name when the protocol gives it (delta), and its body.
+struct Incoming<'a> {
+    name: Option<&'a str>,
+    any: Option<&'a Any>,
+}
+
+/// The name a resource gives itself (state of the world sends no names beside them).
+trait Named {
+    fn own_name(&self) -> String;
+}
+
+impl Named for Cluster {
+    fn own_name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl Named for ClusterLoadAssignment {
+    fn own_name(&self) -> String {
+        self.cluster_name.clone()
+    }
+}
+
+impl Named for Listener {
+    fn own_name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+impl Named for RouteConfiguration {
+    fn own_name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// Applies a response's resources to the state, all or nothing; `replace` drops what the type
+/// held before. Returns the dependent subscription the new state implies (EDS names after
+/// CDS, RDS names after LDS).
 fn apply(
     state: &mut XdsState,
-    resp: &DeltaDiscoveryResponse,
+    type_url: &str,
+    resources: &[Incoming<'_>],
+    removed: &[String],
     replace: bool,
 ) -> Result<Option<(&'static str, BTreeSet<String>)>, String> {
-    fn decode<T: Message + Default>(
-        resp: &DeltaDiscoveryResponse,
+    fn decode<T: Message + Default + Named>(
+        type_url: &str,
+        resources: &[Incoming<'_>],
     ) -> Result<Vec<(String, T)>, String> {
-        resp.resources
+        resources
             .iter()
             .map(|r| {
+                let label = r.name.unwrap_or("(unnamed)");
                 let any = r
-                    .resource
-                    .as_ref()
-                    .ok_or_else(|| format!("resource {:?} has no body", r.name))?;
-                if any.type_url != resp.type_url {
+                    .any
+                    .ok_or_else(|| format!("resource {label:?} has no body"))?;
+                if any.type_url != type_url {
                     return Err(format!(
-                        "resource {:?} is a {}, not a {}",
-                        r.name, any.type_url, resp.type_url
+                        "resource {label:?} is a {}, not a {type_url}",
+                        any.type_url
                     ));
                 }
                 T::decode(any.value.as_slice())
-                    .map(|m| (r.name.clone(), m))
-                    .map_err(|e| format!("resource {:?} does not decode: {e}", r.name))
+                    .map(|m| (r.name.map_or_else(|| m.own_name(), str::to_string), m))
+                    .map_err(|e| format!("resource {label:?} does not decode: {e}"))
             })
             .collect()
     }
@@ -176,10 +229,10 @@ fn apply(
         }
         map.extend(new);
     }
-    match resp.type_url.as_str() {
+    match type_url {
         CLUSTER => {
-            let new = decode::<Cluster>(resp)?;
-            merge(&mut state.clusters, new, &resp.removed_resources, replace);
+            let new = decode::<Cluster>(type_url, resources)?;
+            merge(&mut state.clusters, new, removed, replace);
             let eds = state
                 .clusters
                 .values()
@@ -196,23 +249,127 @@ fn apply(
             Ok(Some((ENDPOINT, eds)))
         }
         ENDPOINT => {
-            let new = decode::<ClusterLoadAssignment>(resp)?;
-            merge(&mut state.endpoints, new, &resp.removed_resources, replace);
+            let new = decode::<ClusterLoadAssignment>(type_url, resources)?;
+            merge(&mut state.endpoints, new, removed, replace);
             Ok(None)
         }
         LISTENER => {
-            let new = decode::<Listener>(resp)?;
-            merge(&mut state.listeners, new, &resp.removed_resources, replace);
+            let new = decode::<Listener>(type_url, resources)?;
+            merge(&mut state.listeners, new, removed, replace);
             let rds = state.listeners.values().flat_map(route_names).collect();
             Ok(Some((ROUTE, rds)))
         }
         ROUTE => {
-            let new = decode::<RouteConfiguration>(resp)?;
-            merge(&mut state.routes, new, &resp.removed_resources, replace);
+            let new = decode::<RouteConfiguration>(type_url, resources)?;
+            merge(&mut state.routes, new, removed, replace);
             Ok(None)
         }
         other => Err(format!("unexpected type {other}")),
     }
+}
+
+/// Runs one state-of-the-world ADS session (for control planes without delta xDS), with the
+/// same contract as [`run`]: every response holds all resources of its type, which replace
+/// what the type held; an ACK or NACK carries the version and nonce, and the names of the
+/// resources subscribed.
+pub async fn run_sotw<T, F>(
+    channel: tonic::transport::Channel,
+    node: Node,
+    state: &mut XdsState,
+    mut compile: F,
+    out: &watch::Sender<Arc<T>>,
+) -> Result<(), ClientError>
+where
+    F: FnMut(&XdsState) -> Result<T, String>,
+{
+    let mut client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
+    let (tx, rx) = mpsc::channel(16);
+    for type_url in [CLUSTER, LISTENER] {
+        let _ = tx
+            .send(DiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: type_url.into(),
+                ..Default::default()
+            })
+            .await;
+    }
+    let mut responses = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // Per type: the names subscribed (empty: wildcard), the last accepted version and nonce.
+    let mut names: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+    let mut accepted: BTreeMap<String, String> = BTreeMap::new();
+    let mut nonces: BTreeMap<&'static str, String> = BTreeMap::new();
+    while let Some(resp) = responses.message().await? {
+        let incoming: Vec<Incoming<'_>> = resp
+            .resources
+            .iter()
+            .map(|any| Incoming {
+                name: None,
+                any: Some(any),
+            })
+            .collect();
+        let mut next = state.clone();
+        let outcome = apply(&mut next, &resp.type_url, &incoming, &[], true).and_then(|follow| {
+            let compiled = compile(&next)?;
+            Ok((follow, compiled))
+        });
+        let (nack, follow) = match outcome {
+            Ok((follow, compiled)) => {
+                next.versions
+                    .insert(resp.type_url.clone(), resp.version_info.clone());
+                accepted.insert(resp.type_url.clone(), resp.version_info.clone());
+                *state = next;
+                out.send_replace(Arc::new(compiled));
+                (None, follow)
+            }
+            Err(e) => {
+                tracing::warn!(type_url = %resp.type_url, error = %e, "rejecting xDS response");
+                (Some(e), None)
+            }
+        };
+        let type_key = [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+            .into_iter()
+            .find(|t| *t == resp.type_url);
+        if let Some(t) = type_key {
+            nonces.insert(t, resp.nonce.clone());
+        }
+        let _ = tx
+            .send(DiscoveryRequest {
+                type_url: resp.type_url.clone(),
+                version_info: accepted.get(&resp.type_url).cloned().unwrap_or_default(),
+                response_nonce: resp.nonce.clone(),
+                resource_names: type_key
+                    .and_then(|t| names.get(t))
+                    .map(|n| n.iter().cloned().collect())
+                    .unwrap_or_default(),
+                error_detail: nack.map(|message| RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message,
+                    details: vec![],
+                }),
+                ..Default::default()
+            })
+            .await;
+        // A changed dependent subscription is a new request with the whole list.
+        if let Some((type_url, wanted)) = follow
+            && names.get(type_url) != Some(&wanted)
+        {
+            names.insert(type_url, wanted.clone());
+            let _ = tx
+                .send(DiscoveryRequest {
+                    type_url: type_url.into(),
+                    version_info: accepted.get(type_url).cloned().unwrap_or_default(),
+                    response_nonce: nonces.get(type_url).cloned().unwrap_or_default(),
+                    resource_names: wanted.into_iter().collect(),
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+    Err(ClientError::Closed)
 }
 
 /// The RDS route configurations a listener's HTTP connection managers name.
