@@ -77,7 +77,6 @@ where
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     let mut fresh: BTreeSet<String> = BTreeSet::new();
     while let Some(resp) = responses.message().await? {
-        let mut next = state.clone();
         let replace = fresh.insert(resp.type_url.clone());
         let incoming: Vec<Incoming<'_>> = resp
             .resources
@@ -87,33 +86,17 @@ where
                 any: r.resource.as_ref(),
             })
             .collect();
-        let outcome = apply(
-            &mut next,
-            &resp.type_url,
-            &incoming,
-            &resp.removed_resources,
+        let update = Update {
+            type_url: &resp.type_url,
+            version: &resp.system_version_info,
+            resources: &incoming,
+            removed: &resp.removed_resources,
             replace,
-        )
-        .and_then(|follow| {
-            let compiled = compile(&next)?;
-            Ok((follow, compiled))
-        });
-        let (nack, follow) = match outcome {
-            Ok((follow, compiled)) => {
-                next.versions
-                    .insert(resp.type_url.clone(), resp.system_version_info.clone());
-                *state = next;
-                out.send_replace(Arc::new(compiled));
-                (None, follow)
-            }
-            Err(e) => {
-                if replace {
-                    fresh.remove(&resp.type_url);
-                }
-                tracing::warn!(type_url = %resp.type_url, error = %e, "rejecting xDS response");
-                (Some(e), None)
-            }
         };
+        let (nack, follow) = accept(state, update, &mut compile, out);
+        if nack.is_some() && replace {
+            fresh.remove(&resp.type_url);
+        }
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -191,7 +174,7 @@ fn apply(
     resources: &[Incoming<'_>],
     removed: &[String],
     replace: bool,
-) -> Result<Option<(&'static str, BTreeSet<String>)>, String> {
+) -> Result<Follow, String> {
     fn decode<T: Message + Default + Named>(
         type_url: &str,
         resources: &[Incoming<'_>],
@@ -268,6 +251,47 @@ fn apply(
     }
 }
 
+/// One response, as both protocols deliver it.
+struct Update<'a> {
+    type_url: &'a str,
+    version: &'a str,
+    resources: &'a [Incoming<'a>],
+    removed: &'a [String],
+    replace: bool,
+}
+
+type Follow = Option<(&'static str, BTreeSet<String>)>;
+
+/// Applies an update to a copy of the state and compiles it: accepted, the copy becomes the
+/// state and the compiled configuration is published; rejected, the NACK detail is returned
+/// and the state is untouched.
+fn accept<T, F>(
+    state: &mut XdsState,
+    u: Update<'_>,
+    compile: &mut F,
+    out: &watch::Sender<Arc<T>>,
+) -> (Option<String>, Follow)
+where
+    F: FnMut(&XdsState) -> Result<T, String>,
+{
+    let mut next = state.clone();
+    let outcome = apply(&mut next, u.type_url, u.resources, u.removed, u.replace)
+        .and_then(|follow| Ok((follow, compile(&next)?)));
+    match outcome {
+        Ok((follow, compiled)) => {
+            next.versions
+                .insert(u.type_url.to_string(), u.version.to_string());
+            *state = next;
+            out.send_replace(Arc::new(compiled));
+            (None, follow)
+        }
+        Err(e) => {
+            tracing::warn!(type_url = %u.type_url, error = %e, "rejecting xDS response");
+            (Some(e), None)
+        }
+    }
+}
+
 /// Runs one state-of-the-world ADS session (for control planes without delta xDS), with the
 /// same contract as [`run`]: every response holds all resources of its type, which replace
 /// what the type held; an ACK or NACK carries the version and nonce, and the names of the
@@ -311,25 +335,17 @@ where
                 any: Some(any),
             })
             .collect();
-        let mut next = state.clone();
-        let outcome = apply(&mut next, &resp.type_url, &incoming, &[], true).and_then(|follow| {
-            let compiled = compile(&next)?;
-            Ok((follow, compiled))
-        });
-        let (nack, follow) = match outcome {
-            Ok((follow, compiled)) => {
-                next.versions
-                    .insert(resp.type_url.clone(), resp.version_info.clone());
-                accepted.insert(resp.type_url.clone(), resp.version_info.clone());
-                *state = next;
-                out.send_replace(Arc::new(compiled));
-                (None, follow)
-            }
-            Err(e) => {
-                tracing::warn!(type_url = %resp.type_url, error = %e, "rejecting xDS response");
-                (Some(e), None)
-            }
+        let update = Update {
+            type_url: &resp.type_url,
+            version: &resp.version_info,
+            resources: &incoming,
+            removed: &[],
+            replace: true,
         };
+        let (nack, follow) = accept(state, update, &mut compile, out);
+        if nack.is_none() {
+            accepted.insert(resp.type_url.clone(), resp.version_info.clone());
+        }
         let type_key = [CLUSTER, ENDPOINT, LISTENER, ROUTE]
             .into_iter()
             .find(|t| *t == resp.type_url);
