@@ -462,30 +462,42 @@ async fn http_get_host(addr: &str, host: &str) -> (u16, String) {
 }
 
 async fn get_with_host(addr: &str, path: &str, host: &str) -> (u16, String) {
-    let Ok(s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await else {
-        return (0, String::new());
-    };
+    match request("GET", addr, path, host).await {
+        Some((status, _, body)) => (status, body),
+        None => (0, String::new()),
+    }
+}
+
+/// One request on a fresh connection: (status, headers, body), None when it could not be sent.
+async fn request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    host: &str,
+) -> Option<(u16, http::HeaderMap, String)> {
+    let s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .ok()?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", host)
         .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    match send.send_request(req).await {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let body = r
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            (status, String::from_utf8_lossy(&body).into_owned())
-        }
-        Err(e) => (0, e.to_string()),
-    }
+        .ok()?;
+    let r = send.send_request(req).await.ok()?;
+    let (head, body) = r.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    Some((
+        head.status.as_u16(),
+        head.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
 }
 
 fn in_netns<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F + Send + 'static) {
@@ -777,25 +789,12 @@ fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
     });
 }
 
-/// A request with any method on a fresh connection: (status, body).
+/// A request to the admin port: (status, body).
 async fn admin(method: &str, path: &str) -> (u16, String) {
-    let s = tokio::net::TcpStream::connect("127.0.0.1:15000")
+    let (status, _, body) = request(method, "127.0.0.1:15000", path, "127.0.0.1:15000")
         .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "127.0.0.1:15000")
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let r = send.send_request(req).await.unwrap();
-    let status = r.status().as_u16();
-    let body = r.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+        .expect("admin request");
+    (status, body)
 }
 
 #[test]
@@ -897,18 +896,6 @@ fn circuit_breakers_answer_overflow_with_x_envoy_overloaded() {
 
 /// A GET: (status, whether `x-envoy-overloaded` was set).
 async fn overloaded_get(addr: &str, host: &str) -> (u16, bool) {
-    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::get("/")
-        .header("host", host)
-        .body(http_body_util::Empty::<Bytes>::new())
-        .unwrap();
-    let r = send.send_request(req).await.unwrap();
-    let overloaded = r.headers().contains_key("x-envoy-overloaded");
-    let status = r.status().as_u16();
-    let _ = r.into_body().collect().await;
-    (status, overloaded)
+    let (status, headers, _) = request("GET", addr, "/", host).await.expect("request");
+    (status, headers.contains_key("x-envoy-overloaded"))
 }
