@@ -829,3 +829,86 @@ fn logs_exec_and_down_after_a_supervisor_crash_leave_nothing_behind() {
     }
     assert!(!mesh.state.exists(), "state directory left behind");
 }
+
+const SNIFFING: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: sn, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: sn}
+spec:
+  selector: {app: web}
+  ports: [{port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: sn, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: raw, namespace: sn}
+spec:
+  selector: {app: raw}
+  ports: [{port: 9000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: raw, namespace: sn, labels: {app: raw}}
+spec:
+  containers:
+  - name: raw
+    command: [isthmus, echo, --tcp, --port, "9000"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mysql, namespace: sn}
+spec:
+  selector: {app: mysql}
+  ports: [{port: 3306}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: mysql, namespace: sn, labels: {app: mysql}}
+spec:
+  containers:
+  - name: mysql
+    command: [isthmus, echo, --tcp, --server-first, --port, "3306"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: sn, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#;
+
+#[test]
+fn undeclared_ports_are_sniffed_and_server_first_ports_are_tcp() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh = Mesh::up("sn", SNIFFING, &[]);
+    // An unnamed port carrying HTTP is routed as HTTP on both sides: the server's sidecar
+    // adds the caller's identity, which only its HTTP connection manager does.
+    let (ok, out) = mesh.get("client", "http://web:8080/", &["--count", "2"]);
+    assert!(ok && out.contains("2 succeeded"), "{out}");
+    assert!(
+        out.contains("Identity=spiffe://cluster.local/ns/sn/sa/default"),
+        "{out}"
+    );
+    // The same kind of port carrying other bytes is passed through as TCP.
+    let (ok, out) = mesh.get("client", "tcp://raw:9000", &["--count", "2"]);
+    assert!(ok && out.contains("2 succeeded"), "{out}");
+    // 3306 is one of Istio's server-first ports: TCP without waiting to sniff, so the
+    // server's greeting arrives.
+    let (ok, out) = mesh.get("client", "tcp://mysql:3306", &[]);
+    assert!(ok && out.contains("Hostname=mysql"), "{out}");
+}

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
 use envoy_types::pb::envoy::config::core::v3::{
-    TrafficDirection, TransportSocket, transport_socket,
+    CidrRange, TrafficDirection, TransportSocket, transport_socket,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
@@ -151,12 +151,101 @@ fn add_access_log(l: &mut Listener, log: &AccessLog) {
     }
 }
 
+/// Protocols the HTTP inspector recognises, and the ALPN values of HTTP over mesh mTLS.
+const SNIFFED_HTTP: &[&str] = &["http/1.1", "h2c"];
+const MTLS_HTTP_ALPN: &[&str] = &[
+    "h2",
+    "http/1.1",
+    "istio-http/1.0",
+    "istio-http/1.1",
+    "istio-h2",
+];
+
+/// MeshConfig `protocolDetectionTimeout`: how long the inspectors wait for the client to speak
+/// (Istio's default: not at all, i.e. no timeout).
+fn detection_timeout(ctx: &PushContext) -> Option<std::time::Duration> {
+    ctx.mesh
+        .protocol_detection_timeout
+        .as_ref()
+        .map(|d| d.as_std())
+        .filter(|d| !d.is_zero())
+}
+
 fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
     for svc in ctx.services_for(proxy) {
         for port in &svc.ports {
-            if port.protocol.is_http() {
+            if port.protocol == Protocol::Unknown {
+                // Undeclared protocol: sniff. Per service address, HTTP (as the inspector
+                // recognises it) to the port's routes, anything else to the TCP cluster.
                 let name = format!("0.0.0.0_{}", port.port);
+                let cluster = outbound_cluster(port.port, "", &svc.hostname);
+                let l = by_name.entry(name.clone()).or_insert_with(|| Listener {
+                    name: name.clone(),
+                    address: Some(socket("0.0.0.0", port.port)),
+                    bind_to_port: Some(BoolValue { value: false }),
+                    traffic_direction: TrafficDirection::Outbound as i32,
+                    listener_filters: vec![http_inspector()],
+                    listener_filters_timeout: Some(duration(
+                        detection_timeout(ctx).unwrap_or_default(),
+                    )),
+                    continue_on_listener_filters_timeout: true,
+                    ..Default::default()
+                });
+                if !l
+                    .listener_filters
+                    .iter()
+                    .any(|f| f.name == "envoy.filters.listener.http_inspector")
+                {
+                    l.listener_filters.push(http_inspector());
+                    l.continue_on_listener_filters_timeout = true;
+                }
+                let prefix: Vec<CidrRange> = if svc.headless {
+                    Vec::new()
+                } else {
+                    svc.vips
+                        .iter()
+                        .map(|v| CidrRange {
+                            address_prefix: v.to_string(),
+                            prefix_len: Some(UInt32Value {
+                                value: if v.is_ipv4() { 32 } else { 128 },
+                            }),
+                        })
+                        .collect()
+                };
+                l.filter_chains.push(FilterChain {
+                    name: format!("{cluster}-http"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        prefix_ranges: prefix.clone(),
+                        application_protocols: SNIFFED_HTTP.iter().map(|s| s.to_string()).collect(),
+                        ..Default::default()
+                    }),
+                    filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                    ..Default::default()
+                });
+                l.filter_chains.push(FilterChain {
+                    name: cluster.clone(),
+                    filter_chain_match: (!prefix.is_empty()).then(|| FilterChainMatch {
+                        prefix_ranges: prefix,
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter(&cluster)],
+                    ..Default::default()
+                });
+            } else if port.protocol.is_http() {
+                let name = format!("0.0.0.0_{}", port.port);
+                // A sniffing listener for the port exists: add this port's HTTP for all.
+                if let Some(l) = by_name.get_mut(&name)
+                    && !l
+                        .filter_chains
+                        .iter()
+                        .any(|c| c.filter_chain_match.is_none())
+                {
+                    l.filter_chains.push(FilterChain {
+                        filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                        ..Default::default()
+                    });
+                }
                 by_name.entry(name.clone()).or_insert_with(|| Listener {
                     name: name.clone(),
                     address: Some(socket("0.0.0.0", port.port)),
@@ -220,6 +309,7 @@ fn virtual_outbound(ctx: &PushContext) -> Listener {
 
 fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     let mut chains = Vec::new();
+    let mut sniffing = false;
     let http_authz = crate::authz::http_filters(ctx, proxy);
     let tcp_authz = crate::authz::network_filters(ctx, proxy);
     let passthrough = || {
@@ -250,47 +340,68 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
         for (port, protocol) in ports {
             let mode = ctx.mtls_mode(&workload.namespace, &workload.labels, port);
             let cluster = inbound_cluster(port);
-            let filters = || {
-                if protocol.is_http() {
-                    vec![http_connection_manager_inline(
-                        &cluster,
-                        port,
-                        http_authz.clone(),
-                    )]
-                } else {
-                    let mut f = tcp_authz.clone();
-                    f.push(tcp_proxy_filter(&cluster));
-                    f
-                }
+            let http = || {
+                vec![http_connection_manager_inline(
+                    &cluster,
+                    port,
+                    http_authz.clone(),
+                )]
             };
-            if mode != MtlsMode::Disable {
-                chains.push(FilterChain {
-                    name: format!("{cluster}-tls"),
-                    filter_chain_match: Some(FilterChainMatch {
-                        destination_port: Some(UInt32Value {
-                            value: u32::from(port),
+            let tcp = || {
+                let mut f = tcp_authz.clone();
+                f.push(tcp_proxy_filter(&cluster));
+                f
+            };
+            // (name suffix, ALPN to match over mTLS, protocols sniffed on plaintext, filters)
+            let variants: Vec<(&str, Vec<String>, Vec<String>, Vec<Filter>)> =
+                if protocol == Protocol::Unknown {
+                    sniffing = true;
+                    vec![
+                        (
+                            "-http",
+                            MTLS_HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+                            SNIFFED_HTTP.iter().map(|s| s.to_string()).collect(),
+                            http(),
+                        ),
+                        ("", Vec::new(), Vec::new(), tcp()),
+                    ]
+                } else if protocol.is_http() {
+                    vec![("", Vec::new(), Vec::new(), http())]
+                } else {
+                    vec![("", Vec::new(), Vec::new(), tcp())]
+                };
+            for (suffix, alpn, sniffed, filters) in variants {
+                if mode != MtlsMode::Disable {
+                    chains.push(FilterChain {
+                        name: format!("{cluster}-tls{suffix}"),
+                        filter_chain_match: Some(FilterChainMatch {
+                            destination_port: Some(UInt32Value {
+                                value: u32::from(port),
+                            }),
+                            transport_protocol: "tls".into(),
+                            application_protocols: alpn,
+                            ..Default::default()
                         }),
-                        transport_protocol: "tls".into(),
+                        filters: filters.clone(),
+                        transport_socket: Some(inbound_tls()),
                         ..Default::default()
-                    }),
-                    filters: filters(),
-                    transport_socket: Some(inbound_tls()),
-                    ..Default::default()
-                });
-            }
-            if mode != MtlsMode::Strict {
-                chains.push(FilterChain {
-                    name: cluster.clone(),
-                    filter_chain_match: Some(FilterChainMatch {
-                        destination_port: Some(UInt32Value {
-                            value: u32::from(port),
+                    });
+                }
+                if mode != MtlsMode::Strict {
+                    chains.push(FilterChain {
+                        name: format!("{cluster}{suffix}"),
+                        filter_chain_match: Some(FilterChainMatch {
+                            destination_port: Some(UInt32Value {
+                                value: u32::from(port),
+                            }),
+                            transport_protocol: "raw_buffer".into(),
+                            application_protocols: sniffed,
+                            ..Default::default()
                         }),
-                        transport_protocol: "raw_buffer".into(),
+                        filters,
                         ..Default::default()
-                    }),
-                    filters: filters(),
-                    ..Default::default()
-                });
+                    });
+                }
             }
         }
     }
@@ -322,21 +433,25 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             ..Default::default()
         });
     }
+    let mut listener_filters = vec![
+        listener_filter_of(
+            "envoy.filters.listener.original_dst",
+            pack_any(envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {}),
+        ),
+        listener_filter_of(
+            "envoy.filters.listener.tls_inspector",
+            pack_any(envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default()),
+        ),
+    ];
+    if sniffing {
+        listener_filters.push(http_inspector());
+    }
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
         use_original_dst: Some(BoolValue { value: true }),
         filter_chains: chains,
-        listener_filters: vec![
-            listener_filter_of(
-                "envoy.filters.listener.original_dst",
-                pack_any(envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {}),
-            ),
-            listener_filter_of(
-                "envoy.filters.listener.tls_inspector",
-                pack_any(envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default()),
-            ),
-        ],
+        listener_filters,
         listener_filters_timeout: Some(duration(std::time::Duration::from_secs(5))),
         continue_on_listener_filters_timeout: true,
         traffic_direction: TrafficDirection::Inbound as i32,
@@ -355,6 +470,13 @@ fn inbound_tls() -> TransportSocket {
         name: "envoy.transport_sockets.tls".into(),
         config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(tls))),
     }
+}
+
+fn http_inspector() -> ListenerFilter {
+    listener_filter_of(
+        "envoy.filters.listener.http_inspector",
+        pack_any(envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector::default()),
+    )
 }
 
 fn listener_filter_of(name: &str, config: Any) -> ListenerFilter {

@@ -32,6 +32,7 @@ use crate::cluster::duration as pb;
 use crate::context::PushContext;
 use crate::names::{PASSTHROUGH_CLUSTER, outbound_cluster};
 use crate::proxy::Proxy;
+use isthmus_registry::Protocol;
 
 /// The route configurations for the requested names (all of the proxy's HTTP ports when
 /// `names` is empty), sorted by name.
@@ -39,7 +40,12 @@ pub fn routes(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<RouteCo
     let services = ctx.services_for(proxy);
     let mut ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
     for svc in &services {
-        for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
+        // Sniffed ports route their HTTP too.
+        for p in svc
+            .ports
+            .iter()
+            .filter(|p| p.protocol.is_http() || p.protocol == Protocol::Unknown)
+        {
             ports.entry(p.port).or_default().push(svc);
         }
     }

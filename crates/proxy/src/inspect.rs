@@ -10,11 +10,11 @@ use crate::config::listener::ConnectionFacts;
 /// Enough for a ClientHello with SNI and ALPN; longer hellos are judged on what fits.
 const PEEK_BYTES: usize = 2048;
 
-/// Peeks until the protocol is known, the buffer is full, or `timeout` passes. Returns false
-/// on timeout (the caller decides whether to continue without the facts).
+/// Peeks until the protocol is known, the buffer is full, or `timeout` (if any) passes.
+/// Returns false on timeout (the caller decides whether to continue without the facts).
 pub async fn inspect(
     stream: &TcpStream,
-    timeout: Duration,
+    timeout: Option<Duration>,
     facts: &mut ConnectionFacts,
 ) -> std::io::Result<bool> {
     let mut buf = vec![0u8; PEEK_BYTES];
@@ -47,9 +47,12 @@ pub async fn inspect(
             }
         }
     };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r.map(|()| true),
-        Err(_) => Ok(false),
+    match timeout {
+        None => work.await.map(|()| true),
+        Some(t) => match tokio::time::timeout(t, work).await {
+            Ok(r) => r.map(|()| true),
+            Err(_) => Ok(false),
+        },
     }
 }
 

@@ -47,7 +47,9 @@ pub struct Listener {
     pub inspect_tls: bool,
     /// `http_inspector` present: plaintext HTTP/1.x and h2c are recognised before matching.
     pub inspect_http: bool,
-    pub inspect_timeout: Duration,
+    /// How long the inspectors wait for the first bytes; None: as long as it takes
+    /// (`listener_filters_timeout: 0s`, Istio's default protocol detection).
+    pub inspect_timeout: Option<Duration>,
     pub continue_on_timeout: bool,
     pub chains: Vec<Arc<FilterChain>>,
     pub default_chain: Option<Arc<FilterChain>>,
@@ -195,10 +197,10 @@ pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
         },
         inspect_tls,
         inspect_http,
-        inspect_timeout: l
-            .listener_filters_timeout
-            .as_ref()
-            .map_or(Duration::from_secs(15), pb_duration),
+        inspect_timeout: match &l.listener_filters_timeout {
+            None => Some(Duration::from_secs(15)),
+            Some(d) => Some(pb_duration(d)).filter(|d| !d.is_zero()),
+        },
         continue_on_timeout: l.continue_on_listener_filters_timeout,
         chains,
         default_chain,
@@ -608,7 +610,7 @@ mod tests {
             direction: Direction::Inbound,
             inspect_tls: true,
             inspect_http: false,
-            inspect_timeout: Duration::from_secs(1),
+            inspect_timeout: Some(Duration::from_secs(1)),
             continue_on_timeout: true,
             chains,
             default_chain: None,
