@@ -161,6 +161,10 @@ const MTLS_HTTP_ALPN: &[&str] = &[
     "istio-h2",
 ];
 
+/// One inbound chain variant of a port: name suffix, ALPN to match over mTLS, protocols
+/// sniffed on plaintext, filters.
+type Variant = (&'static str, Vec<String>, Vec<String>, Vec<Filter>);
+
 /// MeshConfig `protocolDetectionTimeout`: how long the inspectors wait for the client to speak
 /// (Istio's default: not at all, i.e. no timeout).
 fn detection_timeout(ctx: &PushContext) -> Option<std::time::Duration> {
@@ -352,24 +356,22 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
                 f.push(tcp_proxy_filter(&cluster));
                 f
             };
-            // (name suffix, ALPN to match over mTLS, protocols sniffed on plaintext, filters)
-            let variants: Vec<(&str, Vec<String>, Vec<String>, Vec<Filter>)> =
-                if protocol == Protocol::Unknown {
-                    sniffing = true;
-                    vec![
-                        (
-                            "-http",
-                            MTLS_HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
-                            SNIFFED_HTTP.iter().map(|s| s.to_string()).collect(),
-                            http(),
-                        ),
-                        ("", Vec::new(), Vec::new(), tcp()),
-                    ]
-                } else if protocol.is_http() {
-                    vec![("", Vec::new(), Vec::new(), http())]
-                } else {
-                    vec![("", Vec::new(), Vec::new(), tcp())]
-                };
+            let variants: Vec<Variant> = if protocol == Protocol::Unknown {
+                sniffing = true;
+                vec![
+                    (
+                        "-http",
+                        MTLS_HTTP_ALPN.iter().map(|s| s.to_string()).collect(),
+                        SNIFFED_HTTP.iter().map(|s| s.to_string()).collect(),
+                        http(),
+                    ),
+                    ("", Vec::new(), Vec::new(), tcp()),
+                ]
+            } else if protocol.is_http() {
+                vec![("", Vec::new(), Vec::new(), http())]
+            } else {
+                vec![("", Vec::new(), Vec::new(), tcp())]
+            };
             for (suffix, alpn, sniffed, filters) in variants {
                 if mode != MtlsMode::Disable {
                     chains.push(FilterChain {
