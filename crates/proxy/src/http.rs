@@ -37,6 +37,8 @@ pub async fn serve<S>(io: S, hcm: Arc<Hcm>, info: Arc<ConnInfo>, shared: Arc<Sha
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let hcm_prefix = hcm.stat_prefix.clone();
+    let conn_info = info.clone();
     let svc = {
         let shared = shared.clone();
         hyper::service::service_fn(move |req| {
@@ -52,7 +54,21 @@ where
         let _ = drain.wait_for(|d| *d).await;
     };
     tokio::select! {
-        _ = conn.as_mut() => {}
+        r = conn.as_mut() => {
+            // Bytes that are not HTTP on an HTTP port: hyper answers 400 and closes; say why.
+            if let Err(e) = r
+                && e.downcast_ref::<hyper::Error>().is_some_and(|h| h.is_parse())
+            {
+                tracing::warn!(
+                    listener = %conn_info.listener.name,
+                    source = %conn_info.source,
+                    destination = %conn_info.destination,
+                    error = %e,
+                    "connection to an HTTP port did not speak HTTP; closed"
+                );
+                shared.stats.inc(&format!("http.{}.downstream_cx_protocol_error", hcm_prefix));
+            }
+        }
         () = draining => {
             // Finish what is in flight, accept nothing new on this connection.
             conn.as_mut().graceful_shutdown();

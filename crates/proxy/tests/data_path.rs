@@ -899,3 +899,24 @@ async fn overloaded_get(addr: &str, host: &str) -> (u16, bool) {
     let (status, headers, _) = request("GET", addr, "/", host).await.expect("request");
     (status, headers.contains_key("x-envoy-overloaded"))
 }
+
+#[test]
+fn non_http_bytes_on_an_http_port_fail_fast_and_are_counted() {
+    in_netns(|| async {
+        let (_h, _) = harness().await;
+        let mut s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        s.write_all(b"\x16\x03\x01\x00\x05hello\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        // Answered (400) and closed, not left hanging.
+        tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut got))
+            .await
+            .expect("connection closed in time")
+            .unwrap();
+        let (_, stats) = admin("GET", "/stats?filter=protocol_error").await;
+        assert!(stats.contains("downstream_cx_protocol_error: 1"), "{stats}");
+    });
+}
