@@ -129,3 +129,34 @@ pub async fn tcp(addr: &str, payload: &str, timeout: Duration) -> Result<Answer,
         .await
         .map_err(|_| ClientError::Timeout(timeout))?
 }
+
+/// Connects to `addr` and reads what the server says first (a server-first protocol's
+/// greeting, one line), sending nothing.
+pub async fn tcp_read_first(addr: &str, timeout: Duration) -> Result<Answer, ClientError> {
+    use tokio::io::AsyncBufReadExt;
+    let start = Instant::now();
+    let work = async {
+        let s = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(s)
+            .read_line(&mut line)
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(Answer {
+            status: if line.is_empty() { 502 } else { 200 },
+            body: line,
+            elapsed: start.elapsed(),
+        })
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ClientError::Timeout(timeout))?
+}

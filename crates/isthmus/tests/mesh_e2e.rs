@@ -881,6 +881,21 @@ spec:
     command: [isthmus, echo, --tcp, --server-first, --port, "3306"]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: greet, namespace: sn}
+spec:
+  selector: {app: greet}
+  ports: [{port: 7777}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: greet, namespace: sn, labels: {app: greet}}
+spec:
+  containers:
+  - name: greet
+    command: [isthmus, echo, --tcp, --server-first, --port, "7777"]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: sn, labels: {app: client}}
 spec:
@@ -911,4 +926,19 @@ fn undeclared_ports_are_sniffed_and_server_first_ports_are_tcp() {
     // server's greeting arrives.
     let (ok, out) = mesh.get("client", "tcp://mysql:3306", &[]);
     assert!(ok && out.contains("Hostname=mysql"), "{out}");
+    // A server-first protocol on an undeclared port waits for the client forever when
+    // detection has no timeout (Istio's default)…
+    let (ok, out) = mesh.get("client", "tcp-server-first://greet:7777", &[]);
+    assert!(!ok && out.contains("no answer within"), "{out}");
+    drop(mesh);
+    // …and with MeshConfig protocolDetectionTimeout the sidecar stalls, then goes TCP.
+    let mesh_config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(mesh_config.path(), "protocolDetectionTimeout: 500ms\n").unwrap();
+    let mesh = Mesh::up(
+        "st",
+        SNIFFING,
+        &["--meshConfig", mesh_config.path().to_str().unwrap()],
+    );
+    let (ok, out) = mesh.get("client", "tcp-server-first://greet:7777", &[]);
+    assert!(ok && out.contains("Hostname=greet"), "{out}");
 }

@@ -43,7 +43,8 @@ enum EchoCommand {
 #[derive(Debug, Args)]
 struct ClientArgs {
     /// http://host:port/path, tcp://host:port (sends a line, expects it echoed), or
-    /// grpc://host:port (Istio's EchoTestService/Echo)
+    /// grpc://host:port (Istio's EchoTestService/Echo), or tcp-server-first://host:port (reads
+    /// the server's greeting without sending)
     url: String,
     /// How many requests (each on a new connection).
     #[arg(long, default_value_t = 1)]
@@ -125,7 +126,9 @@ async fn client(c: ClientArgs) -> Result<i32> {
         .collect::<Result<_>>()?;
     let mut failed = 0;
     for i in 0..c.count {
-        let answer = if let Some(addr) = c.url.strip_prefix("tcp://") {
+        let answer = if let Some(addr) = c.url.strip_prefix("tcp-server-first://") {
+            isthmus_echo::client::tcp_read_first(addr.trim_end_matches('/'), c.timeout).await
+        } else if let Some(addr) = c.url.strip_prefix("tcp://") {
             let addr = addr.trim_end_matches('/');
             isthmus_echo::client::tcp(addr, &format!("isthmus {i}\n"), c.timeout).await
         } else if let Some(addr) = c.url.strip_prefix("grpc://") {
