@@ -517,6 +517,17 @@ fn router() -> HttpFilter {
     }
 }
 
+/// The fault filter, configured per route (VirtualService `fault`), before the router.
+fn fault_filter() -> HttpFilter {
+    HttpFilter {
+        name: crate::route::FAULT_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 fn http_connection_manager_rds(stat_prefix: &str, route_config: &str) -> Filter {
     network_filter(
         "envoy.filters.network.http_connection_manager",
@@ -526,7 +537,7 @@ fn http_connection_manager_rds(stat_prefix: &str, route_config: &str) -> Filter 
                 config_source: Some(ads()),
                 route_config_name: route_config.into(),
             })),
-            http_filters: vec![router()],
+            http_filters: vec![fault_filter(), router()],
             ..Default::default()
         }),
     )

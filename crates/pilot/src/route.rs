@@ -32,6 +32,8 @@ use crate::cluster::duration as pb;
 use crate::context::PushContext;
 use crate::names::{PASSTHROUGH_CLUSTER, outbound_cluster};
 use crate::proxy::Proxy;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::util::pack_any;
 use isthmus_registry::Protocol;
 
 /// The route configurations for the requested names (all of the proxy's HTTP ports when
@@ -239,10 +241,62 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     } else {
         route::Action::Route(route_action(ctx, proxy, r, port, vs_ns))
     };
-    Route {
+    let mut route = Route {
         name: r.name.clone(),
         r#match: Some(r#match),
         action: Some(action),
+        ..Default::default()
+    };
+    if let Some(f) = r.fault.as_ref().map(fault) {
+        route
+            .typed_per_filter_config
+            .insert(FAULT_FILTER.into(), pack_any(f));
+    }
+    route
+}
+
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// A VirtualService `fault` as Envoy's per-route fault filter configuration.
+fn fault(f: &isthmus_config::istio::networking::HttpFaultInjection) -> HttpFault {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
+        FaultDelay as EnvoyDelay, fault_delay,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        FaultAbort as EnvoyAbort, fault_abort,
+    };
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+    // Istio's percentages are doubles; Envoy's are parts per million.
+    let percent = |p: Option<&isthmus_config::istio::networking::Percent>, legacy: Option<i32>| {
+        let value = p
+            .map(|p| p.value)
+            .or(legacy.map(f64::from))
+            .unwrap_or(100.0);
+        Some(FractionalPercent {
+            numerator: (value.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+            denominator: fractional_percent::DenominatorType::Million as i32,
+        })
+    };
+    HttpFault {
+        delay: f.delay.as_ref().and_then(|d| {
+            Some(EnvoyDelay {
+                fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(pb(d
+                    .fixed_delay
+                    .as_ref()?
+                    .as_std()))),
+                percentage: percent(d.percentage.as_ref(), d.percent),
+                ..Default::default()
+            })
+        }),
+        abort: f.abort.as_ref().and_then(|a| {
+            Some(EnvoyAbort {
+                error_type: Some(fault_abort::ErrorType::HttpStatus(
+                    u32::try_from(a.http_status?).ok()?,
+                )),
+                percentage: percent(a.percentage.as_ref(), None),
+                ..Default::default()
+            })
+        }),
         ..Default::default()
     }
 }

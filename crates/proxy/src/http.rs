@@ -265,6 +265,34 @@ async fn handle(
         Action::Redirect(rd) => redirect(rd, &parts, &host),
         Action::Forward(fwd) => {
             let log = LogCtx::new(hcm, &parts, info, &route.name);
+            // Fault injection: delay, then maybe answer in the upstream's place.
+            if let Some(fault) = route.fault.as_ref().or(hcm.fault.as_ref()) {
+                if let Some((delay, ppm)) = fault.delay
+                    && crate::config::route::roll(ppm)
+                {
+                    stats.inc(&format!("http.{}.fault.delays_injected", hcm.stat_prefix));
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some((status, ppm)) = fault.abort
+                    && crate::config::route::roll(ppm)
+                {
+                    stats.inc(&format!("http.{}.fault.aborts_injected", hcm.stat_prefix));
+                    let reporter = if info.inbound() {
+                        Reporter::Destination
+                    } else {
+                        Reporter::Source
+                    };
+                    let parties = shared.parties(info, None, None, None);
+                    let pending = Pending {
+                        start,
+                        request_bytes: Arc::new(AtomicU64::new(0)),
+                        upgrade,
+                        log,
+                    };
+                    finish_local(stats, reporter, &parties, "http", status, "FI", pending);
+                    return local_reply(status, "fault filter abort");
+                }
+            }
             prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
             let request_bytes = Arc::new(AtomicU64::new(0));
             let body = Counted {

@@ -920,3 +920,61 @@ fn non_http_bytes_on_an_http_port_fail_fast_and_are_counted() {
         assert!(stats.contains("downstream_cx_protocol_error: 1"), "{stats}");
     });
 }
+
+#[test]
+fn fault_injection_delays_and_aborts_per_route() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        // What the control plane makes of a VirtualService `fault`: per-route fault config.
+        let mut rc = routes(&[("a", 100), ("b", 0)]);
+        let fault = envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault {
+            delay: Some(envoy_types::pb::envoy::extensions::filters::common::fault::v3::FaultDelay {
+                fault_delay_secifier: Some(
+                    envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier::FixedDelay(
+                        envoy_types::pb::google::protobuf::Duration { seconds: 0, nanos: 50_000_000 },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            abort: Some(envoy_types::pb::envoy::extensions::filters::http::fault::v3::FaultAbort {
+                error_type: Some(
+                    envoy_types::pb::envoy::extensions::filters::http::fault::v3::fault_abort::ErrorType::HttpStatus(418),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        rc.virtual_hosts[0].routes[0]
+            .typed_per_filter_config
+            .insert("envoy.filters.http.fault".into(), pack_any(fault));
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        let mut status = 0;
+        for _ in 0..100 {
+            status = http_get_host("10.96.0.10:80", "svc").await.0;
+            if status == 418 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(status, 418, "abort not injected");
+        let (_, stats) = admin("GET", "/stats?filter=fault").await;
+        assert!(
+            stats.contains("fault.aborts_injected") && stats.contains("fault.delays_injected"),
+            "{stats}"
+        );
+        // Other hosts are untouched.
+        let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(s))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("http://grpc/x")
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        assert_eq!(send.send_request(req).await.unwrap().status(), 200);
+    });
+}

@@ -142,6 +142,8 @@ pub struct Hcm {
     /// HTTP RBAC, decided per request before routing.
     pub rbac: Vec<Rbac>,
     pub access_logs: Vec<Arc<AccessLog>>,
+    /// The fault filter's own configuration, for routes without one.
+    pub fault: Option<route::Fault>,
 }
 
 fn access_logs(
@@ -382,6 +384,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
 fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut has_router = false;
     let mut rbac_filters = Vec::new();
+    let mut fault = None;
     for f in &hcm.http_filters {
         let (type_url, value) = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(any)) => (any.type_url.as_str(), &any.value),
@@ -389,6 +392,11 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         };
         if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
             has_router = true;
+        } else if type_url.ends_with(".fault.v3.HTTPFault") {
+            // Configured per route; a filter-level fault applies where a route has none.
+            if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
+                fault = Some(route::Fault::decode(any)?).filter(|f| !f.is_empty());
+            }
         } else if type_url.ends_with(".http.rbac.v3.RBAC") {
             let r = HttpRbac::decode(value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
             if let Some(rules) = &r.rules {
@@ -432,6 +440,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
         rbac: rbac_filters,
         access_logs: access_logs(&hcm.access_log)?,
+        fault,
     })
 }
 

@@ -43,7 +43,74 @@ pub struct Route {
     matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderEdits,
+    /// Fault injection for this route (the fault filter's per-route configuration).
+    pub fault: Option<Fault>,
 }
+
+/// Envoy's HTTP fault filter: delay and/or abort a share of requests (parts per million).
+#[derive(Debug, Clone, Default)]
+pub struct Fault {
+    pub delay: Option<(Duration, u32)>,
+    pub abort: Option<(u16, u32)>,
+}
+
+impl Fault {
+    /// Decodes an `envoy.filters.http.fault` configuration.
+    pub fn decode(any: &envoy_types::pb::google::protobuf::Any) -> Result<Fault, String> {
+        use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay;
+        use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+            HttpFault, fault_abort,
+        };
+        use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
+        use prost::Message;
+        let f = HttpFault::decode(any.value.as_slice()).map_err(|e| format!("fault: {e}"))?;
+        let ppm = |p: &Option<FractionalPercent>| {
+            p.as_ref().map_or(1_000_000, |p| {
+                let scale = match p.denominator {
+                    0 => 10_000,
+                    1 => 100,
+                    _ => 1,
+                };
+                p.numerator.saturating_mul(scale).min(1_000_000)
+            })
+        };
+        let delay = match &f.delay {
+            None => None,
+            Some(d) => match &d.fault_delay_secifier {
+                Some(fault_delay::FaultDelaySecifier::FixedDelay(t)) => {
+                    Some((pb_duration(t), ppm(&d.percentage)))
+                }
+                _ => return Err("only fixed fault delays are supported".into()),
+            },
+        };
+        let abort = match &f.abort {
+            None => None,
+            Some(a) => match a.error_type {
+                Some(fault_abort::ErrorType::HttpStatus(s)) => Some((
+                    u16::try_from(s)
+                        .ok()
+                        .filter(|s| (200..600).contains(s))
+                        .ok_or_else(|| format!("fault abort status {s} is invalid"))?,
+                    ppm(&a.percentage),
+                )),
+                _ => return Err("only HTTP status fault aborts are supported".into()),
+            },
+        };
+        Ok(Fault { delay, abort })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.delay.is_none() && self.abort.is_none()
+    }
+}
+
+/// Whether this request falls in a share given in parts per million.
+pub fn roll(ppm: u32) -> bool {
+    ppm >= 1_000_000 || rand::random_range(0..1_000_000) < ppm
+}
+
+/// The per-route configuration key of the fault filter.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
 /// Headers added and removed on requests and responses.
 #[derive(Debug, Default, Clone)]
@@ -430,10 +497,17 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
         },
         _ => return Err("action is not supported".into()),
     };
+    let fault = r
+        .typed_per_filter_config
+        .get(FAULT_FILTER)
+        .map(Fault::decode)
+        .transpose()?
+        .filter(|f| !f.is_empty());
     Ok(Route {
         name: r.name.clone(),
         matcher,
         action,
+        fault,
         headers: edits(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,
