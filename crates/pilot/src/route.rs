@@ -285,7 +285,6 @@ fn fault(f: &isthmus_config::istio::networking::HttpFaultInjection) -> HttpFault
                     .as_ref()?
                     .as_std()))),
                 percentage: percent(d.percentage.as_ref(), d.percent),
-                ..Default::default()
             })
         }),
         abort: f.abort.as_ref().and_then(|a| {
