@@ -508,7 +508,6 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 fn ticks_per_second() -> f64 {
-    // SAFETY-free: sysconf through nix.
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
