@@ -1,30 +1,127 @@
 //! Pilot as an xDS generator: the Envoy node becomes a [`Proxy`], the current push context
 //! answers for it.
+//!
+//! Most of a sidecar's configuration is what every proxy of its [`Scope`] (namespace and
+//! Sidecar) gets alike: that part is built once per scope and push context and shared by all
+//! of them; only the proxy's own inbound clusters and listener are built per proxy. A shared
+//! part rebuilt for a new push context that came out the same is replaced by the previous one,
+//! so the ADS server sees the same `Arc` and skips it for every proxy at once.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::google::protobuf::{Any, Struct, value};
+use envoy_types::pb::google::protobuf::{Struct, value};
 use envoy_types::util::pack_any;
-use isthmus_pilot::{NodeMetadata, Proxy, PushContext};
+use isthmus_pilot::{NodeMetadata, Proxy, PushContext, Scope};
 use isthmus_xds::Generator;
-use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, Versioned};
 
 /// The push context being served, swapped whole on every accepted change.
 pub type Shared = Arc<RwLock<Arc<PushContext>>>;
 
 pub struct PilotGenerator {
     pub context: Shared,
+    scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
+}
+
+/// A scope's shared parts, and the push context they were built from.
+struct Cached {
+    context: Weak<PushContext>,
+    parts: ScopeParts,
+}
+
+#[derive(Clone)]
+struct ScopeParts {
+    clusters: Arc<Resources>,
+    endpoints: Arc<Resources>,
+    listeners: Arc<Resources>,
+    routes: Arc<Resources>,
 }
 
 impl PilotGenerator {
+    pub fn new(context: Shared) -> Self {
+        PilotGenerator {
+            context,
+            scopes: Mutex::default(),
+        }
+    }
+
     pub fn current(&self) -> Arc<PushContext> {
         self.context
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+
+    /// The shared parts of `proxy`'s scope under `ctx`, built by the first proxy that asks.
+    fn shared(&self, ctx: &Arc<PushContext>, proxy: &Proxy) -> ScopeParts {
+        let slot = self
+            .scopes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(ctx.scope(proxy))
+            .or_default()
+            .clone();
+        let mut cached = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached.as_ref()
+            && std::ptr::eq(c.context.as_ptr(), Arc::as_ptr(ctx))
+        {
+            return c.parts.clone();
+        }
+        let built = ScopeParts {
+            clusters: versioned(
+                isthmus_pilot::cluster::shared_clusters(ctx, proxy)
+                    .into_iter()
+                    .map(|c| (c.name.clone(), pack_any(c))),
+            ),
+            endpoints: versioned(
+                isthmus_pilot::endpoint::endpoints(ctx, proxy, &[])
+                    .into_iter()
+                    .map(|e| (e.cluster_name.clone(), pack_any(e))),
+            ),
+            listeners: versioned(
+                isthmus_pilot::listener::shared_listeners(ctx, proxy)
+                    .into_iter()
+                    .map(|l| (l.name.clone(), pack_any(l))),
+            ),
+            routes: versioned(
+                isthmus_pilot::route::routes(ctx, proxy, &[])
+                    .into_iter()
+                    .map(|r| (r.name.clone(), pack_any(r))),
+            ),
+        };
+        let parts = match cached.as_ref() {
+            Some(old) => ScopeParts {
+                clusters: keep_if_same(&old.parts.clusters, built.clusters),
+                endpoints: keep_if_same(&old.parts.endpoints, built.endpoints),
+                listeners: keep_if_same(&old.parts.listeners, built.listeners),
+                routes: keep_if_same(&old.parts.routes, built.routes),
+            },
+            None => built,
+        };
+        *cached = Some(Cached {
+            context: Arc::downgrade(ctx),
+            parts: parts.clone(),
+        });
+        parts
+    }
+}
+
+fn versioned(
+    resources: impl Iterator<Item = (String, envoy_types::pb::google::protobuf::Any)>,
+) -> Arc<Resources> {
+    Arc::new(resources.map(|(n, a)| (n, Versioned::new(a))).collect())
+}
+
+/// The previous part when the new one has the same names and versions.
+fn keep_if_same(old: &Arc<Resources>, new: Arc<Resources>) -> Arc<Resources> {
+    let same = old.len() == new.len()
+        && old
+            .iter()
+            .zip(new.iter())
+            .all(|((a, x), (b, y))| a == b && x.version == y.version);
+    if same { old.clone() } else { new }
 }
 
 impl Generator for PilotGenerator {
@@ -32,35 +129,31 @@ impl Generator for PilotGenerator {
         &self,
         node: &Node,
         type_url: &str,
-        names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, Any>, String> {
+        _names: &BTreeSet<String>,
+    ) -> Result<Vec<Arc<Resources>>, String> {
         let proxy = proxy_of(node)?;
         let ctx = self.current();
         Ok(match type_url {
-            CLUSTER => isthmus_pilot::cluster::clusters(&ctx, &proxy)
-                .into_iter()
-                .map(|c| (c.name.clone(), pack_any(c)))
-                .collect(),
-            ENDPOINT => {
-                let names: Vec<String> = names.iter().cloned().collect();
-                isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &names)
-                    .into_iter()
-                    .map(|e| (e.cluster_name.clone(), pack_any(e)))
-                    .collect()
-            }
-            LISTENER => isthmus_pilot::listener::listeners(&ctx, &proxy)
-                .into_iter()
-                .map(|l| (l.name.clone(), pack_any(l)))
-                .collect(),
-            ROUTE => {
-                let names: Vec<String> = names.iter().cloned().collect();
-                isthmus_pilot::route::routes(&ctx, &proxy, &names)
-                    .into_iter()
-                    .map(|r| (r.name.clone(), pack_any(r)))
-                    .collect()
-            }
+            CLUSTER => vec![
+                self.shared(&ctx, &proxy).clusters,
+                versioned(
+                    isthmus_pilot::cluster::inbound_clusters(&ctx, &proxy)
+                        .into_iter()
+                        .map(|c| (c.name.clone(), pack_any(c))),
+                ),
+            ],
+            ENDPOINT => vec![self.shared(&ctx, &proxy).endpoints],
+            LISTENER => vec![
+                self.shared(&ctx, &proxy).listeners,
+                versioned(
+                    isthmus_pilot::listener::inbound_listeners(&ctx, &proxy)
+                        .into_iter()
+                        .map(|l| (l.name.clone(), pack_any(l))),
+                ),
+            ],
+            ROUTE => vec![self.shared(&ctx, &proxy).routes],
             // Secrets come with the proxy's SDS.
-            _ => BTreeMap::new(),
+            _ => Vec::new(),
         })
     }
 }

@@ -10,7 +10,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use isthmus_xds::server::{CLUSTER, Counters, ENDPOINT, LISTENER, ROUTE};
+use isthmus_xds::server::{CLUSTER, Counters, ENDPOINT, LISTENER, PUSH_BUCKETS, ROUTE};
+use prometheus_client::metrics::histogram::Histogram;
 use isthmus_xds::{ProxyState, json};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -22,8 +23,27 @@ use crate::generator::{Shared, proxy_of};
 pub struct State {
     pub proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     pub counters: Arc<Counters>,
+    pub timings: Arc<Timings>,
     pub context: Shared,
     pub version: watch::Receiver<u64>,
+}
+
+/// How long a change takes before it is pushed, as istiod measures it.
+pub struct Timings {
+    /// `pilot_debounce_time`: from the first change event to the end of debouncing.
+    pub debounce: Histogram,
+    /// `pilot_pushcontext_init_seconds`: re-reading the changed config and building the push
+    /// context.
+    pub init: Histogram,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings {
+            debounce: Histogram::new(PUSH_BUCKETS),
+            init: Histogram::new(PUSH_BUCKETS),
+        }
+    }
 }
 
 pub async fn serve(listener: TcpListener, state: State) {
@@ -93,7 +113,27 @@ fn json_response(v: Value) -> Response<Full<Bytes>> {
 fn metrics(state: &State) -> String {
     let connected = state.proxies.lock().map_or(0, |p| p.len());
     let c = &state.counters;
-    format!(
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register(
+        "pilot_proxy_convergence_time",
+        "Delay in seconds between the start of a push and a proxy's ACK of it.",
+        c.convergence.clone(),
+    );
+    registry.register(
+        "pilot_debounce_time",
+        "Delay in seconds between the first config change event and the end of debouncing.",
+        state.timings.debounce.clone(),
+    );
+    registry.register(
+        "pilot_pushcontext_init_seconds",
+        "Total time in seconds to read the changed config and build the push context.",
+        state.timings.init.clone(),
+    );
+    let mut histograms = String::new();
+    if prometheus_client::encoding::text::encode_registry(&mut histograms, &registry).is_err() {
+        histograms.clear();
+    }
+    let counters = format!(
         "# HELP pilot_xds Number of endpoints connected to this pilot using XDS.\n\
          # TYPE pilot_xds gauge\npilot_xds {connected}\n\
          # HELP pilot_xds_pushes Pilot build and send errors for lds, rds, cds and eds.\n\
@@ -105,7 +145,8 @@ fn metrics(state: &State) -> String {
         c.pushes.load(Ordering::Relaxed),
         c.nacks.load(Ordering::Relaxed),
         c.connections.load(Ordering::Relaxed),
-    )
+    );
+    counters + &histograms
 }
 
 /// Per proxy: what was sent and acknowledged per type (istiod's `/debug/syncz`).

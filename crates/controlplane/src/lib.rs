@@ -119,19 +119,20 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
     let http_addr = local(&http_listener, opts.http_addr);
 
     let ads = AdsServer::new(
-        Arc::new(PilotGenerator {
-            context: context.clone(),
-        }),
+        Arc::new(PilotGenerator::new(context.clone())),
         version_rx.clone(),
     );
+    let timings = Arc::new(http::Timings::default());
     let state = http::State {
         proxies: ads.proxies(),
         counters: ads.counters.clone(),
+        timings: timings.clone(),
         context: context.clone(),
         version: version_rx,
     };
     let mut tasks = Vec::new();
     let secure_ads = ads.clone();
+    let counters = ads.counters.clone();
     let service = ads.into_service();
     tasks.push(tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
@@ -160,13 +161,20 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
     tasks.push(tokio::spawn(async move {
         let mut version = 1u64;
         while events_rx.recv().await.is_some() {
+            let first_event = std::time::Instant::now();
             debounce(&mut events_rx).await;
+            timings
+                .debounce
+                .observe(first_event.elapsed().as_secs_f64());
+            let started = std::time::Instant::now();
             let (snapshot, rejected) = source.reload();
             report(&rejected);
             let next = build(snapshot);
+            timings.init.observe(started.elapsed().as_secs_f64());
             *shared.write().unwrap_or_else(|p| p.into_inner()) = next;
             version += 1;
             tracing::info!(version, "configuration reloaded");
+            counters.push_started();
             if version_tx.send(version).is_err() {
                 break;
             }
@@ -260,10 +268,21 @@ fn watch_dir(
     Ok(w)
 }
 
+/// Connections waiting to be accepted: every proxy of a large mesh reconnects at once when the
+/// control plane restarts, and a busy server accepts them later rather than dropping them.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ControlPlaneError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ControlPlaneError::Bind { addr, source })
+    let err = |source| ControlPlaneError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 fn local(l: &TcpListener, fallback: SocketAddr) -> SocketAddr {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use isthmus_controlplane::{Options, start};
 use isthmus_xds::server::CLUSTER;
@@ -320,4 +322,124 @@ async fn client_follows_the_mesh(sotw: bool) {
             })
     })
     .await;
+}
+
+/// A delta ADS session that has received and ACKed everything of a proxy: clusters,
+/// listeners, every endpoint assignment and route `9080`.
+async fn delta_session(
+    addr: std::net::SocketAddr,
+    id: &str,
+) -> (
+    mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+) {
+    use isthmus_xds::server::{ENDPOINT, LISTENER, ROUTE};
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let node = Node {
+        id: id.into(),
+        ..Default::default()
+    };
+    for (type_url, names) in [
+        (CLUSTER, vec![]),
+        (LISTENER, vec![]),
+        (
+            ENDPOINT,
+            vec![
+                "outbound|9080||reviews.default.svc.cluster.local".to_string(),
+                "outbound|9080||ratings.default.svc.cluster.local".to_string(),
+            ],
+        ),
+        (ROUTE, vec!["9080".to_string()]),
+    ] {
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(node.clone()),
+            type_url: type_url.into(),
+            resource_names_subscribe: names,
+            ..Default::default()
+        })
+        .unwrap();
+        let r = next_delta(&mut stream).await;
+        assert_eq!(r.type_url, type_url);
+        assert!(!r.resources.is_empty(), "{type_url}");
+        ack(&tx, &r);
+    }
+    (tx, stream)
+}
+
+async fn next_delta(s: &mut tonic::Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(Duration::from_secs(15), s.message())
+        .await
+        .expect("push in time")
+        .unwrap()
+        .unwrap()
+}
+
+fn ack(tx: &mpsc::UnboundedSender<DeltaDiscoveryRequest>, r: &DeltaDiscoveryResponse) {
+    tx.send(DeltaDiscoveryRequest {
+        type_url: r.type_url.clone(),
+        response_nonce: r.nonce.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn one_new_endpoint_sends_one_assignment_to_each_proxy_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  clusterIP: 10.96.0.12\n  selector: {{app: ratings}}\n  ports: [{{name: http, port: 9080}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: ratings-0, namespace: default, labels: {{app: ratings}}}}\nspec: {{containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: 10.1.0.21}}\n"
+        ),
+    )
+    .unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
+    // Two proxies of one scope (namespace `default`, no Sidecar): they share the outbound part.
+    let (tx1, mut s1) = delta_session(
+        cp.xds_addr,
+        "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local",
+    )
+    .await;
+    let (tx2, mut s2) = delta_session(
+        cp.xds_addr,
+        "sidecar~10.1.0.21~ratings-0.default~default.svc.cluster.local",
+    )
+    .await;
+
+    std::fs::write(
+        dir.path().join("pod2.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-1, namespace: default, labels: {app: reviews}}\nspec: {containers: [{name: app, image: app}]}\nstatus: {podIP: 10.1.0.12}\n",
+    )
+    .unwrap();
+    for (tx, s) in [(&tx1, &mut s1), (&tx2, &mut s2)] {
+        let r = next_delta(s).await;
+        assert_eq!(r.type_url, isthmus_xds::server::ENDPOINT);
+        let names: Vec<&str> = r.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["outbound|9080||reviews.default.svc.cluster.local"]);
+        assert!(r.removed_resources.is_empty());
+        ack(tx, &r);
+    }
+    // Clusters, listeners, routes and the other assignment came out the same: nothing more.
+    for s in [&mut s1, &mut s2] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(800), s.message())
+                .await
+                .is_err(),
+            "only the one assignment is sent"
+        );
+    }
+    let metrics = get(cp.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("pilot_proxy_convergence_time_count 2")
+            && metrics.contains("pilot_debounce_time_count 1"),
+        "{metrics}"
+    );
 }

@@ -7,7 +7,6 @@
 //! principals, request headers) handled as Istio does, failing closed: an ALLOW rule that needs
 //! them is dropped (it can never match), a DENY rule drops them (it matches more).
 
-use std::collections::HashMap;
 
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
@@ -77,7 +76,7 @@ fn rbacs(ctx: &PushContext, proxy: &Proxy, layer: Layer) -> Vec<(&'static str, R
         if selected.is_empty() {
             continue;
         }
-        let mut map = HashMap::new();
+        let mut map = crate::maps::map();
         for p in selected {
             for (i, rule) in p.object.spec.rules.iter().enumerate() {
                 if let Some(policy) = policy_of(rule, action, layer, ctx.domain()) {

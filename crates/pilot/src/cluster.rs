@@ -123,11 +123,20 @@ pub(crate) fn discovery(svc: &Service) -> Discovery {
 
 /// Every cluster of `proxy`, sorted by name.
 pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+    let mut out = shared_clusters(ctx, proxy);
+    out.extend(inbound_clusters(ctx, proxy));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.dedup_by(|a, b| a.name == b.name);
+    out
+}
+
+/// The clusters every proxy of `proxy`'s [`Scope`](crate::context::Scope) has alike: outbound
+/// ones and the passthrough/blackhole ones.
+pub fn shared_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
     let mut out: Vec<Cluster> = outbound_clusters(ctx, proxy)
         .iter()
         .map(|o| outbound(ctx, o, port_policy(o.policy, o.port)))
         .collect();
-    out.extend(inbound(ctx, proxy));
     out.push(passthrough(PASSTHROUGH_CLUSTER, None));
     out.push(passthrough(
         INBOUND_PASSTHROUGH_CLUSTER,
@@ -139,8 +148,6 @@ pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
         connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
         ..Default::default()
     });
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    out.dedup_by(|a, b| a.name == b.name);
     out
 }
 
@@ -254,7 +261,8 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     c
 }
 
-fn inbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+/// The clusters of `proxy`'s own workload (`inbound|<port>||`).
+pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
     let Some(workload) = ctx.workload_of(proxy) else {
         return Vec::new();
     };
@@ -586,10 +594,10 @@ fn service_metadata(svc: &Service, subset: &str) -> Metadata {
             }],
         })),
     };
-    let mut m = Metadata::default();
-    m.filter_metadata
-        .insert("istio".into(), strukt([("services", services)]));
-    m
+    Metadata {
+        filter_metadata: crate::maps::map_of([("istio".into(), strukt([("services", services)]))]),
+        ..Default::default()
+    }
 }
 
 pub(crate) fn string(s: &str) -> Value {
@@ -600,10 +608,7 @@ pub(crate) fn string(s: &str) -> Value {
 
 pub(crate) fn strukt<'a>(fields: impl IntoIterator<Item = (&'a str, Value)>) -> Struct {
     Struct {
-        fields: fields
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect(),
+        fields: crate::maps::map_of(fields.into_iter().map(|(k, v)| (k.to_string(), v))),
     }
 }
 

@@ -29,6 +29,17 @@ pub enum MtlsMode {
     Strict,
 }
 
+/// What the configuration proxies share depends on: proxies with equal scopes get the same
+/// outbound clusters, endpoints, outbound listeners and routes (their namespace decides
+/// visibility, DestinationRule and VirtualService lookups and short host names; their Sidecar
+/// the egress hosts).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub namespace: String,
+    /// The Sidecar resource (namespace, name) that applies, if any.
+    pub sidecar: Option<(String, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct PushContext {
     pub snapshot: Snapshot,
@@ -102,6 +113,15 @@ impl PushContext {
             .or_else(|| {
                 in_ns(self.root_namespace()).find(|s| s.object.spec.workload_selector.is_none())
             })
+    }
+
+    pub fn scope(&self, proxy: &Proxy) -> Scope {
+        Scope {
+            namespace: proxy.namespace.clone(),
+            sidecar: self
+                .sidecar_for(proxy)
+                .map(|s| (s.namespace().to_string(), s.name().to_string())),
+        }
     }
 
     /// The services a proxy may reach: visible to its namespace, and within its Sidecar's

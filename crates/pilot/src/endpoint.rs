@@ -47,13 +47,15 @@ pub fn load_assignment(
             Address::Ip(ip) => ip.to_string(),
             Address::Dns(h) => h.clone(),
         };
-        let mut md = Metadata::default();
-        if e.sidecar {
-            md.filter_metadata.insert(
-                "envoy.transport_socket_match".into(),
-                strukt([(TLS_MODE_KEY, string("istio"))]),
-            );
-        }
+        let md = Metadata {
+            filter_metadata: crate::maps::map_of(e.sidecar.then(|| {
+                (
+                    "envoy.transport_socket_match".to_string(),
+                    strukt([(TLS_MODE_KEY, string("istio"))]),
+                )
+            })),
+            ..Default::default()
+        };
         let lb = LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
                 address: Some(socket(&addr, e.port)),

@@ -8,9 +8,10 @@ pub mod cluster;
 pub mod context;
 pub mod endpoint;
 pub mod listener;
+pub mod maps;
 pub mod names;
 pub mod proxy;
 pub mod route;
 
-pub use context::{InboundMode, MtlsMode, PushContext};
+pub use context::{InboundMode, MtlsMode, PushContext, Scope};
 pub use proxy::{NodeMetadata, Proxy};

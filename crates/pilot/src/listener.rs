@@ -43,16 +43,32 @@ use crate::proxy::Proxy;
 
 /// Every listener of `proxy`, sorted by name.
 pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
+    let mut out = shared_listeners(ctx, proxy);
+    out.extend(inbound_listeners(ctx, proxy));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The listeners every proxy of `proxy`'s [`Scope`](crate::context::Scope) has alike: outbound
+/// ones and `virtualOutbound`.
+pub fn shared_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut out = outbound(ctx, proxy);
     out.push(virtual_outbound(ctx));
-    out.push(virtual_inbound(ctx, proxy));
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    with_access_log(ctx, out)
+}
+
+/// The listeners of `proxy`'s own workload: `virtualInbound`.
+pub fn inbound_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
+    with_access_log(ctx, vec![virtual_inbound(ctx, proxy)])
+}
+
+fn with_access_log(ctx: &PushContext, mut listeners: Vec<Listener>) -> Vec<Listener> {
     if let Some(log) = access_log(ctx) {
-        for l in &mut out {
+        for l in &mut listeners {
             add_access_log(l, &log);
         }
     }
-    out
+    listeners
 }
 
 /// Istio's default access log format (`EnvoyTextLogFormat`).

@@ -241,18 +241,17 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     } else {
         route::Action::Route(route_action(ctx, proxy, r, port, vs_ns))
     };
-    let mut route = Route {
+    Route {
         name: r.name.clone(),
         r#match: Some(r#match),
         action: Some(action),
+        typed_per_filter_config: crate::maps::map_of(
+            r.fault
+                .as_ref()
+                .map(|f| (FAULT_FILTER.to_string(), pack_any(fault(f)))),
+        ),
         ..Default::default()
-    };
-    if let Some(f) = r.fault.as_ref().map(fault) {
-        route
-            .typed_per_filter_config
-            .insert(FAULT_FILTER.into(), pack_any(f));
     }
-    route
 }
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";

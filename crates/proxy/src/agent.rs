@@ -186,6 +186,8 @@ fn channel(opts: &Options, roots: Option<&str>) -> Result<tonic::transport::Chan
     let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.discovery_address))
         .map_err(|e| bad(e.to_string()))?
         .connect_timeout(Duration::from_secs(5))
+        .initial_stream_window_size(isthmus_xds::server::CLIENT_WINDOW)
+        .initial_connection_window_size(isthmus_xds::server::CLIENT_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Some(roots) = roots {

@@ -39,43 +39,64 @@ fn wildcard_type(type_url: &str) -> bool {
     matches!(type_url, CLUSTER | LISTENER)
 }
 
+/// A resource with its content version, computed once when it is built so that every proxy
+/// it goes to compares versions without re-encoding it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub any: Any,
+    pub version: u64,
+}
+
+impl Versioned {
+    /// Versions by a hash of the encoded bytes: generators must encode alike what is alike
+    /// (protobuf map fields iterate in the map's order; see pilot's `maps`).
+    pub fn new(any: Any) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        any.type_url.hash(&mut h);
+        any.value.hash(&mut h);
+        Versioned {
+            version: h.finish(),
+            any,
+        }
+    }
+}
+
+/// Resources by name.
+pub type Resources = BTreeMap<String, Versioned>;
+
 /// Produces the resources a proxy should have.
 pub trait Generator: Send + Sync + 'static {
-    /// Every resource of `type_url` for `node`, by name. `names` is the proxy's subscription
-    /// (empty for wildcard types); a generator may return more, the server filters.
+    /// Every resource of `type_url` for `node`, in parts with distinct names. Parts that stay
+    /// the same `Arc` between calls are known unchanged, so generators share and reuse them
+    /// between proxies and pushes. `names` is the proxy's subscription (empty for wildcard
+    /// types); a generator may return more, the server filters.
     fn generate(
         &self,
         node: &Node,
         type_url: &str,
         names: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, Any>, String>;
+    ) -> Result<Vec<Arc<Resources>>, String>;
 }
 
 /// A generator serving a fixed set of resources that its owner edits (static configurations,
 /// tests); changes are pushed when the server's version is bumped.
 #[derive(Debug, Default)]
 pub struct FixedGenerator {
-    resources: Mutex<BTreeMap<String, BTreeMap<String, Any>>>,
+    resources: Mutex<BTreeMap<String, Arc<Resources>>>,
 }
 
 impl FixedGenerator {
     pub fn put(&self, type_url: &str, name: &str, any: Any) {
-        self.resources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(type_url.into())
-            .or_default()
-            .insert(name.into(), any);
+        let mut all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::make_mut(all.entry(type_url.into()).or_default())
+            .insert(name.into(), Versioned::new(any));
     }
 
     pub fn remove(&self, type_url: &str, name: &str) {
-        if let Some(m) = self
-            .resources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(type_url)
-        {
-            m.remove(name);
+        let mut all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = all.get_mut(type_url) {
+            Arc::make_mut(m).remove(name);
         }
     }
 }
@@ -86,14 +107,9 @@ impl Generator for FixedGenerator {
         _: &Node,
         type_url: &str,
         _: &BTreeSet<String>,
-    ) -> Result<BTreeMap<String, Any>, String> {
-        Ok(self
-            .resources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default())
+    ) -> Result<Vec<Arc<Resources>>, String> {
+        let all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(all.get(type_url).cloned().into_iter().collect())
     }
 }
 
@@ -116,11 +132,42 @@ pub struct TypeState {
 }
 
 /// Counters the control plane exports as metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
     pub pushes: AtomicU64,
     pub nacks: AtomicU64,
     pub connections: AtomicU64,
+    /// Istio's `pilot_proxy_convergence_time`: from the start of a push to the proxy's ACK of
+    /// what the push sent it, in seconds.
+    pub convergence: prometheus_client::metrics::histogram::Histogram,
+    push_started: Mutex<Option<std::time::Instant>>,
+}
+
+/// Istio's buckets for push latencies, in seconds.
+pub const PUSH_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 3.0, 5.0, 10.0, 20.0];
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            pushes: AtomicU64::default(),
+            nacks: AtomicU64::default(),
+            connections: AtomicU64::default(),
+            convergence: prometheus_client::metrics::histogram::Histogram::new(PUSH_BUCKETS),
+            push_started: Mutex::default(),
+        }
+    }
+}
+
+impl Counters {
+    /// Marks the start of a push; the owner calls it right before it bumps the version.
+    pub fn push_started(&self) {
+        *self.push_started.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+    }
+
+    fn push_start(&self) -> Option<std::time::Instant> {
+        *self.push_started.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The ADS service. Clones share their proxies and counters, so one control plane can serve
@@ -130,6 +177,8 @@ pub struct AdsServer<G> {
     version: watch::Receiver<u64>,
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     next_id: Arc<AtomicU64>,
+    permits: Arc<tokio::sync::Semaphore>,
+    diffs: Arc<DiffMemo>,
     pub counters: Arc<Counters>,
 }
 
@@ -140,6 +189,8 @@ impl<G> Clone for AdsServer<G> {
             version: self.version.clone(),
             proxies: self.proxies.clone(),
             next_id: self.next_id.clone(),
+            permits: self.permits.clone(),
+            diffs: self.diffs.clone(),
             counters: self.counters.clone(),
         }
     }
@@ -153,6 +204,8 @@ impl<G: Generator> AdsServer<G> {
             version,
             proxies: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
+            permits: Arc::new(tokio::sync::Semaphore::new(PUSH_CONCURRENCY)),
+            diffs: Arc::default(),
             counters: Arc::default(),
         }
     }
@@ -169,6 +222,10 @@ impl<G: Generator> AdsServer<G> {
 
 /// Requests from a proxy are small; anything larger is not an Envoy talking.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// HTTP/2 receive window of xDS clients: a large mesh's push should not be paced by
+/// WINDOW_UPDATE round trips (Envoy's default is 256 MiB).
+pub const CLIENT_WINDOW: u32 = 16 << 20;
+
 /// Largest response a client accepts (a big mesh's full CDS fits well within).
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
@@ -178,9 +235,15 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 #[derive(Default)]
 struct Subscription {
     names: BTreeSet<String>,
-    /// Name → content hash of what the proxy has (delta) or was last sent (SotW).
+    /// Name → content version of what the proxy has (delta) or was last sent (SotW).
     sent: BTreeMap<String, u64>,
+    /// The generator's parts `sent` reflects: a part that is still the same `Arc` needs no look.
+    parts: Vec<Arc<Resources>>,
     nonce: String,
+    /// A response was sent that the proxy has not answered yet.
+    awaiting: bool,
+    /// When the push that sent the last response began (None for answers to requests).
+    push_start: Option<std::time::Instant>,
     /// The version was NACKed: do not resend it until the mesh changes.
     rejected: Option<u64>,
 }
@@ -188,6 +251,8 @@ struct Subscription {
 struct Conn<G> {
     id: u64,
     generator: Arc<G>,
+    permits: Arc<tokio::sync::Semaphore>,
+    diffs: Arc<DiffMemo>,
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     counters: Arc<Counters>,
     node: Option<Node>,
@@ -206,17 +271,97 @@ impl<G: Generator> Conn<G> {
         format!("{}-{}", self.id, self.nonce)
     }
 
-    /// The resources of one type for this proxy, filtered to its subscription.
-    fn resources(&self, type_url: &str) -> Result<BTreeMap<String, Any>, String> {
+    fn awaiting_answers(&self) -> bool {
+        self.subs.values().any(|s| s.awaiting)
+    }
+
+    /// The generator's parts of one type for this proxy (unfiltered).
+    fn parts(&self, type_url: &str) -> Result<Vec<Arc<Resources>>, String> {
         let node = self.node.as_ref().ok_or("no node")?;
-        let sub = self.subs.get(type_url);
         let empty = BTreeSet::new();
-        let names = sub.map_or(&empty, |s| &s.names);
-        let mut all = self.generator.generate(node, type_url, names)?;
-        if !(wildcard_type(type_url) && names.is_empty()) {
-            all.retain(|n, _| names.contains(n));
+        let names = self.subs.get(type_url).map_or(&empty, |s| &s.names);
+        self.generator.generate(node, type_url, names)
+    }
+}
+
+impl Subscription {
+    /// Whether the proxy wants `name` (everything, for a wildcard subscription).
+    fn wants(&self, type_url: &str, name: &str) -> bool {
+        (wildcard_type(type_url) && self.names.is_empty()) || self.names.contains(name)
+    }
+}
+
+/// The subscribed resources of `parts`.
+fn wanted<'a>(
+    sub: &'a Subscription,
+    type_url: &'a str,
+    parts: &'a [Arc<Resources>],
+) -> impl Iterator<Item = (&'a String, &'a Versioned)> + 'a {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .filter(move |(n, _)| sub.wants(type_url, n))
+}
+
+fn same_parts(a: &[Arc<Resources>], b: &[Arc<Resources>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y))
+}
+
+/// What changed between two versions of a shared part: computed once, used by every proxy
+/// that had the old one (an endpoint change is then O(change) per proxy, not O(mesh)).
+struct PartDiff {
+    /// Names added or with a new version.
+    changed: Vec<String>,
+    /// Names no longer in the part.
+    removed: Vec<String>,
+}
+
+impl PartDiff {
+    fn between(old: &Resources, new: &Resources) -> PartDiff {
+        PartDiff {
+            changed: new
+                .iter()
+                .filter(|(n, v)| old.get(*n).is_none_or(|o| o.version != v.version))
+                .map(|(n, _)| n.clone())
+                .collect(),
+            removed: old
+                .keys()
+                .filter(|n| !new.contains_key(*n))
+                .cloned()
+                .collect(),
         }
-        Ok(all)
+    }
+}
+
+/// Recent part diffs, keyed by the parts themselves (held, so their addresses stay theirs).
+#[derive(Default)]
+struct DiffMemo {
+    entries: Mutex<Vec<(Arc<Resources>, Arc<Resources>, Arc<PartDiff>)>>,
+}
+
+/// Parts smaller than this are diffed in place rather than memoized (per-proxy parts).
+const MEMO_MIN_PART: usize = 64;
+/// Diffs kept: a few pushes' worth of shared parts.
+const MEMO_ENTRIES: usize = 256;
+
+impl DiffMemo {
+    fn get(&self, old: &Arc<Resources>, new: &Arc<Resources>) -> Arc<PartDiff> {
+        if new.len() < MEMO_MIN_PART {
+            return Arc::new(PartDiff::between(old, new));
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, _, d)) = entries
+            .iter()
+            .find(|(o, n, _)| Arc::ptr_eq(o, old) && Arc::ptr_eq(n, new))
+        {
+            return d.clone();
+        }
+        let d = Arc::new(PartDiff::between(old, new));
+        if entries.len() >= MEMO_ENTRIES {
+            entries.drain(..MEMO_ENTRIES / 2);
+        }
+        entries.push((old.clone(), new.clone(), d.clone()));
+        d
     }
 }
 
@@ -225,19 +370,6 @@ impl<G> Drop for Conn<G> {
         let mut all = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         all.remove(&self.id);
     }
-}
-
-/// A content version of a resource. Protobuf encodings of map fields follow hash-map order, so
-/// equal resources can encode differently; the hash is taken over the canonical JSON (sorted
-/// keys) instead, falling back to the bytes for types the descriptors do not know.
-fn hash(any: &Any) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    match crate::json::any_to_json(any) {
-        Ok(v) => v.to_string().hash(&mut h),
-        Err(_) => any.value.hash(&mut h),
-    }
-    h.finish()
 }
 
 fn version_string(v: u64) -> String {
@@ -278,6 +410,35 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
     }
 }
 
+/// How many proxies may have a push (or their first configuration) in flight at once, as
+/// Istio's `PILOT_PUSH_THROTTLE`: a stream holds a permit from the moment it builds responses
+/// until the proxy has answered them all, so the control plane's memory holds at most this
+/// many proxies' worth of unsent configuration, however many are connected.
+pub const PUSH_CONCURRENCY: usize = 100;
+/// A proxy that does not answer within this long gives its permit back.
+const PUSH_HOLD_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The part of a request the stream loop needs before handing it on.
+trait AdsRequest {
+    /// Only acknowledges (or rejects) a response: it needs no push permit, and must never wait
+    /// for one (the permits it would wait for are released by such requests).
+    fn answers_only(&self) -> bool;
+}
+
+impl AdsRequest for DiscoveryRequest {
+    fn answers_only(&self) -> bool {
+        !self.response_nonce.is_empty()
+    }
+}
+
+impl AdsRequest for DeltaDiscoveryRequest {
+    fn answers_only(&self) -> bool {
+        !self.response_nonce.is_empty()
+            && self.resource_names_subscribe.is_empty()
+            && self.resource_names_unsubscribe.is_empty()
+    }
+}
+
 /// Runs one ADS stream: answers requests, and pushes when the mesh version changes, until
 /// either side goes away.
 fn serve_stream<G, Req, Resp>(
@@ -289,15 +450,25 @@ fn serve_stream<G, Req, Resp>(
 ) -> Response<ResponseStream<Resp>>
 where
     G: Generator,
-    Req: prost::Message + Default + 'static,
+    Req: prost::Message + Default + AdsRequest + 'static,
     Resp: Send + 'static,
 {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(4);
+    let permits = conn.permits.clone();
     tokio::spawn(async move {
+        let mut permit: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
         loop {
+            if permit.is_some() && !conn.awaiting_answers() {
+                permit = None;
+            }
+            let deadline = permit.as_ref().map(|(_, t)| *t + PUSH_HOLD_MAX);
             tokio::select! {
                 req = requests.message() => {
                     let Ok(Some(req)) = req else { break };
+                    if permit.is_none() && !req.answers_only() {
+                        let Ok(p) = permits.clone().acquire_owned().await else { break };
+                        permit = Some((p, tokio::time::Instant::now()));
+                    }
                     let current = *version.borrow();
                     if let Some(resp) = on_request(&mut conn, req, current)
                         && tx.send(resp).await.is_err()
@@ -307,10 +478,18 @@ where
                 }
                 changed = version.changed() => {
                     if changed.is_err() { break; }
+                    if permit.is_none() {
+                        let Ok(p) = permits.clone().acquire_owned().await else { break };
+                        permit = Some((p, tokio::time::Instant::now()));
+                    }
                     let current = *version.borrow_and_update();
                     for resp in on_push(&mut conn, current) {
                         if tx.send(resp).await.is_err() { return; }
                     }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                    if deadline.is_some() => {
+                    permit = None;
                 }
             }
         }
@@ -325,6 +504,8 @@ impl<G: Generator> AdsServer<G> {
         let conn = Conn {
             id,
             generator: self.generator.clone(),
+            permits: self.permits.clone(),
+            diffs: self.diffs.clone(),
             proxies: self.proxies.clone(),
             counters: self.counters.clone(),
             node: None,
@@ -362,6 +543,7 @@ impl<G: Generator> Conn<G> {
         if nonce != sub.nonce {
             return false; // answers an older response
         }
+        sub.awaiting = false;
         if let Some(e) = error {
             tracing::warn!(
                 proxy = self.node.as_ref().map_or("", |n| n.id.as_str()),
@@ -374,6 +556,11 @@ impl<G: Generator> Conn<G> {
             let e = e.to_string();
             self.state(|s| s.types.entry(type_url.to_string()).or_default().nack = Some(e));
             return false;
+        }
+        if let Some(start) = sub.push_start.take() {
+            self.counters
+                .convergence
+                .observe(start.elapsed().as_secs_f64());
         }
         self.state(|s| {
             let t = s.types.entry(type_url.to_string()).or_default();
@@ -408,27 +595,34 @@ impl<G: Generator> Conn<G> {
         version: u64,
         force: bool,
     ) -> Option<DiscoveryResponse> {
-        let resources = match self.resources(type_url) {
-            Ok(r) => r,
+        let parts = match self.parts(type_url) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::error!(type_url, error = e, "cannot generate resources");
                 return None;
             }
         };
-        let hashes: BTreeMap<String, u64> = resources
-            .iter()
-            .map(|(n, a)| (n.clone(), hash(a)))
-            .collect();
         let sub = self.subs.entry(type_url.to_string()).or_default();
-        if !force && (sub.sent == hashes || sub.rejected == Some(version)) {
+        if !force && (same_parts(&sub.parts, &parts) || sub.rejected == Some(version)) {
             return None;
         }
+        let hashes: BTreeMap<String, u64> = wanted(sub, type_url, &parts)
+            .map(|(n, v)| (n.clone(), v.version))
+            .collect();
+        let unchanged = sub.sent == hashes;
+        sub.parts = parts.clone();
+        if !force && unchanged {
+            return None;
+        }
+        let resources: Vec<Any> = wanted(sub, type_url, &parts)
+            .map(|(_, v)| v.any.clone())
+            .collect();
         sub.sent = hashes;
         sub.rejected = None;
-        let (v, nonce) = self.record_send(type_url, version, resources.len());
+        let (v, nonce) = self.record_send(type_url, version, resources.len(), !force);
         Some(DiscoveryResponse {
             version_info: v,
-            resources: resources.into_values().collect(),
+            resources,
             type_url: type_url.to_string(),
             nonce,
             ..Default::default()
@@ -436,10 +630,24 @@ impl<G: Generator> Conn<G> {
     }
 
     /// Gives a response its nonce and records what is being sent; returns version and nonce.
-    fn record_send(&mut self, type_url: &str, version: u64, count: usize) -> (String, String) {
+    /// `pushed`: sent by a push rather than in answer to a request.
+    fn record_send(
+        &mut self,
+        type_url: &str,
+        version: u64,
+        count: usize,
+        pushed: bool,
+    ) -> (String, String) {
         let nonce = self.next_nonce();
+        let push_start = if pushed {
+            self.counters.push_start()
+        } else {
+            None
+        };
         if let Some(s) = self.subs.get_mut(type_url) {
             s.nonce = nonce.clone();
+            s.awaiting = true;
+            s.push_start = push_start;
         }
         let v = version_string(version);
         self.state(|s| {
@@ -507,36 +715,27 @@ impl<G: Generator> Conn<G> {
         version: u64,
         force: bool,
     ) -> Option<DeltaDiscoveryResponse> {
-        let resources = match self.resources(type_url) {
-            Ok(r) => r,
+        let parts = match self.parts(type_url) {
+            Ok(p) => p,
             Err(e) => {
                 tracing::error!(type_url, error = e, "cannot generate resources");
                 return None;
             }
         };
+        let diffs = self.diffs.clone();
         let sub = self.subs.entry(type_url.to_string()).or_default();
-        if !force && sub.rejected == Some(version) {
+        if !force && (same_parts(&sub.parts, &parts) || sub.rejected == Some(version)) {
             return None;
         }
-        let mut changed = Vec::new();
-        for (name, any) in &resources {
-            let h = hash(any);
-            if sub.sent.get(name) != Some(&h) {
-                changed.push(Resource {
-                    name: name.clone(),
-                    version: h.to_string(),
-                    resource: Some(any.clone()),
-                    ..Default::default()
-                });
-                sub.sent.insert(name.clone(), h);
-            }
+        let (changed, removed) = if force || sub.parts.len() != parts.len() {
+            delta_full(sub, type_url, &parts)
+        } else {
+            delta_parts(sub, type_url, &parts, &diffs)
+        };
+        sub.parts = parts;
+        for r in &changed {
+            sub.sent.insert(r.name.clone(), version_of(r));
         }
-        let removed: Vec<String> = sub
-            .sent
-            .keys()
-            .filter(|n| !resources.contains_key(*n))
-            .cloned()
-            .collect();
         for n in &removed {
             sub.sent.remove(n);
         }
@@ -544,7 +743,8 @@ impl<G: Generator> Conn<G> {
             return None;
         }
         sub.rejected = None;
-        let (v, nonce) = self.record_send(type_url, version, resources.len());
+        let count = sub.sent.len();
+        let (v, nonce) = self.record_send(type_url, version, count, !force);
         Some(DeltaDiscoveryResponse {
             system_version_info: v,
             resources: changed,
@@ -562,6 +762,69 @@ impl<G: Generator> Conn<G> {
             .filter_map(|t| self.delta_response(t, version, false))
             .collect()
     }
+}
+
+fn resource(name: &str, v: &Versioned) -> Resource {
+    Resource {
+        name: name.to_string(),
+        version: v.version.to_string(),
+        resource: Some(v.any.clone()),
+        ..Default::default()
+    }
+}
+
+fn version_of(r: &Resource) -> u64 {
+    r.version.parse().unwrap_or_default()
+}
+
+/// Delta against what the proxy has, looking at every resource.
+fn delta_full(
+    sub: &Subscription,
+    type_url: &str,
+    parts: &[Arc<Resources>],
+) -> (Vec<Resource>, Vec<String>) {
+    let changed = wanted(sub, type_url, parts)
+        .filter(|(n, v)| sub.sent.get(*n) != Some(&v.version))
+        .map(|(n, v)| resource(n, v))
+        .collect();
+    let removed = sub
+        .sent
+        .keys()
+        .filter(|n| !sub.wants(type_url, n) || !parts.iter().any(|p| p.contains_key(*n)))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+/// Delta against what the proxy has, looking only at the parts that are new since it was
+/// last computed, through their shared diffs.
+fn delta_parts(
+    sub: &Subscription,
+    type_url: &str,
+    parts: &[Arc<Resources>],
+    diffs: &DiffMemo,
+) -> (Vec<Resource>, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for (old, new) in sub.parts.iter().zip(parts) {
+        if Arc::ptr_eq(old, new) {
+            continue;
+        }
+        let d = diffs.get(old, new);
+        for n in d.changed.iter().filter(|n| sub.wants(type_url, n)) {
+            if let Some(v) = new.get(n)
+                && sub.sent.get(n) != Some(&v.version)
+            {
+                changed.push(resource(n, v));
+            }
+        }
+        for n in &d.removed {
+            if sub.sent.contains_key(n) && !parts.iter().any(|p| p.contains_key(n)) {
+                removed.push(n.clone());
+            }
+        }
+    }
+    (changed, removed)
 }
 
 /// Subscribed types in push order (unknown types last, by name).
