@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use isthmus_config::load::collect_files;
 use isthmus_config::validate::validate;
@@ -20,7 +21,17 @@ pub struct Rejected {
 pub struct DirSource {
     dir: PathBuf,
     loader: Loader,
-    good: BTreeMap<PathBuf, Vec<Resource>>,
+    good: BTreeMap<PathBuf, Arc<Vec<Resource>>>,
+    /// Per file: what it was when last read (modification time and size) and what that gave, so
+    /// a change re-reads only the files that changed.
+    seen: BTreeMap<PathBuf, (Stamp, Result<Arc<Vec<Resource>>, Vec<String>>)>,
+}
+
+type Stamp = Option<(std::time::SystemTime, u64)>;
+
+fn stamp(file: &Path) -> Stamp {
+    let md = std::fs::metadata(file).ok()?;
+    Some((md.modified().ok()?, md.len()))
 }
 
 impl DirSource {
@@ -29,6 +40,7 @@ impl DirSource {
             dir: dir.to_path_buf(),
             loader: Loader::default(),
             good: BTreeMap::new(),
+            seen: BTreeMap::new(),
         }
     }
 
@@ -42,37 +54,60 @@ impl DirSource {
         let files = collect_files(&self.dir).unwrap_or_default();
         let mut rejected = Vec::new();
         let mut next = BTreeMap::new();
+        let mut seen = BTreeMap::new();
         for file in files {
-            let loaded = self.loader.load_paths(std::slice::from_ref(&file));
-            let mut errors: Vec<String> = loaded
-                .diagnostics
-                .iter()
-                .filter(|d| d.severity == Severity::Error)
-                .map(Diagnostic::to_string)
-                .collect();
-            for r in &loaded.resources {
-                for e in validate(&r.object).errors {
-                    errors.push(format!(
-                        "error: {}:{}: {} {}/{}: {e}",
-                        r.origin.file,
-                        r.origin.line,
-                        r.kind().name(),
-                        r.namespace(),
-                        r.name()
-                    ));
+            let now = stamp(&file);
+            let read = match self.seen.remove(&file) {
+                Some((was, read)) if now.is_some() && was == now => read,
+                _ => self.read(&file),
+            };
+            match &read {
+                Ok(resources) => {
+                    next.insert(file.clone(), resources.clone());
+                }
+                Err(errors) => {
+                    if let Some(last) = self.good.get(&file) {
+                        next.insert(file.clone(), last.clone());
+                    }
+                    rejected.push(Rejected {
+                        file: file.clone(),
+                        errors: errors.clone(),
+                    });
                 }
             }
-            if errors.is_empty() {
-                next.insert(file, loaded.resources);
-            } else {
-                if let Some(last) = self.good.get(&file) {
-                    next.insert(file.clone(), last.clone());
-                }
-                rejected.push(Rejected { file, errors });
+            seen.insert(file, (now, read));
+        }
+        self.seen = seen;
+        self.good = next;
+        let snapshot = self.good.values().flat_map(|r| r.iter()).cloned().collect();
+        (snapshot, rejected)
+    }
+
+    /// Loads and validates one file: its resources, or every error found in it.
+    fn read(&self, file: &Path) -> Result<Arc<Vec<Resource>>, Vec<String>> {
+        let loaded = self.loader.load_paths(&[file.to_path_buf()]);
+        let mut errors: Vec<String> = loaded
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(Diagnostic::to_string)
+            .collect();
+        for r in &loaded.resources {
+            for e in validate(&r.object).errors {
+                errors.push(format!(
+                    "error: {}:{}: {} {}/{}: {e}",
+                    r.origin.file,
+                    r.origin.line,
+                    r.kind().name(),
+                    r.namespace(),
+                    r.name()
+                ));
             }
         }
-        self.good = next;
-        let snapshot = self.good.values().flatten().cloned().collect();
-        (snapshot, rejected)
+        if errors.is_empty() {
+            Ok(Arc::new(loaded.resources))
+        } else {
+            Err(errors)
+        }
     }
 }

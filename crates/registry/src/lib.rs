@@ -243,6 +243,8 @@ pub struct Registry {
     by_host: HashMap<String, Vec<usize>>,
     by_ip: HashMap<IpAddr, usize>,
     by_vip: HashMap<IpAddr, usize>,
+    /// Workloads by namespace: a selector only picks workloads of its own namespace.
+    by_namespace: HashMap<String, Vec<usize>>,
 }
 
 impl Registry {
@@ -274,6 +276,10 @@ impl Registry {
             for ip in &w.ips {
                 reg.by_ip.entry(*ip).or_insert(i);
             }
+            reg.by_namespace
+                .entry(w.namespace.clone())
+                .or_default()
+                .push(i);
         }
         for s in &snapshot.services {
             let svc = reg.kube_service(s, snapshot);
@@ -470,7 +476,9 @@ impl Registry {
         ports: &[Port],
     ) -> Vec<Endpoint> {
         let mut out = Vec::new();
-        for (i, w) in self.workloads.iter().enumerate() {
+        let in_namespace = self.by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+        for &i in in_namespace {
+            let w = &self.workloads[i];
             if !w.matches(namespace, selector) {
                 continue;
             }
