@@ -24,10 +24,13 @@ pub struct DirSource {
     good: BTreeMap<PathBuf, Arc<Vec<Resource>>>,
     /// Per file: what it was when last read (modification time and size) and what that gave, so
     /// a change re-reads only the files that changed.
-    seen: BTreeMap<PathBuf, (Stamp, Result<Arc<Vec<Resource>>, Vec<String>>)>,
+    seen: BTreeMap<PathBuf, (Stamp, FileRead)>,
 }
 
 type Stamp = Option<(std::time::SystemTime, u64)>;
+
+/// A file's resources, or every error found in it.
+type FileRead = Result<Arc<Vec<Resource>>, Vec<String>>;
 
 fn stamp(file: &Path) -> Stamp {
     let md = std::fs::metadata(file).ok()?;
@@ -84,7 +87,7 @@ impl DirSource {
     }
 
     /// Loads and validates one file: its resources, or every error found in it.
-    fn read(&self, file: &Path) -> Result<Arc<Vec<Resource>>, Vec<String>> {
+    fn read(&self, file: &Path) -> FileRead {
         let loaded = self.loader.load_paths(&[file.to_path_buf()]);
         let mut errors: Vec<String> = loaded
             .diagnostics

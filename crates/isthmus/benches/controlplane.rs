@@ -268,7 +268,12 @@ async fn client(
             let mut r = report.lock().unwrap();
             r.bytes += resp.encoded_len();
             r.responses += 1;
-            let short = resp.type_url.rsplit('.').next().unwrap_or_default().to_string();
+            let short = resp
+                .type_url
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+                .to_string();
             *r.bytes_by_type.entry(short).or_default() += resp.encoded_len();
         }
         let _ = tx.send(DeltaDiscoveryRequest {
@@ -376,7 +381,12 @@ fn node(ns: usize, svc: usize, pod: usize) -> Node {
 }
 
 fn pod_ip(ns: usize, svc: usize, pod: usize) -> String {
-    format!("10.{}.{}.{}", 10 + ns, svc % 250, (svc / 250) * 50 + pod + 1)
+    format!(
+        "10.{}.{}.{}",
+        10 + ns,
+        svc % 250,
+        (svc / 250) * 50 + pod + 1
+    )
 }
 
 fn pod_yaml(ns: usize, svc: usize, pod: usize) -> String {
@@ -424,7 +434,12 @@ impl ControlPlane {
         let child = Command::new(BIN)
             .args(["control-plane", "--config-dir"])
             .arg(dir)
-            .args(["--xds-addr", &xds.to_string(), "--http-addr", &http.to_string()])
+            .args([
+                "--xds-addr",
+                &xds.to_string(),
+                "--http-addr",
+                &http.to_string(),
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -461,8 +476,8 @@ impl ControlPlane {
 
     /// User + system CPU seconds of the control plane so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
         // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
         let f: Vec<u64> = rest
@@ -511,5 +526,8 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<String> {
     out.lines()
         .next()
         .is_some_and(|status| status.contains(" 200 "))
-        .then(|| out.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string()))
+        .then(|| {
+            out.split_once("\r\n\r\n")
+                .map_or(String::new(), |(_, b)| b.to_string())
+        })
 }

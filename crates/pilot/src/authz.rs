@@ -7,7 +7,6 @@
 //! principals, request headers) handled as Istio does, failing closed: an ALLOW rule that needs
 //! them is dropped (it can never match), a DENY rule drops them (it matches more).
 
-
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
 use envoy_types::pb::envoy::config::rbac::v3::{

@@ -16,7 +16,9 @@ pub fn map<K, V>() -> HashMap<K, V> {
 }
 
 /// A map of `entries`, inserted in order, with the process-wide seed.
-pub fn map_of<K: std::hash::Hash + Eq, V>(entries: impl IntoIterator<Item = (K, V)>) -> HashMap<K, V> {
+pub fn map_of<K: std::hash::Hash + Eq, V>(
+    entries: impl IntoIterator<Item = (K, V)>,
+) -> HashMap<K, V> {
     let mut m = map();
     m.extend(entries);
     m

@@ -476,7 +476,10 @@ impl Registry {
         ports: &[Port],
     ) -> Vec<Endpoint> {
         let mut out = Vec::new();
-        let in_namespace = self.by_namespace.get(namespace).map_or(&[][..], Vec::as_slice);
+        let in_namespace = self
+            .by_namespace
+            .get(namespace)
+            .map_or(&[][..], Vec::as_slice);
         for &i in in_namespace {
             let w = &self.workloads[i];
             if !w.matches(namespace, selector) {

@@ -333,10 +333,13 @@ impl PartDiff {
     }
 }
 
+/// Old part, new part, and their diff.
+type MemoEntry = (Arc<Resources>, Arc<Resources>, Arc<PartDiff>);
+
 /// Recent part diffs, keyed by the parts themselves (held, so their addresses stay theirs).
 #[derive(Default)]
 struct DiffMemo {
-    entries: Mutex<Vec<(Arc<Resources>, Arc<Resources>, Arc<PartDiff>)>>,
+    entries: Mutex<Vec<MemoEntry>>,
 }
 
 /// Parts smaller than this are diffed in place rather than memoized (per-proxy parts).
