@@ -70,26 +70,16 @@ impl PilotGenerator {
             return c.parts.clone();
         }
         let built = ScopeParts {
-            clusters: versioned(
-                isthmus_pilot::cluster::shared_clusters(ctx, proxy)
-                    .into_iter()
-                    .map(|c| (c.name.clone(), pack_any(c))),
-            ),
-            endpoints: versioned(
-                isthmus_pilot::endpoint::endpoints(ctx, proxy, &[])
-                    .into_iter()
-                    .map(|e| (e.cluster_name.clone(), pack_any(e))),
-            ),
-            listeners: versioned(
-                isthmus_pilot::listener::shared_listeners(ctx, proxy)
-                    .into_iter()
-                    .map(|l| (l.name.clone(), pack_any(l))),
-            ),
-            routes: versioned(
-                isthmus_pilot::route::routes(ctx, proxy, &[])
-                    .into_iter()
-                    .map(|r| (r.name.clone(), pack_any(r))),
-            ),
+            clusters: versioned(isthmus_pilot::cluster::shared_clusters(ctx, proxy), |c| {
+                &c.name
+            }),
+            endpoints: versioned(isthmus_pilot::endpoint::endpoints(ctx, proxy, &[]), |e| {
+                &e.cluster_name
+            }),
+            listeners: versioned(isthmus_pilot::listener::shared_listeners(ctx, proxy), |l| {
+                &l.name
+            }),
+            routes: versioned(isthmus_pilot::route::routes(ctx, proxy, &[]), |r| &r.name),
         };
         let parts = match cached.as_ref() {
             Some(old) => ScopeParts {
@@ -108,10 +98,14 @@ impl PilotGenerator {
     }
 }
 
-fn versioned(
-    resources: impl Iterator<Item = (String, envoy_types::pb::google::protobuf::Any)>,
-) -> Arc<Resources> {
-    Arc::new(resources.map(|(n, a)| (n, Versioned::new(a))).collect())
+/// Resources packed and versioned, by the name `name` gives each.
+fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) -> Arc<Resources> {
+    Arc::new(
+        resources
+            .into_iter()
+            .map(|r| (name(&r).clone(), Versioned::new(pack_any(r))))
+            .collect(),
+    )
 }
 
 /// The previous part when the new one has the same names and versions.
@@ -137,18 +131,16 @@ impl Generator for PilotGenerator {
             CLUSTER => vec![
                 self.shared(&ctx, &proxy).clusters,
                 versioned(
-                    isthmus_pilot::cluster::inbound_clusters(&ctx, &proxy)
-                        .into_iter()
-                        .map(|c| (c.name.clone(), pack_any(c))),
+                    isthmus_pilot::cluster::inbound_clusters(&ctx, &proxy),
+                    |c| &c.name,
                 ),
             ],
             ENDPOINT => vec![self.shared(&ctx, &proxy).endpoints],
             LISTENER => vec![
                 self.shared(&ctx, &proxy).listeners,
                 versioned(
-                    isthmus_pilot::listener::inbound_listeners(&ctx, &proxy)
-                        .into_iter()
-                        .map(|l| (l.name.clone(), pack_any(l))),
+                    isthmus_pilot::listener::inbound_listeners(&ctx, &proxy),
+                    |l| &l.name,
                 ),
             ],
             ROUTE => vec![self.shared(&ctx, &proxy).routes],
