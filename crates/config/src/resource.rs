@@ -211,6 +211,10 @@ macro_rules! kinds {
                     $(Object::$variant(o) => self.$field.push(Entry { origin, api_version, object: *o }),)*
                 }
             }
+            /// Whether both hold the same resources, leaving out the kinds in `skip`.
+            pub fn same_except(&self, other: &Snapshot, skip: &[Kind]) -> bool {
+                true $(&& (skip.contains(&Kind::$variant) || self.$field == other.$field))*
+            }
             /// Number of resources of all kinds.
             pub fn len(&self) -> usize {
                 0 $(+ self.$field.len())*

@@ -5,7 +5,9 @@
 //! Sidecar) gets alike: that part is built once per scope and push context and shared by all
 //! of them; only the proxy's own inbound clusters and listener are built per proxy. A shared
 //! part rebuilt for a new push context that came out the same is replaced by the previous one,
-//! so the ADS server sees the same `Arc` and skips it for every proxy at once.
+//! so the ADS server sees the same `Arc` and skips it for every proxy at once. When only
+//! endpoints changed (the push context kept its outbound epoch), a scope keeps its clusters,
+//! listeners and routes, and endpoint assignments are rebuilt only where their inputs changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -23,12 +25,47 @@ pub type Shared = Arc<RwLock<Arc<PushContext>>>;
 pub struct PilotGenerator {
     pub context: Shared,
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
+    assignments: Mutex<AssignmentCache>,
 }
 
 /// A scope's shared parts, and the push context they were built from.
 struct Cached {
     context: Weak<PushContext>,
+    outbound_epoch: u64,
     parts: ScopeParts,
+}
+
+/// Endpoint assignments by [`Assignment::key`](isthmus_pilot::endpoint::Assignment::key),
+/// shared by every scope and kept from one push context to the next, so a changed endpoint
+/// rebuilds one assignment. What the last two push contexts did not use is dropped.
+#[derive(Default)]
+struct AssignmentCache {
+    context: Weak<PushContext>,
+    current: HashMap<u64, Versioned>,
+    previous: HashMap<u64, Versioned>,
+}
+
+impl AssignmentCache {
+    fn get(
+        &mut self,
+        ctx: &Arc<PushContext>,
+        a: &isthmus_pilot::endpoint::Assignment<'_>,
+    ) -> Versioned {
+        if !std::ptr::eq(self.context.as_ptr(), Arc::as_ptr(ctx)) {
+            self.context = Arc::downgrade(ctx);
+            self.previous = std::mem::take(&mut self.current);
+        }
+        let key = a.key();
+        if let Some(v) = self.current.get(&key) {
+            return v.clone();
+        }
+        let v = self
+            .previous
+            .remove(&key)
+            .unwrap_or_else(|| Versioned::new(pack_any(a.build())));
+        self.current.insert(key, v.clone());
+        v
+    }
 }
 
 #[derive(Clone)]
@@ -44,6 +81,7 @@ impl PilotGenerator {
         PilotGenerator {
             context,
             scopes: Mutex::default(),
+            assignments: Mutex::default(),
         }
     }
 
@@ -69,17 +107,31 @@ impl PilotGenerator {
         {
             return c.parts.clone();
         }
-        let built = ScopeParts {
-            clusters: versioned(isthmus_pilot::cluster::shared_clusters(ctx, proxy), |c| {
-                &c.name
-            }),
-            endpoints: versioned(isthmus_pilot::endpoint::endpoints(ctx, proxy, &[]), |e| {
-                &e.cluster_name
-            }),
-            listeners: versioned(isthmus_pilot::listener::shared_listeners(ctx, proxy), |l| {
-                &l.name
-            }),
-            routes: versioned(isthmus_pilot::route::routes(ctx, proxy, &[]), |r| &r.name),
+        let endpoints = {
+            let mut cache = self.assignments.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::new(
+                isthmus_pilot::endpoint::assignments(ctx, proxy)
+                    .iter()
+                    .map(|a| (a.name.clone(), cache.get(ctx, a)))
+                    .collect(),
+            )
+        };
+        let built = match cached.as_ref() {
+            // Only endpoints changed since: the rest of the scope stands.
+            Some(old) if old.outbound_epoch == ctx.outbound_epoch => ScopeParts {
+                endpoints,
+                ..old.parts.clone()
+            },
+            _ => ScopeParts {
+                clusters: versioned(isthmus_pilot::cluster::shared_clusters(ctx, proxy), |c| {
+                    &c.name
+                }),
+                endpoints,
+                listeners: versioned(isthmus_pilot::listener::shared_listeners(ctx, proxy), |l| {
+                    &l.name
+                }),
+                routes: versioned(isthmus_pilot::route::routes(ctx, proxy, &[]), |r| &r.name),
+            },
         };
         let parts = match cached.as_ref() {
             Some(old) => ScopeParts {
@@ -92,6 +144,7 @@ impl PilotGenerator {
         };
         *cached = Some(Cached {
             context: Arc::downgrade(ctx),
+            outbound_epoch: ctx.outbound_epoch,
             parts: parts.clone(),
         });
         parts
@@ -110,11 +163,12 @@ fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) ->
 
 /// The previous part when the new one has the same names and versions.
 fn keep_if_same(old: &Arc<Resources>, new: Arc<Resources>) -> Arc<Resources> {
-    let same = old.len() == new.len()
-        && old
-            .iter()
-            .zip(new.iter())
-            .all(|((a, x), (b, y))| a == b && x.version == y.version);
+    let same = Arc::ptr_eq(old, &new)
+        || old.len() == new.len()
+            && old
+                .iter()
+                .zip(new.iter())
+                .all(|((a, x), (b, y))| a == b && x.version == y.version);
     if same { old.clone() } else { new }
 }
 

@@ -102,15 +102,15 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
     let build = {
         let opts = opts.clone();
         move |snapshot| {
-            Arc::new(PushContext::new(
+            PushContext::new(
                 snapshot,
                 opts.mesh.clone(),
                 &opts.domain,
                 opts.inbound_passthrough,
-            ))
+            )
         }
     };
-    let context: Shared = Arc::new(RwLock::new(build(snapshot)));
+    let context: Shared = Arc::new(RwLock::new(Arc::new(build(snapshot))));
     let (version_tx, version_rx) = watch::channel(1u64);
 
     let xds_listener = bind(opts.xds_addr).await?;
@@ -169,9 +169,11 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
             let started = std::time::Instant::now();
             let (snapshot, rejected) = source.reload();
             report(&rejected);
-            let next = build(snapshot);
+            let mut next = build(snapshot);
+            let previous = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
+            next.follow(&previous);
             timings.init.observe(started.elapsed().as_secs_f64());
-            *shared.write().unwrap_or_else(|p| p.into_inner()) = next;
+            *shared.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
             version += 1;
             tracing::info!(version, "configuration reloaded");
             counters.push_started();

@@ -442,4 +442,19 @@ async fn one_new_endpoint_sends_one_assignment_to_each_proxy_and_nothing_else() 
             && metrics.contains("pilot_debounce_time_count 1"),
         "{metrics}"
     );
+
+    // A pod with a new identity is more than an endpoint: the cluster's SANs change too.
+    std::fs::write(
+        dir.path().join("pod3.yaml"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: reviews-2, namespace: default, labels: {app: reviews}}\nspec: {serviceAccountName: reviews-v2, containers: [{name: app, image: app}]}\nstatus: {podIP: 10.1.0.13}\n",
+    )
+    .unwrap();
+    let cds = next_delta(&mut s1).await;
+    assert_eq!(cds.type_url, CLUSTER);
+    let names: Vec<&str> = cds.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["outbound|9080||reviews.default.svc.cluster.local"]);
+    // The SANs sit in the packed TLS context: look for them in the resource's bytes.
+    let bytes = &cds.resources[0].resource.as_ref().unwrap().value;
+    let san = b"spiffe://cluster.local/ns/default/sa/reviews-v2";
+    assert!(bytes.windows(san.len()).any(|w| w == san));
 }

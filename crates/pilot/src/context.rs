@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
-use isthmus_config::{Entry, MeshConfig, Snapshot};
+use isthmus_config::{Entry, Kind, MeshConfig, Snapshot};
 use isthmus_registry::host::{host_matches, resolve_config_host};
 use isthmus_registry::{Registry, Service, Workload};
 
@@ -46,6 +46,64 @@ pub struct PushContext {
     pub registry: Registry,
     pub mesh: MeshConfig,
     pub inbound_mode: InboundMode,
+    /// Changes when anything outbound clusters, listeners and routes depend on changes (see
+    /// [`PushContext::follow`]); a change of endpoints alone keeps it.
+    pub outbound_epoch: u64,
+}
+
+/// The kinds that only make endpoints (and a proxy's own inbound configuration): a change in
+/// them alone leaves outbound clusters, listeners and routes as they were, except through what
+/// [`workload_inputs`] collects.
+const WORKLOAD_KINDS: &[Kind] = &[
+    Kind::Pod,
+    Kind::WorkloadEntry,
+    Kind::EndpointSlice,
+    Kind::Node,
+    Kind::Deployment,
+    Kind::StatefulSet,
+    Kind::DaemonSet,
+    Kind::ReplicaSet,
+    Kind::Job,
+];
+
+/// A hash of what outbound clusters read from a service's endpoints: the identities (SANs);
+/// per port, whether it has endpoints and whether all have sidecars (headless auto mTLS); and,
+/// for DNS clusters, which carry their endpoints inline, the endpoints themselves.
+fn workload_inputs(svc: &Service) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut accounts: Vec<&str> = svc
+        .endpoints
+        .iter()
+        .map(|e| e.service_account.as_str())
+        .collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    accounts.hash(&mut h);
+    for p in &svc.ports {
+        (
+            p.port,
+            svc.endpoints_for(p.port).next().is_some(),
+            svc.endpoints_for(p.port).all(|e| e.sidecar),
+        )
+            .hash(&mut h);
+    }
+    if crate::cluster::discovery(svc) == crate::cluster::Discovery::Dns {
+        for e in &svc.endpoints {
+            (
+                &e.address,
+                e.port,
+                e.service_port,
+                &e.locality,
+                e.weight,
+                e.healthy,
+                e.sidecar,
+                &e.labels,
+            )
+                .hash(&mut h);
+        }
+    }
+    h.finish()
 }
 
 impl PushContext {
@@ -68,7 +126,31 @@ impl PushContext {
             registry,
             mesh,
             inbound_mode,
+            outbound_epoch: 0,
         }
+    }
+
+    /// Takes `previous`'s outbound epoch when only endpoints changed since it, the next one
+    /// otherwise: generators keep outbound clusters, listeners and routes built for an epoch.
+    pub fn follow(&mut self, previous: &PushContext) {
+        let same = self.mesh == previous.mesh
+            && self.inbound_mode == previous.inbound_mode
+            && self.registry.domain == previous.registry.domain
+            && self
+                .snapshot
+                .same_except(&previous.snapshot, WORKLOAD_KINDS)
+            && self.registry.services.len() == previous.registry.services.len()
+            && self
+                .registry
+                .services
+                .iter()
+                .zip(&previous.registry.services)
+                .all(|(a, b)| a.hostname == b.hostname && workload_inputs(a) == workload_inputs(b));
+        self.outbound_epoch = if same {
+            previous.outbound_epoch
+        } else {
+            previous.outbound_epoch + 1
+        };
     }
 
     pub fn domain(&self) -> &str {

@@ -18,18 +18,79 @@ use crate::proxy::Proxy;
 /// The assignments for the requested EDS clusters (all of the proxy's when `names` is empty),
 /// sorted by name.
 pub fn endpoints(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<ClusterLoadAssignment> {
-    let mut out: Vec<ClusterLoadAssignment> = outbound_clusters(ctx, proxy)
+    assignments(ctx, proxy)
+        .iter()
+        .filter(|a| names.is_empty() || names.contains(&a.name))
+        .map(Assignment::build)
+        .collect()
+}
+
+/// One EDS cluster of a proxy, before its assignment is built.
+pub struct Assignment<'a> {
+    pub name: String,
+    svc: &'a Service,
+    port: u16,
+    subset: Option<&'a BTreeMap<String, String>>,
+}
+
+impl Assignment<'_> {
+    pub fn build(&self) -> ClusterLoadAssignment {
+        load_assignment(self.svc, self.port, self.subset, &self.name)
+    }
+
+    /// A hash of everything [`Assignment::build`] reads: equal keys build equal assignments,
+    /// so a generator can keep what it built for a key across push contexts.
+    pub fn key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.name.hash(&mut h);
+        for e in selected(self.svc, self.port, self.subset) {
+            (
+                &e.address,
+                e.port,
+                &e.locality,
+                e.weight,
+                e.healthy,
+                e.sidecar,
+            )
+                .hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+/// The EDS clusters of `proxy`, sorted by name.
+pub fn assignments<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<Assignment<'a>> {
+    let mut out: Vec<Assignment<'a>> = outbound_clusters(ctx, proxy)
         .iter()
         .filter(|o| discovery(o.svc) == Discovery::Eds)
-        .map(|o| (o.name(), o))
-        .filter(|(name, _)| names.is_empty() || names.contains(name))
-        .map(|(name, o)| load_assignment(o.svc, o.port, o.subset.map(|s| &s.labels), &name))
+        .map(|o| Assignment {
+            name: o.name(),
+            svc: o.svc,
+            port: o.port,
+            subset: o.subset.map(|s| &s.labels),
+        })
         .collect();
-    out.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
+/// The endpoints of `port` an assignment holds, in their order: the subset's, by address.
+fn selected<'a>(
+    svc: &'a Service,
+    port: u16,
+    subset: Option<&'a BTreeMap<String, String>>,
+) -> Vec<&'a isthmus_registry::Endpoint> {
+    let mut eps: Vec<_> = svc
+        .endpoints_for(port)
+        .filter(|e| subset.is_none_or(|sel| selector_matches(sel, &e.labels)))
+        .collect();
+    eps.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+    eps
+}
+
 /// The assignment of one cluster: the service's endpoints for `port`, filtered by subset labels.
+/// What it reads of each endpoint is what [`Assignment::key`] hashes.
 pub fn load_assignment(
     svc: &Service,
     port: u16,
@@ -37,12 +98,7 @@ pub fn load_assignment(
     cluster_name: &str,
 ) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<(String, String, String), Vec<LbEndpoint>> = BTreeMap::new();
-    let mut eps: Vec<_> = svc
-        .endpoints_for(port)
-        .filter(|e| subset.is_none_or(|sel| selector_matches(sel, &e.labels)))
-        .collect();
-    eps.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
-    for e in eps {
+    for e in selected(svc, port, subset) {
         let addr = match &e.address {
             Address::Ip(ip) => ip.to_string(),
             Address::Dns(h) => h.clone(),

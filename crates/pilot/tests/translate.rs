@@ -295,3 +295,50 @@ fn localhost_mode_sends_inbound_to_loopback() {
         "127.0.0.1"
     );
 }
+
+/// The mesh of `testdata/mesh.yaml` with `extra` documents added.
+fn context_with(extra: &str) -> PushContext {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+    let mut loaded = Loader::default().load_paths(&[dir.join("mesh.yaml")]);
+    loaded
+        .resources
+        .extend(Loader::default().load_str("extra.yaml", extra).resources);
+    let snapshot: Snapshot = loaded.resources.into_iter().collect();
+    PushContext::new(snapshot, MeshConfig::default(), "cluster.local", None)
+}
+
+#[test]
+fn the_outbound_epoch_moves_unless_only_endpoints_changed() {
+    let base = context();
+    let pod = |name: &str, ip: &str, sa: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: bookinfo, labels: {{app: reviews, version: v1, security.istio.io/tlsMode: istio}}}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: app, image: app, ports: [{{name: web, containerPort: 9081}}]}}]}}\nstatus: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    };
+    let sa = base
+        .registry
+        .services
+        .iter()
+        .find(|s| s.name == "reviews")
+        .and_then(|s| s.endpoints.first())
+        .map(|e| e.service_account.clone())
+        .expect("reviews has an endpoint");
+    // Another reviews pod with the same identity: endpoints only.
+    let mut same = context_with(&pod("reviews-extra", "10.1.9.9", &sa));
+    same.follow(&base);
+    assert_eq!(same.outbound_epoch, base.outbound_epoch);
+    assert_ne!(
+        isthmus_pilot::endpoint::endpoints(&same, &proxy("10.1.0.1", "x", "bookinfo"), &[]),
+        isthmus_pilot::endpoint::endpoints(&base, &proxy("10.1.0.1", "x", "bookinfo"), &[]),
+    );
+    // A new identity changes the clusters' SANs.
+    let mut other_sa = context_with(&pod("reviews-extra", "10.1.9.9", "someone-else"));
+    other_sa.follow(&base);
+    assert_eq!(other_sa.outbound_epoch, base.outbound_epoch + 1);
+    // Config beside the pods.
+    let mut new_service = context_with(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: extra, namespace: bookinfo}\nspec: {ports: [{name: http, port: 80}]}\n",
+    );
+    new_service.follow(&base);
+    assert_eq!(new_service.outbound_epoch, base.outbound_epoch + 1);
+}
