@@ -26,6 +26,24 @@ pub struct PilotGenerator {
     pub context: Shared,
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
     assignments: Mutex<AssignmentCache>,
+    inbound: Mutex<InboundCache>,
+}
+
+/// Per proxy: its inbound clusters and listeners, kept while the outbound epoch (all config
+/// but endpoints) and the proxy's own node and workload stay the same, so an endpoint change
+/// builds nothing per proxy. Emptied when the epoch moves on.
+#[derive(Default)]
+struct InboundCache {
+    epoch: u64,
+    by_node: HashMap<String, Inbound>,
+}
+
+#[derive(Clone)]
+struct Inbound {
+    /// Hash of the proxy and its workload.
+    key: u64,
+    clusters: Arc<Resources>,
+    listeners: Arc<Resources>,
 }
 
 /// A scope's shared parts, and the push context they were built from.
@@ -82,6 +100,7 @@ impl PilotGenerator {
             context,
             scopes: Mutex::default(),
             assignments: Mutex::default(),
+            inbound: Mutex::default(),
         }
     }
 
@@ -152,6 +171,44 @@ impl PilotGenerator {
 }
 
 /// Resources packed and versioned, by the name `name` gives each.
+impl PilotGenerator {
+    /// `proxy`'s inbound clusters and listeners under `ctx`, from the cache when still valid.
+    fn inbound(&self, ctx: &PushContext, proxy: &Proxy) -> Inbound {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        proxy.hash(&mut h);
+        ctx.workload_of(proxy).hash(&mut h);
+        let key = h.finish();
+        {
+            let mut cache = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.epoch != ctx.outbound_epoch {
+                cache.epoch = ctx.outbound_epoch;
+                cache.by_node.clear();
+            }
+            if let Some(i) = cache.by_node.get(&proxy.id)
+                && i.key == key
+            {
+                return i.clone();
+            }
+        }
+        let built = Inbound {
+            key,
+            clusters: versioned(isthmus_pilot::cluster::inbound_clusters(ctx, proxy), |c| {
+                &c.name
+            }),
+            listeners: versioned(
+                isthmus_pilot::listener::inbound_listeners(ctx, proxy),
+                |l| &l.name,
+            ),
+        };
+        let mut cache = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.epoch == ctx.outbound_epoch {
+            cache.by_node.insert(proxy.id.clone(), built.clone());
+        }
+        built
+    }
+}
+
 fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) -> Arc<Resources> {
     Arc::new(
         resources
@@ -184,18 +241,12 @@ impl Generator for PilotGenerator {
         Ok(match type_url {
             CLUSTER => vec![
                 self.shared(&ctx, &proxy).clusters,
-                versioned(
-                    isthmus_pilot::cluster::inbound_clusters(&ctx, &proxy),
-                    |c| &c.name,
-                ),
+                self.inbound(&ctx, &proxy).clusters,
             ],
             ENDPOINT => vec![self.shared(&ctx, &proxy).endpoints],
             LISTENER => vec![
                 self.shared(&ctx, &proxy).listeners,
-                versioned(
-                    isthmus_pilot::listener::inbound_listeners(&ctx, &proxy),
-                    |l| &l.name,
-                ),
+                self.inbound(&ctx, &proxy).listeners,
             ],
             ROUTE => vec![self.shared(&ctx, &proxy).routes],
             // Secrets come with the proxy's SDS.

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 /// What a proxy is: sidecar, gateway, …
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProxyType {
     Sidecar,
     Router,
 }
 
 /// How inbound traffic reaches the proxy (`INTERCEPTION_MODE` metadata).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum InterceptionMode {
     #[default]
     Redirect,
@@ -20,7 +20,7 @@ pub enum InterceptionMode {
     None,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Proxy {
     /// The whole node id.
     pub id: String,

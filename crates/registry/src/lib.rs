@@ -99,7 +99,7 @@ pub enum WorkloadKind {
 }
 
 /// Something that runs and has addresses: a Pod or a WorkloadEntry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct Workload {
     pub kind: WorkloadKind,
     pub name: String,
