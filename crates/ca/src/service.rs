@@ -41,7 +41,7 @@ impl IstioCertificateService for CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let token = bearer(&request)?;
+        let token = bearer(request.metadata())?;
         let account = self.tokens.verify(token).map_err(|e| {
             tracing::warn!(error = %e, "CA request refused");
             Status::unauthenticated(e.to_string())
@@ -73,9 +73,9 @@ impl IstioCertificateService for CaService {
     }
 }
 
-fn bearer<T>(request: &Request<T>) -> Result<&str, Status> {
-    let value = request
-        .metadata()
+/// The token of an `authorization: Bearer …` header.
+pub fn bearer(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Status> {
+    let value = metadata
         .get("authorization")
         .ok_or_else(|| Status::unauthenticated("no authorization token"))?
         .to_str()

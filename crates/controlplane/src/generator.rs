@@ -260,6 +260,11 @@ pub fn proxy_of(node: &Node) -> Result<Proxy, String> {
     Proxy::from_node(&node.id, &metadata(node.metadata.as_ref())).map_err(|e| e.to_string())
 }
 
+/// The service account a node's metadata names (`SERVICE_ACCOUNT`), if any.
+pub fn service_account_of(node: &Node) -> Option<String> {
+    metadata(node.metadata.as_ref()).service_account
+}
+
 fn metadata(md: Option<&Struct>) -> NodeMetadata {
     let Some(md) = md else {
         return NodeMetadata::default();

@@ -2,6 +2,7 @@
 //! `PILOT_DEBOUNCE_AFTER`=100 ms / `PILOT_DEBOUNCE_MAX`=10 s), rebuilds the push context,
 //! serves ADS on 15010 and the HTTP monitoring port 15014 (`/ready`, `/metrics`, `/debug/*`).
 
+pub mod auth;
 pub mod generator;
 pub mod http;
 pub mod source;
@@ -212,12 +213,20 @@ async fn serve_secure(
         addr,
         message: e.to_string(),
     };
+    // Client certificates are optional: the CA's callers have none yet (they send a token).
     let mut server = tonic::transport::Server::builder()
         .tls_config(
             tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(chain.concat(), key)),
+                .identity(tonic::transport::Identity::from_pem(chain.concat(), key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(
+                    authority.root_pem(),
+                ))
+                .client_auth_optional(true),
         )
         .map_err(tls_err)?;
+    let ads = ads.with_authorizer(Arc::new(auth::ProxyAuthorizer {
+        tokens: tokens.clone(),
+    }));
     let router = server
         .add_service(isthmus_ca::service::CaService::new(authority, tokens).into_server())
         .add_service(ads.into_service());

@@ -31,6 +31,37 @@ spec: {containers: [{name: app, image: app}]}
 status: {podIP: 10.1.0.11}
 "#;
 
+/// The first CDS response on a secure-port stream for node `id`, sending `token` if given.
+async fn secure_cds(
+    channel: tonic::transport::Channel,
+    id: &str,
+    token: Option<&str>,
+) -> Result<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse, tonic::Status> {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: id.into(),
+            ..Default::default()
+        }),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(t) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let mut stream = client
+        .stream_aggregated_resources(request)
+        .await?
+        .into_inner();
+    Ok(next(&mut stream).await)
+}
+
 /// The control plane on free loopback ports, serving `dir`, without the CA.
 fn options(dir: &std::path::Path) -> Options {
     Options {
@@ -203,7 +234,7 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
         .unwrap()
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(root))
+                .ca_certificate(Certificate::from_pem(root.clone()))
                 .domain_name("istiod.istio-system.svc"),
         )
         .unwrap()
@@ -220,25 +251,58 @@ async fn ca_and_xds_are_served_over_tls_on_the_secure_port() {
             .expect("certificate from the control plane's CA");
     assert_eq!(issued.chain.len(), 2);
 
-    // xDS on the same TLS port.
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel(4);
-    let mut stream = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
+    // xDS on the same TLS port: only for a caller that proves it may be the proxy it names.
+    let reviews = "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local";
+    let status = secure_cds(channel.clone(), reviews, None)
         .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // A valid token, but for another namespace than the node's.
+    let elsewhere = "sidecar~10.1.0.11~reviews-0.other~other.svc.cluster.local";
+    let status = secure_cds(channel.clone(), elsewhere, Some(&token))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("default/reviews"), "{status:?}");
+    // The token of the node's own identity.
+    secure_cds(channel.clone(), reviews, Some(&token))
+        .await
+        .expect("xDS with the service-account token");
+    // Mutual TLS with the workload certificate, as the sidecar connects.
+    let mtls = Endpoint::from_shared(format!("https://{}", cp.secure_addr.unwrap()))
         .unwrap()
-        .into_inner();
-    let node = Node {
-        id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
-        ..Default::default()
-    };
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(root.clone()))
+                .domain_name("istiod.istio-system.svc")
+                .identity(tonic::transport::Identity::from_pem(
+                    issued.presented_chain(),
+                    issued.key_pem.clone(),
+                )),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = secure_cds(mtls.clone(), elsewhere, None).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let mut client = AggregatedDiscoveryServiceClient::new(mtls);
+    let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
-        node: Some(node),
+        node: Some(Node {
+            id: reviews.into(),
+            ..Default::default()
+        }),
         type_url: CLUSTER.into(),
         ..Default::default()
     })
     .await
     .unwrap();
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
     let cds = next(&mut stream).await;
     assert!(cluster_names(&cds).contains(&"inbound|9080||".to_string()));
     // The same proxies table serves both ports.

@@ -180,7 +180,13 @@ async fn bind(
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
-fn channel(opts: &Options, roots: Option<&str>) -> Result<tonic::transport::Channel, AgentError> {
+/// A lazy channel to the control plane: TLS when `roots` are given, presenting `client` (the
+/// workload certificate chain and key, PEM) when given.
+fn channel(
+    opts: &Options,
+    roots: Option<&str>,
+    client: Option<(String, String)>,
+) -> Result<tonic::transport::Channel, AgentError> {
     let bad = |e: String| AgentError::Address(opts.discovery_address.clone(), e);
     let scheme = if roots.is_some() { "https" } else { "http" };
     let mut ep = Endpoint::from_shared(format!("{scheme}://{}", opts.discovery_address))
@@ -191,13 +197,13 @@ fn channel(opts: &Options, roots: Option<&str>) -> Result<tonic::transport::Chan
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Some(roots) = roots {
-        ep = ep
-            .tls_config(
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(roots))
-                    .domain_name(opts.discovery_san.clone()),
-            )
-            .map_err(|e| bad(e.to_string()))?;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(roots))
+            .domain_name(opts.discovery_san.clone());
+        if let Some((chain, key)) = client {
+            tls = tls.identity(tonic::transport::Identity::from_pem(chain, key));
+        }
+        ep = ep.tls_config(tls).map_err(|e| bad(e.to_string()))?;
     }
     // Lazy: the first use connects, and every reconnect goes through it again.
     Ok(ep.connect_lazy())
@@ -234,7 +240,7 @@ pub async fn run(
             })
         })
         .transpose()?;
-    let ch = channel(&opts, roots.as_deref())?;
+    let ch = channel(&opts, roots.as_deref(), None)?;
     let id = SpiffeId::new(&opts.trust_domain, &opts.namespace, &opts.service_account);
     let identity = match &roots {
         Some(roots) => {
@@ -270,6 +276,18 @@ pub async fn run(
         principal_uri: id.to_string(),
         workload,
     };
+    // Each xDS session connects anew and presents the certificate current then (mutual TLS on
+    // the control plane's secure port, which checks it against the node it claims to be).
+    let connect = {
+        let (opts, roots, identity) = (opts.clone(), roots.clone(), identity.clone());
+        move || {
+            let client = identity.as_ref().map(|i| {
+                let (issued, _) = i.issued();
+                (issued.presented_chain(), issued.key_pem)
+            });
+            channel(&opts, roots.as_deref(), client)
+        }
+    };
     let pools = Arc::new(Pools::new(identity));
     let (config_tx, config_rx) = watch::channel(Arc::new(Config::default()));
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -299,7 +317,7 @@ pub async fn run(
     tokio::spawn(crate::admin::serve(prometheus, state.prometheus_handler()));
 
     let xds = tokio::spawn(follow_control_plane(
-        ch,
+        connect,
         node,
         pools,
         config_tx,
@@ -385,7 +403,7 @@ async fn fetch_with_retry(
 
 /// ADS forever: on a lost stream, reconnect with backoff, keeping the accepted state.
 async fn follow_control_plane(
-    ch: tonic::transport::Channel,
+    connect: impl Fn() -> Result<tonic::transport::Channel, AgentError>,
     node: Node,
     pools: Arc<Pools>,
     out: watch::Sender<Arc<Config>>,
@@ -398,6 +416,15 @@ async fn follow_control_plane(
     loop {
         let since = Instant::now();
         let compile = |xds: &XdsState| Config::compile(xds, &pools).map_err(|e| e.to_string());
+        let ch = match connect() {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up the control-plane connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(15));
+                continue;
+            }
+        };
         let result = if sotw {
             isthmus_xds::client::run_sotw(ch.clone(), node.clone(), &mut state, compile, &out).await
         } else {

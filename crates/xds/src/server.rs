@@ -113,6 +113,22 @@ impl Generator for FixedGenerator {
     }
 }
 
+/// Decides, on an authenticated port, whether a stream's caller may be the proxy its first
+/// request names (Istio's istiod checks the caller's identity against the node's namespace).
+pub trait Authorizer: Send + Sync + 'static {
+    /// `certs`: the client's TLS chain, already verified by the handshake, when it sent one;
+    /// `metadata`: the stream's gRPC metadata (a bearer token); `node`: from the first request.
+    fn authorize(
+        &self,
+        certs: Option<&[tonic::transport::CertificateDer<'static>]>,
+        metadata: &tonic::metadata::MetadataMap,
+        node: Option<&Node>,
+    ) -> Result<(), Status>;
+}
+
+/// How long a stream may take to send its first request on an authenticated port.
+const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// What the server knows of one connected proxy, for `proxy-status`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProxyState {
@@ -174,6 +190,7 @@ impl Counters {
 /// the same ADS on several ports (plaintext 15010, TLS 15012).
 pub struct AdsServer<G> {
     generator: Arc<G>,
+    authorizer: Option<Arc<dyn Authorizer>>,
     version: watch::Receiver<u64>,
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     next_id: Arc<AtomicU64>,
@@ -186,6 +203,7 @@ impl<G> Clone for AdsServer<G> {
     fn clone(&self) -> Self {
         AdsServer {
             generator: self.generator.clone(),
+            authorizer: self.authorizer.clone(),
             version: self.version.clone(),
             proxies: self.proxies.clone(),
             next_id: self.next_id.clone(),
@@ -201,6 +219,7 @@ impl<G: Generator> AdsServer<G> {
     pub fn new(generator: Arc<G>, version: watch::Receiver<u64>) -> Self {
         AdsServer {
             generator,
+            authorizer: None,
             version,
             proxies: Arc::default(),
             next_id: Arc::new(AtomicU64::new(1)),
@@ -208,6 +227,33 @@ impl<G: Generator> AdsServer<G> {
             diffs: Arc::default(),
             counters: Arc::default(),
         }
+    }
+
+    /// The same server (same proxies and counters), admitting only streams `authorizer`
+    /// accepts.
+    pub fn with_authorizer(mut self, authorizer: Arc<dyn Authorizer>) -> Self {
+        self.authorizer = Some(authorizer);
+        self
+    }
+
+    /// The first request of a stream, read and checked when the server authorizes callers.
+    async fn admit<Req: prost::Message + Default + 'static>(
+        &self,
+        request: Request<Streaming<Req>>,
+        node: fn(&Req) -> Option<&Node>,
+    ) -> Result<(Option<Req>, Streaming<Req>), Status> {
+        let Some(authorizer) = &self.authorizer else {
+            return Ok((None, request.into_inner()));
+        };
+        let certs = request.peer_certs();
+        let metadata = request.metadata().clone();
+        let mut stream = request.into_inner();
+        let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, stream.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no discovery request in time"))??
+            .ok_or_else(|| Status::cancelled("stream closed before its first request"))?;
+        authorizer.authorize(certs.as_deref().map(Vec::as_slice), &metadata, node(&first))?;
+        Ok((Some(first), stream))
     }
 
     /// A handle on the per-proxy state, for debug endpoints.
@@ -388,9 +434,11 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(false);
         Ok(serve_stream(
-            request.into_inner(),
+            requests,
+            first,
             self.version.clone(),
             conn,
             Conn::sotw_request,
@@ -402,9 +450,11 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(true);
         Ok(serve_stream(
-            request.into_inner(),
+            requests,
+            first,
             self.version.clone(),
             conn,
             Conn::delta_request,
@@ -446,6 +496,7 @@ impl AdsRequest for DeltaDiscoveryRequest {
 /// either side goes away.
 fn serve_stream<G, Req, Resp>(
     mut requests: Streaming<Req>,
+    first: Option<Req>,
     mut version: watch::Receiver<u64>,
     mut conn: Conn<G>,
     on_request: fn(&mut Conn<G>, Req, u64) -> Option<Resp>,
@@ -460,6 +511,18 @@ where
     let permits = conn.permits.clone();
     tokio::spawn(async move {
         let mut permit: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)> = None;
+        if let Some(req) = first {
+            let Ok(p) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            permit = Some((p, tokio::time::Instant::now()));
+            let current = *version.borrow();
+            if let Some(resp) = on_request(&mut conn, req, current)
+                && tx.send(resp).await.is_err()
+            {
+                return;
+            }
+        }
         loop {
             if permit.is_some() && !conn.awaiting_answers() {
                 permit = None;
