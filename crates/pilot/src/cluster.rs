@@ -75,13 +75,14 @@ impl Outbound<'_> {
 /// DestinationRule subset of it (CDS builds them, EDS serves the EDS ones).
 pub(crate) fn outbound_clusters<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<Outbound<'a>> {
     let mut out = Vec::new();
-    for svc in ctx.services_for(proxy) {
+    for imported in ctx.services_for(proxy) {
+        let svc = imported.svc;
         let dr_spec = ctx
             .destination_rule(&proxy.namespace, svc)
             .map(|d| &d.object.spec);
         let base = dr_spec.and_then(|d| d.traffic_policy.as_ref());
         let subsets = dr_spec.map(|d| d.subsets.as_slice()).unwrap_or_default();
-        for port in &svc.ports {
+        for port in imported.ports {
             out.push(Outbound {
                 svc,
                 port: port.port,

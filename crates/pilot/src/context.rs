@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
 use isthmus_config::{Entry, Kind, MeshConfig, Snapshot};
 use isthmus_registry::host::{host_matches, resolve_config_host};
-use isthmus_registry::{Registry, Service, Workload};
+use isthmus_registry::{Port, Registry, Service, Workload};
 
 use crate::proxy::Proxy;
 
@@ -27,6 +27,12 @@ pub enum MtlsMode {
     Disable,
     Permissive,
     Strict,
+}
+
+/// A service a proxy may reach, and the ports it may reach it on.
+pub struct Imported<'a> {
+    pub svc: &'a Service,
+    pub ports: Vec<&'a Port>,
 }
 
 /// What the configuration proxies share depends on: proxies with equal scopes get the same
@@ -206,12 +212,13 @@ impl PushContext {
         }
     }
 
-    /// The services a proxy may reach: visible to its namespace, and within its Sidecar's
-    /// egress hosts when it has one.
-    pub fn services_for(&self, proxy: &Proxy) -> Vec<&Service> {
+    /// The services a proxy may reach, with the ports it may reach them on: visible to its
+    /// namespace and, when its Sidecar has egress listeners, within their hosts — on the
+    /// listener's port only when the listener names one, on every port otherwise.
+    pub fn services_for(&self, proxy: &Proxy) -> Vec<Imported<'_>> {
         let export = &self.mesh.default_service_export_to;
         // A Sidecar without egress listeners imports everything, as Istio's does.
-        let egress: Option<Vec<(String, String)>> = self
+        let egress: Option<Vec<(String, String, Option<u16>)>> = self
             .sidecar_for(proxy)
             .filter(|s| !s.object.spec.egress.is_empty())
             .map(|s| {
@@ -219,29 +226,57 @@ impl PushContext {
                     .spec
                     .egress
                     .iter()
-                    .flat_map(|e| e.hosts.iter())
-                    .filter_map(|h| h.split_once('/'))
-                    .map(|(ns, host)| {
+                    .flat_map(|e| {
+                        let port = e.port.as_ref().and_then(|p| u16::try_from(p.number).ok());
+                        e.hosts.iter().map(move |h| (h, port))
+                    })
+                    .filter_map(|(h, port)| h.split_once('/').map(|(ns, host)| (ns, host, port)))
+                    .map(|(ns, host, port)| {
                         let ns = if ns == "." { s.namespace() } else { ns };
-                        (ns.to_string(), host.to_string())
+                        (ns.to_string(), host.to_string(), port)
                     })
                     .collect()
             });
-        let mut out: Vec<&Service> = self
+        let mut out: Vec<Imported<'_>> = self
             .registry
             .services
             .iter()
             .filter(|svc| svc.visible_to(&proxy.namespace, export))
-            .filter(|svc| match &egress {
-                None => true,
-                Some(hosts) => hosts.iter().any(|(ns, host)| {
-                    (ns == "*" || ns == &svc.namespace) && host_matches(host, &svc.hostname)
-                }),
+            .filter_map(|svc| {
+                let ports: Vec<&Port> = match &egress {
+                    None => svc.ports.iter().collect(),
+                    Some(listeners) => {
+                        let matching: Vec<Option<u16>> = listeners
+                            .iter()
+                            .filter(|(ns, host, _)| {
+                                (ns == "*" || ns == &svc.namespace)
+                                    && host_matches(host, &svc.hostname)
+                            })
+                            .map(|(_, _, port)| *port)
+                            .collect();
+                        svc.ports
+                            .iter()
+                            .filter(|p| matching.iter().any(|m| m.is_none_or(|n| n == p.port)))
+                            .collect()
+                    }
+                };
+                (!ports.is_empty()).then_some(Imported { svc, ports })
             })
             .collect();
-        out.sort_by(|a, b| (&a.hostname, &a.namespace).cmp(&(&b.hostname, &b.namespace)));
-        out.dedup_by(|a, b| a.hostname == b.hostname);
+        out.sort_by(|a, b| {
+            (&a.svc.hostname, &a.svc.namespace).cmp(&(&b.svc.hostname, &b.svc.namespace))
+        });
+        out.dedup_by(|a, b| a.svc.hostname == b.svc.hostname);
         out
+    }
+
+    /// Whether traffic to unknown destinations passes (ALLOW_ANY) for `proxy`: its Sidecar's
+    /// `outboundTrafficPolicy` when set, else MeshConfig's.
+    pub fn outbound_allow_any(&self, proxy: &Proxy) -> bool {
+        self.sidecar_for(proxy)
+            .and_then(|s| s.object.spec.outbound_traffic_policy.as_ref())
+            .and_then(|p| p.mode.as_deref())
+            .map_or_else(|| self.mesh.outbound_allow_any(), |m| m != "REGISTRY_ONLY")
     }
 
     /// The DestinationRule that applies to `svc` for a proxy in `proxy_ns`: the proxy's own

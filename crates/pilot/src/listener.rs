@@ -53,7 +53,7 @@ pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
 /// ones and `virtualOutbound`.
 pub fn shared_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut out = outbound(ctx, proxy);
-    out.push(virtual_outbound(ctx));
+    out.push(virtual_outbound(ctx, proxy));
     with_access_log(ctx, out)
 }
 
@@ -193,8 +193,9 @@ fn detection_timeout(ctx: &PushContext) -> Option<std::time::Duration> {
 
 fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
-    for svc in ctx.services_for(proxy) {
-        for port in &svc.ports {
+    for imported in ctx.services_for(proxy) {
+        let svc = imported.svc;
+        for port in imported.ports {
             if port.protocol == Protocol::Unknown {
                 // Undeclared protocol: sniff. Per service address, HTTP (as the inspector
                 // recognises it) to the port's routes, anything else to the TCP cluster.
@@ -303,8 +304,8 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     by_name.into_values().collect()
 }
 
-fn virtual_outbound(ctx: &PushContext) -> Listener {
-    let catch_all = if ctx.mesh.outbound_allow_any() {
+fn virtual_outbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
+    let catch_all = if ctx.outbound_allow_any(proxy) {
         PASSTHROUGH_CLUSTER
     } else {
         BLACKHOLE_CLUSTER

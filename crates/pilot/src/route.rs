@@ -39,16 +39,15 @@ use isthmus_registry::Protocol;
 /// The route configurations for the requested names (all of the proxy's HTTP ports when
 /// `names` is empty), sorted by name.
 pub fn routes(ctx: &PushContext, proxy: &Proxy, names: &[String]) -> Vec<RouteConfiguration> {
-    let services = ctx.services_for(proxy);
     let mut ports: BTreeMap<u16, Vec<&Service>> = BTreeMap::new();
-    for svc in &services {
+    for imported in ctx.services_for(proxy) {
         // Sniffed ports route their HTTP too.
-        for p in svc
+        for p in imported
             .ports
             .iter()
             .filter(|p| p.protocol.is_http() || p.protocol == Protocol::Unknown)
         {
-            ports.entry(p.port).or_default().push(svc);
+            ports.entry(p.port).or_default().push(imported.svc);
         }
     }
     ports
@@ -94,7 +93,7 @@ fn route_config(
         });
     }
     vhosts.sort_by(|a, b| a.name.cmp(&b.name));
-    let fallback = if ctx.mesh.outbound_allow_any() {
+    let fallback = if ctx.outbound_allow_any(proxy) {
         VirtualHost {
             name: "allow_any".into(),
             domains: vec!["*".into()],

@@ -342,3 +342,49 @@ fn the_outbound_epoch_moves_unless_only_endpoints_changed() {
     new_service.follow(&base);
     assert_eq!(new_service.outbound_epoch, base.outbound_epoch + 1);
 }
+
+#[test]
+fn a_sidecar_scopes_egress_by_host_and_port_and_sets_the_outbound_policy() {
+    let ctx = context_with(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: multi, namespace: scoped}\nspec:\n  clusterIP: 10.96.9.9\n  ports: [{name: http-a, port: 80}, {name: http-b, port: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: scoped}\nspec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n  egress:\n  - port: {number: 8080, protocol: HTTP, name: http}\n    hosts: [./multi.scoped.svc.cluster.local]\n  - hosts: [istio-system/*]\n",
+    );
+    let names = |ns: &str| -> Vec<String> {
+        isthmus_pilot::cluster::clusters(&ctx, &proxy("10.9.0.1", "x", ns))
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    };
+    let scoped = names("scoped");
+    assert!(
+        scoped.contains(&"outbound|8080||multi.scoped.svc.cluster.local".to_string()),
+        "{scoped:?}"
+    );
+    assert!(
+        !scoped.contains(&"outbound|80||multi.scoped.svc.cluster.local".to_string()),
+        "port 80 is not imported: {scoped:?}"
+    );
+    assert!(!scoped.iter().any(|n| n.contains("bookinfo")), "{scoped:?}");
+    let elsewhere = names("bookinfo");
+    assert!(elsewhere.contains(&"outbound|80||multi.scoped.svc.cluster.local".to_string()));
+
+    // REGISTRY_ONLY from the Sidecar: unknown destinations go nowhere, for its proxies only.
+    let catch_all = |ns: &str| {
+        let l = isthmus_pilot::listener::listeners(&ctx, &proxy("10.9.0.1", "x", ns))
+            .into_iter()
+            .find(|l| l.name == "virtualOutbound")
+            .expect("virtualOutbound");
+        to_json(&l).unwrap().to_string()
+    };
+    assert!(catch_all("scoped").contains("BlackHoleCluster"));
+    assert!(catch_all("bookinfo").contains("PassthroughCluster"));
+    let routes = isthmus_pilot::route::routes(&ctx, &proxy("10.9.0.1", "x", "scoped"), &[]);
+    let r8080 = routes
+        .iter()
+        .find(|r| r.name == "8080")
+        .expect("route 8080");
+    assert!(r8080.virtual_hosts.iter().any(|v| v.name == "block_all"));
+    assert!(
+        !routes.iter().any(|r| r.name == "80"),
+        "no route for port 80"
+    );
+}
