@@ -325,6 +325,19 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         metrics.contains("destination_service=\"server.e2e.svc.cluster.local\""),
         "{metrics}"
     );
+    // The agent's port 15020 tells how long the workload certificate has left.
+    let (_, agent) = mesh.get(
+        "client",
+        &format!("http://{server}:15020/stats/prometheus"),
+        &[],
+    );
+    let left: f64 = agent
+        .lines()
+        .find(|l| l.contains("istio_agent_cert_expiry_seconds{resource_name=\"default\"} "))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no certificate expiry in {agent}"));
+    assert!(left > 0.0 && left <= 90.0 * 86400.0, "{left}");
 
     // gRPC through both sidecars: HTTP/2 end to end, the caller's identity, the status in
     // trailers.

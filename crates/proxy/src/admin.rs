@@ -370,6 +370,27 @@ impl AdminState {
         })
     }
 
+    /// The agent's own metrics (Istio's `istio_agent_*`): the time left on the workload
+    /// certificate, negative once expired.
+    fn agent_metrics(&self) -> String {
+        let Some(identity) = self.shared.pools.identity() else {
+            return String::new();
+        };
+        let (issued, _) = identity.issued();
+        let left = match issued
+            .not_after
+            .duration_since(std::time::SystemTime::now())
+        {
+            Ok(d) => d.as_secs_f64(),
+            Err(e) => -e.duration().as_secs_f64(),
+        };
+        format!(
+            "# HELP istio_agent_cert_expiry_seconds The time remaining, in seconds, before the certificate chain will expire. A negative value indicates the cert is expired.\n\
+             # TYPE istio_agent_cert_expiry_seconds gauge\n\
+             istio_agent_cert_expiry_seconds{{resource_name=\"default\"}} {left:.0}\n"
+        )
+    }
+
     /// The agent's port 15020: merged metrics (the proxy's and the app's) and readiness.
     pub fn agent_handler(self: &Arc<Self>) -> Handler {
         let st = self.clone();
@@ -379,6 +400,9 @@ impl AdminState {
                 match req.uri().path() {
                     "/stats/prometheus" => {
                         let mut body = st.shared.stats.prometheus_text();
+                        body = body.trim_end_matches("# EOF\n").to_string();
+                        body.push_str(&st.agent_metrics());
+                        body.push_str("# EOF\n");
                         if let Some((port, path)) = &st.app_metrics {
                             match scrape_app(*port, path).await {
                                 Ok(app) => {

@@ -101,7 +101,17 @@ impl Identity {
                     tracing::info!(identity = %self.id, "certificate renewed");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "certificate renewal failed");
+                    // The old certificate serves until it expires: say how long that is.
+                    let expires_in = na
+                        .duration_since(SystemTime::now())
+                        .map_or_else(|_| "expired".to_string(), |d| format!("{}s", d.as_secs()));
+                    tracing::warn!(
+                        error = %e,
+                        retry_in = ?backoff,
+                        identity = %self.id,
+                        expires_in,
+                        "certificate renewal failed; the current certificate stays in use until it expires"
+                    );
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
