@@ -978,3 +978,50 @@ fn fault_injection_delays_and_aborts_per_route() {
         assert_eq!(send.send_request(req).await.unwrap().status(), 200);
     });
 }
+
+#[test]
+fn weighted_routes_split_traffic_within_statistical_bounds() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        h.fixed
+            .put(ROUTE, "80", pack_any(routes(&[("a", 70), ("b", 30)])));
+        h.push();
+        let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut get = async || {
+            send.ready().await.unwrap();
+            let req = http::Request::get("/")
+                .header("host", "svc")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let r = send.send_request(req).await.unwrap();
+            assert_eq!(r.status(), 200);
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body[..6]).into_owned()
+        };
+        // The new weights are in force once `b` answers at all.
+        let mut waited = 0;
+        while get().await != "name=b" {
+            waited += 1;
+            assert!(waited < 2000, "the 70/30 split never took effect");
+        }
+        const N: usize = 2000;
+        let mut b = 0;
+        for _ in 0..N {
+            if get().await == "name=b" {
+                b += 1;
+            }
+        }
+        // Binomial(2000, 0.3): mean 600, standard deviation 20.5; 5 deviations either way
+        // fail a correct split about once in 1.7 million runs.
+        assert!(
+            (498..=702).contains(&b),
+            "b answered {b} of {N}, expected 600 ± 102"
+        );
+    });
+}
