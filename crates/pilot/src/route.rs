@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+use envoy_types::pb::envoy::config::core::v3::{DataSource, RuntimeFractionalPercent, data_source};
 use envoy_types::pb::envoy::config::route::v3::route_action::{
     ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
 };
@@ -255,6 +255,20 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
+/// Istio's percentage (a double, or the legacy integer; 100 when unset) as Envoy's parts per
+/// million.
+fn fraction(
+    p: Option<&isthmus_config::istio::networking::Percent>,
+    legacy: Option<f64>,
+) -> envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+    let value = p.map(|p| p.value).or(legacy).unwrap_or(100.0);
+    FractionalPercent {
+        numerator: (value.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+        denominator: fractional_percent::DenominatorType::Million as i32,
+    }
+}
+
 /// A VirtualService `fault` as Envoy's per-route fault filter configuration.
 fn fault(f: &isthmus_config::istio::networking::HttpFaultInjection) -> HttpFault {
     use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
@@ -263,17 +277,8 @@ fn fault(f: &isthmus_config::istio::networking::HttpFaultInjection) -> HttpFault
     use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
         FaultAbort as EnvoyAbort, fault_abort,
     };
-    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
-    // Istio's percentages are doubles; Envoy's are parts per million.
     let percent = |p: Option<&isthmus_config::istio::networking::Percent>, legacy: Option<i32>| {
-        let value = p
-            .map(|p| p.value)
-            .or(legacy.map(f64::from))
-            .unwrap_or(100.0);
-        Some(FractionalPercent {
-            numerator: (value.clamp(0.0, 100.0) * 10_000.0).round() as u32,
-            denominator: fractional_percent::DenominatorType::Million as i32,
-        })
+        Some(fraction(p, legacy.map(f64::from)))
     };
     HttpFault {
         delay: f.delay.as_ref().and_then(|d| {
@@ -371,11 +376,25 @@ fn route_action(
         host_rewrite_specifier: rewrite
             .filter(|w| !w.authority.is_empty())
             .map(|w| HostRewriteSpecifier::HostRewriteLiteral(w.authority.clone())),
+        // `mirror` with `mirrorPercentage` (or the legacy `mirrorPercent`), and `mirrors`.
         request_mirror_policies: r
             .mirror
             .iter()
-            .map(|m| RequestMirrorPolicy {
-                cluster: cluster(m),
+            .map(|m| {
+                let legacy = r.mirror_percent.map(f64::from);
+                (m, fraction(r.mirror_percentage.as_ref(), legacy))
+            })
+            .chain(
+                r.mirrors
+                    .iter()
+                    .map(|m| (&m.destination, fraction(m.percentage.as_ref(), None))),
+            )
+            .map(|(d, share)| RequestMirrorPolicy {
+                cluster: cluster(d),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(share),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect(),

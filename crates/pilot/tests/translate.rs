@@ -388,3 +388,19 @@ fn a_sidecar_scopes_egress_by_host_and_port_and_sets_the_outbound_policy() {
         "no route for port 80"
     );
 }
+
+#[test]
+fn mirrors_become_request_mirror_policies_with_their_share() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: pp, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - route:\n    - destination: {host: productpage}\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 25.0}\n",
+    );
+    let routes = isthmus_pilot::route::routes(&ctx, &proxy("10.1.0.9", "x", "bookinfo"), &[]);
+    let json = routes
+        .iter()
+        .map(|r| to_json(r).unwrap().to_string())
+        .collect::<String>();
+    assert!(
+        json.contains("\"request_mirror_policies\":[{\"cluster\":\"outbound|9080|v2|reviews.bookinfo.svc.cluster.local\",\"runtime_fraction\":{\"default_value\":{\"denominator\":\"MILLION\",\"numerator\":250000}"),
+        "{json}"
+    );
+}

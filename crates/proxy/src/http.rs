@@ -497,6 +497,66 @@ impl LogCtx {
     }
 }
 
+/// Envoy's shadow host: `-shadow` after the host name, before any port.
+fn shadow_host(host: &str) -> String {
+    match host.rsplit_once(':') {
+        Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{h}-shadow:{port}")
+        }
+        _ => format!("{host}-shadow"),
+    }
+}
+
+/// Sends a copy of a request to `cluster` and drops the answer (fire and forget), bounded by
+/// the route's timeout.
+fn mirror(
+    cluster: &Arc<Cluster>,
+    parts: &Parts,
+    path: &str,
+    body: Bytes,
+    timeout: Option<std::time::Duration>,
+    stats: &Arc<crate::stats::Stats>,
+) {
+    let Ok(pick) = cluster.pick(None, &[]) else {
+        stats.inc(&format!(
+            "cluster.{}.upstream_cx_none_healthy",
+            cluster.name
+        ));
+        return;
+    };
+    let Ok(uri) = format!("http://{}{path}", pick.address.authority()).parse::<http::Uri>() else {
+        return;
+    };
+    let mut headers = parts.headers.clone();
+    if let Some(host) = authority(parts).map(shadow_host)
+        && let Ok(v) = HeaderValue::from_str(&host)
+    {
+        headers.insert(header::HOST, v);
+    }
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(uri)
+        .version(Version::HTTP_11);
+    if let Some(h) = b.headers_mut() {
+        *h = headers;
+    }
+    let Ok(req) = b.body(Full::new(body).map_err(|never| match never {}).boxed()) else {
+        return;
+    };
+    stats.inc(&format!("cluster.{}.upstream_rq_total", cluster.name));
+    stats.inc(&format!("cluster.{}.upstream_rq_mirrored", cluster.name));
+    let client = pick.transport.http.clone();
+    let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
+    tokio::spawn(async move {
+        let send = async {
+            if let Ok(r) = client.request(req).await {
+                let _ = r.into_body().collect().await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, send).await;
+    });
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     parts: Parts,
@@ -586,6 +646,30 @@ async fn forward(
         .to_string();
     if let Some(l) = pending.log.as_mut() {
         l.entry.upstream_cluster = cluster.name.clone();
+    }
+    // Mirroring: requests whose body is in hand (none, or buffered) are copied; a streamed
+    // body can be read only once, so those go unmirrored and are counted.
+    if !fwd.mirrors.is_empty() {
+        let copy = match &body {
+            RequestBody::Buffered(b) => Some(b.clone()),
+            RequestBody::Streaming(b) if b.as_ref().is_some_and(|b| b.inner.is_end_stream()) => {
+                Some(Bytes::new())
+            }
+            RequestBody::Streaming(_) => None,
+        };
+        for (name, share) in &fwd.mirrors {
+            let Some(target) = clusters.get(name) else {
+                stats.inc(&format!("http.{name}.no_cluster"));
+                continue;
+            };
+            match &copy {
+                Some(b) if crate::config::route::roll(*share) => {
+                    mirror(target, &parts, &path, b.clone(), fwd.timeout, stats);
+                }
+                Some(_) => {}
+                None => stats.inc(&format!("cluster.{name}.upstream_rq_mirror_skipped")),
+            }
+        }
     }
     // Circuit breaker: too many requests in flight to this cluster answer at once (UO).
     let Some(slot) = cluster.state.acquire(false, cluster.max_requests) else {

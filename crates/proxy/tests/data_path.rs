@@ -1025,3 +1025,125 @@ fn weighted_routes_split_traffic_within_statistical_bounds() {
         );
     });
 }
+
+/// A POST with a small body on a new connection: status and body of the answer.
+async fn post(addr: &str, host: &str, path: &str, body: &'static str) -> (u16, String) {
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header("host", host)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    let r = send.send_request(req).await.unwrap();
+    let status = r.status().as_u16();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An upstream that answers 200 and reports the Host and body of every request it gets.
+async fn recorder() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let host = req
+                                .headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx.send((host, body));
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn mirrored_requests_reach_the_shadow_host_and_answers_come_from_the_route() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let (shadow, mut seen) = recorder().await;
+        h.fixed.put(
+            CLUSTER,
+            "m",
+            pack_any(static_cluster("m", &[shadow], false)),
+        );
+        let mut rc = routes(&[("a", 100), ("b", 0)]);
+        let mirror_to = |share: u32| {
+            vec![route_action::RequestMirrorPolicy {
+                cluster: "m".into(),
+                runtime_fraction: Some(
+                    envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent {
+                        default_value: Some(
+                            envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+                                numerator: share,
+                                denominator: 2, // MILLION
+                            },
+                        ),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            }]
+        };
+        let set_mirrors = |rc: &mut RouteConfiguration, m| {
+            if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+                ra.request_mirror_policies = m;
+            }
+        };
+        set_mirrors(&mut rc, mirror_to(1_000_000));
+        h.fixed.put(ROUTE, "80", pack_any(rc.clone()));
+        h.push();
+        // The caller's answer is the route's (a); the copy reaches m as `svc-shadow`.
+        let copy = async {
+            loop {
+                let (status, body) = post("10.96.0.10:80", "svc", "/m", "payload").await;
+                assert_eq!(status, 200);
+                assert!(body.starts_with("name=a"), "{body}");
+                if let Ok(Some(got)) =
+                    tokio::time::timeout(Duration::from_millis(200), seen.recv()).await
+                {
+                    return got;
+                }
+            }
+        };
+        let (host, body) = tokio::time::timeout(Duration::from_secs(10), copy)
+            .await
+            .expect("a mirrored request in time");
+        assert_eq!(host, "svc-shadow");
+        assert_eq!(&body[..], b"payload");
+
+        // A share of 0: no copies.
+        set_mirrors(&mut rc, mirror_to(0));
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        while seen.try_recv().is_ok() {}
+        for _ in 0..20 {
+            assert_eq!(http_get_host("10.96.0.10:80", "svc").await.0, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(seen.try_recv().is_err(), "a 0% mirror copied a request");
+    });
+}

@@ -64,16 +64,7 @@ impl Fault {
         use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
         use prost::Message;
         let f = HttpFault::decode(any.value.as_slice()).map_err(|e| format!("fault: {e}"))?;
-        let ppm = |p: &Option<FractionalPercent>| {
-            p.as_ref().map_or(1_000_000, |p| {
-                let scale = match p.denominator {
-                    0 => 10_000,
-                    1 => 100,
-                    _ => 1,
-                };
-                p.numerator.saturating_mul(scale).min(1_000_000)
-            })
-        };
+        let ppm = |p: &Option<FractionalPercent>| ppm(p.as_ref());
         let delay = match &f.delay {
             None => None,
             Some(d) => match &d.fault_delay_secifier {
@@ -102,6 +93,18 @@ impl Fault {
     pub fn is_empty(&self) -> bool {
         self.delay.is_none() && self.abort.is_none()
     }
+}
+
+/// Envoy's fractional percent in parts per million (all of them when unset).
+fn ppm(p: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>) -> u32 {
+    p.map_or(1_000_000, |p| {
+        let scale = match p.denominator {
+            0 => 10_000,
+            1 => 100,
+            _ => 1,
+        };
+        p.numerator.saturating_mul(scale).min(1_000_000)
+    })
 }
 
 /// Whether this request falls in a share given in parts per million.
@@ -136,6 +139,8 @@ pub struct Forward {
     pub retry: Option<Retry>,
     pub prefix_rewrite: Option<String>,
     pub host_rewrite: Option<String>,
+    /// Clusters that get a copy of a share of the requests (parts per million).
+    pub mirrors: Vec<(String, u32)>,
 }
 
 #[derive(Debug)]
@@ -424,9 +429,6 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
     let matcher = route_match(r.r#match.as_ref().ok_or("no match")?)?;
     let action = match r.action.as_ref().ok_or("no action")? {
         route::Action::Route(ra) => {
-            if !ra.request_mirror_policies.is_empty() {
-                return Err("request mirroring is not supported".into());
-            }
             if !ra.hash_policy.is_empty() {
                 return Err("hash policies (consistent hashing) are not supported".into());
             }
@@ -456,6 +458,20 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
                     Some(_) => return Err("only literal host rewrites are supported".into()),
                     None => None,
                 },
+                mirrors: ra
+                    .request_mirror_policies
+                    .iter()
+                    .map(|m| {
+                        if m.cluster.is_empty() {
+                            return Err("only mirror policies naming a cluster are supported");
+                        }
+                        let share = m
+                            .runtime_fraction
+                            .as_ref()
+                            .and_then(|f| f.default_value.as_ref());
+                        Ok((m.cluster.clone(), ppm(share)))
+                    })
+                    .collect::<Result<_, _>>()?,
             })
         }
         route::Action::Redirect(rd) => Action::Redirect(Redirect {
