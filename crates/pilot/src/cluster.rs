@@ -388,10 +388,15 @@ fn passthrough(name: &str, bind_from: Option<&str>) -> Cluster {
 }
 
 fn lb_policy(policy: Option<&TrafficPolicy>) -> LbPolicy {
-    match policy
-        .and_then(|p| p.load_balancer.as_ref())
-        .and_then(|l| l.simple.as_deref())
-    {
+    let lb = policy.and_then(|p| p.load_balancer.as_ref());
+    if let Some(ch) = lb.and_then(|l| l.consistent_hash.as_ref()) {
+        return if ch.maglev.is_some() {
+            LbPolicy::Maglev
+        } else {
+            LbPolicy::RingHash
+        };
+    }
+    match lb.and_then(|l| l.simple.as_deref()) {
         Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
         Some("RANDOM") => LbPolicy::Random,
         Some("PASSTHROUGH") => LbPolicy::ClusterProvided,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, RuntimeFractionalPercent, data_source};
 use envoy_types::pb::envoy::config::route::v3::route_action::{
-    ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
+    self, ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
 };
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
 use envoy_types::pb::envoy::config::route::v3::{
@@ -73,7 +73,18 @@ fn route_config(
                 .filter(|r| applies_to_sidecar(r, port))
                 .map(|r| http_route(ctx, proxy, r, port, &svc.namespace))
                 .collect(),
-            None => vec![default_route(&outbound_cluster(port, "", &svc.hostname))],
+            None => vec![default_route(
+                &outbound_cluster(port, "", &svc.hostname),
+                hash_policy(
+                    ctx,
+                    proxy,
+                    &Destination {
+                        host: svc.hostname.clone(),
+                        ..Default::default()
+                    },
+                    &svc.namespace,
+                ),
+            )],
         };
         if svc.headless && svc.is_kubernetes() && headless_wildcard.is_none() {
             headless_wildcard = Some(outbound_cluster(port, "", &svc.hostname));
@@ -175,7 +186,7 @@ fn applies_to_sidecar(r: &HttpRoute, port: u16) -> bool {
         })
 }
 
-fn default_route(cluster: &str) -> Route {
+fn default_route(cluster: &str, hash_policy: Vec<route_action::HashPolicy>) -> Route {
     Route {
         name: "default".into(),
         r#match: Some(prefix_match("/")),
@@ -184,6 +195,7 @@ fn default_route(cluster: &str) -> Route {
             // Istio disables Envoy's 15 s default: no timeout unless a VirtualService sets one.
             timeout: Some(PbDuration::default()),
             retry_policy: Some(default_retries()),
+            hash_policy,
             ..Default::default()
         })),
         ..Default::default()
@@ -345,6 +357,11 @@ fn route_action(
             ..Default::default()
         }),
     };
+    let hash_policy = r
+        .route
+        .first()
+        .map(|d| hash_policy(ctx, proxy, &d.destination, vs_ns))
+        .unwrap_or_default();
     let retry_policy = match &r.retries {
         Some(retries) if retries.attempts == 0 => None,
         Some(retries) => Some(RetryPolicy {
@@ -372,6 +389,7 @@ fn route_action(
                 .map_or_else(PbDuration::default, |d| pb(d.as_std())),
         ),
         retry_policy,
+        hash_policy,
         prefix_rewrite: rewrite.map(|w| w.uri.clone()).unwrap_or_default(),
         host_rewrite_specifier: rewrite
             .filter(|w| !w.authority.is_empty())
@@ -400,6 +418,68 @@ fn route_action(
             .collect(),
         ..Default::default()
     }
+}
+
+/// The hash policy of a destination whose DestinationRule load-balances by consistent hash
+/// (the subset's setting first), as Istio puts it on the route.
+fn hash_policy(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    d: &Destination,
+    vs_ns: &str,
+) -> Vec<route_action::HashPolicy> {
+    use route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+    };
+    let host = resolve_config_host(&d.host, vs_ns, ctx.domain());
+    let Some(svc) = ctx
+        .registry
+        .services_by_host(&host)
+        .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))
+    else {
+        return Vec::new();
+    };
+    let Some(dr) = ctx.destination_rule(&proxy.namespace, svc) else {
+        return Vec::new();
+    };
+    let spec = &dr.object.spec;
+    let subset_lb = spec
+        .subsets
+        .iter()
+        .find(|s| !d.subset.is_empty() && s.name == d.subset)
+        .and_then(|s| s.traffic_policy.as_ref())
+        .and_then(|p| p.load_balancer.as_ref());
+    let lb = subset_lb.or_else(|| {
+        spec.traffic_policy
+            .as_ref()
+            .and_then(|p| p.load_balancer.as_ref())
+    });
+    let Some(ch) = lb.and_then(|l| l.consistent_hash.as_ref()) else {
+        return Vec::new();
+    };
+    let specifier = if let Some(h) = &ch.http_header_name {
+        PolicySpecifier::Header(Header {
+            header_name: h.clone(),
+            ..Default::default()
+        })
+    } else if let Some(c) = &ch.http_cookie {
+        PolicySpecifier::Cookie(Cookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl: c.ttl.as_ref().map(|t| pb(t.as_std())),
+            ..Default::default()
+        })
+    } else if ch.use_source_ip == Some(true) {
+        PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+    } else if let Some(q) = &ch.http_query_parameter_name {
+        PolicySpecifier::QueryParameter(QueryParameter { name: q.clone() })
+    } else {
+        return Vec::new();
+    };
+    vec![route_action::HashPolicy {
+        policy_specifier: Some(specifier),
+        ..Default::default()
+    }]
 }
 
 fn route_match_of(m: &HttpMatchRequest) -> RouteMatch {

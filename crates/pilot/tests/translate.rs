@@ -404,3 +404,27 @@ fn mirrors_become_request_mirror_policies_with_their_share() {
         "{json}"
     );
 }
+
+#[test]
+fn consistent_hash_sets_ring_hash_and_the_routes_hash_policy() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: bookinfo}\nspec:\n  host: productpage\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n",
+    );
+    let p = proxy("10.1.0.9", "x", "bookinfo");
+    let cluster = isthmus_pilot::cluster::clusters(&ctx, &p)
+        .into_iter()
+        .find(|c| c.name == "outbound|9080||productpage.bookinfo.svc.cluster.local")
+        .expect("productpage cluster");
+    assert_eq!(
+        cluster.lb_policy,
+        envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::RingHash as i32
+    );
+    let json: String = isthmus_pilot::route::routes(&ctx, &p, &["9080".to_string()])
+        .iter()
+        .map(|r| to_json(r).unwrap().to_string())
+        .collect();
+    assert!(
+        json.contains("\"hash_policy\":[{\"header\":{\"header_name\":\"x-user\"}}]"),
+        "{json}"
+    );
+}

@@ -517,7 +517,7 @@ fn mirror(
     timeout: Option<std::time::Duration>,
     stats: &Arc<crate::stats::Stats>,
 ) {
-    let Ok(pick) = cluster.pick(None, &[]) else {
+    let Ok(pick) = cluster.pick(None, &[], None) else {
         stats.inc(&format!(
             "cluster.{}.upstream_cx_none_healthy",
             cluster.name
@@ -688,11 +688,22 @@ async fn forward(
         return r;
     };
     let mut slot = Some(slot);
+    // The consistent-hash key: the first of the route's hash policies the request has.
+    let hash = fwd
+        .hash
+        .iter()
+        .find_map(|k| k.value(&parts, info.source.ip()))
+        .map(|v| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            v.hash(&mut h);
+            h.finish()
+        });
     let mut last: Response<Body> = local_reply(503, "no healthy upstream");
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
     for attempt in 0..attempts {
-        let pick = match cluster.pick(Some(info.destination), &failed) {
+        let pick = match cluster.pick(Some(info.destination), &failed, hash) {
             Ok(p) => p,
             Err(_) => {
                 stats.inc(&format!(

@@ -61,7 +61,7 @@ where
         Reporter::Source
     };
     let parties = shared.parties(info, Some(cluster), None, None);
-    let pick = match cluster.pick(Some(info.destination), &[]) {
+    let pick = match cluster.pick(Some(info.destination), &[], None) {
         Ok(p) => p,
         Err(_) => {
             stats.inc(&format!(

@@ -1147,3 +1147,65 @@ fn mirrored_requests_reach_the_shadow_host_and_answers_come_from_the_route() {
         assert!(seen.try_recv().is_err(), "a 0% mirror copied a request");
     });
 }
+
+#[test]
+fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
+    in_netns(|| async {
+        let (h, [a, b, _, _]) = harness().await;
+        let mut ab = static_cluster("ab", &[a, b], false);
+        ab.lb_policy = cluster::LbPolicy::RingHash as i32;
+        h.fixed.put(CLUSTER, "ab", pack_any(ab));
+        let mut rc = routes(&[("ab", 100)]);
+        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+            ra.hash_policy = vec![route_action::HashPolicy {
+                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Header(
+                    route_action::hash_policy::Header {
+                        header_name: "x-user".into(),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }];
+        }
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        let who = async |user: &str| {
+            let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get("/")
+                .header("host", "svc")
+                .header("x-user", user)
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let r = send.send_request(req).await.unwrap();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body[..6]).into_owned()
+        };
+        // Wait for the route to the hashed cluster (both endpoints answer through it).
+        let mut seen = BTreeSet::new();
+        for i in 0..200 {
+            seen.insert(who(&format!("user-{i}")).await);
+            if seen.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen.len(), 2, "keys never spread over both endpoints");
+        // One key: always the same endpoint.
+        let first = who("alice").await;
+        for _ in 0..20 {
+            assert_eq!(who("alice").await, first);
+        }
+        // Twenty keys: both endpoints get some (all on one: 2 in a million).
+        let mut spread = BTreeSet::new();
+        for i in 0..20 {
+            spread.insert(who(&format!("key-{i}")).await);
+        }
+        assert_eq!(spread.len(), 2, "{spread:?}");
+    });
+}

@@ -48,6 +48,10 @@ pub enum Lb {
     LeastRequest,
     Random,
     ClusterProvided,
+    /// Consistent hashing (Envoy's RING_HASH and MAGLEV): a request's hash key picks the
+    /// endpoint, and stays on it while that endpoint is up. Done by rendezvous hashing, which
+    /// moves only the keys of an endpoint that leaves or joins, as a ring does.
+    ConsistentHash,
 }
 
 #[derive(Debug)]
@@ -99,6 +103,16 @@ pub struct Pick<'a> {
     pub address: Address,
     pub transport: &'a Arc<Transport>,
     pub state: Option<&'a Arc<EndpointState>>,
+}
+
+/// The rendezvous weight of `address` for a hash key: the highest weight wins the key.
+fn rendezvous(key: u64, address: &Address) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // A fixed-key hasher: every proxy maps a key to the same endpoint.
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    address.hash(&mut h);
+    h.finish()
 }
 
 /// Milliseconds since the proxy started: the clock of ejections.
@@ -258,6 +272,7 @@ pub fn compile(
         Ok(cluster::LbPolicy::LeastRequest) => Lb::LeastRequest,
         Ok(cluster::LbPolicy::Random) => Lb::Random,
         Ok(cluster::LbPolicy::ClusterProvided) => Lb::ClusterProvided,
+        Ok(cluster::LbPolicy::RingHash | cluster::LbPolicy::Maglev) => Lb::ConsistentHash,
         Ok(other) => {
             return Err(err(format!(
                 "load balancer {} is not supported",
@@ -485,10 +500,12 @@ impl Cluster {
 
     /// Chooses an endpoint. `original_dst` serves ORIGINAL_DST clusters; `exclude` keeps
     /// retries off endpoints that already failed when others exist.
+    /// An endpoint for a request: `hash` is its consistent-hash key, when the route has one.
     pub fn pick(
         &self,
         original_dst: Option<SocketAddr>,
         exclude: &[Address],
+        hash: Option<u64>,
     ) -> Result<Pick<'_>, PickError> {
         if self.discovery == Discovery::OriginalDst {
             let dst = original_dst.ok_or(PickError::NoOriginalDst)?;
@@ -514,7 +531,17 @@ impl Cluster {
             (0, _) => return Err(PickError::NoHealthy),
             (1, _) => candidates[0],
             (n, Lb::RoundRobin) => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
-            (n, Lb::Random | Lb::ClusterProvided) => candidates[rand::random_range(0..n)],
+            (_, Lb::ConsistentHash) if hash.is_some() => {
+                let key = hash.unwrap_or_default();
+                candidates
+                    .iter()
+                    .copied()
+                    .max_by_key(|e| rendezvous(key, &e.address))
+                    .unwrap_or(candidates[0])
+            }
+            (n, Lb::Random | Lb::ClusterProvided | Lb::ConsistentHash) => {
+                candidates[rand::random_range(0..n)]
+            }
             (n, Lb::LeastRequest) => {
                 // Power of two choices.
                 let a = rand::random_range(0..n);

@@ -141,6 +141,75 @@ pub struct Forward {
     pub host_rewrite: Option<String>,
     /// Clusters that get a copy of a share of the requests (parts per million).
     pub mirrors: Vec<(String, u32)>,
+    /// What a consistent-hash cluster hashes, first that the request has.
+    pub hash: Vec<HashKey>,
+}
+
+/// One of Envoy's route hash policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    Header(http::HeaderName),
+    Cookie(String),
+    SourceIp,
+    QueryParameter(String),
+}
+
+impl HashKey {
+    fn compile(p: &route_action::HashPolicy) -> Result<HashKey, String> {
+        use route_action::hash_policy::PolicySpecifier;
+        match &p.policy_specifier {
+            Some(PolicySpecifier::Header(h)) => {
+                http::HeaderName::from_bytes(h.header_name.as_bytes())
+                    .map(HashKey::Header)
+                    .map_err(|_| format!("bad hash header name {:?}", h.header_name))
+            }
+            Some(PolicySpecifier::Cookie(c)) if !c.name.is_empty() => {
+                Ok(HashKey::Cookie(c.name.clone()))
+            }
+            Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => Ok(HashKey::SourceIp),
+            Some(PolicySpecifier::QueryParameter(q)) if !q.name.is_empty() => {
+                Ok(HashKey::QueryParameter(q.name.clone()))
+            }
+            _ => Err(
+                "only header, cookie, source IP and query parameter hash policies are supported"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The request's value for this key, if it has one.
+    pub fn value<'a>(
+        &self,
+        parts: &'a http::request::Parts,
+        source: std::net::IpAddr,
+    ) -> Option<std::borrow::Cow<'a, str>> {
+        use std::borrow::Cow;
+        match self {
+            HashKey::Header(h) => parts
+                .headers
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .map(Cow::Borrowed),
+            HashKey::Cookie(name) => parts
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Cow::Borrowed(v)),
+            HashKey::SourceIp => Some(Cow::Owned(source.to_string())),
+            HashKey::QueryParameter(name) => parts
+                .uri
+                .query()
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| Cow::Borrowed(v)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -429,9 +498,6 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
     let matcher = route_match(r.r#match.as_ref().ok_or("no match")?)?;
     let action = match r.action.as_ref().ok_or("no action")? {
         route::Action::Route(ra) => {
-            if !ra.hash_policy.is_empty() {
-                return Err("hash policies (consistent hashing) are not supported".into());
-            }
             let clusters = match &ra.cluster_specifier {
                 Some(route_action::ClusterSpecifier::Cluster(c)) => Clusters::One(c.clone()),
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => Clusters::Weighted(
@@ -471,6 +537,11 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
                             .and_then(|f| f.default_value.as_ref());
                         Ok((m.cluster.clone(), ppm(share)))
                     })
+                    .collect::<Result<_, _>>()?,
+                hash: ra
+                    .hash_policy
+                    .iter()
+                    .map(HashKey::compile)
                     .collect::<Result<_, _>>()?,
             })
         }
