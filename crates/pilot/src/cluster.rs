@@ -216,13 +216,11 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     if let Some(od) = policy.and_then(|p| p.outlier_detection.as_ref()) {
         c.outlier_detection = Some(outlier(od));
     }
-    if svc
+    let http2 = svc
         .ports
         .iter()
-        .any(|p| p.port == port && p.protocol.is_http2())
-    {
-        set_http2(&mut c);
-    }
+        .any(|p| p.port == port && p.protocol.is_http2());
+    set_protocol_options(&mut c, http2, policy);
     let tls = policy.and_then(|p| p.tls.as_ref());
     match tls.and_then(|t| t.mode.as_deref()) {
         Some("ISTIO_MUTUAL") => {
@@ -338,30 +336,53 @@ pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
                 c.lb_policy = LbPolicy::ClusterProvided as i32;
                 c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
             }
-            if http2.contains(&port) {
-                set_http2(&mut c);
-            }
+            set_protocol_options(&mut c, http2.contains(&port), None);
             c
         })
         .collect()
 }
 
-/// HTTP/2 to the upstream (gRPC and HTTP/2 ports), the way Istio sets it: explicit HTTP/2 in
-/// the cluster's `HttpProtocolOptions`.
-fn set_http2(c: &mut Cluster) {
-    use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+/// The cluster's `HttpProtocolOptions`, as Istio sets them: explicit HTTP/2 to the upstream
+/// for gRPC and HTTP/2 ports, and the DestinationRule's HTTP connection pool limits per
+/// connection (`maxRequestsPerConnection`, `idleTimeout`). Nothing when neither applies.
+fn set_protocol_options(c: &mut Cluster, http2: bool, policy: Option<&TrafficPolicy>) {
+    use envoy_types::pb::envoy::config::core::v3::{
+        Http2ProtocolOptions, HttpProtocolOptions as Common,
+    };
     use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
         HttpProtocolOptions, http_protocol_options,
     };
+    let pool = policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|p| p.http.as_ref());
+    let max_requests = pool
+        .map(|h| h.max_requests_per_connection)
+        .filter(|n| *n > 0)
+        .and_then(|n| u32::try_from(n).ok());
+    let idle = pool.and_then(|h| h.idle_timeout.as_ref());
+    let common = (max_requests.is_some() || idle.is_some()).then(|| Common {
+        max_requests_per_connection: max_requests.map(|value| UInt32Value { value }),
+        idle_timeout: idle.map(|d| duration(d.as_std())),
+        ..Default::default()
+    });
+    if !http2 && common.is_none() {
+        return;
+    }
     let opts = HttpProtocolOptions {
+        common_http_protocol_options: common,
+        // Envoy requires the protocol: HTTP/2 where the port says so, HTTP/1.1 otherwise.
         upstream_protocol_options: Some(
             http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
                 http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(
+                    protocol_config: Some(if http2 {
                         http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
                             Http2ProtocolOptions::default(),
-                        ),
-                    ),
+                        )
+                    } else {
+                        http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                            Default::default(),
+                        )
+                    }),
                 },
             ),
         ),

@@ -428,3 +428,19 @@ fn consistent_hash_sets_ring_hash_and_the_routes_hash_policy() {
         "{json}"
     );
 }
+
+#[test]
+fn http_connection_pool_limits_become_protocol_options() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: bookinfo}\nspec:\n  host: productpage\n  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 1, idleTimeout: 30s}\n",
+    );
+    let cluster = isthmus_pilot::cluster::clusters(&ctx, &proxy("10.1.0.9", "x", "bookinfo"))
+        .into_iter()
+        .find(|c| c.name == "outbound|9080||productpage.bookinfo.svc.cluster.local")
+        .expect("productpage cluster");
+    let json = to_json(&cluster).unwrap().to_string();
+    assert!(
+        json.contains("\"common_http_protocol_options\":{\"idle_timeout\":\"30s\",\"max_requests_per_connection\":1}"),
+        "{json}"
+    );
+}

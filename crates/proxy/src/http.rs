@@ -497,6 +497,22 @@ impl LogCtx {
     }
 }
 
+/// Counts a request on its pooled connection and takes the connection out of the pool once
+/// it has carried `max` (DestinationRule `maxRequestsPerConnection`).
+fn retire_after(captured: &hyper_util::client::legacy::connect::CaptureConnection, max: u32) {
+    let metadata = captured.connection_metadata();
+    let Some(connected) = metadata.as_ref() else {
+        return;
+    };
+    let mut extras = http::Extensions::new();
+    connected.get_extras(&mut extras);
+    if let Some(uses) = extras.get::<crate::upstream::Uses>()
+        && uses.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max
+    {
+        connected.poison();
+    }
+}
+
 /// Envoy's shadow host: `-shadow` after the host name, before any port.
 fn shadow_host(host: &str) -> String {
     match host.rsplit_once(':') {
@@ -735,11 +751,18 @@ async fn forward(
                 _ => empty(),
             },
         };
-        let Ok(up_req) = b.body(up_body) else {
+        let Ok(mut up_req) = b.body(up_body) else {
             last = local_reply(400, "");
             last_flags = "DPE";
             break;
         };
+        // The pooled connection this request rides, to retire it after its last request.
+        let captured = pick.transport.spec.max_requests_per_connection.map(|max| {
+            (
+                max,
+                hyper_util::client::legacy::connect::capture_connection(&mut up_req),
+            )
+        });
         let client = if pending.upgrade {
             &pick.transport.http1
         } else {
@@ -763,6 +786,9 @@ async fn forward(
         let more = attempt + 1 < attempts;
         match result {
             Ok(Ok(mut resp)) => {
+                if let Some((max, captured)) = &captured {
+                    retire_after(captured, *max);
+                }
                 let status = resp.status().as_u16();
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(status));

@@ -44,7 +44,18 @@ pub struct TransportSpec {
     pub tls: Option<TlsSpec>,
     /// HTTP/2 with prior knowledge on plaintext (the cluster's protocol options).
     pub http2: bool,
+    /// How long a pooled connection may sit unused (Envoy's default: one hour).
+    pub idle_timeout: Option<Duration>,
+    /// Requests a pooled connection carries before it is retired (unlimited when None).
+    pub max_requests_per_connection: Option<u32>,
 }
+
+/// Envoy's default idle timeout of upstream HTTP connections.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Requests a connection has carried; travels with the connection's pool metadata.
+#[derive(Clone, Default)]
+pub struct Uses(pub Arc<std::sync::atomic::AtomicU32>);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -116,7 +127,7 @@ impl Transport {
             ..connector.clone()
         };
         let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(Duration::from_secs(60));
+        builder.pool_idle_timeout(spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
         let http = builder
             .clone()
             .http2_only(spec.http2 && spec.tls.is_none())
@@ -261,7 +272,7 @@ impl Conn {
 
 impl Connection for Conn {
     fn connected(&self) -> Connected {
-        let c = Connected::new();
+        let c = Connected::new().extra(Uses::default());
         if self.negotiated_alpn() == Some(b"h2") {
             c.negotiated_h2()
         } else {

@@ -1209,3 +1209,101 @@ fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
         assert_eq!(spread.len(), 2, "{spread:?}");
     });
 }
+
+/// An HTTP/1.1 upstream that answers 200 and counts the connections it accepted.
+async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |_req: http::Request<hyper::body::Incoming>| async {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"name=c",
+                        ))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[test]
+fn max_requests_per_connection_retires_pooled_connections() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let (c, accepted) = counting_upstream().await;
+        let with_limit = |max: Option<u32>| {
+            let mut cluster = static_cluster("c", &[c], false);
+            if let Some(max) = max {
+                cluster.typed_extension_protocol_options.insert(
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+                    pack_any(HttpProtocolOptions {
+                        common_http_protocol_options: Some(
+                            envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                                max_requests_per_connection: Some(UInt32Value { value: max }),
+                                ..Default::default()
+                            },
+                        ),
+                        upstream_protocol_options: Some(
+                            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                                http_protocol_options::ExplicitHttpConfig {
+                                    protocol_config: Some(
+                                        http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                                            Default::default(),
+                                        ),
+                                    ),
+                                },
+                            ),
+                        ),
+                        ..Default::default()
+                    }),
+                );
+            }
+            cluster
+        };
+        h.fixed.put(CLUSTER, "c", pack_any(with_limit(None)));
+        h.fixed.put(ROUTE, "80", pack_any(routes(&[("c", 100)])));
+        h.push();
+        let mut ok = false;
+        for _ in 0..200 {
+            if http_get_host("10.96.0.10:80", "svc")
+                .await
+                .1
+                .starts_with("name=c")
+            {
+                ok = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ok, "route to c never took effect");
+        let six = async || {
+            let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+            for _ in 0..6 {
+                assert_eq!(http_get_host("10.96.0.10:80", "svc").await.0, 200);
+            }
+            accepted.load(std::sync::atomic::Ordering::SeqCst) - before
+        };
+        // Unlimited: the pooled connection carries them all.
+        assert_eq!(six().await, 0, "a pooled connection was not reused");
+        // Two per connection: six requests need three new connections.
+        h.fixed.put(CLUSTER, "c", pack_any(with_limit(Some(2))));
+        h.push();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = http_get_host("10.96.0.10:80", "svc").await; // the new cluster's first connection
+        let n = six().await;
+        assert!(
+            (3..=4).contains(&n),
+            "{n} new connections for 6 requests at 2 per connection"
+        );
+    });
+}

@@ -218,17 +218,26 @@ fn metadata_matches(criteria: &Struct, metadata: Option<&Struct>) -> bool {
     })
 }
 
-fn http2(c: &PbCluster) -> Result<bool, String> {
+/// What the cluster's HTTP protocol options ask of upstream connections.
+struct HttpOptions {
+    http2: bool,
+    idle_timeout: Option<Duration>,
+    max_requests_per_connection: Option<u32>,
+}
+
+fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
     #[allow(deprecated)]
-    if c.http2_protocol_options.is_some() {
-        return Ok(true);
-    }
+    let legacy_http2 = c.http2_protocol_options.is_some();
     let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
-        return Ok(false);
+        return Ok(HttpOptions {
+            http2: legacy_http2,
+            idle_timeout: None,
+            max_requests_per_connection: None,
+        });
     };
     let opts = HttpProtocolOptions::decode(any.value.as_slice())
         .map_err(|e| format!("{HTTP_OPTIONS}: {e}"))?;
-    Ok(match opts.upstream_protocol_options {
+    let http2 = legacy_http2 || match opts.upstream_protocol_options {
         Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => matches!(
             e.protocol_config,
             Some(
@@ -238,6 +247,18 @@ fn http2(c: &PbCluster) -> Result<bool, String> {
             )
         ),
         _ => false,
+    };
+    let common = opts.common_http_protocol_options.as_ref();
+    Ok(HttpOptions {
+        http2,
+        idle_timeout: common
+            .and_then(|o| o.idle_timeout.as_ref())
+            .map(pb_duration)
+            .filter(|d| !d.is_zero()),
+        max_requests_per_connection: common
+            .and_then(|o| o.max_requests_per_connection.as_ref())
+            .map(|v| v.value)
+            .filter(|n| *n > 0),
     })
 }
 
@@ -298,6 +319,7 @@ pub fn compile(
         })
         .transpose()
         .map_err(|e| err(format!("upstream bind: {e}")))?;
+    let options = http_options(c).map_err(&err)?;
     let spec = |tls: Option<TlsSpec>| -> Result<TransportSpec, String> {
         Ok(TransportSpec {
             bind,
@@ -306,7 +328,9 @@ pub fn compile(
                 .as_ref()
                 .map_or(Duration::from_secs(5), pb_duration),
             tls,
-            http2: http2(c)?,
+            http2: options.http2,
+            idle_timeout: options.idle_timeout,
+            max_requests_per_connection: options.max_requests_per_connection,
         })
     };
     // Cluster-level transport, then per-endpoint matches (Istio's auto mTLS).
