@@ -449,6 +449,15 @@ fn circuit_breakers(policy: Option<&TrafficPolicy>) -> CircuitBreakers {
             max_pending_requests: limit(http.map(|h| h.http1_max_pending_requests)),
             max_requests: limit(http.map(|h| h.http2_max_requests)),
             max_retries: limit(http.map(|h| h.max_retries)),
+            // Retries in flight stay within a fifth of the requests in flight (at least 3), so
+            // a failing upstream does not turn every request into several: Envoy's budget.
+            retry_budget: Some(
+                envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget {
+                    budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 20.0 }),
+                    min_retry_concurrency: Some(UInt32Value { value: 3 }),
+                    ..Default::default()
+                },
+            ),
             track_remaining: true,
             ..Default::default()
         }],

@@ -497,6 +497,24 @@ impl LogCtx {
     }
 }
 
+/// A slot for one more retry in flight, or None (counted) when the cluster's `max_retries` or
+/// retry budget is spent: the answer in hand is then the answer.
+fn retry_slot(
+    cluster: &Arc<Cluster>,
+    stats: &crate::stats::Stats,
+) -> Option<crate::upstream::Slot> {
+    let slot = cluster
+        .state
+        .acquire(crate::upstream::Counter::Retries, cluster.retry_limit());
+    if slot.is_none() {
+        stats.inc(&format!(
+            "cluster.{}.upstream_rq_retry_overflow",
+            cluster.name
+        ));
+    }
+    slot
+}
+
 /// Counts a request on its pooled connection and takes the connection out of the pool once
 /// it has carried `max` (DestinationRule `maxRequestsPerConnection`).
 fn retire_after(captured: &hyper_util::client::legacy::connect::CaptureConnection, max: u32) {
@@ -688,7 +706,10 @@ async fn forward(
         }
     }
     // Circuit breaker: too many requests in flight to this cluster answer at once (UO).
-    let Some(slot) = cluster.state.acquire(false, cluster.max_requests) else {
+    let Some(slot) = cluster
+        .state
+        .acquire(crate::upstream::Counter::Requests, cluster.max_requests)
+    else {
         stats.inc(&format!(
             "cluster.{}.upstream_rq_pending_overflow",
             cluster.name
@@ -715,6 +736,9 @@ async fn forward(
             v.hash(&mut h);
             h.finish()
         });
+    // The retry in flight holds a slot of the cluster's retry limit until the next attempt
+    // ends.
+    let mut _retrying: Option<crate::upstream::Slot> = None;
     let mut last: Response<Body> = local_reply(503, "no healthy upstream");
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
@@ -798,7 +822,11 @@ async fn forward(
                     cluster.name,
                     status / 100
                 ));
-                if more && retry.is_some_and(|r| r.on_status(status)) {
+                if more
+                    && retry.is_some_and(|r| r.on_status(status))
+                    && let Some(s) = retry_slot(&cluster, stats)
+                {
+                    _retrying = Some(s);
                     stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
                     failed.push(pick.address.clone());
                     continue;
@@ -873,7 +901,11 @@ async fn forward(
                 let retriable = retry.is_some_and(|r| {
                     (connect && r.connect_failure) || (!connect && (r.reset || r.refused_stream))
                 });
-                if more && retriable {
+                if more
+                    && retriable
+                    && let Some(s) = retry_slot(&cluster, stats)
+                {
+                    _retrying = Some(s);
                     stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
                     continue;
                 }

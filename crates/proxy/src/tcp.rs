@@ -75,7 +75,10 @@ where
     };
     entry.upstream_host = pick.address.to_string();
     // Circuit breaker: over the cluster's connection limit, the connection is refused (UO).
-    let Some(_slot) = cluster.state.acquire(true, cluster.max_connections) else {
+    let Some(_slot) = cluster.state.acquire(
+        crate::upstream::Counter::Connections,
+        cluster.max_connections,
+    ) else {
         stats.inc(&format!("cluster.{}.upstream_cx_overflow", cluster.name));
         stats.tcp_opened(reporter, &parties);
         stats.tcp_closed(reporter, &parties, "UO", 0, 0);

@@ -339,37 +339,48 @@ pub struct EndpointState {
 pub struct ClusterState {
     pub requests: AtomicUsize,
     pub connections: AtomicUsize,
+    /// Retries in flight (Envoy's `max_retries` and retry budget count these).
+    pub retries: AtomicUsize,
+}
+
+/// Which circuit-breaker counter a slot is taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    Requests,
+    Connections,
+    Retries,
 }
 
 /// A slot taken from a circuit-breaker counter, given back on drop.
 #[derive(Debug)]
-pub struct Slot(Arc<ClusterState>, bool);
+pub struct Slot(Arc<ClusterState>, Counter);
 
 impl ClusterState {
-    /// Takes a request (`tcp` false) or connection slot if fewer than `limit` are in use.
-    pub fn acquire(self: &Arc<Self>, tcp: bool, limit: usize) -> Option<Slot> {
-        let counter = if tcp {
-            &self.connections
-        } else {
-            &self.requests
-        };
+    fn counter(&self, which: Counter) -> &AtomicUsize {
+        match which {
+            Counter::Requests => &self.requests,
+            Counter::Connections => &self.connections,
+            Counter::Retries => &self.retries,
+        }
+    }
+
+    /// Takes a slot of `which` if fewer than `limit` are in use.
+    pub fn acquire(self: &Arc<Self>, which: Counter, limit: usize) -> Option<Slot> {
+        let counter = self.counter(which);
         let prev = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if prev >= limit {
             counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             return None;
         }
-        Some(Slot(self.clone(), tcp))
+        Some(Slot(self.clone(), which))
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let counter = if self.1 {
-            &self.0.connections
-        } else {
-            &self.0.requests
-        };
-        counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0
+            .counter(self.1)
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -1307,3 +1307,91 @@ fn max_requests_per_connection_retires_pooled_connections() {
         );
     });
 }
+
+/// An upstream that answers every request 503 after `delay`, and counts the requests.
+async fn failing_upstream(delay: Duration) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            let mut r = http::Response::new(Full::new(Bytes::new()));
+                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                            Ok::<_, Infallible>(r)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, requests)
+}
+
+#[test]
+fn the_retry_budget_keeps_a_failing_upstream_from_a_retry_storm() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let (f, requests) = failing_upstream(Duration::from_millis(200)).await;
+        let mut cluster = static_cluster("f", &[f], false);
+        cluster.circuit_breakers = Some(envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers {
+            thresholds: vec![envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds {
+                max_retries: Some(UInt32Value { value: u32::MAX }),
+                retry_budget: Some(
+                    envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget {
+                        budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 20.0 }),
+                        min_retry_concurrency: Some(UInt32Value { value: 1 }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        h.fixed.put(CLUSTER, "f", pack_any(cluster));
+        let mut rc = routes(&[("f", 100)]);
+        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+                retry_on: "5xx".into(),
+                num_retries: Some(UInt32Value { value: 5 }),
+                ..Default::default()
+            });
+        }
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        for _ in 0..200 {
+            if http_get_host("10.96.0.10:80", "svc").await.0 == 503 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = requests.load(std::sync::atomic::Ordering::SeqCst);
+        // Twenty at once, each allowed five retries: 120 upstream requests without a budget.
+        let calls: Vec<_> = (0..20)
+            .map(|_| tokio::spawn(async { http_get_host("10.96.0.10:80", "svc").await.0 }))
+            .collect();
+        for c in calls {
+            assert_eq!(c.await.unwrap(), 503);
+        }
+        let sent = requests.load(std::sync::atomic::Ordering::SeqCst) - before;
+        assert!(
+            (20..=60).contains(&sent),
+            "{sent} upstream requests for 20 calls"
+        );
+        let (_, stats) = admin("GET", "/stats?filter=cluster.f.upstream_rq_retry").await;
+        assert!(
+            stats.contains("cluster.f.upstream_rq_retry_overflow"),
+            "{stats}"
+        );
+    });
+}

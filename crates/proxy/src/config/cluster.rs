@@ -94,6 +94,9 @@ pub struct Cluster {
     /// Circuit breakers: requests in flight (HTTP) and connections (TCP) allowed.
     pub max_requests: usize,
     pub max_connections: usize,
+    /// Retries in flight allowed: Envoy's `max_retries`, and its retry budget when set.
+    pub max_retries: usize,
+    pub retry_budget: Option<RetryBudget>,
     pub state: Arc<ClusterState>,
     round_robin: AtomicUsize,
 }
@@ -113,6 +116,25 @@ fn rendezvous(key: u64, address: &Address) -> u64 {
     key.hash(&mut h);
     address.hash(&mut h);
     h.finish()
+}
+
+/// Envoy's retry budget: retries in flight may be `percent` of the requests in flight, and at
+/// least `min_concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    pub percent: f64,
+    pub min_concurrency: usize,
+}
+
+impl Cluster {
+    /// How many retries may be in flight now.
+    pub fn retry_limit(&self) -> usize {
+        let budget = self.retry_budget.map_or(usize::MAX, |b| {
+            let active = self.state.requests.load(Ordering::Relaxed) as f64;
+            ((active * b.percent / 100.0).ceil() as usize).max(b.min_concurrency)
+        });
+        self.max_retries.min(budget)
+    }
 }
 
 /// Milliseconds since the proxy started: the clock of ejections.
@@ -237,17 +259,20 @@ fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
     };
     let opts = HttpProtocolOptions::decode(any.value.as_slice())
         .map_err(|e| format!("{HTTP_OPTIONS}: {e}"))?;
-    let http2 = legacy_http2 || match opts.upstream_protocol_options {
-        Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => matches!(
+    let http2 = legacy_http2
+        || match opts.upstream_protocol_options {
+            Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
+                matches!(
             e.protocol_config,
             Some(
                 http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
                     _
                 )
             )
-        ),
-        _ => false,
-    };
+        )
+            }
+            _ => false,
+        };
     let common = opts.common_http_protocol_options.as_ref();
     Ok(HttpOptions {
         http2,
@@ -448,6 +473,15 @@ pub fn compile(
         // accounting, which Istio's connectionPool settings are written against).
         max_requests: requests.min(connections.saturating_add(pending)),
         max_connections: connections,
+        // Envoy's default is 3 retries in flight; Istio sets it from the DestinationRule.
+        max_retries: th.max_retries.as_ref().map_or(3, |v| v.value as usize),
+        retry_budget: th.retry_budget.as_ref().map(|b| RetryBudget {
+            percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+            min_concurrency: b
+                .min_retry_concurrency
+                .as_ref()
+                .map_or(3, |v| v.value as usize),
+        }),
         state: pools.cluster(&c.name),
         discovery,
         lb,
