@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
 use isthmus_config::{Entry, Kind, MeshConfig, Snapshot};
 use isthmus_registry::host::{host_matches, resolve_config_host};
-use isthmus_registry::{Port, Registry, Service, Workload};
+use isthmus_registry::{Locality, Port, Registry, Service, Workload};
 
 use crate::proxy::Proxy;
 
@@ -38,12 +38,14 @@ pub struct Imported<'a> {
 /// What the configuration proxies share depends on: proxies with equal scopes get the same
 /// outbound clusters, endpoints, outbound listeners and routes (their namespace decides
 /// visibility, DestinationRule and VirtualService lookups and short host names; their Sidecar
-/// the egress hosts).
+/// the egress hosts; their locality the failover priorities of endpoints).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Scope {
     pub namespace: String,
     /// The Sidecar resource (namespace, name) that applies, if any.
     pub sidecar: Option<(String, String)>,
+    /// The proxy's locality: endpoints are prioritized from it (locality failover).
+    pub locality: Option<Locality>,
 }
 
 #[derive(Debug, Clone)]
@@ -203,8 +205,16 @@ impl PushContext {
             })
     }
 
+    /// The locality of a proxy's workload, when it has one.
+    pub fn proxy_locality(&self, proxy: &Proxy) -> Option<Locality> {
+        self.workload_of(proxy)
+            .map(|w| w.locality.clone())
+            .filter(|l| !l.is_empty())
+    }
+
     pub fn scope(&self, proxy: &Proxy) -> Scope {
         Scope {
+            locality: self.proxy_locality(proxy),
             namespace: proxy.namespace.clone(),
             sidecar: self
                 .sidecar_for(proxy)

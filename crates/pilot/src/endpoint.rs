@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
-use isthmus_registry::{Address, Port, Service, TargetPort, Workload};
+use isthmus_registry::{Address, Locality, Port, Service, TargetPort, Workload};
 
 use crate::cluster::{Discovery, discovery, outbound_clusters};
 use crate::cluster::{TLS_MODE_KEY, socket, string, strukt};
@@ -31,11 +31,19 @@ pub struct Assignment<'a> {
     svc: &'a Service,
     port: u16,
     subset: Option<&'a BTreeMap<String, String>>,
+    /// The proxy's locality, when localities are prioritized for it (locality failover).
+    failover_from: Option<Locality>,
 }
 
 impl Assignment<'_> {
     pub fn build(&self) -> ClusterLoadAssignment {
-        load_assignment(self.svc, self.port, self.subset, &self.name)
+        let mut a = load_assignment(self.svc, self.port, self.subset, &self.name);
+        if let Some(from) = &self.failover_from {
+            for l in &mut a.endpoints {
+                l.priority = failover_priority(from, l.locality.as_ref());
+            }
+        }
+        a
     }
 
     /// A hash of everything [`Assignment::build`] reads: equal keys build equal assignments,
@@ -44,6 +52,7 @@ impl Assignment<'_> {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         self.name.hash(&mut h);
+        self.failover_from.hash(&mut h);
         for e in selected(self.svc, self.port, self.subset) {
             (
                 &e.address,
@@ -69,10 +78,47 @@ pub fn assignments<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<Assignment<'a
             svc: o.svc,
             port: o.port,
             subset: o.subset.map(|s| &s.labels),
+            failover_from: locality_failover(ctx, o.policy)
+                .then(|| ctx.proxy_locality(proxy))
+                .flatten(),
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Whether endpoints are prioritized by locality for a cluster, as Istio does: when its
+/// DestinationRule has outlier detection (which takes a failing locality out) and locality load
+/// balancing is not turned off (DestinationRule, then MeshConfig; on by default).
+fn locality_failover(
+    ctx: &PushContext,
+    policy: Option<&isthmus_config::istio::networking::TrafficPolicy>,
+) -> bool {
+    let Some(p) = policy.filter(|p| p.outlier_detection.is_some()) else {
+        return false;
+    };
+    let enabled = p
+        .load_balancer
+        .as_ref()
+        .and_then(|l| l.locality_lb_setting.as_ref())
+        .or(ctx.mesh.locality_lb_setting.as_ref())
+        .and_then(|s| s.enabled);
+    enabled != Some(false)
+}
+
+/// Istio's failover priority of an endpoint locality seen from `from`: 0 when region, zone and
+/// subzone match, 1 for region and zone, 2 for region, 3 otherwise.
+fn failover_priority(from: &Locality, to: Option<&EnvoyLocality>) -> u32 {
+    let Some(to) = to else { return 3 };
+    if from.region != to.region {
+        3
+    } else if from.zone != to.zone {
+        2
+    } else if from.subzone != to.sub_zone {
+        1
+    } else {
+        0
+    }
 }
 
 /// The endpoints of `port` an assignment holds, in their order: the subset's, by address.

@@ -444,3 +444,53 @@ fn http_connection_pool_limits_become_protocol_options() {
         "{json}"
     );
 }
+
+#[test]
+fn outlier_detection_prioritizes_endpoints_by_the_proxys_locality() {
+    let pod = |name: &str, app: &str, ip: &str, locality: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: loc, labels: {{app: {app}, istio-locality: {locality}}}}}\nspec: {{containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: {ip}, conditions: [{{type: Ready, status: \"True\"}}]}}\n"
+        )
+    };
+    let mesh = |dr: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc, namespace: loc}}\nspec:\n  clusterIP: 10.96.7.7\n  selector: {{app: svc}}\n  ports: [{{name: http, port: 80}}]\n{}{}{}{}{dr}",
+            pod("near", "svc", "10.7.0.1", "r1.z1"),
+            pod("same-region", "svc", "10.7.0.2", "r1.z2"),
+            pod("far", "svc", "10.7.0.3", "r2.z9"),
+            pod("client", "client", "10.7.0.9", "r1.z1"),
+        )
+    };
+    let dr = "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: svc, namespace: loc}\nspec:\n  host: svc\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n";
+    let priorities = |ctx: &PushContext| -> Vec<(String, u32)> {
+        let client = proxy("10.7.0.9", "client", "loc");
+        let cla = isthmus_pilot::endpoint::endpoints(ctx, &client, &[])
+            .into_iter()
+            .find(|a| a.cluster_name == "outbound|80||svc.loc.svc.cluster.local")
+            .expect("assignment");
+        let mut out: Vec<(String, u32)> = cla
+            .endpoints
+            .iter()
+            .map(|l| {
+                let loc = l.locality.as_ref().unwrap();
+                (format!("{}/{}", loc.region, loc.zone), l.priority)
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        priorities(&context_with(&mesh(dr))),
+        [
+            ("r1/z1".to_string(), 0),
+            ("r1/z2".to_string(), 2),
+            ("r2/z9".to_string(), 3)
+        ]
+    );
+    // Without outlier detection nothing is prioritized, as in Istio.
+    assert!(
+        priorities(&context_with(&mesh("")))
+            .iter()
+            .all(|(_, p)| *p == 0)
+    );
+}

@@ -1395,3 +1395,58 @@ fn the_retry_budget_keeps_a_failing_upstream_from_a_retry_storm() {
         );
     });
 }
+
+#[test]
+fn locality_priorities_fail_over_when_the_local_endpoints_are_down() {
+    in_netns(|| async {
+        let (h, [a, b, _, _]) = harness().await;
+        // a in the proxy's own locality (priority 0), b farther away (priority 1).
+        let prioritized = |a_health: i32| {
+            let mut c = static_cluster("ab", &[a, b], false);
+            if let Some(load) = c.load_assignment.as_mut() {
+                let mut far = load.endpoints[0].clone();
+                far.lb_endpoints.remove(0);
+                far.priority = 1;
+                load.endpoints[0].lb_endpoints.truncate(1);
+                load.endpoints[0].lb_endpoints[0].health_status = a_health;
+                load.endpoints.push(far);
+            }
+            c
+        };
+        h.fixed.put(CLUSTER, "ab", pack_any(prioritized(1)));
+        h.fixed.put(ROUTE, "80", pack_any(routes(&[("ab", 100)])));
+        h.push();
+        let name = async || {
+            let (status, body) = http_get_host("10.96.0.10:80", "svc").await;
+            assert_eq!(status, 200);
+            body[..6].to_string()
+        };
+        let mut first = String::new();
+        for _ in 0..200 {
+            first = name().await;
+            if first == "name=a" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(first, "name=a", "the prioritized cluster never took effect");
+        for _ in 0..20 {
+            assert_eq!(name().await, "name=a", "traffic left the local locality");
+        }
+        // The local endpoint goes unhealthy: everything fails over to priority 1.
+        h.fixed.put(CLUSTER, "ab", pack_any(prioritized(2)));
+        h.push();
+        let mut now = String::new();
+        for _ in 0..200 {
+            now = name().await;
+            if now == "name=b" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(now, "name=b", "no failover");
+        for _ in 0..20 {
+            assert_eq!(name().await, "name=b");
+        }
+    });
+}

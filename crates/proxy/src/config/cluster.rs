@@ -58,6 +58,9 @@ pub enum Lb {
 pub struct Endpoint {
     pub address: Address,
     pub healthy: bool,
+    /// The locality's priority: traffic goes to the lowest level that has an endpoint up
+    /// (locality failover).
+    pub priority: u32,
     /// Reached over mesh mTLS (its `tlsMode: istio` metadata matched).
     pub tls: bool,
     pub state: Arc<EndpointState>,
@@ -431,6 +434,7 @@ pub fn compile(
                 state: pools.endpoint(&c.name, &address),
                 address,
                 healthy,
+                priority: locality.priority,
                 tls,
             });
         }
@@ -576,14 +580,24 @@ impl Cluster {
         let now = now_ms();
         let up =
             |e: &&Endpoint| e.healthy && e.state.ejected_until_ms.load(Ordering::Relaxed) <= now;
+        // Locality failover: the best priority level with an endpoint up takes the traffic.
+        let level = self
+            .endpoints
+            .iter()
+            .filter(up)
+            .map(|e| e.priority)
+            .min()
+            .unwrap_or_default();
+        let at_level = |e: &&Endpoint| e.priority == level;
         let mut candidates: Vec<&Endpoint> = self
             .endpoints
             .iter()
             .filter(up)
+            .filter(at_level)
             .filter(|e| !exclude.contains(&e.address))
             .collect();
         if candidates.is_empty() {
-            candidates = self.endpoints.iter().filter(up).collect();
+            candidates = self.endpoints.iter().filter(up).filter(at_level).collect();
         }
         let chosen = match (candidates.len(), self.lb) {
             (0, _) => return Err(PickError::NoHealthy),
