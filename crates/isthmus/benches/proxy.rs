@@ -7,6 +7,8 @@
 //!   with real iptables capture and a 100-service mesh configuration;
 //! - HAProxy (Debian's package, installed if missing): client → HAProxy → (mTLS) → HAProxy →
 //!   server, in the same pods.
+//! - isthmus-policy: the isthmus path again, to a service with a VirtualService of 10 routes
+//!   (with retries) and an AuthorizationPolicy of 20 rules in force.
 //!
 //! Reported: latency added over direct (p50/p90/p99, open-loop load that records each
 //! request's intended send time, so stalls are not hidden), CPU seconds per 1,000 requests and
@@ -81,7 +83,7 @@ fn main() {
     };
 
     // The servers: one per server pod, in that pod's namespace, on 8080.
-    for p in ["server", "pserver"] {
+    for p in ["server", "pserver", "qserver"] {
         let l = listen_in(&netns(p), "0.0.0.0:8080".parse().unwrap());
         rt.spawn(serve(l));
     }
@@ -121,11 +123,24 @@ fn main() {
         Target {
             name: "isthmus",
             netns: netns("client"),
-            addr: SocketAddr::new(mesh.service_ip(), 8080),
+            addr: SocketAddr::new(mesh.service_ip("server"), 8080),
             host: "server.bench.svc.cluster.local:8080".into(),
             proxies: vec![
                 ("client sidecar", proxy_pid("client")),
                 ("server sidecar", proxy_pid("server")),
+            ],
+        },
+        // The same pair with policy in force: a VirtualService of 10 routes (the request
+        // matches the last, which retries) and an AuthorizationPolicy of 20 rules (the
+        // request is allowed by the last).
+        Target {
+            name: "isthmus-policy",
+            netns: netns("qclient"),
+            addr: SocketAddr::new(mesh.service_ip("qserver"), 8080),
+            host: "qserver.policy.svc.cluster.local:8080".into(),
+            proxies: vec![
+                ("client sidecar", proxy_pid("qclient")),
+                ("server sidecar", proxy_pid("qserver")),
             ],
         },
         Target {
@@ -150,12 +165,19 @@ fn main() {
     report.push_str("| path | p50 ms | p90 ms | p99 ms | added p50 | added p90 | added p99 | errors |\n|---|---|---|---|---|---|---|---|\n");
     let mut direct: Option<Histogram<u64>> = None;
     let mut usage = Vec::new();
-    // `ISTHMUS_BENCH_ONLY=isthmus` runs one path (the direct baseline always runs first).
+    // `ISTHMUS_BENCH_ONLY=isthmus,isthmus-policy` runs those paths (the direct baseline
+    // always runs first).
     let only = std::env::var("ISTHMUS_BENCH_ONLY").ok();
     let targets: Vec<&Target> = targets
         .iter()
-        .filter(|t| t.name == "direct" || only.as_deref().is_none_or(|o| o == t.name))
+        .filter(|t| {
+            t.name == "direct"
+                || only
+                    .as_deref()
+                    .is_none_or(|o| o.split(',').any(|n| n == t.name))
+        })
         .collect();
+    let mut added_p99: Vec<(&str, f64)> = Vec::new();
     for t in &targets {
         eprintln!(
             "{}: {RATE} requests/s for {} s",
@@ -190,9 +212,19 @@ fn main() {
             added(0.9),
             added(0.99),
         ));
+        if let Some(d) = &direct {
+            added_p99.push((t.name, q(&hist, 0.99) - q(d, 0.99)));
+        }
         if t.name == "direct" {
             direct = Some(hist);
         }
+    }
+    let added = |name: &str| added_p99.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    if let (Some(plain), Some(policy)) = (added("isthmus"), added("isthmus-policy")) {
+        report.push_str(&format!(
+            "\npolicy in force (10 routes, retries, 20-rule AuthorizationPolicy): added p99 {policy:.3} ms against {plain:.3} ms without ({:+.1} %)\n",
+            (policy / plain - 1.0) * 100.0
+        ));
     }
     report.push_str("\n| proxy | CPU s per 1,000 requests | vCPU at 1,000 requests/s | RSS MB |\n|---|---|---|---|\n");
     for (path, label, per_1000, rss) in &usage {
@@ -244,6 +276,19 @@ impl Mesh {
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {server}, namespace: {ns}}}\nspec: {{selector: {{app: {server}}}, ports: [{{name: http, port: 8080}}]}}\n"
             ));
         }
+        // The policy pair: its own namespace, routes and authorization.
+        yaml.push_str(
+            "---\napiVersion: v1\nkind: Namespace\nmetadata: {name: policy, labels: {istio-injection: enabled}}\n",
+        );
+        for pod in ["qclient", "qserver"] {
+            yaml.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {pod}, namespace: policy, labels: {{app: {pod}}}}}\nspec: {{containers: [{{name: app, command: [sleep, infinity]}}]}}\n"
+            ));
+        }
+        yaml.push_str(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: qserver, namespace: policy}\nspec: {selector: {app: qserver}, ports: [{name: http, port: 8080}]}\n",
+        );
+        yaml.push_str(&policy_yaml());
         for i in 1..SERVICES {
             yaml.push_str(&format!(
                 "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec: {{selector: {{app: svc-{i}}}, ports: [{{name: http, port: 8080}}]}}\n"
@@ -271,15 +316,40 @@ impl Mesh {
             .expect("status json")
     }
 
-    /// The ClusterIP of bench/server, from what the control plane was given.
-    fn service_ip(&self) -> IpAddr {
+    /// The ClusterIP of service `name`, from what the control plane was given.
+    fn service_ip(&self, name: &str) -> IpAddr {
         let text = std::fs::read_to_string(self.state.join("config/mesh.yaml")).expect("config");
         text.split("\n---\n")
             .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
-            .find(|v| v["kind"] == "Service" && v["metadata"]["name"] == "server")
+            .find(|v| v["kind"] == "Service" && v["metadata"]["name"] == name)
             .and_then(|v| v["spec"]["clusterIP"].as_str()?.parse().ok())
-            .expect("server ClusterIP")
+            .unwrap_or_else(|| panic!("{name} ClusterIP"))
     }
+}
+
+/// Policy for the `policy` pair: a VirtualService whose first 9 routes match a header the
+/// load does not send and whose 10th retries on 5xx; an AuthorizationPolicy of 20 ALLOW
+/// rules, of which only the last (the client's identity) admits the load.
+fn policy_yaml() -> String {
+    let mut vs = String::from(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: qserver, namespace: policy}\nspec:\n  hosts: [qserver]\n  http:\n",
+    );
+    for i in 0..9 {
+        vs.push_str(&format!(
+            "  - match: [{{headers: {{x-route: {{exact: r{i}}}}}, uri: {{prefix: /r{i}}}}}]\n    route: [{{destination: {{host: qserver}}}}]\n"
+        ));
+    }
+    vs.push_str("  - route: [{destination: {host: qserver}}]\n    timeout: 5s\n    retries: {attempts: 2, retryOn: 5xx}\n");
+    let mut ap = String::from(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: qserver, namespace: policy}\nspec:\n  selector: {matchLabels: {app: qserver}}\n  action: ALLOW\n  rules:\n",
+    );
+    for i in 0..19 {
+        ap.push_str(&format!(
+            "  - from: [{{source: {{principals: [cluster.local/ns/other/sa/caller-{i}]}}}}]\n    to: [{{operation: {{methods: [GET], paths: [/api/v{i}/*]}}}}]\n"
+        ));
+    }
+    ap.push_str("  - from: [{source: {principals: [cluster.local/ns/policy/sa/default]}}]\n");
+    vs + &ap
 }
 
 impl Drop for Mesh {
