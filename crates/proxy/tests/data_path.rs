@@ -32,6 +32,10 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -346,7 +350,15 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start(a: SocketAddr, b: SocketAddr, h2: SocketAddr, tcp: SocketAddr) -> Harness {
+    /// `sotw_only`: the control plane answers delta ADS with Unimplemented, as one without
+    /// delta xDS does.
+    async fn start(
+        a: SocketAddr,
+        b: SocketAddr,
+        h2: SocketAddr,
+        tcp: SocketAddr,
+        sotw_only: bool,
+    ) -> Harness {
         let fixed = Arc::new(Fixed::default());
         fixed.put(LISTENER, "virtualOutbound", pack_any(virtual_outbound()));
         fixed.put(
@@ -376,15 +388,28 @@ impl Harness {
         fixed.put(CLUSTER, "PassthroughCluster", pack_any(passthrough()));
         let (version, rx) = watch::channel(1u64);
         let ads = AdsServer::new(fixed.clone(), rx);
-        let svc = ads.clone().into_service();
         let xds = tokio::net::TcpListener::bind("127.0.0.1:15010")
             .await
             .unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(xds)),
-        );
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
+        let server = tonic::transport::Server::builder();
+        if sotw_only {
+            let svc = AggregatedDiscoveryServiceServer::new(SotwOnly(ads.clone()));
+            tokio::spawn(
+                server
+                    .clone()
+                    .add_service(svc)
+                    .serve_with_incoming(incoming),
+            );
+        } else {
+            let svc = ads.clone().into_service();
+            tokio::spawn(
+                server
+                    .clone()
+                    .add_service(svc)
+                    .serve_with_incoming(incoming),
+            );
+        }
         let (quit, quit_rx) = tokio::sync::oneshot::channel::<()>();
         let opts = Options {
             discovery_address: "127.0.0.1:15010".into(),
@@ -535,11 +560,43 @@ fn in_netns<F: std::future::Future<Output = ()>>(f: impl FnOnce() -> F + Send + 
 }
 
 async fn harness() -> (Harness, [SocketAddr; 4]) {
+    harness_with(false).await
+}
+
+async fn harness_with(sotw_only: bool) -> (Harness, [SocketAddr; 4]) {
     let a = upstream("a", Duration::ZERO, false).await;
     let b = upstream("b", Duration::ZERO, false).await;
     let h2 = upstream("h2", Duration::ZERO, true).await;
     let tcp = upstream("tcp", Duration::ZERO, false).await;
-    (Harness::start(a, b, h2, tcp).await, [a, b, h2, tcp])
+    (
+        Harness::start(a, b, h2, tcp, sotw_only).await,
+        [a, b, h2, tcp],
+    )
+}
+
+/// A control plane without delta xDS: state of the world only.
+struct SotwOnly(AdsServer<Fixed>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for SotwOnly {
+    type StreamAggregatedResourcesStream =
+        <AdsServer<Fixed> as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
+    type DeltaAggregatedResourcesStream =
+        <AdsServer<Fixed> as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
+        self.0.stream_aggregated_resources(request).await
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no delta xDS here"))
+    }
 }
 
 #[test]
@@ -768,7 +825,7 @@ fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
     in_netns(|| async {
         let slow = upstream("a", Duration::from_millis(800), false).await;
         let b = upstream("b", Duration::ZERO, false).await;
-        let mut h = Harness::start(slow, b, b, b).await;
+        let mut h = Harness::start(slow, b, b, b, false).await;
         let in_flight = tokio::spawn(http_get_host("10.96.0.10:80", "svc"));
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _ = h.quit.take().unwrap().send(());
@@ -1448,5 +1505,35 @@ fn locality_priorities_fail_over_when_the_local_endpoints_are_down() {
         for _ in 0..20 {
             assert_eq!(name().await, "name=b");
         }
+    });
+}
+
+#[test]
+fn a_control_plane_without_delta_xds_is_followed_over_state_of_the_world() {
+    in_netns(|| async {
+        // Ready at all means the configuration arrived over state of the world.
+        let (h, _) = harness_with(true).await;
+        assert_eq!(
+            http_get_host("10.96.0.10:80", "svc").await.1[..6],
+            *"name=a"
+        );
+        let states = h.ads.proxies().lock().unwrap().clone();
+        assert!(
+            states.values().any(|p| !p.delta && !p.types.is_empty()),
+            "{states:?}"
+        );
+        // Updates keep arriving the same way.
+        h.fixed
+            .put(ROUTE, "80", pack_any(routes(&[("a", 0), ("b", 100)])));
+        h.push();
+        let mut body = String::new();
+        for _ in 0..100 {
+            body = http_get_host("10.96.0.10:80", "svc").await.1;
+            if body.starts_with("name=b") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(body.starts_with("name=b"), "{body}");
     });
 }
