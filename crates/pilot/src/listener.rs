@@ -250,7 +250,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                         prefix_ranges: prefix,
                         ..Default::default()
                     }),
-                    filters: vec![tcp_proxy_filter(&cluster)],
+                    filters: vec![outbound_tcp_proxy(ctx, proxy, svc, &cluster)],
                     ..Default::default()
                 });
             } else if port.protocol.is_http() {
@@ -291,7 +291,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     name: name.clone(),
                     address: Some(socket(&ip, port.port)),
                     filter_chains: vec![FilterChain {
-                        filters: vec![tcp_proxy_filter(&cluster)],
+                        filters: vec![outbound_tcp_proxy(ctx, proxy, svc, &cluster)],
                         ..Default::default()
                     }],
                     bind_to_port: Some(BoolValue { value: false }),
@@ -514,14 +514,39 @@ fn network_filter(name: &str, config: Any) -> Filter {
 }
 
 fn tcp_proxy_filter(cluster: &str) -> Filter {
+    tcp_proxy_hashed(cluster, false)
+}
+
+/// `tcp_proxy` to `cluster`; `source_ip`: consistent hashing by the client's IP.
+fn tcp_proxy_hashed(cluster: &str, source_ip: bool) -> Filter {
+    use envoy_types::pb::envoy::r#type::v3::{HashPolicy, hash_policy};
     network_filter(
         "envoy.filters.network.tcp_proxy",
         pack_any(TcpProxy {
             stat_prefix: cluster.into(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            hash_policy: source_ip
+                .then(|| HashPolicy {
+                    policy_specifier: Some(hash_policy::PolicySpecifier::SourceIp(
+                        hash_policy::SourceIp {},
+                    )),
+                })
+                .into_iter()
+                .collect(),
             ..Default::default()
         }),
     )
+}
+
+/// A service's outbound TCP proxy: by the client's IP when its DestinationRule hashes on it
+/// (`consistentHash.useSourceIp`), as Istio sets it.
+fn outbound_tcp_proxy(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &isthmus_registry::Service,
+    cluster: &str,
+) -> Filter {
+    tcp_proxy_hashed(cluster, crate::route::hashes_source_ip(ctx, proxy, svc))
 }
 
 fn router() -> HttpFilter {

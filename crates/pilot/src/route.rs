@@ -420,6 +420,20 @@ fn route_action(
     }
 }
 
+/// Whether `svc`'s DestinationRule (for `proxy`) hashes on the client's IP.
+pub(crate) fn hashes_source_ip(ctx: &PushContext, proxy: &Proxy, svc: &Service) -> bool {
+    let d = Destination {
+        host: svc.hostname.clone(),
+        ..Default::default()
+    };
+    hash_policy(ctx, proxy, &d, &svc.namespace).iter().any(|h| {
+        matches!(
+            &h.policy_specifier,
+            Some(route_action::hash_policy::PolicySpecifier::ConnectionProperties(c)) if c.source_ip
+        )
+    })
+}
+
 /// The hash policy of a destination whose DestinationRule load-balances by consistent hash
 /// (the subset's setting first), as Istio puts it on the route.
 fn hash_policy(

@@ -494,3 +494,19 @@ fn outlier_detection_prioritizes_endpoints_by_the_proxys_locality() {
             .all(|(_, p)| *p == 0)
     );
 }
+
+#[test]
+fn source_ip_hashing_reaches_the_tcp_proxy() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {useSourceIp: true}\n",
+    );
+    let json: String = isthmus_pilot::listener::listeners(&ctx, &proxy("10.9.0.1", "x", "data"))
+        .iter()
+        .filter(|l| l.name.ends_with("_5000"))
+        .map(|l| to_json(l).unwrap().to_string())
+        .collect();
+    assert!(
+        json.contains("\"hash_policy\":[{\"source_ip\":{}}]"),
+        "{json}"
+    );
+}

@@ -228,9 +228,10 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         NetworkFilter::Tcp {
             cluster,
             access_logs,
+            hash_source_ip,
             ..
         } => {
-            crate::tcp::proxy(io, cluster, access_logs, &info, shared).await;
+            crate::tcp::proxy(io, cluster, *hash_source_ip, access_logs, &info, shared).await;
         }
         NetworkFilter::Http(hcm) => {
             crate::http::serve(io, hcm.clone(), info, shared.clone()).await;

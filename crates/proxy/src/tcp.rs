@@ -9,9 +9,11 @@ use crate::access_log::{AccessLog, Entry};
 use crate::serve::ConnInfo;
 use crate::stats::Reporter;
 
+/// `hash_source_ip`: the client's IP is the consistent-hash key.
 pub async fn proxy<S>(
     down: S,
     cluster_name: &str,
+    hash_source_ip: bool,
     logs: &[Arc<AccessLog>],
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
@@ -26,7 +28,13 @@ pub async fn proxy<S>(
         upstream_cluster: cluster_name.to_string(),
         ..Default::default()
     };
-    let (flags, received, sent) = relay(down, cluster_name, info, shared, &mut entry).await;
+    let hash = hash_source_ip.then(|| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        info.source.ip().hash(&mut h);
+        h.finish()
+    });
+    let (flags, received, sent) = relay(down, cluster_name, hash, info, shared, &mut entry).await;
     if !logs.is_empty() {
         entry.flags = flags.to_string();
         entry.bytes_received = received;
@@ -42,6 +50,7 @@ pub async fn proxy<S>(
 async fn relay<S>(
     mut down: S,
     cluster_name: &str,
+    hash: Option<u64>,
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
     entry: &mut Entry,
@@ -61,7 +70,7 @@ where
         Reporter::Source
     };
     let parties = shared.parties(info, Some(cluster), None, None);
-    let pick = match cluster.pick(Some(info.destination), &[], None) {
+    let pick = match cluster.pick(Some(info.destination), &[], hash) {
         Ok(p) => p,
         Err(_) => {
             stats.inc(&format!(

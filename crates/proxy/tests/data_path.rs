@@ -1537,3 +1537,54 @@ fn a_control_plane_without_delta_xds_is_followed_over_state_of_the_world() {
         assert!(body.starts_with("name=b"), "{body}");
     });
 }
+
+#[test]
+fn tcp_consistent_hash_by_source_ip_keeps_a_client_on_one_endpoint() {
+    in_netns(|| async {
+        let (h, [a, b, _, _]) = harness().await;
+        // The TCP listener's cluster: a and b (HTTP upstreams, spoken to through the TCP
+        // proxy), hashed by the client's IP.
+        let mut ab = static_cluster("tcp", &[a, b], false);
+        ab.lb_policy = cluster::LbPolicy::RingHash as i32;
+        h.fixed.put(CLUSTER, "tcp", pack_any(ab));
+        let mut filter = tcp_proxy("tcp");
+        if let Some(
+            envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any),
+        ) = filter.config_type.as_mut()
+        {
+            let mut tp = <TcpProxy as prost::Message>::decode(any.value.as_slice()).unwrap();
+            tp.hash_policy = vec![envoy_types::pb::envoy::r#type::v3::HashPolicy {
+                policy_specifier: Some(
+                    envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier::SourceIp(
+                        Default::default(),
+                    ),
+                ),
+            }];
+            *any = pack_any(tp);
+        }
+        h.fixed.put(
+            LISTENER,
+            "10.96.0.20_5000",
+            pack_any(port_listener("10.96.0.20_5000", "10.96.0.20", 5000, filter)),
+        );
+        h.push();
+        // The new cluster is in force once the old upstream (`tcp`) no longer answers.
+        for _ in 0..200 {
+            if !http_get_host("10.96.0.20:5000", "svc")
+                .await
+                .1
+                .starts_with("name=tcp")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut names = BTreeSet::new();
+        for _ in 0..20 {
+            let (status, body) = http_get_host("10.96.0.20:5000", "svc").await;
+            assert_eq!(status, 200);
+            names.insert(body[..6].to_string());
+        }
+        assert_eq!(names.len(), 1, "one client went to {names:?}");
+    });
+}

@@ -109,6 +109,8 @@ pub enum NetworkFilter {
     Tcp {
         cluster: String,
         stat_prefix: String,
+        /// Consistent-hash clusters pick by the client's IP (`hash_policy: source_ip`).
+        hash_source_ip: bool,
         access_logs: Vec<Arc<AccessLog>>,
     },
 }
@@ -364,9 +366,22 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             }
             None => return Err("tcp_proxy names no cluster".into()),
         };
+        use envoy_types::pb::envoy::r#type::v3::hash_policy::PolicySpecifier;
+        let mut hash_source_ip = false;
+        for h in &tp.hash_policy {
+            match h.policy_specifier {
+                Some(PolicySpecifier::SourceIp(_)) => hash_source_ip = true,
+                _ => {
+                    return Err(
+                        "tcp_proxy hash policies other than source_ip are not supported".into(),
+                    );
+                }
+            }
+        }
         return Ok(NetworkFilter::Tcp {
             cluster,
             stat_prefix: tp.stat_prefix,
+            hash_source_ip,
             access_logs: access_logs(&tp.access_log)?,
         });
     }
@@ -605,6 +620,7 @@ mod tests {
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
                 stat_prefix: name.into(),
+                hash_source_ip: false,
                 access_logs: Vec::new(),
             },
         })
