@@ -526,7 +526,7 @@ fn tcp_proxy_hashed(cluster: &str, source_ip: bool) -> Filter {
             stat_prefix: cluster.into(),
             cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
             hash_policy: source_ip
-                .then(|| HashPolicy {
+                .then_some(HashPolicy {
                     policy_specifier: Some(hash_policy::PolicySpecifier::SourceIp(
                         hash_policy::SourceIp {},
                     )),
