@@ -1100,39 +1100,57 @@ async fn post(addr: &str, host: &str, path: &str, body: &'static str) -> (u16, S
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// An upstream that answers 200 and reports the Host and body of every request it gets.
-async fn recorder() -> (
-    SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
-) {
+/// An HTTP/1.1 test upstream on loopback: `on_accept` runs for each connection, `handle` for
+/// each request.
+async fn http1_upstream<F, Fut>(on_accept: impl Fn() + Send + 'static, handle: F) -> SocketAddr
+where
+    F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = http::Response<Full<Bytes>>> + Send + 'static,
+{
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let tx = tx.clone();
+            on_accept();
+            let handle = handle.clone();
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let tx = tx.clone();
-                        async move {
-                            let host = req
-                                .headers()
-                                .get(http::header::HOST)
-                                .and_then(|h| h.to_str().ok())
-                                .unwrap_or_default()
-                                .to_string();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let _ = tx.send((host, body));
-                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
-                        }
-                    });
+                let svc = hyper::service::service_fn(move |req| {
+                    let response = handle(req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .await;
             });
         }
     });
+    addr
+}
+
+/// An upstream that answers 200 and reports the Host and body of every request it gets.
+async fn recorder() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let addr = http1_upstream(
+        || {},
+        move |req: http::Request<hyper::body::Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let host = req
+                    .headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let _ = tx.send((host, body));
+                http::Response::new(Full::new(Bytes::new()))
+            }
+        },
+    )
+    .await;
     (addr, rx)
 }
 
@@ -1269,27 +1287,15 @@ fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
 
 /// An HTTP/1.1 upstream that answers 200 and counts the connections it accepted.
 async fn counting_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+    let addr = http1_upstream(
+        move || {
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    |_req: http::Request<hyper::body::Incoming>| async {
-                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                            b"name=c",
-                        ))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+        },
+        |_| async { http::Response::new(Full::new(Bytes::from_static(b"name=c"))) },
+    )
+    .await;
     (addr, accepted)
 }
 
@@ -1367,31 +1373,21 @@ fn max_requests_per_connection_retires_pooled_connections() {
 
 /// An upstream that answers every request 503 after `delay`, and counts the requests.
 async fn failing_upstream(delay: Duration) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = requests.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |_req: http::Request<hyper::body::Incoming>| {
-                        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        async move {
-                            tokio::time::sleep(delay).await;
-                            let mut r = http::Response::new(Full::new(Bytes::new()));
-                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                            Ok::<_, Infallible>(r)
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
+    let addr = http1_upstream(
+        || {},
+        move |_| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(delay).await;
+                let mut r = http::Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                r
+            }
+        },
+    )
+    .await;
     (addr, requests)
 }
 
