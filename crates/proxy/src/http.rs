@@ -725,16 +725,38 @@ async fn forward(
         return r;
     };
     let mut slot = Some(slot);
-    // The consistent-hash key: the first of the route's hash policies the request has.
+    // The consistent-hash key: the first of the route's hash policies the request has; else,
+    // as Envoy does, a new value for a cookie policy with a TTL, sent back as that cookie.
+    let key_hash = |v: &str| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        v.hash(&mut h);
+        h.finish()
+    };
+    let mut set_cookie = None;
     let hash = fwd
         .hash
         .iter()
         .find_map(|k| k.value(&parts, info.source.ip()))
-        .map(|v| {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            v.hash(&mut h);
-            h.finish()
+        .map(|v| key_hash(&v))
+        .or_else(|| {
+            fwd.hash.iter().find_map(|k| match k {
+                crate::config::route::HashKey::Cookie {
+                    name,
+                    ttl: Some(ttl),
+                    path,
+                } => {
+                    let value = format!("{:016x}", rand::random::<u64>());
+                    let path = if path.is_empty() { "/" } else { path };
+                    set_cookie = HeaderValue::from_str(&format!(
+                        "{name}={value}; Max-Age={}; Path={path}; HttpOnly",
+                        ttl.as_secs()
+                    ))
+                    .ok();
+                    Some(key_hash(&value))
+                }
+                _ => None,
+            })
         });
     // The retry in flight holds a slot of the cluster's retry limit until the next attempt
     // ends.
@@ -832,6 +854,9 @@ async fn forward(
                     continue;
                 }
                 strip_hop_by_hop(resp.headers_mut(), status == 101);
+                if let Some(c) = set_cookie.take() {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
                 let dest_peer = resp
                     .headers_mut()
                     .remove(peer::METADATA)

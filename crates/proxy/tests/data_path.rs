@@ -1584,3 +1584,83 @@ fn tcp_consistent_hash_by_source_ip_keeps_a_client_on_one_endpoint() {
         assert_eq!(names.len(), 1, "one client went to {names:?}");
     });
 }
+
+#[test]
+fn a_cookie_hash_policy_with_a_ttl_hands_out_the_cookie_and_sticks_to_it() {
+    in_netns(|| async {
+        let (h, [a, b, _, _]) = harness().await;
+        let mut ab = static_cluster("ab", &[a, b], false);
+        ab.lb_policy = cluster::LbPolicy::RingHash as i32;
+        h.fixed.put(CLUSTER, "ab", pack_any(ab));
+        let mut rc = routes(&[("ab", 100)]);
+        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+            ra.hash_policy = vec![route_action::HashPolicy {
+                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Cookie(
+                    route_action::hash_policy::Cookie {
+                        name: "affinity".into(),
+                        ttl: Some(envoy_types::pb::google::protobuf::Duration {
+                            seconds: 60,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }];
+        }
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        // (upstream name, Set-Cookie) of a GET with `cookie`, if any.
+        let get = async |cookie: Option<&str>| {
+            let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut req = http::Request::get("/").header("host", "svc");
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            let r = send
+                .send_request(req.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            let set = r
+                .headers()
+                .get("set-cookie")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            (String::from_utf8_lossy(&body[..6]).into_owned(), set)
+        };
+        let mut handed = None;
+        for _ in 0..200 {
+            if let (who, Some(set)) = get(None).await {
+                handed = Some((who, set));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (first, set) = handed.expect("a generated affinity cookie");
+        assert!(
+            set.starts_with("affinity=") && set.contains("Max-Age=60") && set.contains("Path=/"),
+            "{set}"
+        );
+        let cookie = set.split(';').next().unwrap().to_string();
+        for _ in 0..10 {
+            let (who, again) = get(Some(&cookie)).await;
+            assert_eq!(
+                who, first,
+                "the cookie did not keep the session on one endpoint"
+            );
+            assert!(again.is_none(), "a request with the cookie got a new one");
+        }
+        // Fresh sessions spread over both endpoints.
+        let mut spread = BTreeSet::new();
+        for _ in 0..20 {
+            spread.insert(get(None).await.0);
+        }
+        assert_eq!(spread.len(), 2, "{spread:?}");
+    });
+}

@@ -149,7 +149,12 @@ pub struct Forward {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HashKey {
     Header(http::HeaderName),
-    Cookie(String),
+    /// A cookie; with a TTL, a request without it gets one generated (session affinity).
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: String,
+    },
     SourceIp,
     QueryParameter(String),
 }
@@ -163,9 +168,11 @@ impl HashKey {
                     .map(HashKey::Header)
                     .map_err(|_| format!("bad hash header name {:?}", h.header_name))
             }
-            Some(PolicySpecifier::Cookie(c)) if !c.name.is_empty() => {
-                Ok(HashKey::Cookie(c.name.clone()))
-            }
+            Some(PolicySpecifier::Cookie(c)) if !c.name.is_empty() => Ok(HashKey::Cookie {
+                name: c.name.clone(),
+                ttl: c.ttl.as_ref().map(pb_duration),
+                path: c.path.clone(),
+            }),
             Some(PolicySpecifier::ConnectionProperties(c)) if c.source_ip => Ok(HashKey::SourceIp),
             Some(PolicySpecifier::QueryParameter(q)) if !q.name.is_empty() => {
                 Ok(HashKey::QueryParameter(q.name.clone()))
@@ -190,7 +197,7 @@ impl HashKey {
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .map(Cow::Borrowed),
-            HashKey::Cookie(name) => parts
+            HashKey::Cookie { name, .. } => parts
                 .headers
                 .get_all(http::header::COOKIE)
                 .iter()
