@@ -1223,27 +1223,40 @@ fn mirrored_requests_reach_the_shadow_host_and_answers_come_from_the_route() {
     });
 }
 
+/// Routes `svc` to a ring-hash cluster of `a` and `b`, hashing by `policy`.
+fn hash_to(
+    h: &Harness,
+    a: SocketAddr,
+    b: SocketAddr,
+    policy: route_action::hash_policy::PolicySpecifier,
+) {
+    let mut ab = static_cluster("ab", &[a, b], false);
+    ab.lb_policy = cluster::LbPolicy::RingHash as i32;
+    h.fixed.put(CLUSTER, "ab", pack_any(ab));
+    let mut rc = routes(&[("ab", 100)]);
+    if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+        ra.hash_policy = vec![route_action::HashPolicy {
+            policy_specifier: Some(policy),
+            ..Default::default()
+        }];
+    }
+    h.fixed.put(ROUTE, "80", pack_any(rc));
+    h.push();
+}
+
 #[test]
 fn consistent_hash_keeps_a_key_on_one_endpoint_and_spreads_keys() {
     in_netns(|| async {
         let (h, [a, b, _, _]) = harness().await;
-        let mut ab = static_cluster("ab", &[a, b], false);
-        ab.lb_policy = cluster::LbPolicy::RingHash as i32;
-        h.fixed.put(CLUSTER, "ab", pack_any(ab));
-        let mut rc = routes(&[("ab", 100)]);
-        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
-            ra.hash_policy = vec![route_action::HashPolicy {
-                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Header(
-                    route_action::hash_policy::Header {
-                        header_name: "x-user".into(),
-                        ..Default::default()
-                    },
-                )),
+        hash_to(
+            &h,
+            a,
+            b,
+            route_action::hash_policy::PolicySpecifier::Header(route_action::hash_policy::Header {
+                header_name: "x-user".into(),
                 ..Default::default()
-            }];
-        }
-        h.fixed.put(ROUTE, "80", pack_any(rc));
-        h.push();
+            }),
+        );
         let who = async |user: &str| {
             let s = tokio::net::TcpStream::connect("10.96.0.10:80")
                 .await
@@ -1589,27 +1602,19 @@ fn tcp_consistent_hash_by_source_ip_keeps_a_client_on_one_endpoint() {
 fn a_cookie_hash_policy_with_a_ttl_hands_out_the_cookie_and_sticks_to_it() {
     in_netns(|| async {
         let (h, [a, b, _, _]) = harness().await;
-        let mut ab = static_cluster("ab", &[a, b], false);
-        ab.lb_policy = cluster::LbPolicy::RingHash as i32;
-        h.fixed.put(CLUSTER, "ab", pack_any(ab));
-        let mut rc = routes(&[("ab", 100)]);
-        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
-            ra.hash_policy = vec![route_action::HashPolicy {
-                policy_specifier: Some(route_action::hash_policy::PolicySpecifier::Cookie(
-                    route_action::hash_policy::Cookie {
-                        name: "affinity".into(),
-                        ttl: Some(envoy_types::pb::google::protobuf::Duration {
-                            seconds: 60,
-                            nanos: 0,
-                        }),
-                        ..Default::default()
-                    },
-                )),
+        hash_to(
+            &h,
+            a,
+            b,
+            route_action::hash_policy::PolicySpecifier::Cookie(route_action::hash_policy::Cookie {
+                name: "affinity".into(),
+                ttl: Some(envoy_types::pb::google::protobuf::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
                 ..Default::default()
-            }];
-        }
-        h.fixed.put(ROUTE, "80", pack_any(rc));
-        h.push();
+            }),
+        );
         // (upstream name, Set-Cookie) of a GET with `cookie`, if any.
         let get = async |cookie: Option<&str>| {
             let s = tokio::net::TcpStream::connect("10.96.0.10:80")
