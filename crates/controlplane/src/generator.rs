@@ -1,8 +1,8 @@
 //! Pilot as an xDS generator: the Envoy node becomes a [`Proxy`], the current push context
 //! answers for it.
 //!
-//! Most of a sidecar's configuration is what every proxy of its [`Scope`] (namespace and
-//! Sidecar) gets alike: that part is built once per scope and push context and shared by all
+//! Most of a sidecar's configuration is what every proxy of its [`Scope`] (namespace, Sidecar
+//! and locality) gets alike: that part is built once per scope and push context and shared by all
 //! of them; only the proxy's own inbound clusters and listener are built per proxy. A shared
 //! part rebuilt for a new push context that came out the same is replaced by the previous one,
 //! so the ADS server sees the same `Arc` and skips it for every proxy at once. When only
@@ -168,10 +168,7 @@ impl PilotGenerator {
         });
         parts
     }
-}
 
-/// Resources packed and versioned, by the name `name` gives each.
-impl PilotGenerator {
     /// `proxy`'s inbound clusters and listeners under `ctx`, from the cache when still valid.
     fn inbound(&self, ctx: &PushContext, proxy: &Proxy) -> Inbound {
         use std::hash::{Hash, Hasher};
@@ -209,6 +206,7 @@ impl PilotGenerator {
     }
 }
 
+/// Resources packed and versioned, by the name `name` gives each.
 fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) -> Arc<Resources> {
     Arc::new(
         resources

@@ -727,18 +727,12 @@ async fn forward(
     let mut slot = Some(slot);
     // The consistent-hash key: the first of the route's hash policies the request has; else,
     // as Envoy does, a new value for a cookie policy with a TTL, sent back as that cookie.
-    let key_hash = |v: &str| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        v.hash(&mut h);
-        h.finish()
-    };
     let mut set_cookie = None;
     let hash = fwd
         .hash
         .iter()
         .find_map(|k| k.value(&parts, info.source.ip()))
-        .map(|v| key_hash(&v))
+        .map(|v| crate::config::cluster::hash_key(v.as_ref()))
         .or_else(|| {
             fwd.hash.iter().find_map(|k| match k {
                 crate::config::route::HashKey::Cookie {
@@ -753,7 +747,7 @@ async fn forward(
                         ttl.as_secs()
                     ))
                     .ok();
-                    Some(key_hash(&value))
+                    Some(crate::config::cluster::hash_key(value.as_str()))
                 }
                 _ => None,
             })

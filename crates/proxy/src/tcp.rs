@@ -28,12 +28,7 @@ pub async fn proxy<S>(
         upstream_cluster: cluster_name.to_string(),
         ..Default::default()
     };
-    let hash = hash_source_ip.then(|| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::hash::DefaultHasher::new();
-        info.source.ip().hash(&mut h);
-        h.finish()
-    });
+    let hash = hash_source_ip.then(|| crate::config::cluster::hash_key(info.source.ip()));
     let (flags, received, sent) = relay(down, cluster_name, hash, info, shared, &mut entry).await;
     if !logs.is_empty() {
         entry.flags = flags.to_string();

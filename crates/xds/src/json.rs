@@ -47,21 +47,6 @@ pub fn to_json<M: prost::Message + prost::Name>(m: &M) -> Result<serde_json::Val
     encoded_to_json(&M::full_name(), &m.encode_to_vec())
 }
 
-/// An `Any` as JSON with its `@type`.
-pub fn any_to_json(
-    any: &envoy_types::pb::google::protobuf::Any,
-) -> Result<serde_json::Value, JsonError> {
-    let name = any.type_url.rsplit('/').next().unwrap_or(&any.type_url);
-    let mut v = encoded_to_json(name, &any.value)?;
-    if let serde_json::Value::Object(map) = &mut v {
-        map.insert(
-            "@type".into(),
-            serde_json::Value::String(any.type_url.clone()),
-        );
-    }
-    Ok(v)
-}
-
 /// Envoy's `/config_dump` of an xDS state: clusters, endpoints, listeners, routes (Envoy's
 /// order), then `extra` sections (secrets).
 pub fn config_dump(
@@ -121,12 +106,6 @@ mod tests {
         assert_eq!(
             v["name"],
             "outbound|9080||reviews.default.svc.cluster.local"
-        );
-        let any = envoy_types::util::pack_any(c);
-        let v = super::any_to_json(&any).unwrap();
-        assert_eq!(
-            v["@type"],
-            "type.googleapis.com/envoy.config.cluster.v3.Cluster"
         );
     }
 }

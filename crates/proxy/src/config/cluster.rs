@@ -111,14 +111,18 @@ pub struct Pick<'a> {
     pub state: Option<&'a Arc<EndpointState>>,
 }
 
+/// A consistent-hash key (a header's value, a client IP, …) as the number picks go by. The
+/// hasher has fixed keys: every proxy maps a key to the same endpoint.
+pub fn hash_key(value: impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
 /// The rendezvous weight of `address` for a hash key: the highest weight wins the key.
 fn rendezvous(key: u64, address: &Address) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // A fixed-key hasher: every proxy maps a key to the same endpoint.
-    let mut h = std::hash::DefaultHasher::new();
-    key.hash(&mut h);
-    address.hash(&mut h);
-    h.finish()
+    hash_key((key, address))
 }
 
 /// Envoy's retry budget: retries in flight may be `percent` of the requests in flight, and at
