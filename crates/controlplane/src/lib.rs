@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod generator;
 pub mod http;
+pub mod jwks;
 pub mod source;
 
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use isthmus_config::MeshConfig;
 use isthmus_pilot::PushContext;
+use isthmus_pilot::authn::jwks_uris;
 use isthmus_xds::AdsServer;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -111,7 +113,10 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
             )
         }
     };
-    let context: Shared = Arc::new(RwLock::new(Arc::new(build(snapshot))));
+    let jwks = jwks::JwksCache::default();
+    let mut first = build(snapshot);
+    first.jwks = jwks.resolve(&jwks_uris(&first.snapshot)).await;
+    let context: Shared = Arc::new(RwLock::new(Arc::new(first)));
     let (version_tx, version_rx) = watch::channel(1u64);
 
     let xds_listener = bind(opts.xds_addr).await?;
@@ -157,7 +162,12 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
 
     // File events → debounced reload → new push context → version bump.
     let (events_tx, mut events_rx) = mpsc::unbounded_channel::<()>();
-    let watcher = watch_dir(&opts.config_dir, events_tx)?;
+    let watcher = watch_dir(&opts.config_dir, events_tx.clone())?;
+    tasks.push(tokio::spawn(refresh_jwks(
+        jwks.clone(),
+        context.clone(),
+        events_tx,
+    )));
     let shared = context.clone();
     tasks.push(tokio::spawn(async move {
         let mut version = 1u64;
@@ -171,6 +181,7 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
             let (snapshot, rejected) = source.reload();
             report(&rejected);
             let mut next = build(snapshot);
+            next.jwks = jwks.resolve(&jwks_uris(&next.snapshot)).await;
             let previous = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
             next.follow(&previous);
             timings.init.observe(started.elapsed().as_secs_f64());
@@ -237,6 +248,19 @@ async fn serve_secure(
         }
     });
     Ok((addr, task))
+}
+
+/// Fetches the keys of `jwksUri`s again when due; new keys reload the configuration.
+async fn refresh_jwks(jwks: jwks::JwksCache, context: Shared, events: mpsc::UnboundedSender<()>) {
+    loop {
+        tokio::time::sleep(jwks::RETRY).await;
+        let current = context.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let uris = jwks_uris(&current.snapshot);
+        drop(current);
+        if jwks.refresh(&uris).await && events.send(()).is_err() {
+            return;
+        }
+    }
 }
 
 /// Waits until events stop for [`DEBOUNCE_AFTER`], or [`DEBOUNCE_MAX`] has passed.

@@ -522,3 +522,120 @@ async fn one_new_endpoint_sends_one_assignment_to_each_proxy_and_nothing_else() 
     let san = b"spiffe://cluster.local/ns/default/sa/reviews-v2";
     assert!(bytes.windows(san.len()).any(|w| w == san));
 }
+
+/// The keys the JWT filter of a proxy's inbound HTTP chain carries (its first provider's).
+fn inline_jwks(r: &DeltaDiscoveryResponse) -> Option<String> {
+    use envoy_types::pb::envoy::config::core::v3::data_source;
+    use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::{
+        JwtAuthentication, jwt_provider,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_filter,
+    };
+    use prost::Message;
+    r.resources.iter().find_map(|res| {
+        let l = Listener::decode(res.resource.as_ref()?.value.as_slice()).ok()?;
+        l.filter_chains
+            .iter()
+            .flat_map(|c| &c.filters)
+            .find_map(|f| {
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                    return None;
+                };
+                let hcm = HttpConnectionManager::decode(any.value.as_slice()).ok()?;
+                hcm.http_filters.iter().find_map(|h| {
+                    let Some(http_filter::ConfigType::TypedConfig(any)) = &h.config_type else {
+                        return None;
+                    };
+                    let jwt = JwtAuthentication::decode(any.value.as_slice()).ok()?;
+                    let p = jwt.providers.get("origins-0")?;
+                    match &p.jwks_source_specifier {
+                        Some(jwt_provider::JwksSourceSpecifier::LocalJwks(ds)) => {
+                            match &ds.specifier {
+                                Some(data_source::Specifier::InlineString(s)) => Some(s.clone()),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    }
+                })
+            })
+    })
+}
+
+#[tokio::test]
+async fn jwks_uris_are_fetched_retried_and_pushed_inline() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
+    // A JWKS server on loopback that fails until told otherwise.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let up = Arc::new(AtomicBool::new(false));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let (up2, fetches2) = (up.clone(), fetches.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            fetches2.fetch_add(1, Ordering::Relaxed);
+            let up = up2.load(Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let answer = if up {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{JWKS}",
+                        JWKS.len()
+                    )
+                } else {
+                    "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example.com\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n"
+        ),
+    )
+    .unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        type_url: isthmus_xds::server::LISTENER.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let lds = next_delta(&mut stream).await;
+    ack(&tx, &lds);
+    // While the keys cannot be fetched, the provider has none: tokens are refused, not let in.
+    assert_eq!(inline_jwks(&lds).as_deref(), Some(r#"{"keys":[]}"#));
+    // Once the server answers, the retried fetch brings the keys, and they are pushed.
+    up.store(true, Ordering::Relaxed);
+    let lds = next_delta(&mut stream).await;
+    assert_eq!(inline_jwks(&lds).as_deref(), Some(JWKS));
+    ack(&tx, &lds);
+    // Fetched keys are kept: no more fetches, and nothing more is pushed.
+    let seen = fetches.load(Ordering::Relaxed);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2500), stream.message())
+            .await
+            .is_err()
+    );
+    assert_eq!(fetches.load(Ordering::Relaxed), seen);
+}

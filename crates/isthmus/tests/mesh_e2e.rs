@@ -956,3 +956,98 @@ fn undeclared_ports_are_sniffed_and_server_first_ports_are_tcp() {
     let (ok, out) = mesh.get("client", "tcp-server-first://greet:7777", &[]);
     assert!(ok && out.contains("Hostname=greet"), "{out}");
 }
+
+#[test]
+fn request_authentication_verifies_tokens_and_authorization_uses_their_principal() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use isthmus_testkit::jwt::Issuer;
+    let issuer = Issuer::new("https://auth.example.com", "k1");
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {{name: jwt, labels: {{istio-injection: enabled}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: api, namespace: jwt}}
+spec:
+  selector: {{app: api}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: api, namespace: jwt, labels: {{app: api}}}}
+spec:
+  containers:
+  - name: api
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: jwt, labels: {{app: client}}}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: api, namespace: jwt}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  jwtRules:
+  - issuer: https://auth.example.com
+    audiences: [api]
+    jwks: '{jwks}'
+    outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: api, namespace: jwt}}
+spec:
+  selector: {{matchLabels: {{app: api}}}}
+  rules:
+  - from: [{{source: {{requestPrincipals: [https://auth.example.com/alice]}}}}]
+"#,
+        jwks = issuer.jwks()
+    );
+    let mesh = Mesh::up("jw", &yaml, &[]);
+    let header = |token: &str| format!("Authorization: Bearer {token}");
+    // A verified token of the allowed principal: through, without the token, with its claim.
+    let alice = issuer.token(serde_json::json!({"sub": "alice", "aud": "api"}));
+    let (ok, out) = mesh.get("client", "http://api:8080/", &["-H", &header(&alice)]);
+    assert!(ok, "{out}");
+    assert!(out.contains("RequestHeader=x-user:alice"), "{out}");
+    assert!(
+        !out.to_ascii_lowercase().contains("authorization:"),
+        "{out}"
+    );
+    // A verified token of another principal, and no token at all: authorization says no.
+    let bob = issuer.token(serde_json::json!({"sub": "bob", "aud": "api"}));
+    for extra in [vec!["-H".to_string(), header(&bob)], vec![]] {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let (ok, out) = mesh.get("client", "http://api:8080/", &extra);
+        assert!(!ok && out.contains("StatusCode=403"), "{out}");
+        assert!(out.contains("RBAC: access denied"), "{out}");
+    }
+    // A token that does not verify never reaches authorization: 401 with Envoy's reason.
+    let forged = Issuer::new("https://auth.example.com", "k1")
+        .token(serde_json::json!({"sub": "alice", "aud": "api"}));
+    let (ok, out) = mesh.get("client", "http://api:8080/", &["-H", &header(&forged)]);
+    assert!(!ok && out.contains("StatusCode=401"), "{out}");
+    assert!(out.contains("Jwt verification fails"), "{out}");
+    let wrong_audience = issuer.token(serde_json::json!({"sub": "alice", "aud": "web"}));
+    let (ok, out) = mesh.get(
+        "client",
+        "http://api:8080/",
+        &["-H", &header(&wrong_audience)],
+    );
+    assert!(
+        !ok && out.contains("Audiences in Jwt are not allowed"),
+        "{out}"
+    );
+}

@@ -3,6 +3,9 @@
 //! and AUDIT as a LOG filter. Each rule is one Envoy policy: `to` and destination conditions
 //! become permissions, `from` and source conditions principals.
 //!
+//! Request principals and `request.auth.*` match the verified JWT's payload, which the JWT
+//! filter (see [`crate::authn`]) keeps in its metadata.
+//!
 //! TCP chains get the network RBAC filter with HTTP-only fields (hosts, methods, paths, request
 //! principals, request headers) handled as Istio does, failing closed: an ALLOW rule that needs
 //! them is dropped (it can never match), a DENY rule drops them (it matches more).
@@ -17,15 +20,15 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpFilter, http_filter,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
-    PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
+    ListMatcher, MetadataMatcher, OrMatcher, PathMatcher, RegexMatcher, StringMatcher,
+    ValueMatcher, list_matcher, metadata_matcher, path_matcher, string_matcher, value_matcher,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 use envoy_types::util::pack_any;
-use isthmus_config::Entry;
 use isthmus_config::istio::security::{Condition, Rule};
-use isthmus_config::resource::AuthorizationPolicy;
 
-use crate::context::{PushContext, selector_matches};
+use crate::authn::{JWT_FILTER, JWT_PAYLOAD};
+use crate::context::PushContext;
 use crate::proxy::Proxy;
 
 pub const HTTP_RBAC: &str = "envoy.filters.http.rbac";
@@ -37,31 +40,15 @@ enum Layer {
     Tcp,
 }
 
-/// The policies that apply to `proxy`'s workload: mesh-wide ones in the root namespace, and
-/// those of its namespace, each without a selector or with one that matches.
-fn applicable<'a>(ctx: &'a PushContext, proxy: &'a Proxy) -> Vec<&'a Entry<AuthorizationPolicy>> {
-    let labels = ctx.proxy_labels(proxy);
-    let mut out: Vec<&Entry<AuthorizationPolicy>> = ctx
-        .snapshot
-        .authorization_policies
-        .iter()
-        .filter(|p| p.namespace() == proxy.namespace || p.namespace() == ctx.root_namespace())
-        .filter(|p| p.object.spec.target_ref.is_none() && p.object.spec.target_refs.is_empty())
-        .filter(|p| {
-            p.object
-                .spec
-                .selector
-                .as_ref()
-                .is_none_or(|s| selector_matches(&s.match_labels, labels))
-        })
-        .collect();
-    out.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
-    out
-}
-
 /// The RBAC configurations in evaluation order (DENY, ALLOW, AUDIT); CUSTOM is not built here.
 fn rbacs(ctx: &PushContext, proxy: &Proxy, layer: Layer) -> Vec<(&'static str, Rbac)> {
-    let policies = applicable(ctx, proxy);
+    let policies = ctx.workload_policies(proxy, &ctx.snapshot.authorization_policies, |p| {
+        let s = &p.spec;
+        (
+            s.selector.as_ref(),
+            s.target_ref.is_some() || !s.target_refs.is_empty(),
+        )
+    });
     let mut out = Vec::new();
     for (action, envoy_action, label) in [
         ("DENY", rbac::Action::Deny, "deny"),
@@ -78,7 +65,8 @@ fn rbacs(ctx: &PushContext, proxy: &Proxy, layer: Layer) -> Vec<(&'static str, R
         let mut map = crate::maps::map();
         for p in selected {
             for (i, rule) in p.object.spec.rules.iter().enumerate() {
-                if let Some(policy) = policy_of(rule, action, layer, ctx.domain()) {
+                let policy = policy_of(rule, action, layer, p.namespace(), ctx.domain());
+                if let Some(policy) = policy {
                     map.insert(
                         format!("ns[{}]-policy[{}]-rule[{i}]", p.namespace(), p.name()),
                         policy,
@@ -131,7 +119,13 @@ pub fn network_filters(ctx: &PushContext, proxy: &Proxy) -> Vec<Filter> {
 }
 
 /// One rule as an Envoy policy; None when the rule can never match at this layer.
-fn policy_of(rule: &Rule, action: &str, layer: Layer, _domain: &str) -> Option<Policy> {
+fn policy_of(
+    rule: &Rule,
+    action: &str,
+    layer: Layer,
+    namespace: &str,
+    domain: &str,
+) -> Option<Policy> {
     let drop_http = |has_http: bool| layer == Layer::Tcp && has_http;
     let mut permissions: Vec<Permission> = Vec::new();
     let mut principals: Vec<Principal> = Vec::new();
@@ -203,11 +197,17 @@ fn policy_of(rule: &Rule, action: &str, layer: Layer, _domain: &str) -> Option<P
         push_not(&mut and, &src.not_ip_blocks, |c| princ_cidr(c, false));
         push_or(&mut and, &src.remote_ip_blocks, |c| princ_cidr(c, true));
         push_not(&mut and, &src.not_remote_ip_blocks, |c| princ_cidr(c, true));
+        push_or(&mut and, &src.service_accounts, |a| {
+            princ_authenticated(service_account_matcher(a, namespace, domain))
+        });
+        push_not(&mut and, &src.not_service_accounts, |a| {
+            princ_authenticated(service_account_matcher(a, namespace, domain))
+        });
         if layer == Layer::Http {
-            // JWT principals come from RequestAuthentication, which this mesh does not run
-            // yet: `requestPrincipals` matches no request (fails closed for ALLOW).
-            push_or(&mut and, &src.request_principals, |_| princ_never());
-            push_not(&mut and, &src.not_request_principals, |_| princ_never());
+            push_or(&mut and, &src.request_principals, request_principal);
+            push_not(&mut and, &src.not_request_principals, |p| {
+                request_principal(p)
+            });
         }
         sources.push(and_princ(and));
     }
@@ -219,7 +219,7 @@ fn policy_of(rule: &Rule, action: &str, layer: Layer, _domain: &str) -> Option<P
     }
 
     for c in &rule.when {
-        match condition(c, layer) {
+        match condition(c, layer, namespace, domain) {
             Some(Cond::Permission(p)) => permissions.push(p),
             Some(Cond::Principal(p)) => principals.push(p),
             // An HTTP condition at L4: an ALLOW can never match; a DENY ignores it.
@@ -240,7 +240,7 @@ enum Cond {
 }
 
 /// Istio's `when` keys; None for one that needs HTTP on a TCP chain.
-fn condition(c: &Condition, layer: Layer) -> Option<Cond> {
+fn condition(c: &Condition, layer: Layer, namespace: &str, domain: &str) -> Option<Cond> {
     let l7 = layer == Layer::Http;
     let key = c.key.as_str();
     let values = |f: &dyn Fn(&str) -> Principal| {
@@ -260,6 +260,9 @@ fn condition(c: &Condition, layer: Layer) -> Option<Cond> {
         "remote.ip" => values(&|v| princ_cidr(v, true)),
         "source.namespace" => values(&|v| princ_authenticated(namespace_matcher(v))),
         "source.principal" => values(&|v| princ_authenticated(principal_matcher(v))),
+        "source.serviceAccount" => {
+            values(&|v| princ_authenticated(service_account_matcher(v, namespace, domain)))
+        }
         "destination.port" => pvalues(&perm_port),
         "destination.ip" => pvalues(&perm_cidr),
         "connection.sni" => pvalues(&|v| Permission {
@@ -272,14 +275,120 @@ fn condition(c: &Condition, layer: Layer) -> Option<Cond> {
             let name = k["request.headers[".len()..k.len() - 1].to_ascii_lowercase();
             values(&|v| princ_header(&name, string_match(v)))
         }
-        // request.auth.* and the rest need JWT or are not supported: they match nothing.
-        _ => {
-            if !l7 {
-                return None;
-            }
-            values(&|_| princ_never())
+        _ if !l7 => return None,
+        "request.auth.principal" => values(&request_principal),
+        "request.auth.audiences" => values(&|v| princ_claim(&["aud"], v)),
+        "request.auth.presenter" => values(&|v| princ_claim(&["azp"], v)),
+        k if k.starts_with("request.auth.claims[") && k.ends_with(']') => {
+            // `request.auth.claims[a][b]`: the nested claim a.b.
+            let inner = &k["request.auth.claims[".len()..k.len() - 1];
+            let path: Vec<&str> = inner.split("][").collect();
+            values(&|v| princ_claim(&path, v))
         }
+        // What Istio does not support at all matches nothing.
+        _ => values(&|_| princ_never()),
     })
+}
+
+/// A value in the verified JWT's payload (the JWT filter's metadata). The `metadata`
+/// principal is what Istio emits (Envoy has since added `sourced_metadata`).
+#[allow(deprecated)]
+fn princ_payload(path: &[&str], value: ValueMatcher) -> Principal {
+    let keys = std::iter::once(JWT_PAYLOAD).chain(path.iter().copied());
+    Principal {
+        identifier: Some(principal::Identifier::Metadata(MetadataMatcher {
+            filter: JWT_FILTER.into(),
+            path: keys
+                .map(|k| metadata_matcher::PathSegment {
+                    segment: Some(metadata_matcher::path_segment::Segment::Key(k.into())),
+                })
+                .collect(),
+            value: Some(value),
+            invert: false,
+        })),
+    }
+}
+
+fn value_string(m: StringMatcher) -> ValueMatcher {
+    ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::StringMatch(m)),
+    }
+}
+
+/// A claim that is a string or a list of strings (`aud`, `groups`, `scope`): either matches.
+fn princ_claim(path: &[&str], v: &str) -> Principal {
+    let one = value_string(string_match(v));
+    let list = ValueMatcher {
+        match_pattern: Some(value_matcher::MatchPattern::ListMatch(Box::new(
+            ListMatcher {
+                match_pattern: Some(list_matcher::MatchPattern::OneOf(Box::new(one.clone()))),
+            },
+        ))),
+    };
+    princ_payload(
+        path,
+        ValueMatcher {
+            match_pattern: Some(value_matcher::MatchPattern::OrMatch(OrMatcher {
+                value_matchers: vec![one, list],
+            })),
+        },
+    )
+}
+
+/// `<iss>/<sub>` of the verified JWT (split at the last `/`: issuers are often URLs), with
+/// Istio's `*`, `prefix*` and `*suffix` forms.
+fn request_principal(v: &str) -> Principal {
+    let any = || {
+        matcher(string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: ".+".into(),
+            ..Default::default()
+        }))
+    };
+    let (iss, sub) = match v.rsplit_once('/') {
+        Some((iss, sub)) => (iss, Some(sub)),
+        None => (v, None),
+    };
+    let (iss_m, sub_m) = if v == "*" {
+        (any(), any())
+    } else if let Some(rest) = v.strip_prefix('*') {
+        match sub {
+            Some(sub) if iss == "*" => (any(), exact(sub)),
+            Some(sub) => (
+                matcher(string_matcher::MatchPattern::Suffix(iss[1..].to_string())),
+                exact(sub),
+            ),
+            None => (
+                any(),
+                matcher(string_matcher::MatchPattern::Suffix(rest.to_string())),
+            ),
+        }
+    } else if let Some(rest) = v.strip_suffix('*') {
+        match sub {
+            Some("*") => (exact(iss), any()),
+            Some(sub) => (
+                exact(iss),
+                matcher(string_matcher::MatchPattern::Prefix(
+                    sub.trim_end_matches('*').to_string(),
+                )),
+            ),
+            None => (
+                matcher(string_matcher::MatchPattern::Prefix(rest.to_string())),
+                any(),
+            ),
+        }
+    } else {
+        (exact(iss), exact(sub.unwrap_or_default()))
+    };
+    and_princ(vec![
+        princ_payload(&["iss"], value_string(iss_m)),
+        princ_payload(&["sub"], value_string(sub_m)),
+    ])
+}
+
+/// Istio's `serviceAccounts`: `<namespace>/<name>`, or `<name>` in the policy's namespace.
+fn service_account_matcher(v: &str, namespace: &str, domain: &str) -> StringMatcher {
+    let (ns, sa) = v.split_once('/').unwrap_or((namespace, v));
+    exact(&format!("spiffe://{domain}/ns/{ns}/sa/{sa}"))
 }
 
 fn push_or<T>(and: &mut Vec<T>, values: &[String], f: impl Fn(&str) -> T)

@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 
+use isthmus_config::istio::common::WorkloadSelector;
 use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
-use isthmus_config::{Entry, Kind, MeshConfig, Snapshot};
+use isthmus_config::{Entry, HasMetadata, Kind, MeshConfig, Snapshot};
 use isthmus_registry::host::{host_matches, resolve_config_host};
 use isthmus_registry::{Locality, Port, Registry, Service, Workload};
 
+use crate::authn::JwksDocs;
 use crate::proxy::Proxy;
 
 /// How a proxy hands inbound traffic to its app (seeds 000–002).
@@ -57,6 +59,9 @@ pub struct PushContext {
     /// Changes when anything outbound clusters, listeners and routes depend on changes (see
     /// [`PushContext::follow`]); a change of endpoints alone keeps it.
     pub outbound_epoch: u64,
+    /// The keys RequestAuthentication `jwksUri`s pointed to when the control plane fetched
+    /// them (istiod inlines them into the JWT filter, and so do we).
+    pub jwks: JwksDocs,
 }
 
 /// The kinds that only make endpoints (and a proxy's own inbound configuration): a change in
@@ -135,6 +140,7 @@ impl PushContext {
             mesh,
             inbound_mode,
             outbound_epoch: 0,
+            jwks: JwksDocs::new(),
         }
     }
 
@@ -143,6 +149,7 @@ impl PushContext {
     pub fn follow(&mut self, previous: &PushContext) {
         let same = self.mesh == previous.mesh
             && self.inbound_mode == previous.inbound_mode
+            && self.jwks == previous.jwks
             && self.registry.domain == previous.registry.domain
             && self
                 .snapshot
@@ -175,6 +182,31 @@ impl PushContext {
             .ips
             .iter()
             .find_map(|ip| self.registry.workload_by_ip(*ip))
+    }
+
+    /// The workload policies of `list` that apply to `proxy`: the root namespace's and those of
+    /// its namespace, without a selector or with one matching its labels, in name order.
+    /// `binding` gives a policy's selector, and whether it is bound by `targetRef` instead
+    /// (then it attaches to gateways and waypoints, not to sidecars).
+    pub fn workload_policies<'a, T: HasMetadata>(
+        &'a self,
+        proxy: &'a Proxy,
+        list: &'a [Entry<T>],
+        binding: impl Fn(&T) -> (Option<&WorkloadSelector>, bool),
+    ) -> Vec<&'a Entry<T>> {
+        let labels = self.proxy_labels(proxy);
+        let mut out: Vec<&Entry<T>> = list
+            .iter()
+            .filter(|p| p.namespace() == proxy.namespace || p.namespace() == self.root_namespace())
+            .filter(|p| match binding(&p.object) {
+                (_, true) => false,
+                (selector, false) => {
+                    selector.is_none_or(|s| selector_matches(&s.match_labels, labels))
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+        out
     }
 
     /// The labels of a proxy's workload: its node metadata, else the registry's.

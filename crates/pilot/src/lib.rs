@@ -1,8 +1,10 @@
 //! Pilot: the mesh translated into Envoy v3 resources for one proxy, in Istio's names and
 //! shapes. `context` holds the mesh at one moment, `proxy` who asks; `cluster` (CDS) and
-//! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authz` turns
-//! AuthorizationPolicies into the inbound chains' RBAC filters.
+//! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authn` turns
+//! RequestAuthentications into the inbound chains' JWT filter and `authz` AuthorizationPolicies
+//! into their RBAC filters.
 
+pub mod authn;
 pub mod authz;
 pub mod cluster;
 pub mod context;

@@ -331,7 +331,9 @@ fn virtual_outbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
 fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     let mut chains = Vec::new();
     let mut sniffing = false;
-    let http_authz = crate::authz::http_filters(ctx, proxy);
+    // Authentication first: authorization reads what it verified.
+    let mut http_authz = crate::authn::http_filters(ctx, proxy);
+    http_authz.extend(crate::authz::http_filters(ctx, proxy));
     let tcp_authz = crate::authz::network_filters(ctx, proxy);
     let passthrough = || {
         let mut f = tcp_authz.clone();

@@ -510,3 +510,47 @@ fn source_ip_hashing_reaches_the_tcp_proxy() {
         "{json}"
     );
 }
+
+#[test]
+fn request_authentication_puts_the_jwt_filter_before_rbac_which_matches_its_payload() {
+    let ctx = context_with(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  jwtRules:\n  - issuer: https://auth.example.com\n    jwksUri: https://auth.example.com/jwks.json\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: jwt, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: productpage}}\n  rules:\n  - from: [{source: {requestPrincipals: [https://auth.example.com/alice]}}]\n",
+    );
+    let inbound = isthmus_pilot::listener::listeners(
+        &ctx,
+        &proxy("10.1.0.10", "productpage-v1-0", "bookinfo"),
+    )
+    .into_iter()
+    .find(|l| l.name == "virtualInbound")
+    .unwrap();
+    let json = to_json(&inbound).unwrap().to_string();
+    let jwt = json
+        .find("\"envoy.filters.http.jwt_authn\"")
+        .expect("a JWT filter");
+    let rbac = json
+        .find("\"envoy.filters.http.rbac\"")
+        .expect("an RBAC filter");
+    assert!(jwt < rbac, "authentication runs before authorization");
+    // Istio's provider: payload in metadata, the keys inline (not fetched here: none), a
+    // missing token allowed and a bad one refused.
+    for part in [
+        "\"origins-0\"",
+        "\"payload_in_metadata\":\"payload\"",
+        "\"inline_string\":\"{\\\"keys\\\":[]}\"",
+        "\"allow_missing\":{}",
+        "\"space_delimited_claims\":[\"permission\",\"scope\"]",
+        // `iss/sub` split at the last slash, matched in the payload.
+        "\"filter\":\"envoy.filters.http.jwt_authn\",\"path\":[{\"key\":\"payload\"},{\"key\":\"iss\"}],\"value\":{\"string_match\":{\"exact\":\"https://auth.example.com\"}}",
+        "{\"key\":\"sub\"}],\"value\":{\"string_match\":{\"exact\":\"alice\"}}",
+    ] {
+        assert!(json.contains(part), "{part} in {json}");
+    }
+    // Another workload gets neither.
+    let other =
+        isthmus_pilot::listener::listeners(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
+    let other: String = other
+        .iter()
+        .map(|l| to_json(l).unwrap().to_string())
+        .collect();
+    assert!(other.contains("\"virtualInbound\"") && !other.contains("jwt_authn"));
+}

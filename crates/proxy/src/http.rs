@@ -22,9 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
-use crate::config::Cluster;
+use crate::config::jwt::Failure;
 use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
 use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
+use crate::config::{Cluster, DynamicMetadata};
 use crate::peer::{self, Workload};
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
@@ -214,6 +215,17 @@ async fn handle(
     let upgrade = is_upgrade(req.version(), req.headers());
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let mut metadata = DynamicMetadata::new();
+    if let Some(jwt) = &hcm.jwt {
+        if let Err(failure) = jwt.verify(&mut parts, &mut metadata) {
+            stats.inc(&format!("http.{}.jwt_authn.denied", hcm.stat_prefix));
+            tracing::debug!(reason = failure.text(), "JWT rejected");
+            let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
+            refuse(shared, info, &parts, pending, 401, "-");
+            return jwt_reply(&parts, failure);
+        }
+        stats.inc(&format!("http.{}.jwt_authn.allowed", hcm.stat_prefix));
+    }
     if !hcm.rbac.is_empty() {
         let principal = info.principal();
         let input = crate::config::rbac::Input {
@@ -222,26 +234,12 @@ async fn handle(
             destination: info.destination,
             server_name: None,
             request: Some(&parts),
+            metadata: Some(&metadata),
         };
         if !crate::config::rbac::allowed(&hcm.rbac, &input) {
             stats.inc(&format!("http.{}.rbac.denied", hcm.stat_prefix));
-            let reporter = if info.inbound() {
-                Reporter::Destination
-            } else {
-                Reporter::Source
-            };
-            let source_peer = parts
-                .headers
-                .get(peer::METADATA)
-                .and_then(|v| Workload::decode(v.as_bytes()));
-            let parties = shared.parties(info, None, source_peer, None);
-            let pending = Pending {
-                start,
-                request_bytes: Arc::new(AtomicU64::new(0)),
-                upgrade,
-                log: LogCtx::new(hcm, &parts, info, ""),
-            };
-            finish_local(stats, reporter, &parties, "http", 403, "RBAC", pending);
+            let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
+            refuse(shared, info, &parts, pending, 403, "RBAC");
             return local_reply(403, "RBAC: access denied");
         }
         stats.inc(&format!("http.{}.rbac.allowed", hcm.stat_prefix));
@@ -277,19 +275,14 @@ async fn handle(
                     && crate::config::route::roll(ppm)
                 {
                     stats.inc(&format!("http.{}.fault.aborts_injected", hcm.stat_prefix));
-                    let reporter = if info.inbound() {
-                        Reporter::Destination
-                    } else {
-                        Reporter::Source
-                    };
-                    let parties = shared.parties(info, None, None, None);
-                    let pending = Pending {
-                        start,
-                        request_bytes: Arc::new(AtomicU64::new(0)),
-                        upgrade,
-                        log,
-                    };
-                    finish_local(stats, reporter, &parties, "http", status, "FI", pending);
+                    refuse(
+                        shared,
+                        info,
+                        &parts,
+                        Pending::local(start, upgrade, log),
+                        status,
+                        "FI",
+                    );
                     return local_reply(status, "fault filter abort");
                 }
             }
@@ -434,6 +427,18 @@ struct Pending {
     upgrade: bool,
     /// The request as the access logs will describe it (when any is configured).
     log: Option<LogCtx>,
+}
+
+impl Pending {
+    /// A request answered before any body was read.
+    fn local(start: Instant, upgrade: bool, log: Option<LogCtx>) -> Pending {
+        Pending {
+            start,
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            upgrade,
+            log,
+        }
+    }
 }
 
 struct LogCtx {
@@ -971,6 +976,56 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Records a request the proxy answered itself (a policy or an injected fault said no).
+fn refuse(
+    shared: &Shared,
+    info: &ConnInfo,
+    parts: &Parts,
+    pending: Pending,
+    status: u16,
+    flags: &'static str,
+) {
+    let reporter = if info.inbound() {
+        Reporter::Destination
+    } else {
+        Reporter::Source
+    };
+    let source_peer = parts
+        .headers
+        .get(peer::METADATA)
+        .and_then(|v| Workload::decode(v.as_bytes()));
+    let parties = shared.parties(info, None, source_peer, None);
+    finish_local(
+        &shared.stats,
+        reporter,
+        &parties,
+        "http",
+        status,
+        flags,
+        pending,
+    );
+}
+
+/// Envoy's answer to a token that failed: 401 with the reason and a `WWW-Authenticate`
+/// challenge naming the resource.
+fn jwt_reply(parts: &Parts, failure: Failure) -> Response<Body> {
+    let mut r = local_reply(401, failure.text());
+    let realm = format!(
+        "http://{}{}",
+        authority(parts).unwrap_or_default(),
+        parts.uri.path()
+    );
+    let challenge = if failure == Failure::Missing {
+        format!("Bearer realm=\"{realm}\"")
+    } else {
+        format!("Bearer realm=\"{realm}\", error=\"invalid_token\"")
+    };
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
 }
 
 fn finish_local(

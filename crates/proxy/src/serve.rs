@@ -215,6 +215,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             destination,
             server_name: facts.server_name.as_deref(),
             request: None,
+            metadata: None,
         };
         if !crate::config::rbac::allowed(&chain.rbac, &input) {
             // A TCP denial closes the connection.

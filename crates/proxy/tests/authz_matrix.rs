@@ -107,6 +107,7 @@ fn decide(f: &[Rbac], r: &Req, http: bool) -> bool {
             destination: SocketAddr::new("10.200.0.20".parse().unwrap(), r.port),
             server_name: None,
             request: http.then_some(&parts),
+            metadata: None,
         },
     )
 }
@@ -210,6 +211,27 @@ fn allow_rules_match_each_source_field() {
             |_| {},
             true,
         ),
+        // serviceAccounts: namespace/name, or a name in the policy's namespace.
+        (
+            "  - from: [{source: {serviceAccounts: [bookinfo/bookinfo-reviews]}}]",
+            |_| {},
+            true,
+        ),
+        (
+            "  - from: [{source: {serviceAccounts: [bookinfo-reviews]}}]",
+            |_| {},
+            true,
+        ),
+        (
+            "  - from: [{source: {serviceAccounts: [other/bookinfo-reviews]}}]",
+            |_| {},
+            false,
+        ),
+        (
+            "  - from: [{source: {notServiceAccounts: [bookinfo-reviews]}}]",
+            |_| {},
+            false,
+        ),
         // requestPrincipals need JWT, which no request here carries.
         (
             "  - from: [{source: {requestPrincipals: ['*']}}]",
@@ -304,6 +326,11 @@ fn allow_rules_match_each_operation_field_and_condition() {
         ),
         (
             "  - when: [{key: source.principal, values: [cluster.local/ns/bookinfo/sa/bookinfo-reviews]}]",
+            |_| {},
+            true,
+        ),
+        (
+            "  - when: [{key: source.serviceAccount, values: [bookinfo/bookinfo-reviews]}]",
             |_| {},
             true,
         ),

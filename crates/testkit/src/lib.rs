@@ -1,5 +1,7 @@
 //! Test fixtures: network namespaces that clean up after themselves (also when a test panics),
-//! and commands run inside them.
+//! and commands run inside them; a JWT issuer ([`jwt`]).
+
+pub mod jwt;
 
 use std::os::fd::AsFd;
 use std::process::{Command, Output};

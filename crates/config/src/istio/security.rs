@@ -68,6 +68,9 @@ pub struct JwtRule {
     pub output_claim_to_headers: Vec<ClaimToHeader>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<super::common::Duration>,
+    /// Claims whose string value is a space-separated list (`scope` and `permission` always).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub space_delimited_claims: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

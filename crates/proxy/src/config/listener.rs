@@ -19,9 +19,11 @@ use prost::Message;
 
 use super::CompileError;
 use super::cluster::mesh_tls;
+use super::jwt::JwtAuthn;
 use super::rbac::{self, Rbac};
 use super::route::{self, RouteTable};
 use crate::access_log::AccessLog;
+use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 
@@ -141,6 +143,8 @@ pub struct Hcm {
     pub xfcc_uri: bool,
     pub xfcc_dns: bool,
     pub generate_request_id: bool,
+    /// JWT verification, before RBAC, which reads what it found.
+    pub jwt: Option<JwtAuthn>,
     /// HTTP RBAC, decided per request before routing.
     pub rbac: Vec<Rbac>,
     pub access_logs: Vec<Arc<AccessLog>>,
@@ -399,6 +403,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
 fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut has_router = false;
     let mut rbac_filters = Vec::new();
+    let mut jwt = None;
     let mut fault = None;
     for f in &hcm.http_filters {
         let (type_url, value) = match &f.config_type {
@@ -412,6 +417,10 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
             if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
                 fault = Some(route::Fault::decode(any)?).filter(|f| !f.is_empty());
             }
+        } else if type_url.ends_with(".jwt_authn.v3.JwtAuthentication") {
+            let c = JwtAuthentication::decode(value.as_slice())
+                .map_err(|e| format!("jwt_authn: {e}"))?;
+            jwt = Some(super::jwt::compile(&c)?);
         } else if type_url.ends_with(".http.rbac.v3.RBAC") {
             let r = HttpRbac::decode(value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
             if let Some(rules) = &r.rules {
@@ -453,6 +462,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         xfcc_uri: details.uri,
         xfcc_dns: details.dns,
         generate_request_id: hcm.generate_request_id.as_ref().is_none_or(|b| b.value),
+        jwt,
         rbac: rbac_filters,
         access_logs: access_logs(&hcm.access_log)?,
         fault,

@@ -7,6 +7,7 @@
 //! cluster) are resolved per request, so resources may arrive in any order, as in Envoy.
 
 pub mod cluster;
+pub mod jwt;
 pub mod listener;
 pub mod rbac;
 pub mod route;
@@ -20,6 +21,10 @@ pub use crate::upstream::Pools;
 pub use cluster::{Cluster, Endpoint};
 pub use listener::{FilterChain, Listener, NetworkFilter};
 pub use route::RouteTable;
+
+/// Per-request dynamic metadata: filter name → that filter's values (Envoy's
+/// `filter_metadata`), written by one filter (JWT) and read by another (RBAC).
+pub type DynamicMetadata = serde_json::Map<String, serde_json::Value>;
 
 /// A resource the proxy cannot run, named for the NACK.
 #[derive(Debug, thiserror::Error)]

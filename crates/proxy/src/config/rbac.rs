@@ -9,10 +9,14 @@ use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Principal, Rbac as PbRbac, permission, principal, rbac,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    MetadataMatcher, ValueMatcher, list_matcher, metadata_matcher, path_matcher, value_matcher,
+};
 use http::request::Parts;
 use ipnet::IpNet;
+use serde_json::Value;
 
+use super::DynamicMetadata;
 use super::route::{HeaderMatch, Text, header_match, text};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +60,28 @@ enum Princ {
     RemoteIp(IpNet),
     Header(HeaderMatch),
     Path(Text),
+    Metadata(Meta),
+}
+
+/// Envoy's `MetadataMatcher`: a value in the request's dynamic metadata (a verified JWT's
+/// payload, for Istio's request principals and claims).
+#[derive(Debug)]
+struct Meta {
+    filter: String,
+    path: Vec<String>,
+    value: ValueTest,
+    invert: bool,
+}
+
+#[derive(Debug)]
+enum ValueTest {
+    Null,
+    Text(Text),
+    Bool(bool),
+    Present(bool),
+    /// A list with an element that matches.
+    OneOf(Box<ValueTest>),
+    Or(Vec<ValueTest>),
 }
 
 /// What a decision is made on.
@@ -67,6 +93,8 @@ pub struct Input<'a> {
     pub server_name: Option<&'a str>,
     /// The request, for HTTP filters; None at the connection level.
     pub request: Option<&'a Parts>,
+    /// What earlier HTTP filters found out about the request.
+    pub metadata: Option<&'a DynamicMetadata>,
 }
 
 fn cidr(c: &CidrRange) -> Result<IpNet, String> {
@@ -74,6 +102,75 @@ fn cidr(c: &CidrRange) -> Result<IpNet, String> {
     format!("{}/{len}", c.address_prefix)
         .parse()
         .map_err(|_| format!("bad CIDR {}/{len}", c.address_prefix))
+}
+
+fn value_test(v: &ValueMatcher) -> Result<ValueTest, String> {
+    use value_matcher::MatchPattern as M;
+    Ok(
+        match v.match_pattern.as_ref().ok_or("empty value matcher")? {
+            M::NullMatch(_) => ValueTest::Null,
+            M::StringMatch(s) => ValueTest::Text(text(s)?),
+            M::BoolMatch(b) => ValueTest::Bool(*b),
+            M::PresentMatch(p) => ValueTest::Present(*p),
+            M::ListMatch(l) => match &l.match_pattern {
+                Some(list_matcher::MatchPattern::OneOf(v)) => {
+                    ValueTest::OneOf(Box::new(value_test(v)?))
+                }
+                None => return Err("list matcher without one_of".into()),
+            },
+            M::OrMatch(o) => ValueTest::Or(
+                o.value_matchers
+                    .iter()
+                    .map(value_test)
+                    .collect::<Result<_, _>>()?,
+            ),
+            M::DoubleMatch(_) => return Err("metadata double matchers are not supported".into()),
+        },
+    )
+}
+
+fn meta(m: &MetadataMatcher) -> Result<Meta, String> {
+    let path = m
+        .path
+        .iter()
+        .map(|s| match &s.segment {
+            Some(metadata_matcher::path_segment::Segment::Key(k)) => Ok(k.clone()),
+            None => Err("metadata path segment without a key".to_string()),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Meta {
+        filter: m.filter.clone(),
+        path,
+        value: value_test(m.value.as_ref().ok_or("metadata matcher without a value")?)?,
+        invert: m.invert,
+    })
+}
+
+impl ValueTest {
+    fn matches(&self, v: Option<&Value>) -> bool {
+        match (self, v) {
+            (ValueTest::Present(p), v) => v.is_some() == *p,
+            (ValueTest::Or(list), v) => list.iter().any(|t| t.matches(v)),
+            (_, None) => false,
+            (ValueTest::Null, Some(v)) => v.is_null(),
+            (ValueTest::Text(t), Some(Value::String(s))) => t.matches(s),
+            (ValueTest::Bool(b), Some(Value::Bool(v))) => b == v,
+            (ValueTest::OneOf(t), Some(Value::Array(items))) => {
+                items.iter().any(|i| t.matches(Some(i)))
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Meta {
+    fn matches(&self, metadata: Option<&DynamicMetadata>) -> bool {
+        let mut v = metadata.and_then(|m| m.get(&self.filter));
+        for key in &self.path {
+            v = v.and_then(|v| v.as_object()).and_then(|o| o.get(key));
+        }
+        self.value.matches(v) != self.invert
+    }
 }
 
 fn perm(p: &Permission) -> Result<Perm, String> {
@@ -117,6 +214,17 @@ fn princ(p: &Principal) -> Result<Princ, String> {
             Some(path_matcher::Rule::Path(s)) => Princ::Path(text(s)?),
             None => return Err("url_path without a matcher".into()),
         },
+        I::Metadata(m) => Princ::Metadata(meta(m)?),
+        I::SourcedMetadata(m) => {
+            if m.metadata_source != 0 {
+                return Err("only dynamic metadata sources are supported".into());
+            }
+            Princ::Metadata(meta(
+                m.metadata_matcher
+                    .as_ref()
+                    .ok_or("sourced_metadata without a matcher")?,
+            )?)
+        }
         _ => return Err("principal kind is not supported".into()),
     })
 }
@@ -194,6 +302,7 @@ impl Princ {
             Princ::DirectRemoteIp(n) | Princ::RemoteIp(n) => n.contains(&unmap(i.source.ip())),
             Princ::Header(h) => i.request.is_some_and(|r| h.matches(r)),
             Princ::Path(t) => i.request.is_some_and(|r| t.matches(r.uri.path())),
+            Princ::Metadata(m) => m.matches(i.metadata),
         }
     }
 }

@@ -197,26 +197,32 @@ impl HashKey {
                 .get(h)
                 .and_then(|v| v.to_str().ok())
                 .map(Cow::Borrowed),
-            HashKey::Cookie { name, .. } => parts
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|kv| kv.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| Cow::Borrowed(v)),
+            HashKey::Cookie { name, .. } => cookie(parts, name).map(Cow::Borrowed),
             HashKey::SourceIp => Some(Cow::Owned(source.to_string())),
-            HashKey::QueryParameter(name) => parts
-                .uri
-                .query()
-                .into_iter()
-                .flat_map(|q| q.split('&'))
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| Cow::Borrowed(v)),
+            HashKey::QueryParameter(name) => query_param(parts, name).map(Cow::Borrowed),
         }
     }
+}
+
+/// A query parameter's raw value (`""` when it has none).
+pub(crate) fn query_param<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    parts.uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// A cookie's value from the request's `Cookie` headers.
+pub(crate) fn cookie<'a>(parts: &'a http::request::Parts, name: &str) -> Option<&'a str> {
+    parts
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
 }
 
 #[derive(Debug)]
@@ -276,7 +282,7 @@ pub struct Redirect {
 }
 
 #[derive(Debug)]
-struct RouteMatch {
+pub(crate) struct RouteMatch {
     path: PathMatch,
     case_sensitive: bool,
     headers: Vec<HeaderMatch>,
@@ -637,7 +643,7 @@ fn retry(p: &RetryPolicy) -> Retry {
     }
 }
 
-fn route_match(m: &PbRouteMatch) -> Result<RouteMatch, String> {
+pub(crate) fn route_match(m: &PbRouteMatch) -> Result<RouteMatch, String> {
     let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
     let fold = |s: &str| {
         if case_sensitive {
@@ -704,7 +710,7 @@ pub(crate) fn header_match(h: &HeaderMatcher) -> Result<HeaderMatch, String> {
 }
 
 impl RouteMatch {
-    fn matches(&self, req: &Parts) -> bool {
+    pub(crate) fn matches(&self, req: &Parts) -> bool {
         let path_only = req.uri.path();
         let path = if self.case_sensitive {
             std::borrow::Cow::Borrowed(path_only)
@@ -722,19 +728,14 @@ impl RouteMatch {
         };
         path_ok
             && self.headers.iter().all(|h| h.matches(req))
-            && self.query.iter().all(|(name, t)| {
-                let value = req.uri.query().and_then(|q| {
-                    q.split('&').find_map(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                        (k == name).then_some(v)
-                    })
-                });
-                match (value, t) {
+            && self
+                .query
+                .iter()
+                .all(|(name, t)| match (query_param(req, name), t) {
                     (Some(v), Some(t)) => t.matches(v),
                     (Some(_), None) => true,
                     (None, _) => false,
-                }
-            })
+                })
     }
 }
 
