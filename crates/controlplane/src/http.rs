@@ -274,6 +274,7 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
             .into_iter()
             .map(|t| (t.to_string(), version.clone()))
             .collect(),
+        ..Default::default()
     };
     Ok(json::config_dump(&dump, Vec::new()))
 }

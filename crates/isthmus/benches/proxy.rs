@@ -44,6 +44,14 @@ fn measure() -> Duration {
             .unwrap_or(10),
     )
 }
+/// `ISTHMUS_BENCH_ROUNDS` repeats the open-loop measurement of every path, interleaved.
+fn rounds() -> usize {
+    std::env::var("ISTHMUS_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1)
+        .max(1)
+}
 const MAX_RATE_FOR: Duration = Duration::from_secs(5);
 const BULK_BYTES: u64 = 256 << 20;
 const SERVICES: usize = 100;
@@ -163,7 +171,6 @@ fn main() {
         WARMUP.as_secs()
     ));
     report.push_str("| path | p50 ms | p90 ms | p99 ms | added p50 | added p90 | added p99 | errors |\n|---|---|---|---|---|---|---|---|\n");
-    let mut direct: Option<Histogram<u64>> = None;
     let mut usage = Vec::new();
     // `ISTHMUS_BENCH_ONLY=isthmus,isthmus-policy` runs those paths (the direct baseline
     // always runs first).
@@ -177,52 +184,84 @@ fn main() {
                     .is_none_or(|o| o.split(',').any(|n| n == t.name))
         })
         .collect();
-    let mut added_p99: Vec<(&str, f64)> = Vec::new();
-    for t in &targets {
-        eprintln!(
-            "{}: {RATE} requests/s for {} s",
-            t.name,
-            (WARMUP + measure()).as_secs()
-        );
-        let before: Vec<(u64, u32)> = t
-            .proxies
-            .iter()
-            .map(|(_, pid)| (cpu_ticks(*pid), *pid))
-            .collect();
-        let (hist, errors, sent) = rt.block_on(open_loop(t));
-        let ticks = ticks_per_second();
-        for ((label, pid), (b, _)) in t.proxies.iter().zip(&before) {
-            let cpu = (cpu_ticks(*pid) - b) as f64 / ticks;
-            let per_1000 = cpu / (sent as f64 / 1000.0);
-            usage.push((t.name, *label, per_1000, rss_kb(*pid)));
+    // Per round, each path's added p99 against that round's own direct baseline: on a shared
+    // machine the baseline drifts between minutes, so paths are compared round by round.
+    let mut added_p99: Vec<Vec<(&str, f64)>> = Vec::new();
+    for round in 1..=rounds() {
+        let mut direct: Option<Histogram<u64>> = None;
+        let mut this_round = Vec::new();
+        for t in &targets {
+            eprintln!(
+                "round {round}: {}: {RATE} requests/s for {} s",
+                t.name,
+                (WARMUP + measure()).as_secs()
+            );
+            let before: Vec<(u64, u32)> = t
+                .proxies
+                .iter()
+                .map(|(_, pid)| (cpu_ticks(*pid), *pid))
+                .collect();
+            let (hist, errors, sent) = rt.block_on(open_loop(t));
+            let ticks = ticks_per_second();
+            for ((label, pid), (b, _)) in t.proxies.iter().zip(&before) {
+                let cpu = (cpu_ticks(*pid) - b) as f64 / ticks;
+                let per_1000 = cpu / (sent as f64 / 1000.0);
+                usage.push((t.name, *label, per_1000, rss_kb(*pid)));
+            }
+            let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+            let added = |p: f64| {
+                direct.as_ref().map_or("—".to_string(), |d| {
+                    format!("{:.3}", q(&hist, p) - q(d, p))
+                })
+            };
+            let name = if rounds() > 1 {
+                format!("{} (round {round})", t.name)
+            } else {
+                t.name.to_string()
+            };
+            report.push_str(&format!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {errors} |\n",
+                q(&hist, 0.5),
+                q(&hist, 0.9),
+                q(&hist, 0.99),
+                added(0.5),
+                added(0.9),
+                added(0.99),
+            ));
+            if let Some(d) = &direct {
+                this_round.push((t.name, q(&hist, 0.99) - q(d, 0.99)));
+            }
+            if t.name == "direct" {
+                direct = Some(hist);
+            }
         }
-        let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-        let added = |p: f64| {
-            direct.as_ref().map_or("—".to_string(), |d| {
-                format!("{:.3}", q(&hist, p) - q(d, p))
-            })
-        };
-        report.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {errors} |\n",
-            t.name,
-            q(&hist, 0.5),
-            q(&hist, 0.9),
-            q(&hist, 0.99),
-            added(0.5),
-            added(0.9),
-            added(0.99),
-        ));
-        if let Some(d) = &direct {
-            added_p99.push((t.name, q(&hist, 0.99) - q(d, 0.99)));
-        }
-        if t.name == "direct" {
-            direct = Some(hist);
-        }
+        added_p99.push(this_round);
     }
-    let added = |name: &str| added_p99.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
-    if let (Some(plain), Some(policy)) = (added("isthmus"), added("isthmus-policy")) {
+    let added =
+        |round: &[(&str, f64)], name: &str| round.iter().find(|(n, _)| *n == name).map(|(_, v)| *v);
+    let pairs: Vec<(f64, f64)> = added_p99
+        .iter()
+        .filter_map(|r| Some((added(r, "isthmus")?, added(r, "isthmus-policy")?)))
+        .collect();
+    if !pairs.is_empty() {
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let rows: Vec<String> = pairs
+            .iter()
+            .map(|(plain, policy)| {
+                format!(
+                    "{policy:.3} vs {plain:.3} ms ({:+.1} %)",
+                    (policy / plain - 1.0) * 100.0
+                )
+            })
+            .collect();
+        let plain = median(pairs.iter().map(|p| p.0).collect());
+        let policy = median(pairs.iter().map(|p| p.1).collect());
         report.push_str(&format!(
-            "\npolicy in force (10 routes, retries, 20-rule AuthorizationPolicy): added p99 {policy:.3} ms against {plain:.3} ms without ({:+.1} %)\n",
+            "\npolicy in force (10 routes, retries, 20-rule AuthorizationPolicy), added p99 with vs without, per round: {}; medians {policy:.3} vs {plain:.3} ms ({:+.1} %)\n",
+            rows.join("; "),
             (policy / plain - 1.0) * 100.0
         ));
     }

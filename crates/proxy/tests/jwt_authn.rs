@@ -148,6 +148,10 @@ fn a_token_must_verify_when_present_and_no_token_passes_authentication() {
             "Audiences in Jwt are not allowed",
         ),
         (
+            iss.token(json!({"sub": "alice"})),
+            "Audiences in Jwt are not allowed",
+        ),
+        (
             iss.token(json!({"sub": "alice", "aud": "ratings", "nbf": 4_000_000_000u64})),
             "Jwt not yet valid",
         ),

@@ -33,6 +33,9 @@ pub struct XdsState {
     pub routes: BTreeMap<String, RouteConfiguration>,
     /// Last accepted system version per type.
     pub versions: BTreeMap<String, String>,
+    /// Per type, each resource's version as delta xDS sent it: what a new session resumes from
+    /// (`initial_resource_versions`).
+    pub resource_versions: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +47,9 @@ pub enum ClientError {
 }
 
 /// Runs one ADS session until the stream ends. `state` carries what was accepted across
-/// sessions: the first response of each type in a session replaces that type wholesale, so a
-/// reconnect keeps serving the old configuration until the new one has arrived. Every
+/// sessions: a new session tells the control plane what it has (`initial_resource_versions`),
+/// which then sends what changed and what is gone, so a reconnect keeps serving the old
+/// configuration while the new one arrives, however many responses that takes. Every
 /// accepted state is compiled by `compile`; a response whose state does not compile is NACKed
 /// with the error as detail and leaves `state` as it was. Compiled states go to `out`.
 pub async fn run<T, F>(
@@ -61,11 +65,22 @@ where
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
+    let had = |state: &XdsState, type_url: &str, names: Option<&BTreeSet<String>>| {
+        state
+            .resource_versions
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| names.is_none_or(|w| w.contains(*n)))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 node: Some(node.clone()),
                 type_url: type_url.into(),
+                initial_resource_versions: had(state, type_url, None),
                 ..Default::default()
             })
             .await;
@@ -75,14 +90,13 @@ where
         .await?
         .into_inner();
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
-    let mut fresh: BTreeSet<String> = BTreeSet::new();
     while let Some(resp) = responses.message().await? {
-        let replace = fresh.insert(resp.type_url.clone());
         let incoming: Vec<Incoming<'_>> = resp
             .resources
             .iter()
             .map(|r| Incoming {
                 name: Some(&r.name),
+                version: Some(&r.version),
                 any: r.resource.as_ref(),
             })
             .collect();
@@ -91,12 +105,9 @@ where
             version: &resp.system_version_info,
             resources: &incoming,
             removed: &resp.removed_resources,
-            replace,
+            replace: false,
         };
         let (nack, follow) = accept(state, update, &mut compile, out);
-        if nack.is_some() && replace {
-            fresh.remove(&resp.type_url);
-        }
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
@@ -111,16 +122,23 @@ where
             .await;
         // Clusters name endpoints, listeners name routes: keep those subscriptions in step.
         if let Some((type_url, names)) = follow {
-            let had = subscribed.entry(type_url).or_default();
-            let subscribe: Vec<String> = names.difference(had).cloned().collect();
-            let unsubscribe: Vec<String> = had.difference(&names).cloned().collect();
+            // The session's first subscription of a type says what of it is already here.
+            let initial = if subscribed.contains_key(type_url) {
+                Default::default()
+            } else {
+                had(state, type_url, Some(&names))
+            };
+            let current = subscribed.entry(type_url).or_default();
+            let subscribe: Vec<String> = names.difference(current).cloned().collect();
+            let unsubscribe: Vec<String> = current.difference(&names).cloned().collect();
             if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                *had = names;
+                *current = names;
                 let _ = tx
                     .send(DeltaDiscoveryRequest {
                         type_url: type_url.into(),
                         resource_names_subscribe: subscribe,
                         resource_names_unsubscribe: unsubscribe,
+                        initial_resource_versions: initial,
                         ..Default::default()
                     })
                     .await;
@@ -130,9 +148,11 @@ where
     Err(ClientError::Closed)
 }
 
-/// One resource of a response: its name when the protocol gives it (delta), and its body.
+/// One resource of a response: its name and version when the protocol gives them (delta),
+/// and its body.
 struct Incoming<'a> {
     name: Option<&'a str>,
+    version: Option<&'a str>,
     any: Option<&'a Any>,
 }
 
@@ -212,6 +232,19 @@ fn apply(
         }
         map.extend(new);
     }
+    let versions = state
+        .resource_versions
+        .entry(type_url.to_string())
+        .or_default();
+    merge(
+        versions,
+        resources
+            .iter()
+            .filter_map(|r| Some((r.name?.to_string(), r.version?.to_string())))
+            .collect(),
+        removed,
+        replace,
+    );
     match type_url {
         CLUSTER => {
             let new = decode::<Cluster>(type_url, resources)?;
@@ -332,6 +365,7 @@ where
             .iter()
             .map(|any| Incoming {
                 name: None,
+                version: None,
                 any: Some(any),
             })
             .collect();

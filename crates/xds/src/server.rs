@@ -272,6 +272,11 @@ const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// WINDOW_UPDATE round trips (Envoy's default is 256 MiB).
 pub const CLIENT_WINDOW: u32 = 16 << 20;
 
+/// Delta responses are split at about this size: a stream's encode buffer keeps the size of
+/// the largest message it ever sent, so this bounds what each connected proxy costs the
+/// control plane in memory.
+pub const MAX_CHUNK_BYTES: usize = 64 << 10;
+
 /// Largest response a client accepts (a big mesh's full CDS fits well within).
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
@@ -286,6 +291,9 @@ struct Subscription {
     /// The generator's parts `sent` reflects: a part that is still the same `Arc` needs no look.
     parts: Vec<Arc<Resources>>,
     nonce: String,
+    /// The nonces of the earlier responses when the last change went out in several (delta):
+    /// their ACKs are implied by the last one's, but a NACK of any counts.
+    chunk_nonces: Vec<String>,
     /// A response was sent that the proxy has not answered yet.
     awaiting: bool,
     /// When the push that sent the last response began (None for answers to requests).
@@ -499,7 +507,7 @@ fn serve_stream<G, Req, Resp>(
     first: Option<Req>,
     mut version: watch::Receiver<u64>,
     mut conn: Conn<G>,
-    on_request: fn(&mut Conn<G>, Req, u64) -> Option<Resp>,
+    on_request: fn(&mut Conn<G>, Req, u64) -> Vec<Resp>,
     on_push: fn(&mut Conn<G>, u64) -> Vec<Resp>,
 ) -> Response<ResponseStream<Resp>>
 where
@@ -517,10 +525,10 @@ where
             };
             permit = Some((p, tokio::time::Instant::now()));
             let current = *version.borrow();
-            if let Some(resp) = on_request(&mut conn, req, current)
-                && tx.send(resp).await.is_err()
-            {
-                return;
+            for resp in on_request(&mut conn, req, current) {
+                if tx.send(resp).await.is_err() {
+                    return;
+                }
             }
         }
         loop {
@@ -536,10 +544,8 @@ where
                         permit = Some((p, tokio::time::Instant::now()));
                     }
                     let current = *version.borrow();
-                    if let Some(resp) = on_request(&mut conn, req, current)
-                        && tx.send(resp).await.is_err()
-                    {
-                        break;
+                    for resp in on_request(&mut conn, req, current) {
+                        if tx.send(resp).await.is_err() { return; }
                     }
                 }
                 changed = version.changed() => {
@@ -606,8 +612,8 @@ impl<G: Generator> Conn<G> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return true;
         };
-        if nonce != sub.nonce {
-            return false; // answers an older response
+        if nonce != sub.nonce && (error.is_none() || !sub.chunk_nonces.iter().any(|n| n == nonce)) {
+            return false; // answers an older response, or an earlier part of the last
         }
         sub.awaiting = false;
         if let Some(e) = error {
@@ -619,6 +625,9 @@ impl<G: Generator> Conn<G> {
             );
             self.counters.nacks.fetch_add(1, Ordering::Relaxed);
             sub.rejected = Some(version);
+            // The other parts' answers no longer make it accepted.
+            sub.nonce.clear();
+            sub.chunk_nonces.clear();
             let e = e.to_string();
             self.state(|s| s.types.entry(type_url.to_string()).or_default().nack = Some(e));
             return false;
@@ -636,7 +645,11 @@ impl<G: Generator> Conn<G> {
         true
     }
 
-    fn sotw_request(&mut self, req: DiscoveryRequest, version: u64) -> Option<DiscoveryResponse> {
+    fn sotw_request(&mut self, req: DiscoveryRequest, version: u64) -> Vec<DiscoveryResponse> {
+        self.sotw_answer(req, version).into_iter().collect()
+    }
+
+    fn sotw_answer(&mut self, req: DiscoveryRequest, version: u64) -> Option<DiscoveryResponse> {
         self.learn_node(req.node);
         let type_url = req.type_url.clone();
         let names: BTreeSet<String> = req.resource_names.into_iter().collect();
@@ -738,21 +751,30 @@ impl<G: Generator> Conn<G> {
         &mut self,
         req: DeltaDiscoveryRequest,
         version: u64,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Vec<DeltaDiscoveryResponse> {
         self.learn_node(req.node);
         let type_url = req.type_url.clone();
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|s| s.message.as_str());
             if !self.acknowledge(&type_url, &req.response_nonce, error, version) {
-                return None;
+                return Vec::new();
             }
             if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty()
             {
-                return None;
+                return Vec::new();
             }
         }
         let first = !self.subs.contains_key(&type_url);
         let sub = self.subs.entry(type_url.clone()).or_default();
+        let only_adds = !first
+            && req.resource_names_unsubscribe.is_empty()
+            && !req.resource_names_subscribe.iter().any(|n| n == "*");
+        let added: Vec<String> = req
+            .resource_names_subscribe
+            .iter()
+            .filter(|n| *n != "*" && !sub.names.contains(*n))
+            .cloned()
+            .collect();
         for n in req.resource_names_unsubscribe {
             sub.names.remove(&n);
             sub.sent.remove(&n);
@@ -770,7 +792,46 @@ impl<G: Generator> Conn<G> {
                 }
             }
         }
+        if only_adds && !added.is_empty() {
+            return self.delta_added(&type_url, version, &added);
+        }
         self.delta_response(&type_url, version, true)
+    }
+
+    /// The answer to a subscription that only adds names: those resources, when nothing else
+    /// changed since the last response (a proxy subscribing to the endpoints of the clusters it
+    /// just received, chunk by chunk, should not make the whole type be compared again).
+    fn delta_added(
+        &mut self,
+        type_url: &str,
+        version: u64,
+        added: &[String],
+    ) -> Vec<DeltaDiscoveryResponse> {
+        let parts = match self.parts(type_url) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(type_url, error = e, "cannot generate resources");
+                return Vec::new();
+            }
+        };
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return Vec::new();
+        };
+        if !same_parts(&sub.parts, &parts) {
+            return self.delta_response(type_url, version, true);
+        }
+        let changed: Vec<Resource> = added
+            .iter()
+            .filter_map(|n| {
+                let v = parts.iter().find_map(|p| p.get(n))?;
+                (sub.sent.get(n) != Some(&v.version)).then(|| resource(n, v))
+            })
+            .collect();
+        for r in &changed {
+            sub.sent.insert(r.name.clone(), version_of(r));
+        }
+        sub.rejected = None;
+        self.respond(type_url, version, changed, Vec::new(), false)
     }
 
     /// The changed and removed resources of one type; nothing when there are none (unless
@@ -780,18 +841,18 @@ impl<G: Generator> Conn<G> {
         type_url: &str,
         version: u64,
         force: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
+    ) -> Vec<DeltaDiscoveryResponse> {
         let parts = match self.parts(type_url) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(type_url, error = e, "cannot generate resources");
-                return None;
+                return Vec::new();
             }
         };
         let diffs = self.diffs.clone();
         let sub = self.subs.entry(type_url.to_string()).or_default();
         if !force && (same_parts(&sub.parts, &parts) || sub.rejected == Some(version)) {
-            return None;
+            return Vec::new();
         }
         let (changed, removed) = if force || sub.parts.len() != parts.len() {
             delta_full(sub, type_url, &parts)
@@ -806,26 +867,58 @@ impl<G: Generator> Conn<G> {
             sub.sent.remove(n);
         }
         if changed.is_empty() && removed.is_empty() && !force {
-            return None;
+            return Vec::new();
         }
         sub.rejected = None;
-        let count = sub.sent.len();
-        let (v, nonce) = self.record_send(type_url, version, count, !force);
-        Some(DeltaDiscoveryResponse {
+        self.respond(type_url, version, changed, removed, !force)
+    }
+
+    /// Sends `changed` and `removed` in responses of at most [`MAX_CHUNK_BYTES`] each (one
+    /// resource larger than that goes alone), removals last, once whatever replaces them is in
+    /// place. `pushed`: sent by a push rather than in answer to a request.
+    fn respond(
+        &mut self,
+        type_url: &str,
+        version: u64,
+        changed: Vec<Resource>,
+        removed: Vec<String>,
+        pushed: bool,
+    ) -> Vec<DeltaDiscoveryResponse> {
+        let count = self.subs.get(type_url).map_or(0, |s| s.sent.len());
+        let mut chunks = chunks(changed);
+        let earlier: Vec<String> = (1..chunks.len()).map(|_| self.next_nonce()).collect();
+        let (v, last_nonce) = self.record_send(type_url, version, count, pushed);
+        if let Some(sub) = self.subs.get_mut(type_url) {
+            sub.chunk_nonces = earlier.clone();
+        }
+        let last = chunks.pop().unwrap_or_default();
+        let mut out: Vec<DeltaDiscoveryResponse> = chunks
+            .into_iter()
+            .zip(earlier)
+            .map(|(resources, nonce)| DeltaDiscoveryResponse {
+                system_version_info: v.clone(),
+                resources,
+                type_url: type_url.to_string(),
+                nonce,
+                ..Default::default()
+            })
+            .collect();
+        out.push(DeltaDiscoveryResponse {
             system_version_info: v,
-            resources: changed,
+            resources: last,
             type_url: type_url.to_string(),
             removed_resources: removed,
-            nonce,
+            nonce: last_nonce,
             ..Default::default()
-        })
+        });
+        out
     }
 
     fn delta_push(&mut self, version: u64) -> Vec<DeltaDiscoveryResponse> {
         let types: Vec<String> = ordered(self.subs.keys());
         types
             .iter()
-            .filter_map(|t| self.delta_response(t, version, false))
+            .flat_map(|t| self.delta_response(t, version, false))
             .collect()
     }
 }
@@ -837,6 +930,24 @@ fn resource(name: &str, v: &Versioned) -> Resource {
         resource: Some(v.any.clone()),
         ..Default::default()
     }
+}
+
+/// Splits resources into runs of at most [`MAX_CHUNK_BYTES`] (at least one run, maybe empty).
+fn chunks(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+    let mut out = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for r in resources {
+        let n = prost::Message::encoded_len(&r);
+        if !current.is_empty() && size + n > MAX_CHUNK_BYTES {
+            out.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += n;
+        current.push(r);
+    }
+    out.push(current);
+    out
 }
 
 fn version_of(r: &Resource) -> u64 {

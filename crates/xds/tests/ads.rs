@@ -394,3 +394,125 @@ async fn the_client_nacks_a_response_that_does_not_decode() {
     .expect("NACK in time");
     assert!(nacked.contains("broken"), "{nacked}");
 }
+
+#[tokio::test]
+async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts() {
+    use isthmus_xds::server::MAX_CHUNK_BYTES;
+    use prost::Message;
+    let mut h = start().await;
+    // 300 clusters of about 1 KB each: several parts' worth.
+    for i in 0..300 {
+        let c = Cluster {
+            name: format!("big-{i:03}"),
+            alt_stat_name: "x".repeat(1000),
+            ..Default::default()
+        };
+        h.mesh.put(CLUSTER, &c.name.clone(), pack_any(c));
+    }
+    let (tx, rx) = mpsc::channel(8);
+    let mut stream = h
+        .client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut names = Vec::new();
+    let mut parts = Vec::new();
+    while names.len() < 302 {
+        let r = next(&mut stream).await;
+        assert!(
+            r.encoded_len() <= MAX_CHUNK_BYTES + 2048,
+            "{}",
+            r.encoded_len()
+        );
+        names.extend(delta_names(&r));
+        parts.push(r);
+    }
+    assert!(parts.len() >= 4, "{} parts", parts.len());
+    assert_eq!(names.len(), 302, "every cluster once");
+    // The first part is NACKed and the last ACKed: the type stays rejected.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: parts[0].nonce.clone(),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "cannot run big-000".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLUSTER.into(),
+        response_nonce: parts.last().unwrap().nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    quiet(&mut stream).await;
+    let state = h.proxies.lock().unwrap().values().next().unwrap().clone();
+    let cds = &state.types[CLUSTER];
+    assert_eq!(cds.nack.as_deref(), Some("cannot run big-000"));
+    assert!(cds.acked_version.is_empty(), "{cds:?}");
+}
+
+#[tokio::test]
+async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
+    use isthmus_xds::client::{XdsState, run};
+    let h = start().await;
+    for i in 0..300 {
+        let c = Cluster {
+            name: format!("big-{i:03}"),
+            alt_stat_name: "x".repeat(1000),
+            ..Default::default()
+        };
+        h.mesh.put(CLUSTER, &c.name.clone(), pack_any(c));
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (out, _rx) = watch::channel(Arc::new(0usize));
+    let node = node().unwrap();
+    let mut state = XdsState::default();
+    // First session: everything arrives, in several parts.
+    let session = run(
+        channel.clone(),
+        node.clone(),
+        &mut state,
+        |s| Ok(s.clusters.len()),
+        &out,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    assert_eq!(state.clusters.len(), 302);
+    // One cluster goes away while the proxy is disconnected.
+    h.mesh.remove(CLUSTER, "big-299");
+    h.bump.send(2).unwrap();
+    // Second session: what is already here stays; only the removal comes.
+    let mut seen = Vec::new();
+    let session = run(
+        channel,
+        node,
+        &mut state,
+        |s| {
+            seen.push(s.clusters.len());
+            Ok(s.clusters.len())
+        },
+        &out,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    assert_eq!(state.clusters.len(), 301);
+    assert!(
+        seen.iter().all(|n| *n >= 301),
+        "partial configuration on resume: {seen:?}"
+    );
+}

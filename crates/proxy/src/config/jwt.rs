@@ -411,6 +411,8 @@ impl Provider {
         if audiences.is_empty() {
             v.validate_aud = false;
         } else {
+            // A token without `aud` is not for any of them.
+            v.required_spec_claims.insert("aud".into());
             v.set_audience(audiences);
         }
         let mut last = Failure::Failed(VERIFICATION_FAILS);
@@ -429,6 +431,9 @@ impl Provider {
                         E::ExpiredSignature => return Err(Failure::Failed("Jwt is expired")),
                         E::ImmatureSignature => return Err(Failure::Failed("Jwt not yet valid")),
                         E::InvalidAudience => {
+                            return Err(Failure::Failed("Audiences in Jwt are not allowed"));
+                        }
+                        E::MissingRequiredClaim(c) if c == "aud" => {
                             return Err(Failure::Failed("Audiences in Jwt are not allowed"));
                         }
                         E::MissingRequiredClaim(_) => {
