@@ -1051,3 +1051,77 @@ spec:
         "{out}"
     );
 }
+
+#[test]
+fn tproxy_interception_shows_the_app_the_callers_own_address() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let yaml = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: tp, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tproxy, namespace: tp}
+spec:
+  selector: {app: tproxy}
+  ports: [{name: http, port: 8080}, {name: tcp, port: 7000}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: tproxy
+  namespace: tp
+  labels: {app: tproxy}
+  annotations: {sidecar.istio.io/interceptionMode: TPROXY}
+spec:
+  containers:
+  - name: http
+    command: [isthmus, echo, --port, "8080"]
+  - name: tcp
+    command: [isthmus, echo, --tcp, --port, "7000"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: redirect, namespace: tp}
+spec:
+  selector: {app: redirect}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: redirect, namespace: tp, labels: {app: redirect}}
+spec:
+  containers:
+  - name: http
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: tp, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#;
+    let mesh = Mesh::up("tp", yaml, &[]);
+    let client_ip = mesh.pod_ip("client");
+    // TPROXY: the app sees the calling pod's address, over mTLS between the sidecars…
+    let (ok, out) = mesh.get("client", "http://tproxy:8080/", &["--count", "3"]);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("IP={client_ip}\n")), "{out}");
+    assert!(
+        out.contains("Identity=spiffe://cluster.local/ns/tp/sa/default"),
+        "{out}"
+    );
+    // …and opaque TCP gets through both ways.
+    let (ok, out) = mesh.get("client", "tcp://tproxy:7000", &[]);
+    assert!(out.contains("1 succeeded"), "{ok} {out}");
+    // REDIRECT: the app sees the proxy's 127.0.0.6, as in Istio.
+    let (ok, out) = mesh.get("client", "http://redirect:8080/", &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("IP=127.0.0.6\n"), "{out}");
+}

@@ -377,6 +377,12 @@ async fn start(
         progress(&format!("starting pod {}/{}", pod.namespace, pod.name));
         let pdir = dir.join("pods").join(pod.key());
         if pod.sidecar {
+            // Istio's annotation: TPROXY keeps the caller's address all the way to the app.
+            let tproxy = pod
+                .annotations
+                .get("sidecar.istio.io/interceptionMode")
+                .is_some_and(|m| m == "TPROXY");
+            let mode = if tproxy { "TPROXY" } else { "REDIRECT" };
             // istio-init: capture first, as root.
             net::run(&[
                 "ip",
@@ -392,7 +398,7 @@ async fn start(
                 "-u",
                 "1337",
                 "-m",
-                "REDIRECT",
+                mode,
                 "-i",
                 "*",
                 "-x",
@@ -419,12 +425,22 @@ async fn start(
                 "exec".into(),
                 ns.clone(),
                 "setpriv".into(),
-                format!("--reuid={PROXY_UID}"),
-                format!("--regid={PROXY_UID}"),
-                "--clear-groups".into(),
-                "--".into(),
+            ];
+            if tproxy {
+                // As Istio's injector does for TPROXY: user root (transparent sockets need
+                // NET_ADMIN), group 1337 (what capture exempts).
+                argv.push(format!("--regid={PROXY_UID}"));
+            } else {
+                argv.push(format!("--reuid={PROXY_UID}"));
+                argv.push(format!("--regid={PROXY_UID}"));
+            }
+            argv.push("--clear-groups".into());
+            argv.extend([
+                "--".to_string(),
                 bin.clone(),
                 "proxy".into(),
+                "--interception-mode".into(),
+                mode.into(),
                 "--discovery-address".into(),
                 format!("{GATEWAY}:15012"),
                 "--root-cert".into(),
@@ -441,7 +457,7 @@ async fn start(
                 pod.service_account.clone(),
                 "--domain".into(),
                 p.plan.domain.clone(),
-            ];
+            ]);
             for (k, v) in &pod.labels {
                 argv.push("--label".into());
                 argv.push(format!("{k}={v}"));

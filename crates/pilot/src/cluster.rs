@@ -40,7 +40,7 @@ use crate::names::{
     BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_BIND_V4, INBOUND_PASSTHROUGH_CLUSTER,
     PASSTHROUGH_CLUSTER, inbound_cluster, outbound_cluster,
 };
-use crate::proxy::Proxy;
+use crate::proxy::{InterceptionMode, Proxy};
 
 /// Istio's default connect timeout (MeshConfig `connectTimeout`).
 const CONNECT_TIMEOUT_SECS: i64 = 10;
@@ -334,7 +334,11 @@ pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
                     DiscoveryType::OriginalDst as i32,
                 ));
                 c.lb_policy = LbPolicy::ClusterProvided as i32;
-                c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
+                // From 127.0.0.6, so that capture lets it through; under TPROXY the listener's
+                // `original_src` connects from the caller's address instead.
+                if proxy.interception_mode != InterceptionMode::Tproxy {
+                    c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
+                }
             }
             set_protocol_options(&mut c, http2.contains(&port), None);
             c

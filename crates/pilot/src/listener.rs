@@ -37,9 +37,10 @@ use crate::cluster::{ads, duration, istio_common_tls, socket};
 use crate::context::{MtlsMode, PushContext};
 use crate::names::{
     BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, INBOUND_PORT, OUTBOUND_PORT,
-    PASSTHROUGH_CLUSTER, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND, inbound_cluster, outbound_cluster,
+    PASSTHROUGH_CLUSTER, TPROXY_MARK, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND, inbound_cluster,
+    outbound_cluster,
 };
-use crate::proxy::Proxy;
+use crate::proxy::{InterceptionMode, Proxy};
 
 /// Every listener of `proxy`, sorted by name.
 pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
@@ -467,10 +468,25 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     if sniffing {
         listener_filters.push(http_inspector());
     }
+    // TPROXY: connections arrive without NAT, and the app sees the caller's own address:
+    // the proxy connects from it, marked so that the replies come back (Istio's 1337).
+    let tproxy = proxy.interception_mode == InterceptionMode::Tproxy;
+    if tproxy {
+        listener_filters.push(listener_filter_of(
+            "envoy.filters.listener.original_src",
+            pack_any(
+                envoy_types::pb::envoy::extensions::filters::listener::original_src::v3::OriginalSrc {
+                    mark: TPROXY_MARK,
+                    ..Default::default()
+                },
+            ),
+        ));
+    }
     Listener {
         name: VIRTUAL_INBOUND.into(),
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
         use_original_dst: Some(BoolValue { value: true }),
+        transparent: tproxy.then_some(BoolValue { value: true }),
         filter_chains: chains,
         listener_filters,
         listener_filters_timeout: Some(duration(std::time::Duration::from_secs(5))),

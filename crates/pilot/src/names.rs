@@ -8,6 +8,8 @@ pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 /// Source of the proxy's inbound-passthrough connections to the app (IPv4 / IPv6).
 pub const INBOUND_PASSTHROUGH_BIND_V4: &str = "127.0.0.6";
 pub const INBOUND_PASSTHROUGH_BIND_V6: &str = "::6";
+/// The socket mark of the proxy's TPROXY connections (Istio's `ISTIO_INBOUND_TPROXY_MARK`).
+pub const TPROXY_MARK: u32 = 1337;
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 

@@ -554,3 +554,46 @@ fn request_authentication_puts_the_jwt_filter_before_rbac_which_matches_its_payl
         .collect();
     assert!(other.contains("\"virtualInbound\"") && !other.contains("jwt_authn"));
 }
+
+#[test]
+fn a_tproxy_sidecar_connects_to_its_app_from_the_callers_address() {
+    let ctx = context();
+    let id = Proxy::node_id(
+        "10.1.0.10".parse().unwrap(),
+        "productpage-v1-0",
+        "bookinfo",
+        "cluster.local",
+    );
+    let meta = NodeMetadata {
+        interception_mode: Some("TPROXY".into()),
+        ..Default::default()
+    };
+    let tproxy = Proxy::from_node(&id, &meta).unwrap();
+    let inbound = |p: &Proxy| {
+        let l = isthmus_pilot::listener::listeners(&ctx, p)
+            .into_iter()
+            .find(|l| l.name == "virtualInbound")
+            .unwrap();
+        to_json(&l).unwrap().to_string()
+    };
+    let clusters = |p: &Proxy| -> String {
+        isthmus_pilot::cluster::inbound_clusters(&ctx, p)
+            .iter()
+            .map(|c| to_json(c).unwrap().to_string())
+            .collect()
+    };
+    let json = inbound(&tproxy);
+    assert!(
+        json.contains("\"envoy.filters.listener.original_src\""),
+        "{json}"
+    );
+    assert!(
+        json.contains("\"mark\":1337") && json.contains("\"transparent\":true"),
+        "{json}"
+    );
+    assert!(!clusters(&tproxy).contains("127.0.0.6"));
+    // REDIRECT (the default) keeps Istio's 127.0.0.6 and no original_src.
+    let redirect = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    assert!(!inbound(&redirect).contains("original_src"));
+    assert!(clusters(&redirect).contains("127.0.0.6"));
+}

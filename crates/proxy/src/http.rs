@@ -802,16 +802,17 @@ async fn forward(
             break;
         };
         // The pooled connection this request rides, to retire it after its last request.
-        let captured = pick.transport.spec.max_requests_per_connection.map(|max| {
+        let transport = info.transport(pick.transport);
+        let captured = transport.spec.max_requests_per_connection.map(|max| {
             (
                 max,
                 hyper_util::client::legacy::connect::capture_connection(&mut up_req),
             )
         });
         let client = if pending.upgrade {
-            &pick.transport.http1
+            &transport.http1
         } else {
-            &pick.transport.http
+            &transport.http
         };
         if let Some(l) = pending.log.as_mut() {
             l.entry.upstream_host = pick.address.to_string();

@@ -12,6 +12,7 @@ use tokio_util::either::Either;
 use crate::Shared;
 use crate::config::listener::{ConnectionFacts, Direction};
 use crate::config::{Listener, NetworkFilter};
+use crate::upstream::{OriginalSource, Transport, TransportSpec};
 
 /// Bound on a TLS handshake from a peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,11 +33,31 @@ pub struct ConnInfo {
     pub source: SocketAddr,
     /// Some when the connection is mTLS terminated here.
     pub peer: Option<PeerCert>,
+    /// With `original_src`: this connection's own upstream transports, by the cluster's.
+    pub upstreams: std::sync::Mutex<std::collections::HashMap<TransportSpec, Arc<Transport>>>,
 }
 
 impl ConnInfo {
     pub fn inbound(&self) -> bool {
         self.listener.direction == Direction::Inbound
+    }
+
+    /// The transport to reach an upstream of `t`'s cluster from this connection: `t` itself,
+    /// or with `original_src`, one that connects from the client's address (kept for the life
+    /// of this connection: such connections cannot serve other clients).
+    pub fn transport(&self, t: &Arc<Transport>) -> Arc<Transport> {
+        let Some(mark) = self.listener.original_src_mark else {
+            return t.clone();
+        };
+        let mut own = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        own.entry(t.spec.clone())
+            .or_insert_with(|| {
+                Arc::new(t.from_source(OriginalSource {
+                    ip: self.source.ip(),
+                    mark,
+                }))
+            })
+            .clone()
     }
 
     /// The peer's SPIFFE URI, for authorization.
@@ -206,6 +227,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         destination,
         source,
         peer,
+        upstreams: Default::default(),
     });
     if !chain.rbac.is_empty() {
         let principal = info.principal();

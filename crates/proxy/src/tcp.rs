@@ -90,7 +90,7 @@ where
     };
     stats.inc(&format!("cluster.{}.upstream_cx_total", cluster.name));
     stats.tcp_opened(reporter, &parties);
-    let mut up = match pick.transport.connect(&pick.address).await {
+    let mut up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(source = %info.source, cluster = %cluster.name, address = %pick.address, error = %e, "upstream connect failed");

@@ -76,6 +76,7 @@ pub enum ConnectError {
 /// How connections of one cluster (and TLS variant) are made, with their HTTP pools.
 pub struct Transport {
     pub spec: TransportSpec,
+    tls: Option<TlsConfigs>,
     connector: Connector,
     /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
     pub http: HttpClient,
@@ -89,6 +90,14 @@ impl std::fmt::Debug for Transport {
             .field("spec", &self.spec)
             .finish()
     }
+}
+
+/// Connections made from the downstream client's own address (Envoy's `original_src`, TPROXY
+/// mode): bound transparently to it and marked, so that the replies route back here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginalSource {
+    pub ip: IpAddr,
+    pub mark: u32,
 }
 
 impl Transport {
@@ -117,8 +126,23 @@ impl Transport {
                 })
             }
         };
+        Ok(Transport::assemble(spec, tls, None))
+    }
+
+    /// The same transport, with connections made from `source` instead (and pools of their
+    /// own: such connections cannot be shared between clients).
+    pub fn from_source(&self, source: OriginalSource) -> Transport {
+        Transport::assemble(self.spec.clone(), self.tls.clone(), Some(source))
+    }
+
+    fn assemble(
+        spec: TransportSpec,
+        tls: Option<TlsConfigs>,
+        source: Option<OriginalSource>,
+    ) -> Transport {
         let connector = Connector {
-            bind: spec.bind,
+            bind: source.map(|s| s.ip).or(spec.bind),
+            mark: source.map(|s| s.mark),
             timeout: spec.connect_timeout,
             tls: tls.clone().map(|t| (t.http, t.sni)),
         };
@@ -133,15 +157,16 @@ impl Transport {
             .http2_only(spec.http2 && spec.tls.is_none())
             .build(connector.clone());
         let http1 = builder.build(http1_connector);
-        Ok(Transport {
+        Transport {
             connector: Connector {
-                tls: tls.map(|t| (t.raw, t.sni)),
+                tls: tls.clone().map(|t| (t.raw, t.sni)),
                 ..connector
             },
+            tls,
             spec,
             http,
             http1,
-        })
+        }
     }
 
     /// A raw connection for TCP proxying (TLS with the mesh ALPN when configured).
@@ -184,6 +209,8 @@ impl Address {
 #[derive(Clone)]
 pub struct Connector {
     bind: Option<IpAddr>,
+    /// Bind transparently (the address need not be local) and mark the socket.
+    mark: Option<u32>,
     timeout: Duration,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
@@ -198,10 +225,10 @@ impl Connector {
                     .next()
                     .ok_or_else(|| ConnectError::Resolve(addr.to_string()))?,
             };
-            let socket = if target.is_ipv4() {
-                TcpSocket::new_v4()?
-            } else {
-                TcpSocket::new_v6()?
+            let socket = match self.mark {
+                Some(mark) => transparent_socket(target, mark)?,
+                None if target.is_ipv4() => TcpSocket::new_v4()?,
+                None => TcpSocket::new_v6()?,
             };
             if let Some(ip) = self.bind.filter(|ip| ip.is_ipv4() == target.is_ipv4()) {
                 socket.bind(SocketAddr::new(ip, 0))?;
@@ -221,6 +248,22 @@ impl Connector {
             .await
             .map_err(|_| ConnectError::Timeout(self.timeout))?
     }
+}
+
+/// A socket that may bind to an address that is not local (the client's, for TPROXY's
+/// `original_src`), marked so that the connection's replies are routed back to this host.
+fn transparent_socket(target: SocketAddr, mark: u32) -> std::io::Result<TcpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if target.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_mark(mark)?;
+    socket.set_nonblocking(true)?;
+    Ok(TcpSocket::from_std_stream(socket.into()))
 }
 
 impl tower_service::Service<http::Uri> for Connector {

@@ -53,6 +53,9 @@ pub struct Listener {
     /// (`listener_filters_timeout: 0s`, Istio's default protocol detection).
     pub inspect_timeout: Option<Duration>,
     pub continue_on_timeout: bool,
+    /// `original_src` (TPROXY mode): upstream connections come from the client's address,
+    /// with this socket mark.
+    pub original_src_mark: Option<u32>,
     pub chains: Vec<Arc<FilterChain>>,
     pub default_chain: Option<Arc<FilterChain>>,
 }
@@ -165,9 +168,24 @@ pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
     let address = socket_addr(l.address.as_ref()).map_err(err)?;
     let mut inspect_tls = false;
     let mut inspect_http = false;
+    let mut original_src_mark = None;
     for f in &l.listener_filters {
         match f.name.as_str() {
             "envoy.filters.listener.original_dst" => {}
+            "envoy.filters.listener.original_src" => {
+                use envoy_types::pb::envoy::extensions::filters::listener::original_src::v3::OriginalSrc;
+                let c = match &f.config_type {
+                    Some(listener_filter::ConfigType::TypedConfig(any)) => {
+                        OriginalSrc::decode(any.value.as_slice())
+                            .map_err(|e| err(format!("original_src: {e}")))?
+                    }
+                    _ => OriginalSrc::default(),
+                };
+                if c.bind_port {
+                    return Err(err("original_src: bind_port is not supported".into()));
+                }
+                original_src_mark = Some(c.mark);
+            }
             "envoy.filters.listener.tls_inspector" => inspect_tls = true,
             "envoy.filters.listener.http_inspector" => inspect_http = true,
             other => {
@@ -210,6 +228,7 @@ pub fn compile(l: &PbListener) -> Result<Listener, CompileError> {
             Some(d) => Some(pb_duration(d)).filter(|d| !d.is_zero()),
         },
         continue_on_timeout: l.continue_on_listener_filters_timeout,
+        original_src_mark,
         chains,
         default_chain,
     })
@@ -647,6 +666,7 @@ mod tests {
             inspect_http: false,
             inspect_timeout: Some(Duration::from_secs(1)),
             continue_on_timeout: true,
+            original_src_mark: None,
             chains,
             default_chain: None,
         }
