@@ -245,6 +245,8 @@ pub struct Registry {
     by_vip: HashMap<IpAddr, usize>,
     /// Workloads by namespace: a selector only picks workloads of its own namespace.
     by_namespace: HashMap<String, Vec<usize>>,
+    /// Services by the workloads among their endpoints (workload index → service indices).
+    by_workload: HashMap<usize, Vec<usize>>,
 }
 
 impl Registry {
@@ -295,6 +297,12 @@ impl Registry {
 
     fn add_service(&mut self, svc: Service) {
         let idx = self.services.len();
+        let mut selected: Vec<usize> = svc.endpoints.iter().filter_map(|e| e.workload).collect();
+        selected.sort_unstable();
+        selected.dedup();
+        for w in selected {
+            self.by_workload.entry(w).or_default().push(idx);
+        }
         self.by_host
             .entry(svc.hostname.clone())
             .or_default()
@@ -351,15 +359,21 @@ impl Registry {
 
     /// The services that select a workload (its inbound ports come from these).
     pub fn services_for_workload(&self, w: &Workload) -> Vec<&Service> {
-        let idx = self.workloads.iter().position(|x| x == w);
-        self.services
-            .iter()
-            .filter(|s| {
-                s.endpoints
-                    .iter()
-                    .any(|e| e.workload.is_some() && e.workload == idx)
-            })
+        self.workload_index(w)
+            .and_then(|i| self.by_workload.get(&i))
+            .into_iter()
+            .flatten()
+            .map(|&s| &self.services[s])
             .collect()
+    }
+
+    /// Where `w` is in `workloads`: normally it is one of them, found by its IP.
+    fn workload_index(&self, w: &Workload) -> Option<usize> {
+        w.ips
+            .iter()
+            .filter_map(|ip| self.by_ip.get(ip).copied())
+            .find(|&i| std::ptr::eq(&self.workloads[i], w) || self.workloads[i] == *w)
+            .or_else(|| self.workloads.iter().position(|x| x == w))
     }
 
     /// Per-pod hostnames of headless services: `hostname.subdomain.ns.svc.domain` → workload.

@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures::FutureExt;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,22 +66,18 @@ where
     let mut client = AggregatedDiscoveryServiceClient::new(channel)
         .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
-    let had = |state: &XdsState, type_url: &str, names: Option<&BTreeSet<String>>| {
-        state
-            .resource_versions
-            .get(type_url)
-            .into_iter()
-            .flatten()
-            .filter(|(n, _)| names.is_none_or(|w| w.contains(*n)))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect::<std::collections::HashMap<_, _>>()
-    };
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 node: Some(node.clone()),
                 type_url: type_url.into(),
-                initial_resource_versions: had(state, type_url, None),
+                initial_resource_versions: state
+                    .resource_versions
+                    .get(type_url)
+                    .into_iter()
+                    .flatten()
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect(),
                 ..Default::default()
             })
             .await;
@@ -90,62 +87,113 @@ where
         .await?
         .into_inner();
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
-    while let Some(resp) = responses.message().await? {
-        let incoming: Vec<Incoming<'_>> = resp
-            .resources
+    while let Some(first) = responses.message().await? {
+        // Responses that have already arrived (the parts of one large update) are applied
+        // together and compiled once; each is still answered on its own.
+        let mut batch = vec![first];
+        let mut ended = None;
+        while batch.len() < MAX_BATCH {
+            match responses.message().now_or_never() {
+                Some(Ok(Some(r))) => batch.push(r),
+                Some(Ok(None)) => {
+                    ended = Some(ClientError::Closed);
+                    break;
+                }
+                Some(Err(e)) => {
+                    ended = Some(e.into());
+                    break;
+                }
+                None => break,
+            }
+        }
+        let incoming: Vec<Vec<Incoming<'_>>> = batch
             .iter()
-            .map(|r| Incoming {
-                name: Some(&r.name),
-                version: Some(&r.version),
-                any: r.resource.as_ref(),
+            .map(|resp| {
+                resp.resources
+                    .iter()
+                    .map(|r| Incoming {
+                        name: Some(&r.name),
+                        version: Some(&r.version),
+                        any: r.resource.as_ref(),
+                    })
+                    .collect()
             })
             .collect();
-        let update = Update {
-            type_url: &resp.type_url,
-            version: &resp.system_version_info,
-            resources: &incoming,
-            removed: &resp.removed_resources,
-            replace: false,
-        };
-        let (nack, follow) = accept(state, update, &mut compile, out);
-        let _ = tx
-            .send(DeltaDiscoveryRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail: nack.map(|message| RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message,
-                    details: vec![],
-                }),
-                ..Default::default()
+        let updates: Vec<Update<'_>> = batch
+            .iter()
+            .zip(&incoming)
+            .map(|(resp, incoming)| Update {
+                type_url: &resp.type_url,
+                version: &resp.system_version_info,
+                resources: incoming,
+                removed: &resp.removed_resources,
+                replace: false,
             })
-            .await;
-        // Clusters name endpoints, listeners name routes: keep those subscriptions in step.
-        if let Some((type_url, names)) = follow {
-            // The session's first subscription of a type says what of it is already here.
-            let initial = if subscribed.contains_key(type_url) {
-                Default::default()
-            } else {
-                had(state, type_url, Some(&names))
-            };
-            let current = subscribed.entry(type_url).or_default();
-            let subscribe: Vec<String> = names.difference(current).cloned().collect();
-            let unsubscribe: Vec<String> = current.difference(&names).cloned().collect();
-            if !subscribe.is_empty() || !unsubscribe.is_empty() {
-                *current = names;
-                let _ = tx
-                    .send(DeltaDiscoveryRequest {
-                        type_url: type_url.into(),
-                        resource_names_subscribe: subscribe,
-                        resource_names_unsubscribe: unsubscribe,
-                        initial_resource_versions: initial,
-                        ..Default::default()
-                    })
-                    .await;
-            }
+            .collect();
+        let (nacks, follows) = accept_all(state, &updates, &mut compile, out);
+        for (resp, nack) in batch.iter().zip(nacks) {
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: resp.type_url.clone(),
+                    response_nonce: resp.nonce.clone(),
+                    error_detail: nack.map(|message| RpcStatus {
+                        code: tonic::Code::InvalidArgument as i32,
+                        message,
+                        details: vec![],
+                    }),
+                    ..Default::default()
+                })
+                .await;
+        }
+        for (type_url, names) in follows {
+            follow_up(&tx, state, &mut subscribed, type_url, names).await;
+        }
+        if let Some(e) = ended {
+            return Err(e);
         }
     }
     Err(ClientError::Closed)
+}
+
+/// Responses applied together at most (each is a copy of the state less to make).
+const MAX_BATCH: usize = 64;
+
+/// Keeps a dependent subscription in step with the state: clusters name endpoints, listeners
+/// name routes. The session's first subscription of a type says what of it is already here.
+async fn follow_up(
+    tx: &mpsc::Sender<DeltaDiscoveryRequest>,
+    state: &XdsState,
+    subscribed: &mut BTreeMap<&'static str, BTreeSet<String>>,
+    type_url: &'static str,
+    names: BTreeSet<String>,
+) {
+    let initial = if subscribed.contains_key(type_url) {
+        Default::default()
+    } else {
+        state
+            .resource_versions
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .filter(|(n, _)| names.contains(*n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    };
+    let current = subscribed.entry(type_url).or_default();
+    let subscribe: Vec<String> = names.difference(current).cloned().collect();
+    let unsubscribe: Vec<String> = current.difference(&names).cloned().collect();
+    if !subscribe.is_empty() || !unsubscribe.is_empty() {
+        *current = names;
+        let _ = tx
+            .send(DeltaDiscoveryRequest {
+                type_url: type_url.into(),
+                resource_names_subscribe: subscribe,
+                resource_names_unsubscribe: unsubscribe,
+                initial_resource_versions: initial,
+                ..Default::default()
+            })
+            .await;
+    }
 }
 
 /// One resource of a response: its name and version when the protocol gives them (delta),
@@ -185,7 +233,8 @@ impl Named for RouteConfiguration {
     }
 }
 
-/// Applies a response's resources to the state, all or nothing; `replace` drops what the type
+/// Applies a response's resources to the state, all or nothing (a response that does not
+/// decode changes nothing); `replace` drops what the type
 /// held before. Returns the dependent subscription the new state implies (EDS names after
 /// CDS, RDS names after LDS).
 fn apply(
@@ -232,22 +281,26 @@ fn apply(
         }
         map.extend(new);
     }
-    let versions = state
-        .resource_versions
-        .entry(type_url.to_string())
-        .or_default();
-    merge(
-        versions,
-        resources
-            .iter()
-            .filter_map(|r| Some((r.name?.to_string(), r.version?.to_string())))
-            .collect(),
-        removed,
-        replace,
-    );
+    // Called once the response decoded: a response that does not leaves the state as it was.
+    let remember = |state: &mut XdsState| {
+        let versions = state
+            .resource_versions
+            .entry(type_url.to_string())
+            .or_default();
+        merge(
+            versions,
+            resources
+                .iter()
+                .filter_map(|r| Some((r.name?.to_string(), r.version?.to_string())))
+                .collect(),
+            removed,
+            replace,
+        );
+    };
     match type_url {
         CLUSTER => {
             let new = decode::<Cluster>(type_url, resources)?;
+            remember(state);
             merge(&mut state.clusters, new, removed, replace);
             let eds = state
                 .clusters
@@ -266,17 +319,20 @@ fn apply(
         }
         ENDPOINT => {
             let new = decode::<ClusterLoadAssignment>(type_url, resources)?;
+            remember(state);
             merge(&mut state.endpoints, new, removed, replace);
             Ok(None)
         }
         LISTENER => {
             let new = decode::<Listener>(type_url, resources)?;
+            remember(state);
             merge(&mut state.listeners, new, removed, replace);
             let rds = state.listeners.values().flat_map(route_names).collect();
             Ok(Some((ROUTE, rds)))
         }
         ROUTE => {
             let new = decode::<RouteConfiguration>(type_url, resources)?;
+            remember(state);
             merge(&mut state.routes, new, removed, replace);
             Ok(None)
         }
@@ -295,32 +351,56 @@ struct Update<'a> {
 
 type Follow = Option<(&'static str, BTreeSet<String>)>;
 
-/// Applies an update to a copy of the state and compiles it: accepted, the copy becomes the
-/// state and the compiled configuration is published; rejected, the NACK detail is returned
-/// and the state is untouched.
-fn accept<T, F>(
+/// Applies responses to a copy of the state and compiles it once: a response that does not
+/// apply is NACKed alone; if the result does not compile, all are NACKed and the state is
+/// untouched; accepted, the copy becomes the state and the compiled configuration is
+/// published. Returns each response's NACK, and the dependent subscriptions the new state
+/// implies.
+fn accept_all<T, F>(
     state: &mut XdsState,
-    u: Update<'_>,
+    updates: &[Update<'_>],
     compile: &mut F,
     out: &watch::Sender<Arc<T>>,
-) -> (Option<String>, Follow)
+) -> (
+    Vec<Option<String>>,
+    BTreeMap<&'static str, BTreeSet<String>>,
+)
 where
     F: FnMut(&XdsState) -> Result<T, String>,
 {
     let mut next = state.clone();
-    let outcome = apply(&mut next, u.type_url, u.resources, u.removed, u.replace)
-        .and_then(|follow| Ok((follow, compile(&next)?)));
-    match outcome {
-        Ok((follow, compiled)) => {
-            next.versions
-                .insert(u.type_url.to_string(), u.version.to_string());
+    let mut nacks = Vec::with_capacity(updates.len());
+    let mut follows = BTreeMap::new();
+    for u in updates {
+        // `apply` changes nothing when it fails.
+        match apply(&mut next, u.type_url, u.resources, u.removed, u.replace) {
+            Ok(follow) => {
+                next.versions
+                    .insert(u.type_url.to_string(), u.version.to_string());
+                follows.extend(follow);
+                nacks.push(None);
+            }
+            Err(e) => {
+                tracing::warn!(type_url = %u.type_url, error = %e, "rejecting xDS response");
+                nacks.push(Some(e));
+            }
+        }
+    }
+    if nacks.iter().all(Option::is_some) {
+        return (nacks, BTreeMap::new());
+    }
+    match compile(&next) {
+        Ok(compiled) => {
             *state = next;
             out.send_replace(Arc::new(compiled));
-            (None, follow)
+            (nacks, follows)
         }
         Err(e) => {
-            tracing::warn!(type_url = %u.type_url, error = %e, "rejecting xDS response");
-            (Some(e), None)
+            tracing::warn!(error = %e, "rejecting xDS responses");
+            (
+                updates.iter().map(|_| Some(e.clone())).collect(),
+                BTreeMap::new(),
+            )
         }
     }
 }
@@ -376,7 +456,9 @@ where
             removed: &[],
             replace: true,
         };
-        let (nack, follow) = accept(state, update, &mut compile, out);
+        let (nacks, follows) = accept_all(state, &[update], &mut compile, out);
+        let nack = nacks.into_iter().next().flatten();
+        let follow = follows.into_iter().next();
         if nack.is_none() {
             accepted.insert(resp.type_url.clone(), resp.version_info.clone());
         }
