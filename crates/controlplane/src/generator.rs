@@ -59,8 +59,8 @@ struct Cached {
 #[derive(Default)]
 struct AssignmentCache {
     context: Weak<PushContext>,
-    current: HashMap<u64, Versioned>,
-    previous: HashMap<u64, Versioned>,
+    current: HashMap<u64, Arc<Versioned>>,
+    previous: HashMap<u64, Arc<Versioned>>,
 }
 
 impl AssignmentCache {
@@ -68,7 +68,7 @@ impl AssignmentCache {
         &mut self,
         ctx: &Arc<PushContext>,
         a: &isthmus_pilot::endpoint::Assignment<'_>,
-    ) -> Versioned {
+    ) -> Arc<Versioned> {
         if !std::ptr::eq(self.context.as_ptr(), Arc::as_ptr(ctx)) {
             self.context = Arc::downgrade(ctx);
             self.previous = std::mem::take(&mut self.current);
@@ -80,7 +80,7 @@ impl AssignmentCache {
         let v = self
             .previous
             .remove(&key)
-            .unwrap_or_else(|| Versioned::new(pack_any(a.build())));
+            .unwrap_or_else(|| Arc::new(Versioned::new(pack_any(a.build()))));
         self.current.insert(key, v.clone());
         v
     }
@@ -211,7 +211,7 @@ fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) ->
     Arc::new(
         resources
             .into_iter()
-            .map(|r| (name(&r).clone(), Versioned::new(pack_any(r))))
+            .map(|r| (name(&r).clone(), Arc::new(Versioned::new(pack_any(r)))))
             .collect(),
     )
 }

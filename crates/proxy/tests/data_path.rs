@@ -35,7 +35,9 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -579,10 +581,9 @@ struct SotwOnly(AdsServer<Fixed>);
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for SotwOnly {
-    type StreamAggregatedResourcesStream =
-        <AdsServer<Fixed> as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
+    type StreamAggregatedResourcesStream = isthmus_xds::server::ResponseStream<DiscoveryResponse>;
     type DeltaAggregatedResourcesStream =
-        <AdsServer<Fixed> as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
+        isthmus_xds::server::ResponseStream<DeltaDiscoveryResponse>;
 
     async fn stream_aggregated_resources(
         &self,

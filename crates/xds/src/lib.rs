@@ -5,5 +5,6 @@
 pub mod client;
 pub mod json;
 pub mod server;
+pub mod wire;
 
 pub use server::{AdsServer, Generator, ProxyState};

@@ -13,17 +13,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
+
+use tonic::codegen::http;
+
+use crate::wire::{DeltaOut, OutResource};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -63,7 +64,7 @@ impl Versioned {
 }
 
 /// Resources by name.
-pub type Resources = BTreeMap<String, Versioned>;
+pub type Resources = BTreeMap<String, Arc<Versioned>>;
 
 /// Produces the resources a proxy should have.
 pub trait Generator: Send + Sync + 'static {
@@ -90,7 +91,7 @@ impl FixedGenerator {
     pub fn put(&self, type_url: &str, name: &str, any: Any) {
         let mut all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         Arc::make_mut(all.entry(type_url.into()).or_default())
-            .insert(name.into(), Versioned::new(any));
+            .insert(name.into(), Arc::new(Versioned::new(any)));
     }
 
     pub fn remove(&self, type_url: &str, name: &str) {
@@ -261,8 +262,8 @@ impl<G: Generator> AdsServer<G> {
         self.proxies.clone()
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    pub fn into_service(self) -> AdsService<G> {
+        AdsService(self)
     }
 }
 
@@ -280,7 +281,8 @@ pub const MAX_CHUNK_BYTES: usize = 64 << 10;
 /// Largest response a client accepts (a big mesh's full CDS fits well within).
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// The responses of one ADS stream.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Per-type subscription and what was last sent.
 #[derive(Default)]
@@ -350,7 +352,7 @@ fn wanted<'a>(
     sub: &'a Subscription,
     type_url: &'a str,
     parts: &'a [Arc<Resources>],
-) -> impl Iterator<Item = (&'a String, &'a Versioned)> + 'a {
+) -> impl Iterator<Item = (&'a String, &'a Arc<Versioned>)> + 'a {
     parts
         .iter()
         .flat_map(|p| p.iter())
@@ -433,15 +435,12 @@ fn version_string(v: u64) -> String {
     format!("v{v}")
 }
 
-#[tonic::async_trait]
-impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
+impl<G: Generator> AdsServer<G> {
+    /// Serves one state-of-the-world stream (public so that a server may offer only this).
+    pub async fn stream_aggregated_resources(
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(false);
         Ok(serve_stream(
@@ -457,7 +456,7 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+    ) -> Result<Response<ResponseStream<DeltaOut>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(true);
         Ok(serve_stream(
@@ -468,6 +467,91 @@ impl<G: Generator> AggregatedDiscoveryService for AdsServer<G> {
             Conn::delta_request,
             Conn::delta_push,
         ))
+    }
+}
+
+const ADS_SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+
+/// Envoy's `AggregatedDiscoveryService` over gRPC: the two streaming methods, with delta
+/// responses encoded from the shared resources ([`DeltaOut`]).
+pub struct AdsService<G>(AdsServer<G>);
+
+impl<G> Clone for AdsService<G> {
+    fn clone(&self) -> Self {
+        AdsService(self.0.clone())
+    }
+}
+
+impl<G> tonic::server::NamedService for AdsService<G> {
+    const NAME: &'static str = ADS_SERVICE;
+}
+
+struct SotwMethod<G>(AdsServer<G>);
+
+impl<G: Generator> tonic::server::StreamingService<DiscoveryRequest> for SotwMethod<G> {
+    type Response = DiscoveryResponse;
+    type ResponseStream = ResponseStream<DiscoveryResponse>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let ads = self.0.clone();
+        Box::pin(async move { ads.stream_aggregated_resources(request).await })
+    }
+}
+
+struct DeltaMethod<G>(AdsServer<G>);
+
+impl<G: Generator> tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaMethod<G> {
+    type Response = DeltaOut;
+    type ResponseStream = ResponseStream<DeltaOut>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
+        let ads = self.0.clone();
+        Box::pin(async move { ads.delta_aggregated_resources(request).await })
+    }
+}
+
+impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for AdsService<G> {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let ads = self.0.clone();
+        let method = req
+            .uri()
+            .path()
+            .strip_prefix(&format!("/{ADS_SERVICE}/"))
+            .map(str::to_string);
+        Box::pin(async move {
+            Ok(match method.as_deref() {
+                Some("StreamAggregatedResources") => {
+                    let codec =
+                        tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default();
+                    tonic::server::Grpc::new(codec)
+                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None)
+                        .streaming(SotwMethod(ads), req)
+                        .await
+                }
+                Some("DeltaAggregatedResources") => {
+                    let codec =
+                        tonic_prost::ProstCodec::<DeltaOut, DeltaDiscoveryRequest>::default();
+                    tonic::server::Grpc::new(codec)
+                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None)
+                        .streaming(DeltaMethod(ads), req)
+                        .await
+                }
+                _ => Status::unimplemented("no such method").into_http(),
+            })
+        })
     }
 }
 
@@ -747,11 +831,7 @@ impl<G: Generator> Conn<G> {
             .collect()
     }
 
-    fn delta_request(
-        &mut self,
-        req: DeltaDiscoveryRequest,
-        version: u64,
-    ) -> Vec<DeltaDiscoveryResponse> {
+    fn delta_request(&mut self, req: DeltaDiscoveryRequest, version: u64) -> Vec<DeltaOut> {
         self.learn_node(req.node);
         let type_url = req.type_url.clone();
         if !req.response_nonce.is_empty() {
@@ -801,12 +881,7 @@ impl<G: Generator> Conn<G> {
     /// The answer to a subscription that only adds names: those resources, when nothing else
     /// changed since the last response (a proxy subscribing to the endpoints of the clusters it
     /// just received, chunk by chunk, should not make the whole type be compared again).
-    fn delta_added(
-        &mut self,
-        type_url: &str,
-        version: u64,
-        added: &[String],
-    ) -> Vec<DeltaDiscoveryResponse> {
+    fn delta_added(&mut self, type_url: &str, version: u64, added: &[String]) -> Vec<DeltaOut> {
         let parts = match self.parts(type_url) {
             Ok(p) => p,
             Err(e) => {
@@ -820,7 +895,7 @@ impl<G: Generator> Conn<G> {
         if !same_parts(&sub.parts, &parts) {
             return self.delta_response(type_url, version, true);
         }
-        let changed: Vec<Resource> = added
+        let changed: Vec<OutResource> = added
             .iter()
             .filter_map(|n| {
                 let v = parts.iter().find_map(|p| p.get(n))?;
@@ -836,12 +911,7 @@ impl<G: Generator> Conn<G> {
 
     /// The changed and removed resources of one type; nothing when there are none (unless
     /// `force`, for the first answer to a subscription).
-    fn delta_response(
-        &mut self,
-        type_url: &str,
-        version: u64,
-        force: bool,
-    ) -> Vec<DeltaDiscoveryResponse> {
+    fn delta_response(&mut self, type_url: &str, version: u64, force: bool) -> Vec<DeltaOut> {
         let parts = match self.parts(type_url) {
             Ok(p) => p,
             Err(e) => {
@@ -880,10 +950,10 @@ impl<G: Generator> Conn<G> {
         &mut self,
         type_url: &str,
         version: u64,
-        changed: Vec<Resource>,
+        changed: Vec<OutResource>,
         removed: Vec<String>,
         pushed: bool,
-    ) -> Vec<DeltaDiscoveryResponse> {
+    ) -> Vec<DeltaOut> {
         let count = self.subs.get(type_url).map_or(0, |s| s.sent.len());
         let mut chunks = chunks(changed);
         let earlier: Vec<String> = (1..chunks.len()).map(|_| self.next_nonce()).collect();
@@ -892,10 +962,10 @@ impl<G: Generator> Conn<G> {
             sub.chunk_nonces = earlier.clone();
         }
         let last = chunks.pop().unwrap_or_default();
-        let mut out: Vec<DeltaDiscoveryResponse> = chunks
+        let mut out: Vec<DeltaOut> = chunks
             .into_iter()
             .zip(earlier)
-            .map(|(resources, nonce)| DeltaDiscoveryResponse {
+            .map(|(resources, nonce)| DeltaOut {
                 system_version_info: v.clone(),
                 resources,
                 type_url: type_url.to_string(),
@@ -903,18 +973,17 @@ impl<G: Generator> Conn<G> {
                 ..Default::default()
             })
             .collect();
-        out.push(DeltaDiscoveryResponse {
+        out.push(DeltaOut {
             system_version_info: v,
             resources: last,
             type_url: type_url.to_string(),
             removed_resources: removed,
             nonce: last_nonce,
-            ..Default::default()
         });
         out
     }
 
-    fn delta_push(&mut self, version: u64) -> Vec<DeltaDiscoveryResponse> {
+    fn delta_push(&mut self, version: u64) -> Vec<DeltaOut> {
         let types: Vec<String> = ordered(self.subs.keys());
         types
             .iter()
@@ -923,22 +992,22 @@ impl<G: Generator> Conn<G> {
     }
 }
 
-fn resource(name: &str, v: &Versioned) -> Resource {
-    Resource {
+/// A resource for a delta response: the shared body, no copy.
+fn resource(name: &str, v: &Arc<Versioned>) -> OutResource {
+    OutResource {
         name: name.to_string(),
         version: v.version.to_string(),
-        resource: Some(v.any.clone()),
-        ..Default::default()
+        body: v.clone(),
     }
 }
 
 /// Splits resources into runs of at most [`MAX_CHUNK_BYTES`] (at least one run, maybe empty).
-fn chunks(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
+fn chunks(resources: Vec<OutResource>) -> Vec<Vec<OutResource>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
     for r in resources {
-        let n = prost::Message::encoded_len(&r);
+        let n = r.encoded_len();
         if !current.is_empty() && size + n > MAX_CHUNK_BYTES {
             out.push(std::mem::take(&mut current));
             size = 0;
@@ -950,8 +1019,8 @@ fn chunks(resources: Vec<Resource>) -> Vec<Vec<Resource>> {
     out
 }
 
-fn version_of(r: &Resource) -> u64 {
-    r.version.parse().unwrap_or_default()
+fn version_of(r: &OutResource) -> u64 {
+    r.body.version
 }
 
 /// Delta against what the proxy has, looking at every resource.
@@ -959,7 +1028,7 @@ fn delta_full(
     sub: &Subscription,
     type_url: &str,
     parts: &[Arc<Resources>],
-) -> (Vec<Resource>, Vec<String>) {
+) -> (Vec<OutResource>, Vec<String>) {
     let changed = wanted(sub, type_url, parts)
         .filter(|(n, v)| sub.sent.get(*n) != Some(&v.version))
         .map(|(n, v)| resource(n, v))
@@ -980,7 +1049,7 @@ fn delta_parts(
     type_url: &str,
     parts: &[Arc<Resources>],
     diffs: &DiffMemo,
-) -> (Vec<Resource>, Vec<String>) {
+) -> (Vec<OutResource>, Vec<String>) {
     let mut changed = Vec::new();
     let mut removed = Vec::new();
     for (old, new) in sub.parts.iter().zip(parts) {
