@@ -80,7 +80,7 @@ impl AssignmentCache {
         let v = self
             .previous
             .remove(&key)
-            .unwrap_or_else(|| Arc::new(Versioned::new(pack_any(a.build()))));
+            .unwrap_or_else(|| Arc::new(Versioned::new(&a.name, pack_any(a.build()))));
         self.current.insert(key, v.clone());
         v
     }
@@ -211,7 +211,11 @@ fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) ->
     Arc::new(
         resources
             .into_iter()
-            .map(|r| (name(&r).clone(), Arc::new(Versioned::new(pack_any(r)))))
+            .map(|r| {
+                let name = name(&r).clone();
+                let v = Versioned::new(&name, pack_any(r));
+                (name, Arc::new(v))
+            })
             .collect(),
     )
 }

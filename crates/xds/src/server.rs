@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use tonic::codegen::http;
 
-use crate::wire::{DeltaOut, OutResource};
+use crate::wire::{DeltaOut, resource_len};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -40,10 +40,12 @@ fn wildcard_type(type_url: &str) -> bool {
     matches!(type_url, CLUSTER | LISTENER)
 }
 
-/// A resource with its content version, computed once when it is built so that every proxy
-/// it goes to compares versions without re-encoding it.
+/// A resource with its name and content version, computed once when it is built so that
+/// every proxy it goes to compares versions without re-encoding it, and refers to its name
+/// without a copy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
+    pub name: Arc<str>,
     pub any: Any,
     pub version: u64,
 }
@@ -51,12 +53,13 @@ pub struct Versioned {
 impl Versioned {
     /// Versions by a hash of the encoded bytes: generators must encode alike what is alike
     /// (protobuf map fields iterate in the map's order; see pilot's `maps`).
-    pub fn new(any: Any) -> Self {
+    pub fn new(name: &str, any: Any) -> Self {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         any.type_url.hash(&mut h);
         any.value.hash(&mut h);
         Versioned {
+            name: name.into(),
             version: h.finish(),
             any,
         }
@@ -91,7 +94,7 @@ impl FixedGenerator {
     pub fn put(&self, type_url: &str, name: &str, any: Any) {
         let mut all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         Arc::make_mut(all.entry(type_url.into()).or_default())
-            .insert(name.into(), Arc::new(Versioned::new(any)));
+            .insert(name.into(), Arc::new(Versioned::new(name, any)));
     }
 
     pub fn remove(&self, type_url: &str, name: &str) {
@@ -288,8 +291,9 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 #[derive(Default)]
 struct Subscription {
     names: BTreeSet<String>,
-    /// Name → content version of what the proxy has (delta) or was last sent (SotW).
-    sent: BTreeMap<String, u64>,
+    /// Name → content version of what the proxy has (delta) or was last sent (SotW); the
+    /// names are the resources' own, shared.
+    sent: BTreeMap<Arc<str>, u64>,
     /// The generator's parts `sent` reflects: a part that is still the same `Arc` needs no look.
     parts: Vec<Arc<Resources>>,
     nonce: String,
@@ -769,8 +773,8 @@ impl<G: Generator> Conn<G> {
         if !force && (same_parts(&sub.parts, &parts) || sub.rejected == Some(version)) {
             return None;
         }
-        let hashes: BTreeMap<String, u64> = wanted(sub, type_url, &parts)
-            .map(|(n, v)| (n.clone(), v.version))
+        let hashes: BTreeMap<Arc<str>, u64> = wanted(sub, type_url, &parts)
+            .map(|(_, v)| (v.name.clone(), v.version))
             .collect();
         let unchanged = sub.sent == hashes;
         sub.parts = parts.clone();
@@ -857,7 +861,7 @@ impl<G: Generator> Conn<G> {
             .collect();
         for n in req.resource_names_unsubscribe {
             sub.names.remove(&n);
-            sub.sent.remove(&n);
+            sub.sent.remove(n.as_str());
         }
         sub.names.extend(
             req.resource_names_subscribe
@@ -868,7 +872,7 @@ impl<G: Generator> Conn<G> {
             // A reconnecting proxy says what it has; versions are our content hashes.
             for (n, v) in req.initial_resource_versions {
                 if let Ok(h) = v.parse() {
-                    sub.sent.insert(n, h);
+                    sub.sent.insert(n.into(), h);
                 }
             }
         }
@@ -895,15 +899,15 @@ impl<G: Generator> Conn<G> {
         if !same_parts(&sub.parts, &parts) {
             return self.delta_response(type_url, version, true);
         }
-        let changed: Vec<OutResource> = added
+        let changed: Vec<Arc<Versioned>> = added
             .iter()
             .filter_map(|n| {
                 let v = parts.iter().find_map(|p| p.get(n))?;
-                (sub.sent.get(n) != Some(&v.version)).then(|| resource(n, v))
+                (sub.sent.get(n.as_str()) != Some(&v.version)).then(|| v.clone())
             })
             .collect();
         for r in &changed {
-            sub.sent.insert(r.name.clone(), version_of(r));
+            sub.sent.insert(r.name.clone(), r.version);
         }
         sub.rejected = None;
         self.respond(type_url, version, changed, Vec::new(), false)
@@ -931,10 +935,10 @@ impl<G: Generator> Conn<G> {
         };
         sub.parts = parts;
         for r in &changed {
-            sub.sent.insert(r.name.clone(), version_of(r));
+            sub.sent.insert(r.name.clone(), r.version);
         }
         for n in &removed {
-            sub.sent.remove(n);
+            sub.sent.remove(n.as_str());
         }
         if changed.is_empty() && removed.is_empty() && !force {
             return Vec::new();
@@ -950,7 +954,7 @@ impl<G: Generator> Conn<G> {
         &mut self,
         type_url: &str,
         version: u64,
-        changed: Vec<OutResource>,
+        changed: Vec<Arc<Versioned>>,
         removed: Vec<String>,
         pushed: bool,
     ) -> Vec<DeltaOut> {
@@ -992,22 +996,13 @@ impl<G: Generator> Conn<G> {
     }
 }
 
-/// A resource for a delta response: the shared body, no copy.
-fn resource(name: &str, v: &Arc<Versioned>) -> OutResource {
-    OutResource {
-        name: name.to_string(),
-        version: v.version.to_string(),
-        body: v.clone(),
-    }
-}
-
 /// Splits resources into runs of at most [`MAX_CHUNK_BYTES`] (at least one run, maybe empty).
-fn chunks(resources: Vec<OutResource>) -> Vec<Vec<OutResource>> {
+fn chunks(resources: Vec<Arc<Versioned>>) -> Vec<Vec<Arc<Versioned>>> {
     let mut out = Vec::new();
     let mut current = Vec::new();
     let mut size = 0;
     for r in resources {
-        let n = r.encoded_len();
+        let n = resource_len(&r);
         if !current.is_empty() && size + n > MAX_CHUNK_BYTES {
             out.push(std::mem::take(&mut current));
             size = 0;
@@ -1019,25 +1014,21 @@ fn chunks(resources: Vec<OutResource>) -> Vec<Vec<OutResource>> {
     out
 }
 
-fn version_of(r: &OutResource) -> u64 {
-    r.body.version
-}
-
 /// Delta against what the proxy has, looking at every resource.
 fn delta_full(
     sub: &Subscription,
     type_url: &str,
     parts: &[Arc<Resources>],
-) -> (Vec<OutResource>, Vec<String>) {
+) -> (Vec<Arc<Versioned>>, Vec<String>) {
     let changed = wanted(sub, type_url, parts)
-        .filter(|(n, v)| sub.sent.get(*n) != Some(&v.version))
-        .map(|(n, v)| resource(n, v))
+        .filter(|(n, v)| sub.sent.get(n.as_str()) != Some(&v.version))
+        .map(|(_, v)| v.clone())
         .collect();
     let removed = sub
         .sent
         .keys()
-        .filter(|n| !sub.wants(type_url, n) || !parts.iter().any(|p| p.contains_key(*n)))
-        .cloned()
+        .filter(|n| !sub.wants(type_url, n) || !parts.iter().any(|p| p.contains_key(&***n)))
+        .map(|n| n.to_string())
         .collect();
     (changed, removed)
 }
@@ -1049,7 +1040,7 @@ fn delta_parts(
     type_url: &str,
     parts: &[Arc<Resources>],
     diffs: &DiffMemo,
-) -> (Vec<OutResource>, Vec<String>) {
+) -> (Vec<Arc<Versioned>>, Vec<String>) {
     let mut changed = Vec::new();
     let mut removed = Vec::new();
     for (old, new) in sub.parts.iter().zip(parts) {
@@ -1059,13 +1050,13 @@ fn delta_parts(
         let d = diffs.get(old, new);
         for n in d.changed.iter().filter(|n| sub.wants(type_url, n)) {
             if let Some(v) = new.get(n)
-                && sub.sent.get(n) != Some(&v.version)
+                && sub.sent.get(n.as_str()) != Some(&v.version)
             {
-                changed.push(resource(n, v));
+                changed.push(v.clone());
             }
         }
         for n in &d.removed {
-            if sub.sent.contains_key(n) && !parts.iter().any(|p| p.contains_key(n)) {
+            if sub.sent.contains_key(n.as_str()) && !parts.iter().any(|p| p.contains_key(n)) {
                 removed.push(n.clone());
             }
         }

@@ -1,7 +1,7 @@
 //! Delta responses as they go on the wire. A resource is encoded once, when it is built, and
 //! shared by every proxy it goes to; [`DeltaOut`] refers to those shared resources and writes
-//! them straight into the stream's buffer, where Envoy's generated `DeltaDiscoveryResponse`
-//! would need a copy of every resource for every proxy first. Proxies decode it as the usual
+//! them (name, version and body) straight into the stream's buffer, where Envoy's generated
+//! `DeltaDiscoveryResponse` would need a copy of every resource for every proxy first. Proxies decode it as the usual
 //! `DeltaDiscoveryResponse` (the field numbers are that message's).
 
 use std::sync::Arc;
@@ -25,19 +25,11 @@ const RESOURCE_NAME: u32 = 3;
 const ANY_TYPE_URL: u32 = 1;
 const ANY_VALUE: u32 = 2;
 
-/// One resource of a delta response: its name, its version as sent, and the shared body.
-#[derive(Debug, Clone)]
-pub struct OutResource {
-    pub name: String,
-    pub version: String,
-    pub body: Arc<Versioned>,
-}
-
 /// A `DeltaDiscoveryResponse` whose resources are shared, for encoding only.
 #[derive(Debug, Clone, Default)]
 pub struct DeltaOut {
     pub system_version_info: String,
-    pub resources: Vec<OutResource>,
+    pub resources: Vec<Arc<Versioned>>,
     pub type_url: String,
     pub nonce: String,
     pub removed_resources: Vec<String>,
@@ -67,48 +59,62 @@ fn delimited_len(tag: u32, inner: usize) -> usize {
     prost::encoding::key_len(tag) + encoded_len_varint(inner as u64) + inner
 }
 
-impl OutResource {
-    fn any_len(&self) -> usize {
-        let any = &self.body.any;
-        string_len(ANY_TYPE_URL, &any.type_url)
-            + if any.value.is_empty() {
-                0
-            } else {
-                delimited_len(ANY_VALUE, any.value.len())
-            }
+/// Digits of a version as sent (its decimal text).
+fn digits(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 10 {
+        v /= 10;
+        n += 1;
     }
+    n
+}
 
-    /// The length of the `Resource` message, without its own key and length.
-    fn len(&self) -> usize {
-        string_len(RESOURCE_VERSION, &self.version)
-            + delimited_len(RESOURCE_BODY, self.any_len())
-            + string_len(RESOURCE_NAME, &self.name)
-    }
-
-    /// What this resource adds to a response.
-    pub(crate) fn encoded_len(&self) -> usize {
-        delimited_len(RESOURCES, self.len())
-    }
-
-    fn encode(&self, buf: &mut impl BufMut) {
-        encode_key(RESOURCES, WireType::LengthDelimited, buf);
-        encode_varint(self.len() as u64, buf);
-        put_string(RESOURCE_VERSION, &self.version, buf);
-        encode_key(RESOURCE_BODY, WireType::LengthDelimited, buf);
-        encode_varint(self.any_len() as u64, buf);
-        put_string(ANY_TYPE_URL, &self.body.any.type_url, buf);
-        if !self.body.any.value.is_empty() {
-            put_bytes(ANY_VALUE, &self.body.any.value, buf);
+fn any_len(r: &Versioned) -> usize {
+    string_len(ANY_TYPE_URL, &r.any.type_url)
+        + if r.any.value.is_empty() {
+            0
+        } else {
+            delimited_len(ANY_VALUE, r.any.value.len())
         }
-        put_string(RESOURCE_NAME, &self.name, buf);
+}
+
+/// The length of the `Resource` message, without its own key and length.
+fn inner_len(r: &Versioned) -> usize {
+    delimited_len(RESOURCE_VERSION, digits(r.version))
+        + delimited_len(RESOURCE_BODY, any_len(r))
+        + string_len(RESOURCE_NAME, &r.name)
+}
+
+/// What a resource adds to a response.
+pub(crate) fn resource_len(r: &Versioned) -> usize {
+    delimited_len(RESOURCES, inner_len(r))
+}
+
+fn put_resource(r: &Versioned, buf: &mut impl BufMut) {
+    encode_key(RESOURCES, WireType::LengthDelimited, buf);
+    encode_varint(inner_len(r) as u64, buf);
+    let mut text = [0u8; 20];
+    let n = digits(r.version);
+    let mut v = r.version;
+    for slot in text[..n].iter_mut().rev() {
+        *slot = b'0' + (v % 10) as u8;
+        v /= 10;
     }
+    put_bytes(RESOURCE_VERSION, &text[..n], buf);
+    encode_key(RESOURCE_BODY, WireType::LengthDelimited, buf);
+    encode_varint(any_len(r) as u64, buf);
+    put_string(ANY_TYPE_URL, &r.any.type_url, buf);
+    if !r.any.value.is_empty() {
+        put_bytes(ANY_VALUE, &r.any.value, buf);
+    }
+    put_string(RESOURCE_NAME, &r.name, buf);
 }
 
 impl prost::Message for DeltaOut {
     fn encode_raw(&self, buf: &mut impl BufMut) {
         put_string(SYSTEM_VERSION_INFO, &self.system_version_info, buf);
         for r in &self.resources {
-            r.encode(buf);
+            put_resource(r, buf);
         }
         put_string(TYPE_URL, &self.type_url, buf);
         put_string(NONCE, &self.nonce, buf);
@@ -134,7 +140,7 @@ impl prost::Message for DeltaOut {
             + self
                 .resources
                 .iter()
-                .map(OutResource::encoded_len)
+                .map(|r| resource_len(r))
                 .sum::<usize>()
             + string_len(TYPE_URL, &self.type_url)
             + string_len(NONCE, &self.nonce)
@@ -161,31 +167,18 @@ mod tests {
     #[test]
     fn decodes_as_the_envoy_message_it_stands_for() {
         let body = |name: &str, size: usize| {
-            Arc::new(Versioned::new(Any {
-                type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-                value: name.bytes().cycle().take(size).collect(),
-            }))
+            Arc::new(Versioned::new(
+                name,
+                Any {
+                    type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+                    value: name.bytes().cycle().take(size).collect(),
+                },
+            ))
         };
         let out = DeltaOut {
             system_version_info: "v7".into(),
-            resources: vec![
-                OutResource {
-                    name: "a".into(),
-                    version: "11".into(),
-                    body: body("a", 3),
-                },
-                // Lengths past one varint byte, and an empty body.
-                OutResource {
-                    name: "b".repeat(200),
-                    version: "22".into(),
-                    body: body("b", 70_000),
-                },
-                OutResource {
-                    name: "c".into(),
-                    version: String::new(),
-                    body: body("c", 0),
-                },
-            ],
+            // Lengths past one varint byte, and an empty body.
+            resources: vec![body("a", 3), body(&"b".repeat(200), 70_000), body("c", 0)],
             type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
             nonce: "1-9".into(),
             removed_resources: vec!["gone".into(), "also-gone".into()],
@@ -199,9 +192,9 @@ mod tests {
                 .resources
                 .iter()
                 .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.body.any.clone()),
+                    name: r.name.to_string(),
+                    version: r.version.to_string(),
+                    resource: Some(r.any.clone()),
                     ..Default::default()
                 })
                 .collect(),
