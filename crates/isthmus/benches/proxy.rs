@@ -190,7 +190,11 @@ fn main() {
     for round in 1..=rounds() {
         let mut direct: Option<Histogram<u64>> = None;
         let mut this_round = Vec::new();
-        for t in &targets {
+        // The baseline first; the others take turns going first, so that none always runs
+        // after the same one.
+        let mut order = targets.clone();
+        order[1..].rotate_left((round - 1) % (targets.len() - 1).max(1));
+        for t in &order {
             eprintln!(
                 "round {round}: {}: {RATE} requests/s for {} s",
                 t.name,
