@@ -1994,9 +1994,14 @@ fn request_authentication(ra: &RequestAuthenticationSpec, r: &mut Report) {
             r.err("audience must be non-empty string");
         }
         let uri = &rule.jwks_uri;
-        if !(uri.is_empty() || uri.starts_with("http://") || uri.starts_with("https://")) {
+        // `file://` is an isthmus extension: keys kept beside the control plane.
+        if !(uri.is_empty()
+            || uri.starts_with("http://")
+            || uri.starts_with("https://")
+            || uri.starts_with("file:///"))
+        {
             r.err(format!(
-                "jwks URI {:?} must use http or https",
+                "jwks URI {:?} must use http, https or file",
                 rule.jwks_uri
             ));
         }

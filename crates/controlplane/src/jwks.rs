@@ -1,5 +1,6 @@
 //! The keys behind RequestAuthentication `jwksUri`s, fetched by the control plane as istiod
-//! does, so that proxies get them inline and make no requests of their own. A document is
+//! does (http and https; `file://` too, for keys kept beside the control plane), so that
+//! proxies get them inline and make no requests of their own. A document is
 //! kept for [`REFRESH`] (istiod's 20 minutes) and then fetched again; one that failed is tried
 //! again after [`RETRY`]. A change of keys is pushed like a change of config.
 
@@ -111,12 +112,15 @@ impl JwksCache {
 
     /// One GET of `uri` (http or https), its body as text when the answer is 200.
     async fn fetch(uri: &str) -> Result<String, String> {
+        if let Some(path) = uri.strip_prefix("file://") {
+            return read_file(path).await;
+        }
         let parsed: http::Uri = uri.parse().map_err(|e| format!("bad URI: {e}"))?;
         let host = parsed.host().ok_or("URI without a host")?.to_string();
         let https = match parsed.scheme_str() {
             Some("http") => false,
             Some("https") => true,
-            _ => return Err("only http and https URIs are fetched".into()),
+            _ => return Err("only http, https and file URIs are fetched".into()),
         };
         let port = parsed.port_u16().unwrap_or(if https { 443 } else { 80 });
         let tcp = TcpStream::connect((host.trim_matches(['[', ']']), port))
@@ -143,6 +147,23 @@ impl JwksCache {
             get(TokioIo::new(tcp), request).await
         }
     }
+}
+
+/// A JWKS kept in a file beside the control plane (`file:///path`, an isthmus extension).
+async fn read_file(path: &str) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    let mut text = String::new();
+    file.take(MAX_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| format!("{path}: {e}"))?;
+    if text.len() > MAX_BYTES {
+        return Err(format!("{path} is larger than {MAX_BYTES} bytes"));
+    }
+    Ok(text)
 }
 
 /// Server certificates are checked against Mozilla's roots, as a browser would.

@@ -639,3 +639,47 @@ async fn jwks_uris_are_fetched_retried_and_pushed_inline() {
     );
     assert_eq!(fetches.load(Ordering::Relaxed), seen);
 }
+
+#[tokio::test]
+async fn a_jwks_file_beside_the_control_plane_is_read_and_inlined() {
+    const JWKS: &str = r#"{"keys":[]}"#;
+    let keys = tempfile::tempdir().unwrap();
+    let file = keys.path().join("jwks.json");
+    std::fs::write(
+        &file,
+        r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"f"}]}"#,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  jwtRules:\n  - issuer: file-issuer\n    jwksUri: file://{}\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        type_url: isthmus_xds::server::LISTENER.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let lds = next_delta(&mut stream).await;
+    let inline = inline_jwks(&lds).expect("a JWT filter");
+    assert_ne!(inline, JWKS, "the file's keys, not the empty set");
+    assert!(inline.contains("\"kid\":\"f\""), "{inline}");
+}
