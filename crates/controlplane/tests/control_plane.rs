@@ -62,6 +62,15 @@ async fn secure_cds(
     Ok(next(&mut stream).await)
 }
 
+/// The control plane serving a new directory with `mesh` in it (the directory lives as long as
+/// the returned guard).
+async fn start_with(mesh: &str) -> (tempfile::TempDir, isthmus_controlplane::Running) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), mesh).unwrap();
+    let cp = start(options(dir.path())).await.unwrap();
+    (dir, cp)
+}
+
 /// The control plane on free loopback ports, serving `dir`, without the CA.
 fn options(dir: &std::path::Path) -> Options {
     Options {
@@ -457,15 +466,9 @@ fn ack(tx: &mpsc::UnboundedSender<DeltaDiscoveryRequest>, r: &DeltaDiscoveryResp
 
 #[tokio::test]
 async fn one_new_endpoint_sends_one_assignment_to_each_proxy_and_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  clusterIP: 10.96.0.12\n  selector: {{app: ratings}}\n  ports: [{{name: http, port: 9080}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: ratings-0, namespace: default, labels: {{app: ratings}}}}\nspec: {{containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: 10.1.0.21}}\n"
-        ),
-    )
-    .unwrap();
-    let cp = start(options(dir.path())).await.unwrap();
+    let (dir, cp) = start_with(&format!(
+        "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  clusterIP: 10.96.0.12\n  selector: {{app: ratings}}\n  ports: [{{name: http, port: 9080}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: ratings-0, namespace: default, labels: {{app: ratings}}}}\nspec: {{containers: [{{name: app, image: app}}]}}\nstatus: {{podIP: 10.1.0.21}}\n"
+    )).await;
     // Two proxies of one scope (namespace `default`, no Sidecar): they share the outbound part.
     let (tx1, mut s1) = delta_session(
         cp.xds_addr,
@@ -521,6 +524,34 @@ async fn one_new_endpoint_sends_one_assignment_to_each_proxy_and_nothing_else() 
     let bytes = &cds.resources[0].resource.as_ref().unwrap().value;
     let san = b"spiffe://cluster.local/ns/default/sa/reviews-v2";
     assert!(bytes.windows(san.len()).any(|w| w == san));
+}
+
+/// A delta stream of reviews-0's listeners.
+async fn listener_session(
+    addr: std::net::SocketAddr,
+) -> (
+    mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+            ..Default::default()
+        }),
+        type_url: isthmus_xds::server::LISTENER.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    (tx, stream)
 }
 
 /// The keys the JWT filter of a proxy's inbound HTTP chain carries (its first provider's).
@@ -594,33 +625,10 @@ async fn jwks_uris_are_fetched_retried_and_pushed_inline() {
             });
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example.com\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n"
-        ),
-    )
-    .unwrap();
-    let cp = start(options(dir.path())).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
-            ..Default::default()
-        }),
-        type_url: isthmus_xds::server::LISTENER.into(),
-        ..Default::default()
-    })
-    .unwrap();
+    let (_dir, cp) = start_with(&format!(
+        "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  jwtRules:\n  - issuer: https://issuer.example.com\n    jwksUri: http://127.0.0.1:{port}/jwks.json\n"
+    )).await;
+    let (tx, mut stream) = listener_session(cp.xds_addr).await;
     let lds = next_delta(&mut stream).await;
     ack(&tx, &lds);
     // While the keys cannot be fetched, the provider has none: tokens are refused, not let in.
@@ -650,34 +658,11 @@ async fn a_jwks_file_beside_the_control_plane_is_read_and_inlined() {
         r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"f"}]}"#,
     )
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("mesh.yaml"),
-        format!(
-            "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  jwtRules:\n  - issuer: file-issuer\n    jwksUri: file://{}\n",
-            file.display()
-        ),
-    )
-    .unwrap();
-    let cp = start(options(dir.path())).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    tx.send(DeltaDiscoveryRequest {
-        node: Some(Node {
-            id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
-            ..Default::default()
-        }),
-        type_url: isthmus_xds::server::LISTENER.into(),
-        ..Default::default()
-    })
-    .unwrap();
+    let (_dir, cp) = start_with(&format!(
+        "{MESH}---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: jwt, namespace: default}}\nspec:\n  jwtRules:\n  - issuer: file-issuer\n    jwksUri: file://{}\n",
+        file.display()
+    )).await;
+    let (_tx, mut stream) = listener_session(cp.xds_addr).await;
     let lds = next_delta(&mut stream).await;
     let inline = inline_jwks(&lds).expect("a JWT filter");
     assert_ne!(inline, JWKS, "the file's keys, not the empty set");

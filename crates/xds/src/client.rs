@@ -136,11 +136,7 @@ where
                 .send(DeltaDiscoveryRequest {
                     type_url: resp.type_url.clone(),
                     response_nonce: resp.nonce.clone(),
-                    error_detail: nack.map(|message| RpcStatus {
-                        code: tonic::Code::InvalidArgument as i32,
-                        message,
-                        details: vec![],
-                    }),
+                    error_detail: nack.map(rejection),
                     ..Default::default()
                 })
                 .await;
@@ -153,6 +149,15 @@ where
         }
     }
     Err(ClientError::Closed)
+}
+
+/// A NACK's detail.
+fn rejection(message: String) -> RpcStatus {
+    RpcStatus {
+        code: tonic::Code::InvalidArgument as i32,
+        message,
+        details: vec![],
+    }
 }
 
 /// Responses applied together at most (each is a copy of the state less to make).
@@ -477,11 +482,7 @@ where
                     .and_then(|t| names.get(t))
                     .map(|n| n.iter().cloned().collect())
                     .unwrap_or_default(),
-                error_detail: nack.map(|message| RpcStatus {
-                    code: tonic::Code::InvalidArgument as i32,
-                    message,
-                    details: vec![],
-                }),
+                error_detail: nack.map(rejection),
                 ..Default::default()
             })
             .await;

@@ -395,20 +395,24 @@ async fn the_client_nacks_a_response_that_does_not_decode() {
     assert!(nacked.contains("broken"), "{nacked}");
 }
 
-#[tokio::test]
-async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts() {
-    use isthmus_xds::server::MAX_CHUNK_BYTES;
-    use prost::Message;
-    let mut h = start().await;
-    // 300 clusters of about 1 KB each: several parts' worth.
+/// 300 clusters of about 1 KB each: several delta parts' worth.
+fn big_clusters(mesh: &Fixed) {
     for i in 0..300 {
         let c = Cluster {
             name: format!("big-{i:03}"),
             alt_stat_name: "x".repeat(1000),
             ..Default::default()
         };
-        h.mesh.put(CLUSTER, &c.name.clone(), pack_any(c));
+        mesh.put(CLUSTER, &c.name.clone(), pack_any(c));
     }
+}
+
+#[tokio::test]
+async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts() {
+    use isthmus_xds::server::MAX_CHUNK_BYTES;
+    use prost::Message;
+    let mut h = start().await;
+    big_clusters(&h.mesh);
     let (tx, rx) = mpsc::channel(8);
     let mut stream = h
         .client
@@ -468,14 +472,7 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
 async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     use isthmus_xds::client::{XdsState, run};
     let h = start().await;
-    for i in 0..300 {
-        let c = Cluster {
-            name: format!("big-{i:03}"),
-            alt_stat_name: "x".repeat(1000),
-            ..Default::default()
-        };
-        h.mesh.put(CLUSTER, &c.name.clone(), pack_any(c));
-    }
+    big_clusters(&h.mesh);
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
         .unwrap()
         .connect()
