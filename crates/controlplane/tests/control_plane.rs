@@ -397,6 +397,25 @@ async fn client_follows_the_mesh(sotw: bool) {
     .await;
 }
 
+/// A delta ADS stream to the control plane at `addr`, and the sender of its requests.
+async fn open_delta(
+    addr: std::net::SocketAddr,
+) -> (
+    mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let stream = client
+        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
 /// A delta ADS session that has received and ACKed everything of a proxy: clusters,
 /// listeners, every endpoint assignment and route `9080`.
 async fn delta_session(
@@ -407,15 +426,7 @@ async fn delta_session(
     tonic::Streaming<DeltaDiscoveryResponse>,
 ) {
     use isthmus_xds::server::{ENDPOINT, LISTENER, ROUTE};
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let mut stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = open_delta(addr).await;
     let node = Node {
         id: id.into(),
         ..Default::default()
@@ -533,15 +544,7 @@ async fn listener_session(
     mpsc::UnboundedSender<DeltaDiscoveryRequest>,
     tonic::Streaming<DeltaDiscoveryResponse>,
 ) {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let stream = client
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, stream) = open_delta(addr).await;
     tx.send(DeltaDiscoveryRequest {
         node: Some(Node {
             id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
