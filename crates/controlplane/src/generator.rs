@@ -236,7 +236,7 @@ impl Generator for PilotGenerator {
         &self,
         node: &Node,
         type_url: &str,
-        _names: &BTreeSet<String>,
+        _names: &BTreeSet<Arc<str>>,
     ) -> Result<Vec<Arc<Resources>>, String> {
         let proxy = proxy_of(node)?;
         let ctx = self.current();

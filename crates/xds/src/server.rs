@@ -79,7 +79,7 @@ pub trait Generator: Send + Sync + 'static {
         &self,
         node: &Node,
         type_url: &str,
-        names: &BTreeSet<String>,
+        names: &BTreeSet<Arc<str>>,
     ) -> Result<Vec<Arc<Resources>>, String>;
 }
 
@@ -110,7 +110,7 @@ impl Generator for FixedGenerator {
         &self,
         _: &Node,
         type_url: &str,
-        _: &BTreeSet<String>,
+        _: &BTreeSet<Arc<str>>,
     ) -> Result<Vec<Arc<Resources>>, String> {
         let all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         Ok(all.get(type_url).cloned().into_iter().collect())
@@ -290,7 +290,8 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 /// Per-type subscription and what was last sent.
 #[derive(Default)]
 struct Subscription {
-    names: BTreeSet<String>,
+    /// Subscribed names; those of resources sent are the resources' own, shared.
+    names: BTreeSet<Arc<str>>,
     /// Name → content version of what the proxy has (delta) or was last sent (SotW); the
     /// names are the resources' own, shared.
     sent: BTreeMap<Arc<str>, u64>,
@@ -740,7 +741,7 @@ impl<G: Generator> Conn<G> {
     fn sotw_answer(&mut self, req: DiscoveryRequest, version: u64) -> Option<DiscoveryResponse> {
         self.learn_node(req.node);
         let type_url = req.type_url.clone();
-        let names: BTreeSet<String> = req.resource_names.into_iter().collect();
+        let names: BTreeSet<Arc<str>> = req.resource_names.into_iter().map(Arc::from).collect();
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|s| s.message.as_str());
             if !self.acknowledge(&type_url, &req.response_nonce, error, version) {
@@ -856,17 +857,18 @@ impl<G: Generator> Conn<G> {
         let added: Vec<String> = req
             .resource_names_subscribe
             .iter()
-            .filter(|n| *n != "*" && !sub.names.contains(*n))
+            .filter(|n| *n != "*" && !sub.names.contains(n.as_str()))
             .cloned()
             .collect();
         for n in req.resource_names_unsubscribe {
-            sub.names.remove(&n);
+            sub.names.remove(n.as_str());
             sub.sent.remove(n.as_str());
         }
         sub.names.extend(
             req.resource_names_subscribe
                 .into_iter()
-                .filter(|n| n != "*"),
+                .filter(|n| n != "*")
+                .map(Arc::from),
         );
         if first {
             // A reconnecting proxy says what it has; versions are our content hashes.
@@ -958,7 +960,22 @@ impl<G: Generator> Conn<G> {
         removed: Vec<String>,
         pushed: bool,
     ) -> Vec<DeltaOut> {
-        let count = self.subs.get(type_url).map_or(0, |s| s.sent.len());
+        let count = match self.subs.get_mut(type_url) {
+            Some(sub) => {
+                // Keep the subscribed names the resources' own: one copy of each name.
+                for r in &changed {
+                    if sub
+                        .names
+                        .get(&*r.name)
+                        .is_some_and(|n| !Arc::ptr_eq(n, &r.name))
+                    {
+                        sub.names.replace(r.name.clone());
+                    }
+                }
+                sub.sent.len()
+            }
+            None => 0,
+        };
         let mut chunks = chunks(changed);
         let earlier: Vec<String> = (1..chunks.len()).map(|_| self.next_nonce()).collect();
         let (v, last_nonce) = self.record_send(type_url, version, count, pushed);
