@@ -20,9 +20,8 @@ use envoy_types::pb::google::protobuf::Any;
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-
 use tonic::codegen::http;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::wire::{DeltaOut, resource_len};
 
@@ -476,6 +475,10 @@ impl<G: Generator> AdsServer<G> {
 }
 
 const ADS_SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Envoy's `AggregatedDiscoveryService` over gRPC: the two streaming methods, with delta
 /// responses encoded from the shared resources ([`DeltaOut`]).
@@ -531,14 +534,15 @@ impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let ads = self.0.clone();
-        let method = req
-            .uri()
-            .path()
-            .strip_prefix(&format!("/{ADS_SERVICE}/"))
-            .map(str::to_string);
+        // Some(delta) for the two methods.
+        let method = match req.uri().path() {
+            SOTW_PATH => Some(false),
+            DELTA_PATH => Some(true),
+            _ => None,
+        };
         Box::pin(async move {
-            Ok(match method.as_deref() {
-                Some("StreamAggregatedResources") => {
+            Ok(match method {
+                Some(false) => {
                     let codec =
                         tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default();
                     tonic::server::Grpc::new(codec)
@@ -546,7 +550,7 @@ impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for
                         .streaming(SotwMethod(ads), req)
                         .await
                 }
-                Some("DeltaAggregatedResources") => {
+                Some(true) => {
                     let codec =
                         tonic_prost::ProstCodec::<DeltaOut, DeltaDiscoveryRequest>::default();
                     tonic::server::Grpc::new(codec)
