@@ -1,6 +1,7 @@
 //! The kinds isthmus reads, their API groups and versions, and a typed snapshot of them.
 
 use std::fmt;
+use std::sync::Arc;
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
@@ -200,7 +201,7 @@ macro_rules! kinds {
         /// Every resource read, by kind, in the order read.
         #[derive(Debug, Clone, Default, PartialEq)]
         pub struct Snapshot {
-            $(pub $field: Vec<Entry<$ty>>,)*
+            $(pub $field: Vec<Arc<Entry<$ty>>>,)*
         }
 
         impl Snapshot {
@@ -208,8 +209,12 @@ macro_rules! kinds {
             pub fn push(&mut self, r: Resource) {
                 let Resource { origin, api_version, object } = r;
                 match object {
-                    $(Object::$variant(o) => self.$field.push(Entry { origin, api_version, object: *o }),)*
+                    $(Object::$variant(o) => self.$field.push(Arc::new(Entry { origin, api_version, object: *o })),)*
                 }
+            }
+            /// Adds every resource of `other`, shared rather than copied.
+            pub fn extend_shared(&mut self, other: &Snapshot) {
+                $(self.$field.extend(other.$field.iter().cloned());)*
             }
             /// Whether both hold the same resources, leaving out the kinds in `skip`.
             pub fn same_except(&self, other: &Snapshot, skip: &[Kind]) -> bool {

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod generator;
+pub mod grpc;
 pub mod http;
 pub mod jwks;
 pub mod source;
@@ -139,17 +140,11 @@ pub async fn start(opts: Options) -> Result<Running, ControlPlaneError> {
     let mut tasks = Vec::new();
     let secure_ads = ads.clone();
     let counters = ads.counters.clone();
-    let service = ads.into_service();
-    tasks.push(tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds_listener);
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(incoming)
-            .await
-        {
-            tracing::error!(error = %e, "xDS server stopped");
-        }
-    }));
+    tasks.push(tokio::spawn(grpc::serve(
+        xds_listener,
+        tonic::service::Routes::new(ads.into_service()),
+        None,
+    )));
     tasks.push(tokio::spawn(http::serve(http_listener, state)));
     let secure_addr = match &opts.ca {
         Some(ca) => {
@@ -220,34 +215,51 @@ async fn serve_secure(
     let (chain, key) = authority.issue_server(&ca.dns_names, SERVING_CERT_TTL)?;
     let listener = bind(ca.secure_addr).await?;
     let addr = local(&listener, ca.secure_addr);
-    let tls_err = |e: tonic::transport::Error| ControlPlaneError::Tls {
-        addr,
-        message: e.to_string(),
-    };
-    // Client certificates are optional: the CA's callers have none yet (they send a token).
-    let mut server = tonic::transport::Server::builder()
-        .tls_config(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(chain.concat(), key))
-                .client_ca_root(tonic::transport::Certificate::from_pem(
-                    authority.root_pem(),
-                ))
-                .client_auth_optional(true),
-        )
-        .map_err(tls_err)?;
+    let tls = server_tls(&authority, chain, &key)
+        .map_err(|message| ControlPlaneError::Tls { addr, message })?;
     let ads = ads.with_authorizer(Arc::new(auth::ProxyAuthorizer {
         tokens: tokens.clone(),
     }));
-    let router = server
-        .add_service(isthmus_ca::service::CaService::new(authority, tokens).into_server())
-        .add_service(ads.into_service());
-    let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        if let Err(e) = router.serve_with_incoming(incoming).await {
-            tracing::error!(error = %e, "secure server stopped");
-        }
-    });
+    let routes = tonic::service::Routes::new(
+        isthmus_ca::service::CaService::new(authority, tokens).into_server(),
+    )
+    .add_service(ads.into_service());
+    let task = tokio::spawn(grpc::serve(listener, routes, Some(tls)));
     Ok((addr, task))
+}
+
+/// TLS of the secure port: the serving chain, HTTP/2, and client certificates of the mesh
+/// verified when sent but optional (the CA's callers have none yet: they send a token).
+fn server_tls(
+    authority: &isthmus_ca::Authority,
+    chain: Vec<String>,
+    key: &str,
+) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = chain
+        .iter()
+        .map(|pem| CertificateDer::from_pem_slice(pem.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| format!("serving key: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in authority.roots_der() {
+        roots
+            .add(root)
+            .map_err(|e| format!("mesh root certificate: {e}"))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("client verifier: {e}"))?;
+    let mut config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("serving certificate: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Fetches the keys of `jwksUri`s again when due; new keys reload the configuration.

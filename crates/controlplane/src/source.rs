@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use isthmus_config::load::collect_files;
 use isthmus_config::validate::validate;
-use isthmus_config::{Diagnostic, Loader, Resource, Severity, Snapshot};
+use isthmus_config::{Diagnostic, Loader, Severity, Snapshot};
 
 /// A file's problem, as reported to the operator.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub struct Rejected {
 pub struct DirSource {
     dir: PathBuf,
     loader: Loader,
-    good: BTreeMap<PathBuf, Arc<Vec<Resource>>>,
+    good: BTreeMap<PathBuf, Arc<Snapshot>>,
     /// Per file: what it was when last read (modification time and size) and what that gave, so
     /// a change re-reads only the files that changed.
     seen: BTreeMap<PathBuf, (Stamp, FileRead)>,
@@ -29,8 +29,9 @@ pub struct DirSource {
 
 type Stamp = Option<(std::time::SystemTime, u64)>;
 
-/// A file's resources, or every error found in it.
-type FileRead = Result<Arc<Vec<Resource>>, Vec<String>>;
+/// A file's resources, or every error found in it. Snapshots share the resources (`Arc`), so
+/// the files' last good resources and the snapshot being served are one copy.
+type FileRead = Result<Arc<Snapshot>, Vec<String>>;
 
 fn stamp(file: &Path) -> Stamp {
     let md = std::fs::metadata(file).ok()?;
@@ -82,7 +83,10 @@ impl DirSource {
         }
         self.seen = seen;
         self.good = next;
-        let snapshot = self.good.values().flat_map(|r| r.iter()).cloned().collect();
+        let mut snapshot = Snapshot::default();
+        for file in self.good.values() {
+            snapshot.extend_shared(file);
+        }
         (snapshot, rejected)
     }
 
@@ -108,7 +112,7 @@ impl DirSource {
             }
         }
         if errors.is_empty() {
-            Ok(Arc::new(loaded.resources))
+            Ok(Arc::new(loaded.resources.into_iter().collect()))
         } else {
             Err(errors)
         }

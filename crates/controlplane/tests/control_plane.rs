@@ -671,3 +671,32 @@ async fn a_jwks_file_beside_the_control_plane_is_read_and_inlined() {
     assert_ne!(inline, JWKS, "the file's keys, not the empty set");
     assert!(inline.contains("\"kid\":\"f\""), "{inline}");
 }
+
+/// A reload shares the resources of the files that did not change with the snapshot before
+/// it (one copy in memory, however often the directory changes), and reads the changed file.
+#[test]
+fn reload_shares_unchanged_resources() {
+    use isthmus_controlplane::source::DirSource;
+    let dir = tempfile::tempdir().unwrap();
+    let service = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  ports:\n  - name: http\n    port: 80\n"
+        )
+    };
+    std::fs::write(dir.path().join("a.yaml"), service("a")).unwrap();
+    std::fs::write(dir.path().join("b.yaml"), service("b")).unwrap();
+    let mut source = DirSource::new(dir.path());
+    let (first, rejected) = source.reload();
+    assert!(rejected.is_empty(), "{rejected:?}");
+    std::fs::write(dir.path().join("b.yaml"), service("b2")).unwrap();
+    let (second, _) = source.reload();
+    let names = |s: &isthmus_config::Snapshot| -> Vec<String> {
+        s.services.iter().map(|e| e.name().to_string()).collect()
+    };
+    assert_eq!(names(&first), ["a", "b"]);
+    assert_eq!(names(&second), ["a", "b2"]);
+    assert!(std::sync::Arc::ptr_eq(
+        &first.services[0],
+        &second.services[0]
+    ));
+}

@@ -3,6 +3,7 @@
 //! applies, which Sidecar scopes a proxy, which mTLS mode a port has).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use isthmus_config::istio::common::WorkloadSelector;
 use isthmus_config::resource::{DestinationRule, PeerAuthentication, Sidecar};
@@ -191,12 +192,13 @@ impl PushContext {
     pub fn workload_policies<'a, T: HasMetadata>(
         &'a self,
         proxy: &'a Proxy,
-        list: &'a [Entry<T>],
+        list: &'a [Arc<Entry<T>>],
         binding: impl Fn(&T) -> (Option<&WorkloadSelector>, bool),
     ) -> Vec<&'a Entry<T>> {
         let labels = self.proxy_labels(proxy);
         let mut out: Vec<&Entry<T>> = list
             .iter()
+            .map(|p| &**p)
             .filter(|p| p.namespace() == proxy.namespace || p.namespace() == self.root_namespace())
             .filter(|p| match binding(&p.object) {
                 (_, true) => false,
@@ -222,7 +224,12 @@ impl PushContext {
     pub fn sidecar_for<'a>(&'a self, proxy: &'a Proxy) -> Option<&'a Entry<Sidecar>> {
         let labels = self.proxy_labels(proxy);
         let sidecars = &self.snapshot.sidecars;
-        let in_ns = |ns: &'a str| sidecars.iter().filter(move |s| s.namespace() == ns);
+        let in_ns = |ns: &'a str| {
+            sidecars
+                .iter()
+                .map(|s| &**s)
+                .filter(move |s| s.namespace() == ns)
+        };
         in_ns(&proxy.namespace)
             .find(|s| {
                 s.object
@@ -334,6 +341,7 @@ impl PushContext {
                 .snapshot
                 .destination_rules
                 .iter()
+                .map(|dr| &**dr)
                 .filter(|dr| dr.namespace() == ns)
                 .filter(|dr| dr.object.spec.workload_selector.is_none())
                 .filter(|dr| !need_export || dr_exported(dr, proxy_ns, &self.mesh))
@@ -376,7 +384,7 @@ impl PushContext {
             let mesh = self.snapshot.peer_authentications.iter().filter(|p| {
                 p.namespace() == self.root_namespace() && p.object.spec.selector.is_none()
             });
-            ws.chain(ns).chain(mesh).collect()
+            ws.chain(ns).chain(mesh).map(|p| &**p).collect()
         };
         for p in &policies {
             if let Some(m) = p

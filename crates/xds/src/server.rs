@@ -248,14 +248,18 @@ impl<G: Generator> AdsServer<G> {
         let Some(authorizer) = &self.authorizer else {
             return Ok((None, request.into_inner()));
         };
-        let certs = request.peer_certs();
+        let certs = request.extensions().get::<PeerCertificates>().cloned();
         let metadata = request.metadata().clone();
         let mut stream = request.into_inner();
         let first = tokio::time::timeout(FIRST_REQUEST_TIMEOUT, stream.message())
             .await
             .map_err(|_| Status::deadline_exceeded("no discovery request in time"))??
             .ok_or_else(|| Status::cancelled("stream closed before its first request"))?;
-        authorizer.authorize(certs.as_deref().map(Vec::as_slice), &metadata, node(&first))?;
+        authorizer.authorize(
+            certs.as_ref().map(|c| c.0.as_slice()),
+            &metadata,
+            node(&first),
+        )?;
         Ok((Some(first), stream))
     }
 
@@ -269,15 +273,20 @@ impl<G: Generator> AdsServer<G> {
     }
 }
 
+/// The TLS client certificates of a stream's connection, put in the request's extensions by
+/// the server that terminated TLS.
+#[derive(Debug, Clone)]
+pub struct PeerCertificates(pub Arc<Vec<tonic::transport::CertificateDer<'static>>>);
+
 /// Requests from a proxy are small; anything larger is not an Envoy talking.
 const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// HTTP/2 receive window of xDS clients: a large mesh's push should not be paced by
 /// WINDOW_UPDATE round trips (Envoy's default is 256 MiB).
 pub const CLIENT_WINDOW: u32 = 16 << 20;
 
-/// Delta responses are split at about this size: a stream's encode buffer keeps the size of
-/// the largest message it ever sent, so this bounds what each connected proxy costs the
-/// control plane in memory.
+/// Delta responses are split at about this size: each part is framed in a buffer of its own
+/// until it is written, so this bounds what one stream holds in encoded responses beyond its
+/// HTTP/2 send buffer.
 pub const MAX_CHUNK_BYTES: usize = 64 << 10;
 
 /// Largest response a client accepts (a big mesh's full CDS fits well within).
@@ -494,32 +503,6 @@ impl<G> tonic::server::NamedService for AdsService<G> {
     const NAME: &'static str = ADS_SERVICE;
 }
 
-struct SotwMethod<G>(AdsServer<G>);
-
-impl<G: Generator> tonic::server::StreamingService<DiscoveryRequest> for SotwMethod<G> {
-    type Response = DiscoveryResponse;
-    type ResponseStream = ResponseStream<DiscoveryResponse>;
-    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let ads = self.0.clone();
-        Box::pin(async move { ads.stream_aggregated_resources(request).await })
-    }
-}
-
-struct DeltaMethod<G>(AdsServer<G>);
-
-impl<G: Generator> tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaMethod<G> {
-    type Response = DeltaOut;
-    type ResponseStream = ResponseStream<DeltaOut>;
-    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let ads = self.0.clone();
-        Box::pin(async move { ads.delta_aggregated_resources(request).await })
-    }
-}
-
 impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for AdsService<G> {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
@@ -542,22 +525,14 @@ impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for
         };
         Box::pin(async move {
             Ok(match method {
-                Some(false) => {
-                    let codec =
-                        tonic_prost::ProstCodec::<DiscoveryResponse, DiscoveryRequest>::default();
-                    tonic::server::Grpc::new(codec)
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None)
-                        .streaming(SotwMethod(ads), req)
-                        .await
-                }
-                Some(true) => {
-                    let codec =
-                        tonic_prost::ProstCodec::<DeltaOut, DeltaDiscoveryRequest>::default();
-                    tonic::server::Grpc::new(codec)
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None)
-                        .streaming(DeltaMethod(ads), req)
-                        .await
-                }
+                Some(false) => crate::wire::response(
+                    ads.stream_aggregated_resources(crate::wire::requests(req, MAX_REQUEST_BYTES))
+                        .await,
+                ),
+                Some(true) => crate::wire::response(
+                    ads.delta_aggregated_resources(crate::wire::requests(req, MAX_REQUEST_BYTES))
+                        .await,
+                ),
                 _ => Status::unimplemented("no such method").into_http(),
             })
         })

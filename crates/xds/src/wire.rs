@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
-use prost::bytes::{Buf, BufMut};
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint};
+use tonic::codegen::http;
 
-use crate::server::Versioned;
+use crate::server::{ResponseStream, Versioned};
 
 // Field numbers of envoy.service.discovery.v3.DeltaDiscoveryResponse …
 const SYSTEM_VERSION_INFO: u32 = 1;
@@ -154,6 +155,93 @@ impl prost::Message for DeltaOut {
     fn clear(&mut self) {
         *self = DeltaOut::default();
     }
+}
+
+/// The requests of an ADS stream, decoded from the HTTP/2 body (bounded to `max` bytes per
+/// message).
+pub fn requests<Req: prost::Message + Default + Send + 'static>(
+    req: http::Request<tonic::body::Body>,
+    max: usize,
+) -> tonic::Request<tonic::Streaming<Req>> {
+    let (parts, body) = req.into_parts();
+    let stream = tonic::Streaming::new_request(
+        tonic_prost::ProstDecoder::<Req>::default(),
+        body,
+        None,
+        Some(max),
+    );
+    tonic::Request::from_http(http::Request::from_parts(parts, stream))
+}
+
+/// A stream's answer as a gRPC response: each message framed in a buffer of its own, which is
+/// freed once written. (tonic's encoder keeps one buffer per stream as large as the largest
+/// message it ever sent: a 300 KB route configuration then costs every connected proxy that
+/// much for as long as it stays connected.)
+pub fn response<T: prost::Message + 'static>(
+    answer: Result<tonic::Response<ResponseStream<T>>, tonic::Status>,
+) -> http::Response<tonic::body::Body> {
+    let stream = match answer {
+        Ok(r) => r.into_inner(),
+        Err(status) => return status.into_http(),
+    };
+    let mut r = http::Response::new(tonic::body::Body::new(Framed {
+        stream: Some(stream),
+    }));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    r
+}
+
+struct Framed<T> {
+    /// None once the trailers are sent.
+    stream: Option<ResponseStream<T>>,
+}
+
+impl<T: prost::Message> http_body::Body for Framed<T> {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        use futures::StreamExt;
+        let Some(stream) = self.stream.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let end = match std::task::ready!(stream.poll_next_unpin(cx)) {
+            Some(Ok(message)) => {
+                return std::task::Poll::Ready(Some(frame(&message).map(http_body::Frame::data)));
+            }
+            Some(Err(status)) => status,
+            None => tonic::Status::ok(""),
+        };
+        self.stream = None;
+        // `grpc-status` and `grpc-message`, encoded as tonic encodes them.
+        let mut trailers = end.into_http::<()>().into_parts().0.headers;
+        trailers.remove(http::header::CONTENT_TYPE);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stream.is_none()
+    }
+}
+
+/// One gRPC message: uncompressed flag, big-endian length, the message.
+fn frame(message: &impl prost::Message) -> Result<Bytes, tonic::Status> {
+    let len = message.encoded_len();
+    let prefix =
+        u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("response over 4 GiB"))?;
+    let mut buf = BytesMut::with_capacity(5 + len);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    message
+        .encode(&mut buf)
+        .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))?;
+    Ok(buf.freeze())
 }
 
 #[cfg(test)]

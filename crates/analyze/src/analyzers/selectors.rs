@@ -129,7 +129,11 @@ impl Analyzer for SidecarSelectorAnalyzer {
             }
         }
         for (ns, list) in by_ns {
-            let ns_entry = snap.namespaces.iter().find(|n| n.name() == ns);
+            let ns_entry = snap
+                .namespaces
+                .iter()
+                .map(|n| &**n)
+                .find(|n| n.name() == ns);
             if util::namespace_in_ambient(ns_entry) {
                 for &i in &list {
                     if reported.insert(i) {
