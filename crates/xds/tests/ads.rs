@@ -93,6 +93,25 @@ async fn start() -> Harness {
     }
 }
 
+impl Harness {
+    /// A new delta ADS stream: its request sender and its responses.
+    async fn delta(
+        &mut self,
+    ) -> (
+        mpsc::Sender<DeltaDiscoveryRequest>,
+        Streaming<DeltaDiscoveryResponse>,
+    ) {
+        let (tx, rx) = mpsc::channel(8);
+        let stream = self
+            .client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        (tx, stream)
+    }
+}
+
 fn node() -> Option<Node> {
     Some(Node {
         id: "sidecar~10.1.0.5~app-0.default~default.svc.cluster.local".into(),
@@ -254,13 +273,7 @@ fn delta_names(r: &DeltaDiscoveryResponse) -> Vec<String> {
 #[tokio::test]
 async fn delta_sends_only_what_changed_and_resumes_after_reconnect() {
     let mut h = start().await;
-    let (tx, rx) = mpsc::channel(8);
-    let mut stream = h
-        .client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = h.delta().await;
     tx.send(DeltaDiscoveryRequest {
         node: node(),
         type_url: CLUSTER.into(),
@@ -333,13 +346,7 @@ async fn delta_sends_only_what_changed_and_resumes_after_reconnect() {
         )
         .collect();
     h.mesh.endpoints("c", 9);
-    let (tx, rx) = mpsc::channel(8);
-    let mut stream = h
-        .client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = h.delta().await;
     tx.send(DeltaDiscoveryRequest {
         node: node(),
         type_url: ENDPOINT.into(),
@@ -413,13 +420,7 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
     use prost::Message;
     let mut h = start().await;
     big_clusters(&h.mesh);
-    let (tx, rx) = mpsc::channel(8);
-    let mut stream = h
-        .client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = h.delta().await;
     tx.send(DeltaDiscoveryRequest {
         node: node(),
         type_url: CLUSTER.into(),
