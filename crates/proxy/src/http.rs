@@ -152,18 +152,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 fn request_id() -> HeaderValue {
-    let b: [u8; 16] = rand::random();
-    let hex = crate::serve::hex(&b);
-    let s = format!(
-        "{}-{}-4{}-{:x}{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[13..16],
-        (b[8] & 0x3) | 0x8,
-        &hex[17..20],
-        &hex[20..32]
-    );
-    HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_bytes(id.hyphenated().encode_lower(&mut buf).as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// Envoy's `x-forwarded-client-cert` handling for this connection.
