@@ -267,6 +267,6 @@ pub fn stat_name(l: &Listener) -> String {
     format!("{}_{}", l.address.ip(), l.address.port())
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
