@@ -9,7 +9,7 @@
 //! endpoints changed (the push context kept its outbound epoch), a scope keeps its clusters,
 //! listeners and routes, and endpoint assignments are rebuilt only where their inputs changed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -236,7 +236,7 @@ impl Generator for PilotGenerator {
         &self,
         node: &Node,
         type_url: &str,
-        _names: &BTreeSet<Arc<str>>,
+        _names: &isthmus_xds::server::Names,
     ) -> Result<Vec<Arc<Resources>>, String> {
         let proxy = proxy_of(node)?;
         let ctx = self.current();

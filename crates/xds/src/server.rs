@@ -7,7 +7,7 @@
 //! that answers an older nonce is stale and ignored; an `error_detail` is a NACK, which is
 //! logged, counted and kept for `proxy-status`, and the rejected version is not resent.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,6 +68,13 @@ impl Versioned {
 /// Resources by name.
 pub type Resources = BTreeMap<String, Arc<Versioned>>;
 
+/// Hashing of the names a stream tracks: every proxy's thousands of names share long prefixes
+/// (`outbound|8080||…`), which makes ordered comparisons cost more than a hash.
+type NameHasher = foldhash::fast::RandomState;
+
+/// The resource names a proxy subscribed to.
+pub type Names = HashSet<Arc<str>, NameHasher>;
+
 /// Produces the resources a proxy should have.
 pub trait Generator: Send + Sync + 'static {
     /// Every resource of `type_url` for `node`, in parts with distinct names. Parts that stay
@@ -78,7 +85,7 @@ pub trait Generator: Send + Sync + 'static {
         &self,
         node: &Node,
         type_url: &str,
-        names: &BTreeSet<Arc<str>>,
+        names: &Names,
     ) -> Result<Vec<Arc<Resources>>, String>;
 }
 
@@ -105,12 +112,7 @@ impl FixedGenerator {
 }
 
 impl Generator for FixedGenerator {
-    fn generate(
-        &self,
-        _: &Node,
-        type_url: &str,
-        _: &BTreeSet<Arc<str>>,
-    ) -> Result<Vec<Arc<Resources>>, String> {
+    fn generate(&self, _: &Node, type_url: &str, _: &Names) -> Result<Vec<Arc<Resources>>, String> {
         let all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         Ok(all.get(type_url).cloned().into_iter().collect())
     }
@@ -299,10 +301,10 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 #[derive(Default)]
 struct Subscription {
     /// Subscribed names; those of resources sent are the resources' own, shared.
-    names: BTreeSet<Arc<str>>,
+    names: Names,
     /// Name → content version of what the proxy has (delta) or was last sent (SotW); the
     /// names are the resources' own, shared.
-    sent: BTreeMap<Arc<str>, u64>,
+    sent: HashMap<Arc<str>, u64, NameHasher>,
     /// The generator's parts `sent` reflects: a part that is still the same `Arc` needs no look.
     parts: Vec<Arc<Resources>>,
     nonce: String,
@@ -347,7 +349,7 @@ impl<G: Generator> Conn<G> {
     /// The generator's parts of one type for this proxy (unfiltered).
     fn parts(&self, type_url: &str) -> Result<Vec<Arc<Resources>>, String> {
         let node = self.node.as_ref().ok_or("no node")?;
-        let empty = BTreeSet::new();
+        let empty = Names::default();
         let names = self.subs.get(type_url).map_or(&empty, |s| &s.names);
         self.generator.generate(node, type_url, names)
     }
@@ -720,7 +722,7 @@ impl<G: Generator> Conn<G> {
     fn sotw_answer(&mut self, req: DiscoveryRequest, version: u64) -> Option<DiscoveryResponse> {
         self.learn_node(req.node);
         let type_url = req.type_url.clone();
-        let names: BTreeSet<Arc<str>> = req.resource_names.into_iter().map(Arc::from).collect();
+        let names: Names = req.resource_names.into_iter().map(Arc::from).collect();
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|s| s.message.as_str());
             if !self.acknowledge(&type_url, &req.response_nonce, error, version) {
@@ -753,7 +755,7 @@ impl<G: Generator> Conn<G> {
         if !force && (same_parts(&sub.parts, &parts) || sub.rejected == Some(version)) {
             return None;
         }
-        let hashes: BTreeMap<Arc<str>, u64> = wanted(sub, type_url, &parts)
+        let hashes: HashMap<Arc<str>, u64, NameHasher> = wanted(sub, type_url, &parts)
             .map(|(_, v)| (v.name.clone(), v.version))
             .collect();
         let unchanged = sub.sent == hashes;
@@ -1020,12 +1022,14 @@ fn delta_full(
         .filter(|(n, v)| sub.sent.get(n.as_str()) != Some(&v.version))
         .map(|(_, v)| v.clone())
         .collect();
-    let removed = sub
+    let mut removed: Vec<String> = sub
         .sent
         .keys()
         .filter(|n| !sub.wants(type_url, n) || !parts.iter().any(|p| p.contains_key(&***n)))
         .map(|n| n.to_string())
         .collect();
+    // In name order, as the parts list their resources, whatever order the set hashes in.
+    removed.sort_unstable();
     (changed, removed)
 }
 

@@ -61,13 +61,8 @@ fn delimited_len(tag: u32, inner: usize) -> usize {
 }
 
 /// Digits of a version as sent (its decimal text).
-fn digits(mut v: u64) -> usize {
-    let mut n = 1;
-    while v >= 10 {
-        v /= 10;
-        n += 1;
-    }
-    n
+fn digits(v: u64) -> usize {
+    v.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
 fn any_len(r: &Versioned) -> usize {
@@ -254,19 +249,25 @@ mod tests {
 
     #[test]
     fn decodes_as_the_envoy_message_it_stands_for() {
-        let body = |name: &str, size: usize| {
-            Arc::new(Versioned::new(
-                name,
-                Any {
-                    type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
-                    value: name.bytes().cycle().take(size).collect(),
-                },
-            ))
+        let body = |name: &str, size: usize, version: u64| {
+            let any = Any {
+                type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+                value: name.bytes().cycle().take(size).collect(),
+            };
+            Arc::new(Versioned {
+                version,
+                ..Versioned::new(name, any)
+            })
         };
         let out = DeltaOut {
             system_version_info: "v7".into(),
-            // Lengths past one varint byte, and an empty body.
-            resources: vec![body("a", 3), body(&"b".repeat(200), 70_000), body("c", 0)],
+            // Lengths past one varint byte, an empty body, versions of one to twenty digits.
+            resources: vec![
+                body("a", 3, 0),
+                body(&"b".repeat(200), 70_000, 10),
+                body("c", 0, 9),
+                body("d", 1, u64::MAX),
+            ],
             type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
             nonce: "1-9".into(),
             removed_resources: vec!["gone".into(), "also-gone".into()],
