@@ -10,7 +10,7 @@
 //! Run with `cargo bench -p isthmus --bench controlplane` (`ISTHMUS_BENCH_CLIENTS` and
 //! `ISTHMUS_BENCH_SERVICES` scale it down).
 
-use std::collections::BTreeSet;
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use hdrhistogram::Histogram;
 use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, MAX_RESPONSE_BYTES, ROUTE};
 use prost::Message;
 use tokio::sync::mpsc;
+
+/// The clients' name sets (cheap hashing: they share two cores with the control plane).
+type Names = HashSet<String, foldhash::fast::RandomState>;
 
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 const NAMESPACES: usize = 10;
@@ -219,9 +221,6 @@ fn wait(report: &Mutex<Report>, done: impl Fn(&Report) -> bool) -> Duration {
     }
 }
 
-/// One delta ADS client: wildcard clusters and listeners, then the endpoints and routes they
-/// name; ACKs every response. Decodes the envelope only (and listeners, to follow them to
-/// routes), as a proxy's agent would before handing bytes on.
 /// A connection to the control plane, with the receive windows the proxy's agent uses.
 async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
@@ -234,6 +233,74 @@ async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .expect("connect to the control plane")
 }
 
+/// What a client reads of a `DeltaDiscoveryResponse` (same field numbers): the envelope and the
+/// resources' names, with their bodies left in the received buffer (`Bytes`, no copy) — as an
+/// agent that hands the bytes on to Envoy. Listeners are decoded fully, for their route names.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Envelope {
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<EnvelopeResource>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+}
+
+/// A `Resource`: its name and the `Any`'s value.
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvelopeResource {
+    #[prost(message, optional, tag = "2")]
+    resource: Option<EnvelopeAny>,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EnvelopeAny {
+    #[prost(bytes = "bytes", tag = "2")]
+    value: prost::bytes::Bytes,
+}
+
+/// Requests encoded by prost; responses read as an [`Envelope`] with their size on the wire.
+#[derive(Default)]
+struct EnvelopeCodec;
+
+struct EnvelopeDecoder;
+
+impl tonic::codec::Decoder for EnvelopeDecoder {
+    type Item = (usize, Envelope);
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        use prost::bytes::Buf;
+        let size = buf.remaining();
+        Envelope::decode(buf)
+            .map(|e| Some((size, e)))
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for EnvelopeCodec {
+    type Encode = DeltaDiscoveryRequest;
+    type Decode = (usize, Envelope);
+    type Encoder = tonic_prost::ProstEncoder<DeltaDiscoveryRequest>;
+    type Decoder = EnvelopeDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EnvelopeDecoder
+    }
+}
+
+/// One delta ADS client: wildcard clusters and listeners, then the endpoints and routes they
+/// name; ACKs every response. Decodes the envelope only (and listeners, to follow them to
+/// routes), as a proxy's agent would before handing bytes on.
 async fn client(
     channel: tonic::transport::Channel,
     node: Node,
@@ -241,8 +308,7 @@ async fn client(
     report: Arc<Mutex<Report>>,
     t0: Instant,
 ) -> Result<(), String> {
-    let mut ads = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(MAX_RESPONSE_BYTES);
+    let mut ads = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::unbounded_channel();
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx.send(DeltaDiscoveryRequest {
@@ -251,43 +317,52 @@ async fn client(
             ..Default::default()
         });
     }
+    ads.ready().await.map_err(|e| e.to_string())?;
+    let path = http::uri::PathAndQuery::from_static(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
+    );
     let mut stream = ads
-        .delta_aggregated_resources(tokio_stream::wrappers::UnboundedReceiverStream::new(rx))
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
+            path,
+            EnvelopeCodec,
+        )
         .await
         .map_err(|e| e.to_string())?
         .into_inner();
-    let mut clusters = BTreeSet::new();
-    let mut eds_names = BTreeSet::new();
-    let mut eds_have = BTreeSet::new();
-    let mut routes_want = BTreeSet::new();
-    let mut routes_have = BTreeSet::new();
+    let mut eds_names = Names::default();
+    let mut eds_have = Names::default();
+    let mut routes_want = Names::default();
+    let mut routes_have = Names::default();
+    let mut clusters = false;
     let mut listeners = false;
     let mut full_done = false;
-    while let Some(resp) = stream.message().await.map_err(|e| e.to_string())? {
+    while let Some((size, resp)) = stream.message().await.map_err(|e| e.to_string())? {
         {
             let mut r = report.lock().unwrap();
-            r.bytes += resp.encoded_len();
+            r.bytes += size;
             r.responses += 1;
-            let short = resp
-                .type_url
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            *r.bytes_by_type.entry(short).or_default() += resp.encoded_len();
+            let short = resp.type_url.rsplit('.').next().unwrap_or_default();
+            match r.bytes_by_type.get_mut(short) {
+                Some(b) => *b += size,
+                None => {
+                    r.bytes_by_type.insert(short.to_string(), size);
+                }
+            }
         }
         let _ = tx.send(DeltaDiscoveryRequest {
             type_url: resp.type_url.clone(),
-            response_nonce: resp.nonce.clone(),
+            response_nonce: resp.nonce,
             ..Default::default()
         });
         match resp.type_url.as_str() {
             CLUSTER => {
-                clusters.extend(resp.resources.iter().map(|r| r.name.clone()));
-                let want: Vec<String> = clusters
-                    .iter()
-                    .filter(|n| n.starts_with("outbound|") && !eds_names.contains(*n))
-                    .cloned()
+                clusters = true;
+                let want: Vec<String> = resp
+                    .resources
+                    .into_iter()
+                    .map(|r| r.name)
+                    .filter(|n| n.starts_with("outbound|") && !eds_names.contains(n))
                     .collect();
                 if !want.is_empty() {
                     eds_names.extend(want.iter().cloned());
@@ -299,7 +374,6 @@ async fn client(
                 }
             }
             ENDPOINT => {
-                eds_have.extend(resp.resources.iter().map(|r| r.name.clone()));
                 if full_done && resp.resources.iter().any(|r| r.name == changed) {
                     let mut r = report.lock().unwrap();
                     if let Some(s) = r.change_started {
@@ -307,13 +381,14 @@ async fn client(
                         r.changed.push(d);
                     }
                 }
+                eds_have.extend(resp.resources.into_iter().map(|r| r.name));
             }
             LISTENER => {
                 listeners = true;
                 let mut want = Vec::new();
                 for r in &resp.resources {
                     let Some(any) = &r.resource else { continue };
-                    let l = Listener::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+                    let l = Listener::decode(any.value.clone()).map_err(|e| e.to_string())?;
                     for name in isthmus_xds::client::route_names(&l) {
                         if routes_want.insert(name.clone()) {
                             want.push(name);
@@ -328,12 +403,12 @@ async fn client(
                     });
                 }
             }
-            ROUTE => routes_have.extend(resp.resources.iter().map(|r| r.name.clone())),
+            ROUTE => routes_have.extend(resp.resources.into_iter().map(|r| r.name)),
             _ => {}
         }
         if !full_done
             && listeners
-            && !clusters.is_empty()
+            && clusters
             && eds_have.len() >= eds_names.len()
             && routes_have.len() >= routes_want.len()
         {
