@@ -298,6 +298,7 @@ pub async fn run(
         pools: pools.clone(),
         stats: Arc::new(Stats::new()),
         me,
+        peers: Default::default(),
         draining: drain_rx,
         connections: Default::default(),
     });

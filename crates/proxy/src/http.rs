@@ -26,7 +26,7 @@ use crate::config::jwt::Failure;
 use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
 use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
 use crate::config::{Cluster, DynamicMetadata};
-use crate::peer::{self, Workload};
+use crate::peer;
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
 use crate::upstream::{Address, Body, EndpointState, Slot};
@@ -618,7 +618,7 @@ async fn forward(
         parts
             .headers
             .get(peer::METADATA)
-            .and_then(|v| Workload::decode(v.as_bytes()))
+            .and_then(|v| shared.peers.decode(v.as_bytes()))
     } else {
         None
     };
@@ -852,7 +852,7 @@ async fn forward(
                 let dest_peer = resp
                     .headers_mut()
                     .remove(peer::METADATA)
-                    .and_then(|v| Workload::decode(v.as_bytes()));
+                    .and_then(|v| shared.peers.decode(v.as_bytes()));
                 resp.headers_mut().remove(peer::METADATA_ID);
                 if info.inbound() {
                     resp.headers_mut()
@@ -988,7 +988,7 @@ fn refuse(
     let source_peer = parts
         .headers
         .get(peer::METADATA)
-        .and_then(|v| Workload::decode(v.as_bytes()));
+        .and_then(|v| shared.peers.decode(v.as_bytes()));
     let parties = shared.parties(info, None, source_peer, None);
     finish_local(
         &shared.stats,

@@ -27,7 +27,7 @@ use ::http::HeaderValue;
 use tokio::sync::watch;
 
 use crate::config::{Cluster, Config};
-use crate::peer::Workload;
+use crate::peer::{Peers, Workload};
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Stats};
 use crate::upstream::Pools;
@@ -48,6 +48,8 @@ pub struct Shared {
     pub pools: Arc<Pools>,
     pub stats: Arc<Stats>,
     pub me: Me,
+    /// Peers' metadata headers, decoded once.
+    pub peers: Peers,
     pub draining: watch::Receiver<bool>,
     connections: Arc<AtomicUsize>,
 }

@@ -2,7 +2,8 @@
 //! over HTTP through Istio's metadata-exchange headers (`x-envoy-peer-metadata` is a base64
 //! protobuf `Struct`, `x-envoy-peer-metadata-id` the node id) and over mTLS from the certificate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -13,9 +14,12 @@ pub const METADATA: &str = "x-envoy-peer-metadata";
 pub const METADATA_ID: &str = "x-envoy-peer-metadata-id";
 /// Bound on what is decoded from a peer.
 const MAX_METADATA: usize = 8 * 1024;
+/// Distinct headers remembered (a proxy talks to a bounded set of peers; past this the memory
+/// starts over).
+const MAX_REMEMBERED: usize = 256;
 
 /// A workload as Istio's metric labels describe it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Workload {
     pub name: String,
     pub namespace: String,
@@ -107,6 +111,32 @@ impl Workload {
     }
 }
 
+/// Peers' metadata headers already decoded: a peer sends the same header on every request, and
+/// decoding it (base64, then a protobuf `Struct`) costs more than finding it again.
+#[derive(Debug, Default)]
+pub struct Peers {
+    seen: Mutex<HashMap<Box<[u8]>, Option<Workload>, foldhash::fast::RandomState>>,
+}
+
+impl Peers {
+    /// [`Workload::decode`], remembered by the header's bytes.
+    pub fn decode(&self, header: &[u8]) -> Option<Workload> {
+        if header.len() > MAX_METADATA {
+            return None;
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = seen.get(header) {
+            return w.clone();
+        }
+        let w = Workload::decode(header);
+        if seen.len() >= MAX_REMEMBERED {
+            seen.clear();
+        }
+        seen.insert(header.into(), w.clone());
+        w
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +153,22 @@ mod tests {
         assert_eq!(Workload::decode(w.encode().as_bytes()), Some(w));
         assert_eq!(Workload::decode(b"!!not base64"), None);
         assert_eq!(Workload::decode(&vec![b'A'; MAX_METADATA + 4]), None);
+    }
+
+    #[test]
+    fn remembered_headers_decode_alike_and_memory_is_bounded() {
+        let peers = Peers::default();
+        let w = |i: usize| Workload {
+            name: format!("w{i}"),
+            ..Workload::default()
+        };
+        for round in 0..2 {
+            for i in 0..MAX_REMEMBERED + 10 {
+                let got = peers.decode(w(i).encode().as_bytes());
+                assert_eq!(got, Some(w(i)), "round {round}, peer {i}");
+            }
+            assert_eq!(peers.decode(b"!!not base64"), None);
+            assert!(peers.seen.lock().unwrap().len() <= MAX_REMEMBERED);
+        }
     }
 }

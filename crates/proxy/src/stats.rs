@@ -1,7 +1,8 @@
 //! Telemetry: Istio's standard metrics (Prometheus, on 15090) and Envoy-style counters for
 //! the admin `/stats` page.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -21,14 +22,14 @@ const DURATION_MS: [f64; 19] = [
 /// Istio's size buckets, in bytes.
 const SIZE_BYTES: [f64; 9] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reporter {
     Source,
     Destination,
 }
 
 /// What one request or connection is labelled with.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Parties {
     pub source: Workload,
     pub source_principal: String,
@@ -101,6 +102,41 @@ impl Parties {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// What a request's metric series are chosen by (its labels, before they are spelled out).
+#[derive(PartialEq, Eq)]
+struct SeriesKey {
+    reporter: Reporter,
+    parties: Parties,
+    protocol: &'static str,
+    status: u16,
+    grpc_status: Option<String>,
+    flags: &'static str,
+}
+
+impl SeriesKey {
+    fn matches(&self, o: &RequestOutcome<'_>) -> bool {
+        self.reporter == o.reporter
+            && self.status == o.status
+            && self.protocol == o.protocol
+            && self.flags == o.flags
+            && self.grpc_status == o.grpc_status
+            && self.parties == *o.parties
+    }
+}
+
+/// The four metrics one request updates, resolved from their label set once.
+#[derive(Clone)]
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Label sets remembered with their series (a proxy sees a bounded set of peers and codes;
+/// past this, requests take the uncached path).
+const MAX_SERIES: usize = 4096;
+
 pub struct Stats {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -113,6 +149,10 @@ pub struct Stats {
     tcp_received: Family<TcpLabels, Counter>,
     /// Envoy-style counters by full name (`cluster.<name>.upstream_rq_total`).
     counters: Mutex<BTreeMap<String, AtomicU64>>,
+    /// Request series by a hash of their key: spelling out and hashing the 21 labels of every
+    /// request cost more than the request's own routing.
+    series: Mutex<HashMap<u64, (SeriesKey, Series)>>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl std::fmt::Debug for Stats {
@@ -200,26 +240,65 @@ impl Stats {
             tcp_sent,
             tcp_received,
             counters: Mutex::default(),
+            series: Mutex::default(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 
     pub fn record_request(&self, o: RequestOutcome<'_>) {
-        let p = o.parties;
+        let series = self.series_of(&o);
+        series.requests.inc();
+        series.duration.observe(o.duration_ms);
+        series.request_bytes.observe(o.request_bytes as f64);
+        series.response_bytes.observe(o.response_bytes as f64);
+    }
+
+    /// The series of a request's labels, from the cache when its key was seen before.
+    fn series_of(&self, o: &RequestOutcome<'_>) -> Series {
+        let hash = self.hasher.hash_one((
+            o.reporter,
+            o.parties,
+            o.protocol,
+            o.status,
+            o.grpc_status.as_deref(),
+            o.flags,
+        ));
+        let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.get(&hash) {
+            Some((key, series)) if key.matches(o) => return series.clone(),
+            // A hash collision: the other key keeps its place.
+            Some(_) => return self.resolve(o),
+            None => {}
+        }
+        let series = self.resolve(o);
+        if cache.len() < MAX_SERIES {
+            let key = SeriesKey {
+                reporter: o.reporter,
+                parties: o.parties.clone(),
+                protocol: o.protocol,
+                status: o.status,
+                grpc_status: o.grpc_status.clone(),
+                flags: o.flags,
+            };
+            cache.insert(hash, (key, series.clone()));
+        }
+        series
+    }
+
+    fn resolve(&self, o: &RequestOutcome<'_>) -> Series {
         let l = RequestLabels {
-            parties: party_labels(o.reporter, p),
+            parties: party_labels(o.reporter, o.parties),
             request_protocol: o.protocol.to_string(),
             response_code: o.status.to_string(),
-            grpc_response_status: o.grpc_status.unwrap_or_default(),
+            grpc_response_status: o.grpc_status.clone().unwrap_or_default(),
             response_flags: o.flags.to_string(),
         };
-        self.requests.get_or_create(&l).inc();
-        self.duration.get_or_create(&l).observe(o.duration_ms);
-        self.request_bytes
-            .get_or_create(&l)
-            .observe(o.request_bytes as f64);
-        self.response_bytes
-            .get_or_create(&l)
-            .observe(o.response_bytes as f64);
+        Series {
+            requests: self.requests.get_or_create(&l).clone(),
+            duration: self.duration.get_or_create(&l).clone(),
+            request_bytes: self.request_bytes.get_or_create(&l).clone(),
+            response_bytes: self.response_bytes.get_or_create(&l).clone(),
+        }
     }
 
     fn tcp_labels(reporter: Reporter, p: &Parties, flags: &str) -> TcpLabels {
@@ -337,4 +416,52 @@ fn reporter_name(r: Reporter) -> String {
         Reporter::Destination => "destination",
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_with_the_same_labels_share_a_series() {
+        let stats = Stats::new();
+        let plain = Parties {
+            destination_service: "reviews.default.svc.cluster.local".into(),
+            ..Parties::default()
+        };
+        let mtls = Parties {
+            mutual_tls: true,
+            ..plain.clone()
+        };
+        for (parties, status) in [(&plain, 200), (&plain, 200), (&plain, 503), (&mtls, 200)] {
+            stats.record_request(RequestOutcome {
+                reporter: Reporter::Destination,
+                parties,
+                protocol: "http",
+                status,
+                grpc_status: None,
+                flags: "-",
+                duration_ms: 1.0,
+                request_bytes: 10,
+                response_bytes: 20,
+            });
+        }
+        let text = stats.prometheus_text();
+        let count = |code: &str, policy: &str| -> Vec<&str> {
+            text.lines()
+                .filter(|l| l.starts_with("istio_requests_total{"))
+                .filter(|l| l.contains(&format!("response_code=\"{code}\"")))
+                .filter(|l| l.contains(&format!("connection_security_policy=\"{policy}\"")))
+                .filter_map(|l| l.rsplit(' ').next())
+                .collect()
+        };
+        assert_eq!(count("200", "none"), ["2"], "{text}");
+        assert_eq!(count("503", "none"), ["1"], "{text}");
+        assert_eq!(count("200", "mutual_tls"), ["1"], "{text}");
+        let durations = text
+            .lines()
+            .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
+            .count();
+        assert_eq!(durations, 3, "{text}");
+    }
 }
