@@ -67,7 +67,7 @@ where
                     error = %e,
                     "connection to an HTTP port did not speak HTTP; closed"
                 );
-                shared.stats.inc(&format!("http.{}.downstream_cx_protocol_error", hcm_prefix));
+                shared.stats.inc(format_args!("http.{}.downstream_cx_protocol_error", hcm_prefix));
             }
         }
         () = draining => {
@@ -198,7 +198,7 @@ async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     let stats = &shared.stats;
-    stats.inc(&format!("http.{}.downstream_rq_total", hcm.stat_prefix));
+    stats.inc(format_args!("http.{}.downstream_rq_total", hcm.stat_prefix));
     let cfg = shared.config();
     let table = match &hcm.routes {
         RouteSource::Inline(t) => Some(t.clone()),
@@ -210,13 +210,13 @@ async fn handle(
     let mut metadata = DynamicMetadata::new();
     if let Some(jwt) = &hcm.jwt {
         if let Err(failure) = jwt.verify(&mut parts, &mut metadata) {
-            stats.inc(&format!("http.{}.jwt_authn.denied", hcm.stat_prefix));
+            stats.inc(format_args!("http.{}.jwt_authn.denied", hcm.stat_prefix));
             tracing::debug!(reason = failure.text(), "JWT rejected");
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
             refuse(shared, info, &parts, pending, 401, "-");
             return jwt_reply(&parts, failure);
         }
-        stats.inc(&format!("http.{}.jwt_authn.allowed", hcm.stat_prefix));
+        stats.inc(format_args!("http.{}.jwt_authn.allowed", hcm.stat_prefix));
     }
     if !hcm.rbac.is_empty() {
         let principal = info.principal();
@@ -229,12 +229,12 @@ async fn handle(
             metadata: Some(&metadata),
         };
         if !crate::config::rbac::allowed(&hcm.rbac, &input) {
-            stats.inc(&format!("http.{}.rbac.denied", hcm.stat_prefix));
+            stats.inc(format_args!("http.{}.rbac.denied", hcm.stat_prefix));
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
             refuse(shared, info, &parts, pending, 403, "RBAC");
             return local_reply(403, "RBAC: access denied");
         }
-        stats.inc(&format!("http.{}.rbac.allowed", hcm.stat_prefix));
+        stats.inc(format_args!("http.{}.rbac.allowed", hcm.stat_prefix));
     }
     let host = authority(&parts).unwrap_or_default().to_string();
     let selected = table.as_ref().and_then(|t| {
@@ -242,7 +242,7 @@ async fn handle(
         Some((vh, vh.route(&parts)?))
     });
     let Some((vh, route)) = selected else {
-        stats.inc(&format!("http.{}.no_route", hcm.stat_prefix));
+        stats.inc(format_args!("http.{}.no_route", hcm.stat_prefix));
         return local_reply(404, "");
     };
     match &route.action {
@@ -260,13 +260,19 @@ async fn handle(
                 if let Some((delay, ppm)) = fault.delay
                     && crate::config::route::roll(ppm)
                 {
-                    stats.inc(&format!("http.{}.fault.delays_injected", hcm.stat_prefix));
+                    stats.inc(format_args!(
+                        "http.{}.fault.delays_injected",
+                        hcm.stat_prefix
+                    ));
                     tokio::time::sleep(delay).await;
                 }
                 if let Some((status, ppm)) = fault.abort
                     && crate::config::route::roll(ppm)
                 {
-                    stats.inc(&format!("http.{}.fault.aborts_injected", hcm.stat_prefix));
+                    stats.inc(format_args!(
+                        "http.{}.fault.aborts_injected",
+                        hcm.stat_prefix
+                    ));
                     refuse(
                         shared,
                         info,
@@ -504,7 +510,7 @@ fn retry_slot(
         .state
         .acquire(crate::upstream::Counter::Retries, cluster.retry_limit());
     if slot.is_none() {
-        stats.inc(&format!(
+        stats.inc(format_args!(
             "cluster.{}.upstream_rq_retry_overflow",
             cluster.name
         ));
@@ -549,7 +555,7 @@ fn mirror(
     stats: &Arc<crate::stats::Stats>,
 ) {
     let Ok(pick) = cluster.pick(None, &[], None) else {
-        stats.inc(&format!(
+        stats.inc(format_args!(
             "cluster.{}.upstream_cx_none_healthy",
             cluster.name
         ));
@@ -574,8 +580,11 @@ fn mirror(
     let Ok(req) = b.body(Full::new(body).map_err(|never| match never {}).boxed()) else {
         return;
     };
-    stats.inc(&format!("cluster.{}.upstream_rq_total", cluster.name));
-    stats.inc(&format!("cluster.{}.upstream_rq_mirrored", cluster.name));
+    stats.inc(format_args!("cluster.{}.upstream_rq_total", cluster.name));
+    stats.inc(format_args!(
+        "cluster.{}.upstream_rq_mirrored",
+        cluster.name
+    ));
     let client = pick.transport.http.clone();
     let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
     tokio::spawn(async move {
@@ -623,7 +632,7 @@ async fn forward(
         None
     };
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
-        stats.inc(&format!("http.{cluster_name}.no_cluster"));
+        stats.inc(format_args!("http.{cluster_name}.no_cluster"));
         let parties = shared.parties(info, None, source_peer, None);
         finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
@@ -652,7 +661,7 @@ async fn forward(
             match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
                 Ok(Ok(b)) => RequestBody::Buffered(b.to_bytes()),
                 _ => {
-                    stats.inc(&format!("http.{}.downstream_rq_rx_reset", cluster.name));
+                    stats.inc(format_args!("http.{}.downstream_rq_rx_reset", cluster.name));
                     return local_reply(408, "request body not received");
                 }
             }
@@ -690,7 +699,7 @@ async fn forward(
         };
         for (name, share) in &fwd.mirrors {
             let Some(target) = clusters.get(name) else {
-                stats.inc(&format!("http.{name}.no_cluster"));
+                stats.inc(format_args!("http.{name}.no_cluster"));
                 continue;
             };
             match &copy {
@@ -698,7 +707,7 @@ async fn forward(
                     mirror(target, &parts, &path, b.clone(), fwd.timeout, stats);
                 }
                 Some(_) => {}
-                None => stats.inc(&format!("cluster.{name}.upstream_rq_mirror_skipped")),
+                None => stats.inc(format_args!("cluster.{name}.upstream_rq_mirror_skipped")),
             }
         }
     }
@@ -707,7 +716,7 @@ async fn forward(
         .state
         .acquire(crate::upstream::Counter::Requests, cluster.max_requests)
     else {
-        stats.inc(&format!(
+        stats.inc(format_args!(
             "cluster.{}.upstream_rq_pending_overflow",
             cluster.name
         ));
@@ -759,7 +768,7 @@ async fn forward(
         let pick = match cluster.pick(Some(info.destination), &failed, hash) {
             Ok(p) => p,
             Err(_) => {
-                stats.inc(&format!(
+                stats.inc(format_args!(
                     "cluster.{}.upstream_cx_none_healthy",
                     cluster.name
                 ));
@@ -810,7 +819,7 @@ async fn forward(
             l.entry.upstream_host = pick.address.to_string();
         }
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
-        stats.inc(&format!("cluster.{}.upstream_rq_total", cluster.name));
+        stats.inc(format_args!("cluster.{}.upstream_rq_total", cluster.name));
         let call = client.request(up_req);
         let limit = match (per_try, deadline) {
             (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(Instant::now()))),
@@ -831,7 +840,7 @@ async fn forward(
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(status));
                 }
-                stats.inc(&format!(
+                stats.inc(format_args!(
                     "cluster.{}.upstream_rq_{}xx",
                     cluster.name,
                     status / 100
@@ -841,7 +850,7 @@ async fn forward(
                     && let Some(s) = retry_slot(&cluster, stats)
                 {
                     _retrying = Some(s);
-                    stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
+                    stats.inc(format_args!("cluster.{}.upstream_rq_retry", cluster.name));
                     failed.push(pick.address.clone());
                     continue;
                 }
@@ -893,7 +902,7 @@ async fn forward(
                 let connect = e.is_connect();
                 let reason = source_chain(&e);
                 tracing::debug!(cluster = %cluster.name, address = %pick.address, error = %reason, "upstream request failed");
-                stats.inc(&format!(
+                stats.inc(format_args!(
                     "cluster.{}.{}",
                     cluster.name,
                     if connect {
@@ -923,7 +932,7 @@ async fn forward(
                     && let Some(s) = retry_slot(&cluster, stats)
                 {
                     _retrying = Some(s);
-                    stats.inc(&format!("cluster.{}.upstream_rq_retry", cluster.name));
+                    stats.inc(format_args!("cluster.{}.upstream_rq_retry", cluster.name));
                     continue;
                 }
                 if more && retry.is_some() {
@@ -932,7 +941,7 @@ async fn forward(
                 break;
             }
             Err(()) => {
-                stats.inc(&format!("cluster.{}.upstream_rq_timeout", cluster.name));
+                stats.inc(format_args!("cluster.{}.upstream_rq_timeout", cluster.name));
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(504));
                 }

@@ -139,7 +139,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
     };
     // A connection straight to a capture port would come back here forever.
     if bound.use_original_dst && cfg.bound_listener(destination.port()).is_some() {
-        shared.stats.inc(&format!(
+        shared.stats.inc(format_args!(
             "listener.{}.downstream_cx_loop",
             stat_name(&bound)
         ));
@@ -155,7 +155,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
     let lname = stat_name(&listener);
     shared
         .stats
-        .inc(&format!("listener.{lname}.downstream_cx_total"));
+        .inc(format_args!("listener.{lname}.downstream_cx_total"));
     let mut facts = ConnectionFacts {
         destination: Some(destination),
         source: Some(source),
@@ -167,7 +167,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             Ok(false) if listener.continue_on_timeout => {
                 shared
                     .stats
-                    .inc(&format!("listener.{lname}.listener_filter_timeout"));
+                    .inc(format_args!("listener.{lname}.listener_filter_timeout"));
             }
             Ok(false) | Err(_) => return,
         }
@@ -175,7 +175,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
     let Some(chain) = listener.select(&facts).cloned() else {
         shared
             .stats
-            .inc(&format!("listener.{lname}.no_filter_chain_match"));
+            .inc(format_args!("listener.{lname}.no_filter_chain_match"));
         return;
     };
     let _ = stream.set_nodelay(true);
@@ -199,7 +199,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                     tracing::debug!(%source, error = %e, "TLS handshake failed");
                     shared
                         .stats
-                        .inc(&format!("listener.{lname}.ssl.connection_error"));
+                        .inc(format_args!("listener.{lname}.ssl.connection_error"));
                     return;
                 }
                 Err(_) => return,
@@ -241,11 +241,15 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         };
         if !crate::config::rbac::allowed(&chain.rbac, &input) {
             // A TCP denial closes the connection.
-            shared.stats.inc(&format!("listener.{lname}.rbac.denied"));
+            shared
+                .stats
+                .inc(format_args!("listener.{lname}.rbac.denied"));
             tracing::debug!(%source, %destination, principal = ?principal, "connection denied by RBAC");
             return;
         }
-        shared.stats.inc(&format!("listener.{lname}.rbac.allowed"));
+        shared
+            .stats
+            .inc(format_args!("listener.{lname}.rbac.allowed"));
     }
     match &chain.filter {
         NetworkFilter::Tcp {

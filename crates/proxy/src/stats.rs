@@ -330,20 +330,31 @@ impl Stats {
     }
 
     /// Adds to an Envoy-style counter.
-    pub fn inc(&self, name: &str) {
+    pub fn inc(&self, name: impl std::fmt::Display) {
         self.add(name, 1);
     }
 
-    pub fn add(&self, name: &str, n: u64) {
-        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        match c.get(name) {
-            Some(v) => {
-                v.fetch_add(n, Ordering::Relaxed);
-            }
-            None => {
-                c.insert(name.to_string(), AtomicU64::new(n));
-            }
+    /// Adds `n` to the counter `name`, spelled out in a buffer kept per thread: counters are
+    /// named per request (`cluster.<name>.upstream_rq_total`), and only a new one needs a
+    /// string of its own.
+    pub fn add(&self, name: impl std::fmt::Display, n: u64) {
+        use std::fmt::Write;
+        thread_local! {
+            static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
+        NAME.with_borrow_mut(|key| {
+            key.clear();
+            let _ = write!(key, "{name}");
+            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            match c.get(key.as_str()) {
+                Some(v) => {
+                    v.fetch_add(n, Ordering::Relaxed);
+                }
+                None => {
+                    c.insert(key.clone(), AtomicU64::new(n));
+                }
+            }
+        });
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -421,6 +432,21 @@ fn reporter_name(r: Reporter) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_named_by_format_or_by_string_are_one() {
+        let stats = Stats::new();
+        for cluster in ["a", "b", "a"] {
+            stats.inc(format_args!("cluster.{cluster}.upstream_rq_total"));
+        }
+        stats.add("cluster.a.upstream_rq_total", 5);
+        assert_eq!(stats.counter("cluster.a.upstream_rq_total"), 7);
+        assert_eq!(stats.counter("cluster.b.upstream_rq_total"), 1);
+        assert_eq!(
+            stats.envoy_text(None),
+            "cluster.a.upstream_rq_total: 7\ncluster.b.upstream_rq_total: 1\n"
+        );
+    }
 
     #[test]
     fn requests_with_the_same_labels_share_a_series() {

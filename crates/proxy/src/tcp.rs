@@ -56,7 +56,7 @@ where
     let cfg = shared.config();
     let stats = &shared.stats;
     let Some(cluster) = cfg.clusters.get(cluster_name) else {
-        stats.inc(&format!("tcp.{cluster_name}.downstream_cx_no_route"));
+        stats.inc(format_args!("tcp.{cluster_name}.downstream_cx_no_route"));
         return ("NC", 0, 0);
     };
     let reporter = if info.inbound() {
@@ -68,7 +68,7 @@ where
     let pick = match cluster.pick(Some(info.destination), &[], hash) {
         Ok(p) => p,
         Err(_) => {
-            stats.inc(&format!(
+            stats.inc(format_args!(
                 "cluster.{}.upstream_cx_none_healthy",
                 cluster.name
             ));
@@ -83,18 +83,21 @@ where
         crate::upstream::Counter::Connections,
         cluster.max_connections,
     ) else {
-        stats.inc(&format!("cluster.{}.upstream_cx_overflow", cluster.name));
+        stats.inc(format_args!(
+            "cluster.{}.upstream_cx_overflow",
+            cluster.name
+        ));
         stats.tcp_opened(reporter, &parties);
         stats.tcp_closed(reporter, &parties, "UO", 0, 0);
         return ("UO", 0, 0);
     };
-    stats.inc(&format!("cluster.{}.upstream_cx_total", cluster.name));
+    stats.inc(format_args!("cluster.{}.upstream_cx_total", cluster.name));
     stats.tcp_opened(reporter, &parties);
     let mut up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(source = %info.source, cluster = %cluster.name, address = %pick.address, error = %e, "upstream connect failed");
-            stats.inc(&format!(
+            stats.inc(format_args!(
                 "cluster.{}.upstream_cx_connect_fail",
                 cluster.name
             ));
@@ -115,11 +118,11 @@ where
         s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
     stats.add(
-        &format!("cluster.{}.upstream_cx_tx_bytes_total", cluster.name),
+        format_args!("cluster.{}.upstream_cx_tx_bytes_total", cluster.name),
         received,
     );
     stats.add(
-        &format!("cluster.{}.upstream_cx_rx_bytes_total", cluster.name),
+        format_args!("cluster.{}.upstream_cx_rx_bytes_total", cluster.name),
         sent,
     );
     stats.tcp_closed(reporter, &parties, "-", sent, received);
