@@ -103,7 +103,6 @@ impl Parties {
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// What a request's metric series are chosen by (its labels, before they are spelled out).
-#[derive(PartialEq, Eq)]
 struct SeriesKey {
     reporter: Reporter,
     parties: Parties,
