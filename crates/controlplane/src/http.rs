@@ -256,19 +256,19 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
     let dump = isthmus_xds::client::XdsState {
         clusters: isthmus_pilot::cluster::clusters(&ctx, &proxy)
             .into_iter()
-            .map(|c| (c.name.clone(), c))
+            .map(|c| (c.name.clone(), c.into()))
             .collect(),
         endpoints: isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &[])
             .into_iter()
-            .map(|e| (e.cluster_name.clone(), e))
+            .map(|e| (e.cluster_name.clone(), e.into()))
             .collect(),
         listeners: isthmus_pilot::listener::listeners(&ctx, &proxy)
             .into_iter()
-            .map(|l| (l.name.clone(), l))
+            .map(|l| (l.name.clone(), l.into()))
             .collect(),
         routes: isthmus_pilot::route::routes(&ctx, &proxy, &[])
             .into_iter()
-            .map(|r| (r.name.clone(), r))
+            .map(|r| (r.name.clone(), r.into()))
             .collect(),
         versions: [CLUSTER, ENDPOINT, LISTENER, ROUTE]
             .into_iter()

@@ -1,9 +1,7 @@
 //! `isthmus`: a service mesh that speaks Istio's APIs. One binary, many subcommands.
 
-mod cmd;
-mod exit;
-
 use clap::{Parser, Subcommand};
+use isthmus::{cmd, exit};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,18 +50,7 @@ enum Command {
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            };
-            let _ = e.print();
-            std::process::exit(code);
-        }
-    };
+    let cli: Cli = exit::parse_args();
     let result = match cli.command {
         Command::Analyze(a) => cmd::analyze::run(a),
         Command::Iptables(a) => cmd::iptables::run(a),
@@ -81,11 +68,5 @@ fn main() {
         Command::Logs(a) => cmd::local::logs(a),
         Command::Exec(a) => cmd::local::exec(a),
     };
-    match result {
-        Ok(code) => std::process::exit(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(exit::FAILURE);
-        }
-    }
+    exit::finish(result)
 }

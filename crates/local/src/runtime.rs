@@ -307,6 +307,18 @@ pub async fn run(
     result
 }
 
+/// How a pod's sidecar is started: `isthmus-proxy` where it was installed beside `binary` (the
+/// same proxy, with none of the other subcommands' code to map into every pod), else
+/// `binary proxy`.
+fn sidecar_command(binary: &Path) -> Vec<String> {
+    let alone = binary.with_file_name("isthmus-proxy");
+    if alone.is_file() {
+        vec![alone.display().to_string()]
+    } else {
+        vec![binary.display().to_string(), "proxy".into()]
+    }
+}
+
 async fn start(
     p: &Prepared,
     live: &Arc<Mutex<Live>>,
@@ -315,6 +327,7 @@ async fn start(
 ) -> Result<(), RuntimeError> {
     let dir = &p.opts.state_dir;
     let bin = p.opts.binary.display().to_string();
+    let sidecar = sidecar_command(&p.opts.binary);
     // The CA and its token key exist before anyone needs them.
     let ca_dir = dir.join("ca");
     let authority = isthmus_ca::Authority::load_or_create(&ca_dir, Default::default())?;
@@ -435,11 +448,10 @@ async fn start(
                 argv.push(format!("--regid={PROXY_UID}"));
             }
             argv.push("--clear-groups".into());
+            argv.push("--".into());
+            argv.extend(sidecar.iter().cloned());
             argv.extend([
-                "--".to_string(),
-                bin.clone(),
-                "proxy".into(),
-                "--interception-mode".into(),
+                "--interception-mode".to_string(),
                 mode.into(),
                 "--discovery-address".into(),
                 format!("{GATEWAY}:15012"),
@@ -812,4 +824,24 @@ pub fn cleanup(state_dir: &Path) {
         }
     }
     remove_state(state_dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecars_run_the_proxy_binary_installed_beside_isthmus_else_the_subcommand() {
+        let dir = std::env::temp_dir().join(format!("isthmus-sidecar-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let isthmus = dir.join("isthmus");
+        std::fs::write(&isthmus, b"").unwrap();
+        let subcommand = sidecar_command(&isthmus);
+        let alone = dir.join("isthmus-proxy");
+        std::fs::write(&alone, b"").unwrap();
+        let installed = sidecar_command(&isthmus);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(subcommand, [isthmus.display().to_string(), "proxy".into()]);
+        assert_eq!(installed, [alone.display().to_string()]);
+    }
 }

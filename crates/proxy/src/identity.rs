@@ -52,7 +52,14 @@ pub struct Identity {
     pub roots_pem: String,
     issued: RwLock<(Issued, SystemTime)>,
     servers: Mutex<HashMap<Vec<Vec<u8>>, Arc<rustls::ServerConfig>>>,
+    /// One session store for every upstream TLS configuration: rustls' default gives each its
+    /// own 256-entry table (≈ 14 KB), and a sidecar has three per cluster. Sessions are keyed by
+    /// SNI, which is per cluster, and rustls resumes one only under the verifier that made it.
+    sessions: Arc<rustls::client::ClientSessionMemoryCache>,
 }
+
+/// Upstream server names whose TLS sessions are kept for resumption.
+const SESSIONS: usize = 256;
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,9 +75,19 @@ impl Identity {
         roots_pem: String,
         trust_domains: Vec<String>,
     ) -> Result<Identity, IdentityError> {
+        let issued = ca.issue(&id).await?;
+        Identity::new(id, roots_pem, trust_domains, issued)
+    }
+
+    /// The identity `issued` proves, trusting `roots_pem` for `trust_domains`.
+    pub fn new(
+        id: SpiffeId,
+        roots_pem: String,
+        trust_domains: Vec<String>,
+        issued: Issued,
+    ) -> Result<Identity, IdentityError> {
         let bundle = TrustBundle::from_pem(&roots_pem, trust_domains)
             .map_err(|e| IdentityError::Unusable(format!("mesh roots: {e}")))?;
-        let issued = ca.issue(&id).await?;
         let key = certified_key(&issued.presented_chain(), &issued.key_pem)
             .map_err(|e| IdentityError::Unusable(e.to_string()))?;
         Ok(Identity {
@@ -80,6 +97,7 @@ impl Identity {
             roots_pem,
             issued: RwLock::new((issued, SystemTime::now())),
             servers: Mutex::default(),
+            sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS)),
         })
     }
 
@@ -136,15 +154,20 @@ impl Identity {
             .clone()
     }
 
-    /// Client TLS to a peer that must be one of `sans` (any mesh identity when empty).
+    /// Client TLS to a peer that must be one of `sans` (any mesh identity when empty). Clone
+    /// the result to vary the ALPN: clones share the verifier, so a session made by one
+    /// resumes under the others.
     pub fn client_config(
         &self,
         sans: &[String],
         alpn: Vec<Vec<u8>>,
     ) -> Result<rustls::ClientConfig, String> {
         let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
-        isthmus_ca::tls::client_config(self.bundle.clone(), sans, self.certs.clone(), &alpn)
-            .map_err(|e| e.to_string())
+        let mut cfg =
+            isthmus_ca::tls::client_config(self.bundle.clone(), sans, self.certs.clone(), &alpn)
+                .map_err(|e| e.to_string())?;
+        cfg.resumption = rustls::client::Resumption::store(self.sessions.clone());
+        Ok(cfg)
     }
 
     /// Server TLS requiring a mesh client certificate. The mesh ALPN values are always

@@ -116,8 +116,10 @@ impl Transport {
                         .collect()
                 };
                 let raw = identity.client_config(&t.sans, alpn(&[]))?;
-                let http = identity.client_config(&t.sans, alpn(&["h2", "http/1.1"]))?;
-                let http1 = identity.client_config(&t.sans, alpn(&["http/1.1"]))?;
+                let mut http = raw.clone();
+                http.alpn_protocols = alpn(&["h2", "http/1.1"]);
+                let mut http1 = raw.clone();
+                http1.alpn_protocols = alpn(&["http/1.1"]);
                 Some(TlsConfigs {
                     sni,
                     raw: raw.into(),
@@ -660,5 +662,76 @@ mod tests {
             .unwrap();
         assert_eq!(got, b"HEADERSDAT");
         assert_eq!(records, 1, "both writes in one TLS record");
+    }
+
+    fn mesh_identity(ca: &isthmus_ca::Authority, sa: &str) -> Identity {
+        let id = isthmus_ca::identity::SpiffeId::new("cluster.local", "default", sa);
+        let (key_pem, csr) = isthmus_ca::workload::new_key_and_csr(&id).unwrap();
+        let chain = ca.sign_csr(&csr, &id, None).unwrap();
+        let now = std::time::SystemTime::now();
+        let issued = isthmus_ca::workload::Issued {
+            chain,
+            key_pem,
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+        };
+        Identity::new(id, ca.root_pem(), vec!["cluster.local".into()], issued).unwrap()
+    }
+
+    /// A session made by a cluster's plain-TLS connection resumes on its HTTP one: one store
+    /// and one verifier serve every TLS configuration of the cluster.
+    #[tokio::test]
+    async fn a_clusters_tls_variants_resume_each_others_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = isthmus_ca::Authority::load_or_create(dir.path(), Default::default()).unwrap();
+        let server = mesh_identity(&ca, "server");
+        let client = mesh_identity(&ca, "client");
+        let acceptor = tokio_rustls::TlsAcceptor::from(server.server_config(&[]).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = tokio::spawn(async move {
+            let mut kinds = Vec::new();
+            for _ in 0..2 {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut tls = acceptor.accept(tcp).await.unwrap();
+                kinds.push(tls.get_ref().1.handshake_kind());
+                // The client reads this after the session ticket, so it has it stored.
+                tls.write_all(b"x").await.unwrap();
+                tls.shutdown().await.unwrap();
+            }
+            kinds
+        });
+        let spec = TransportSpec {
+            bind: None,
+            connect_timeout: Duration::from_secs(5),
+            tls: Some(TlsSpec {
+                sni: "outbound_.80_._.server.default.svc.cluster.local".into(),
+                sans: vec!["spiffe://cluster.local/ns/default/sa/server".into()],
+                alpn: vec!["istio".into()],
+            }),
+            http2: false,
+            idle_timeout: None,
+            max_requests_per_connection: None,
+        };
+        let transport = Transport::new(spec, Some(&client)).unwrap();
+        let tls = transport.tls.as_ref().unwrap();
+        for config in [&tls.raw, &tls.http] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let mut conn = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(tls.sni.clone(), tcp)
+                .await
+                .unwrap();
+            let mut got = Vec::new();
+            conn.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, b"x");
+        }
+        let kinds = peer.await.unwrap();
+        assert_eq!(
+            kinds,
+            [
+                Some(rustls::HandshakeKind::Full),
+                Some(rustls::HandshakeKind::Resumed)
+            ]
+        );
     }
 }

@@ -25,13 +25,15 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 
-/// Everything the proxy has accepted, by name.
+/// Everything the proxy has accepted, by name. Resources are shared: an update applies to a
+/// copy of the state, and the compiled configuration keeps one for `/config_dump`, without
+/// either copying what did not change.
 #[derive(Debug, Clone, Default)]
 pub struct XdsState {
-    pub clusters: BTreeMap<String, Cluster>,
-    pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
-    pub listeners: BTreeMap<String, Listener>,
-    pub routes: BTreeMap<String, RouteConfiguration>,
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    pub endpoints: BTreeMap<String, Arc<ClusterLoadAssignment>>,
+    pub listeners: BTreeMap<String, Arc<Listener>>,
+    pub routes: BTreeMap<String, Arc<RouteConfiguration>>,
     /// Last accepted system version per type.
     pub versions: BTreeMap<String, String>,
     /// Per type, each resource's version as delta xDS sent it: what a new session resumes from
@@ -252,7 +254,7 @@ fn apply(
     fn decode<T: Message + Default + Named>(
         type_url: &str,
         resources: &[Incoming<'_>],
-    ) -> Result<Vec<(String, T)>, String> {
+    ) -> Result<Vec<(String, Arc<T>)>, String> {
         resources
             .iter()
             .map(|r| {
@@ -267,7 +269,12 @@ fn apply(
                     ));
                 }
                 T::decode(any.value.as_slice())
-                    .map(|m| (r.name.map_or_else(|| m.own_name(), str::to_string), m))
+                    .map(|m| {
+                        (
+                            r.name.map_or_else(|| m.own_name(), str::to_string),
+                            Arc::new(m),
+                        )
+                    })
                     .map_err(|e| format!("resource {label:?} does not decode: {e}"))
             })
             .collect()
@@ -332,7 +339,11 @@ fn apply(
             let new = decode::<Listener>(type_url, resources)?;
             remember(state);
             merge(&mut state.listeners, new, removed, replace);
-            let rds = state.listeners.values().flat_map(route_names).collect();
+            let rds = state
+                .listeners
+                .values()
+                .flat_map(|l| route_names(l))
+                .collect();
             Ok(Some((ROUTE, rds)))
         }
         ROUTE => {

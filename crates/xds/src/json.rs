@@ -59,19 +59,19 @@ pub fn config_dump(
     let clusters: Vec<_> = state
         .clusters
         .values()
-        .filter_map(|c| to_json(c).ok())
+        .filter_map(|c| to_json(&**c).ok())
         .map(|c| json!({"version_info": version(CLUSTER), "cluster": c}))
         .collect();
     let endpoints: Vec<_> = state
         .endpoints
         .values()
-        .filter_map(|e| to_json(e).ok())
+        .filter_map(|e| to_json(&**e).ok())
         .map(|e| json!({"version_info": version(ENDPOINT), "endpoint_config": e}))
         .collect();
     let listeners: Vec<_> = state
         .listeners
         .iter()
-        .filter_map(|(name, l)| Some((name, to_json(l).ok()?)))
+        .filter_map(|(name, l)| Some((name, to_json(&**l).ok()?)))
         .map(|(name, l)| {
             json!({"name": name, "active_state": {"version_info": version(LISTENER), "listener": l}})
         })
@@ -79,7 +79,7 @@ pub fn config_dump(
     let routes: Vec<_> = state
         .routes
         .values()
-        .filter_map(|r| to_json(r).ok())
+        .filter_map(|r| to_json(&**r).ok())
         .map(|r| json!({"version_info": version(ROUTE), "route_config": r}))
         .collect();
     let mut configs = vec![

@@ -496,6 +496,7 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     h.mesh.remove(CLUSTER, "big-299");
     h.bump.send(2).unwrap();
     // Second session: what is already here stays; only the removal comes.
+    let kept = state.clusters["big-000"].clone();
     let mut seen = Vec::new();
     let session = run(
         channel,
@@ -512,5 +513,9 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     assert!(
         seen.iter().all(|n| *n >= 301),
         "partial configuration on resume: {seen:?}"
+    );
+    assert!(
+        Arc::ptr_eq(&kept, &state.clusters["big-000"]),
+        "an unchanged cluster is shared by the states before and after an update, not copied"
     );
 }

@@ -83,7 +83,7 @@ impl Config {
                         }
                     })
                     .unwrap_or(name);
-                let assignment = xds.endpoints.get(eds_name);
+                let assignment = xds.endpoints.get(eds_name).map(|a| &**a);
                 Ok((
                     name.clone(),
                     Arc::new(cluster::compile(c, assignment, pools)?),
