@@ -585,7 +585,7 @@ fn mirror(
         "cluster.{}.upstream_rq_mirrored",
         cluster.name
     ));
-    let client = pick.transport.http.clone();
+    let client = pick.transport.http().clone();
     let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
     tokio::spawn(async move {
         let send = async {
@@ -811,9 +811,9 @@ async fn forward(
             )
         });
         let client = if pending.upgrade {
-            &transport.http1
+            transport.http1()
         } else {
-            &transport.http
+            transport.http()
         };
         if let Some(l) = pending.log.as_mut() {
             l.entry.upstream_host = pick.address.to_string();

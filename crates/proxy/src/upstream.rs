@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,15 +73,14 @@ pub enum ConnectError {
     NoIdentity,
 }
 
-/// How connections of one cluster (and TLS variant) are made, with their HTTP pools.
+/// How connections of one cluster (and TLS variant) are made, with their HTTP pools. The
+/// pools are made on first use: a sidecar knows every cluster of the mesh, and calls few.
 pub struct Transport {
     pub spec: TransportSpec,
     tls: Option<TlsConfigs>,
     connector: Connector,
-    /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
-    pub http: HttpClient,
-    /// HTTP/1.1 only: upgrades (WebSocket) cannot ride HTTP/2 here.
-    pub http1: HttpClient,
+    http: OnceLock<HttpClient>,
+    http1: OnceLock<HttpClient>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -146,29 +145,41 @@ impl Transport {
             bind: source.map(|s| s.ip).or(spec.bind),
             mark: source.map(|s| s.mark),
             timeout: spec.connect_timeout,
-            tls: tls.clone().map(|t| (t.http, t.sni)),
+            tls: tls.as_ref().map(|t| (t.raw.clone(), t.sni.clone())),
         };
-        let http1_connector = Connector {
-            tls: tls.clone().map(|t| (t.http1, t.sni)),
-            ..connector.clone()
-        };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
-        let http = builder
-            .clone()
-            .http2_only(spec.http2 && spec.tls.is_none())
-            .build(connector.clone());
-        let http1 = builder.build(http1_connector);
         Transport {
-            connector: Connector {
-                tls: tls.clone().map(|t| (t.raw, t.sni)),
-                ..connector
-            },
+            connector,
             tls,
             spec,
-            http,
-            http1,
+            http: OnceLock::new(),
+            http1: OnceLock::new(),
         }
+    }
+
+    /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
+    pub fn http(&self) -> &HttpClient {
+        self.http.get_or_init(|| self.client(false))
+    }
+
+    /// HTTP/1.1 only: upgrades (WebSocket) cannot ride HTTP/2 here.
+    pub fn http1(&self) -> &HttpClient {
+        self.http1.get_or_init(|| self.client(true))
+    }
+
+    fn client(&self, http1_only: bool) -> HttpClient {
+        let connector = Connector {
+            tls: self.tls.as_ref().map(|t| {
+                let config = if http1_only { &t.http1 } else { &t.http };
+                (config.clone(), t.sni.clone())
+            }),
+            ..self.connector.clone()
+        };
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
+        if !http1_only {
+            builder.http2_only(self.spec.http2 && self.spec.tls.is_none());
+        }
+        builder.build(connector)
     }
 
     /// A raw connection for TCP proxying (TLS with the mesh ALPN when configured).
@@ -733,5 +744,23 @@ mod tests {
                 Some(rustls::HandshakeKind::Resumed)
             ]
         );
+    }
+
+    /// A cluster that carries no request costs no HTTP pool; each pool comes with its first
+    /// request.
+    #[test]
+    fn http_pools_are_made_on_first_use() {
+        let spec = TransportSpec {
+            bind: None,
+            connect_timeout: Duration::from_secs(1),
+            tls: None,
+            http2: false,
+            idle_timeout: None,
+            max_requests_per_connection: None,
+        };
+        let transport = Transport::new(spec, None).unwrap();
+        assert!(transport.http.get().is_none() && transport.http1.get().is_none());
+        let _ = transport.http();
+        assert!(transport.http.get().is_some() && transport.http1.get().is_none());
     }
 }
