@@ -832,15 +832,13 @@ mod tests {
 
     #[test]
     fn sidecars_run_the_proxy_binary_installed_beside_isthmus_else_the_subcommand() {
-        let dir = std::env::temp_dir().join(format!("isthmus-sidecar-cmd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let isthmus = dir.join("isthmus");
+        let dir = tempfile::tempdir().unwrap();
+        let isthmus = dir.path().join("isthmus");
         std::fs::write(&isthmus, b"").unwrap();
         let subcommand = sidecar_command(&isthmus);
-        let alone = dir.join("isthmus-proxy");
+        let alone = dir.path().join("isthmus-proxy");
         std::fs::write(&alone, b"").unwrap();
         let installed = sidecar_command(&isthmus);
-        std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(subcommand, [isthmus.display().to_string(), "proxy".into()]);
         assert_eq!(installed, [alone.display().to_string()]);
     }
