@@ -845,6 +845,8 @@ impl<G: Generator> Conn<G> {
             sub.names.remove(n.as_str());
             sub.sent.remove(n.as_str());
         }
+        // Proxies subscribe to thousands of names, in a few requests: grow the set once each.
+        sub.names.reserve(req.resource_names_subscribe.len());
         sub.names.extend(
             req.resource_names_subscribe
                 .into_iter()
@@ -889,6 +891,7 @@ impl<G: Generator> Conn<G> {
                 (sub.sent.get(n.as_str()) != Some(&v.version)).then(|| v.clone())
             })
             .collect();
+        sub.sent.reserve(changed.len());
         for r in &changed {
             sub.sent.insert(r.name.clone(), r.version);
         }
@@ -917,6 +920,7 @@ impl<G: Generator> Conn<G> {
             delta_parts(sub, type_url, &parts, &diffs)
         };
         sub.parts = parts;
+        sub.sent.reserve(changed.len());
         for r in &changed {
             sub.sent.insert(r.name.clone(), r.version);
         }
