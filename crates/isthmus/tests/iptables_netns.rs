@@ -117,7 +117,9 @@ fn outbound_traffic_is_captured_except_the_proxy_uid() {
     ns.exec(&["ip", "link", "set", "v1", "up"]);
     iptables(&ns, &["-i", "*"]);
 
-    let original = ns.run_in(|| {
+    // One listener for both halves: binding 15001 a second time could fail while a child
+    // process forked by a parallel test still holds the first socket until its exec.
+    let (proxy, original) = ns.run_in(|| {
         let proxy = TcpListener::bind("0.0.0.0:15001").expect("bind 15001");
         let target: SocketAddr = "10.255.0.9:8080".parse().unwrap();
         let _app = TcpStream::connect_timeout(&target, Duration::from_secs(5))
@@ -126,15 +128,15 @@ fn outbound_traffic_is_captured_except_the_proxy_uid() {
         let original =
             nix::sys::socket::getsockopt(&accepted, nix::sys::socket::sockopt::OriginalDst)
                 .expect("SO_ORIGINAL_DST");
-        SocketAddr::from((
+        let original = SocketAddr::from((
             std::net::Ipv4Addr::from(u32::from_be(original.sin_addr.s_addr)),
             u16::from_be(original.sin_port),
-        ))
+        ));
+        (proxy, original)
     });
     assert_eq!(original, "10.255.0.9:8080".parse().unwrap());
 
-    let bypassed = ns.run_in(|| {
-        let proxy = TcpListener::bind("0.0.0.0:15001").expect("bind 15001");
+    let bypassed = ns.run_in(move || {
         proxy.set_nonblocking(true).unwrap();
         // SAFETY: setresuid on the calling thread only; no memory is involved.
         let rc = unsafe { libc::syscall(libc::SYS_setresuid, 1337, 1337, 1337) };
