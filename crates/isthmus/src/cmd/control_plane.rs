@@ -50,6 +50,12 @@ pub fn run(a: ControlPlaneArgs) -> Result<i32> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // No transparent huge pages: each fresh 2 MB page the allocator touches is zeroed whole,
+    // which made a push context rebuild half again as long and added 50 MB of RSS at 1,000
+    // proxies (docs/benchmarks.md). Only this process: it starts no children to inherit it.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!("transparent huge pages stay enabled: {e}");
+    }
     let mesh: MeshConfig = match &a.mesh_config {
         Some(p) => read_yaml(p)?,
         None => MeshConfig::default(),
