@@ -26,6 +26,9 @@ pub struct PilotGenerator {
     pub context: Shared,
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
     assignments: Mutex<AssignmentCache>,
+    /// Hashes assignment inputs: fast, and seeded per process so that no input can be crafted
+    /// to collide with another's key.
+    assignment_keys: foldhash::quality::RandomState,
     inbound: Mutex<InboundCache>,
 }
 
@@ -64,16 +67,17 @@ struct AssignmentCache {
 }
 
 impl AssignmentCache {
+    /// The assignment `a` whose key is `key`.
     fn get(
         &mut self,
         ctx: &Arc<PushContext>,
+        key: u64,
         a: &isthmus_pilot::endpoint::Assignment<'_>,
     ) -> Arc<Versioned> {
         if !std::ptr::eq(self.context.as_ptr(), Arc::as_ptr(ctx)) {
             self.context = Arc::downgrade(ctx);
             self.previous = std::mem::take(&mut self.current);
         }
-        let key = a.key();
         if let Some(v) = self.current.get(&key) {
             return v.clone();
         }
@@ -100,6 +104,7 @@ impl PilotGenerator {
             context,
             scopes: Mutex::default(),
             assignments: Mutex::default(),
+            assignment_keys: Default::default(),
             inbound: Mutex::default(),
         }
     }
@@ -127,11 +132,19 @@ impl PilotGenerator {
             return c.parts.clone();
         }
         let endpoints = {
+            // Keyed before taking the cache, which every scope shares: scopes key in parallel.
+            let keyed: Vec<_> = isthmus_pilot::endpoint::assignments(ctx, proxy)
+                .into_iter()
+                .map(|a| (a.key(&self.assignment_keys), a))
+                .collect();
             let mut cache = self.assignments.lock().unwrap_or_else(|p| p.into_inner());
             Arc::new(
-                isthmus_pilot::endpoint::assignments(ctx, proxy)
-                    .iter()
-                    .map(|a| (a.name.clone(), cache.get(ctx, a)))
+                keyed
+                    .into_iter()
+                    .map(|(key, a)| {
+                        let v = cache.get(ctx, key, &a);
+                        (a.name, v)
+                    })
                     .collect(),
             )
         };

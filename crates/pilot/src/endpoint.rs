@@ -47,10 +47,11 @@ impl Assignment<'_> {
     }
 
     /// A hash of everything [`Assignment::build`] reads: equal keys build equal assignments,
-    /// so a generator can keep what it built for a key across push contexts.
-    pub fn key(&self) -> u64 {
+    /// so a generator can keep what it built for a key across push contexts (hashing with the
+    /// same `state` each time).
+    pub fn key(&self, state: &impl std::hash::BuildHasher) -> u64 {
         use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut h = state.build_hasher();
         self.name.hash(&mut h);
         self.failover_from.hash(&mut h);
         for e in selected(self.svc, self.port, self.subset) {
