@@ -26,9 +26,9 @@ pub struct PilotGenerator {
     pub context: Shared,
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
     assignments: Mutex<AssignmentCache>,
-    /// Hashes assignment inputs: fast, and seeded per process so that no input can be crafted
-    /// to collide with another's key.
-    assignment_keys: foldhash::quality::RandomState,
+    /// Hashes cache keys (assignment inputs; a proxy and its workload): fast, and seeded per
+    /// process so that no input can be crafted to collide with another's key.
+    keys: foldhash::quality::RandomState,
     inbound: Mutex<InboundCache>,
 }
 
@@ -104,7 +104,7 @@ impl PilotGenerator {
             context,
             scopes: Mutex::default(),
             assignments: Mutex::default(),
-            assignment_keys: Default::default(),
+            keys: Default::default(),
             inbound: Mutex::default(),
         }
     }
@@ -135,7 +135,7 @@ impl PilotGenerator {
             // Keyed before taking the cache, which every scope shares: scopes key in parallel.
             let keyed: Vec<_> = isthmus_pilot::endpoint::assignments(ctx, proxy)
                 .into_iter()
-                .map(|a| (a.key(&self.assignment_keys), a))
+                .map(|a| (a.key(&self.keys), a))
                 .collect();
             let mut cache = self.assignments.lock().unwrap_or_else(|p| p.into_inner());
             Arc::new(
@@ -184,11 +184,8 @@ impl PilotGenerator {
 
     /// `proxy`'s inbound clusters and listeners under `ctx`, from the cache when still valid.
     fn inbound(&self, ctx: &PushContext, proxy: &Proxy) -> Inbound {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        proxy.hash(&mut h);
-        ctx.workload_of(proxy).hash(&mut h);
-        let key = h.finish();
+        use std::hash::BuildHasher;
+        let key = self.keys.hash_one((proxy, ctx.workload_of(proxy)));
         {
             let mut cache = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
             if cache.epoch != ctx.outbound_epoch {
@@ -245,25 +242,30 @@ fn keep_if_same(old: &Arc<Resources>, new: Arc<Resources>) -> Arc<Resources> {
 }
 
 impl Generator for PilotGenerator {
+    type Proxy = Proxy;
+
+    fn proxy(&self, node: &Node) -> Result<Proxy, String> {
+        proxy_of(node)
+    }
+
     fn generate(
         &self,
-        node: &Node,
+        proxy: &Proxy,
         type_url: &str,
         _names: &isthmus_xds::server::Names,
     ) -> Result<Vec<Arc<Resources>>, String> {
-        let proxy = proxy_of(node)?;
         let ctx = self.current();
         Ok(match type_url {
             CLUSTER => vec![
-                self.shared(&ctx, &proxy).clusters,
-                self.inbound(&ctx, &proxy).clusters,
+                self.shared(&ctx, proxy).clusters,
+                self.inbound(&ctx, proxy).clusters,
             ],
-            ENDPOINT => vec![self.shared(&ctx, &proxy).endpoints],
+            ENDPOINT => vec![self.shared(&ctx, proxy).endpoints],
             LISTENER => vec![
-                self.shared(&ctx, &proxy).listeners,
-                self.inbound(&ctx, &proxy).listeners,
+                self.shared(&ctx, proxy).listeners,
+                self.inbound(&ctx, proxy).listeners,
             ],
-            ROUTE => vec![self.shared(&ctx, &proxy).routes],
+            ROUTE => vec![self.shared(&ctx, proxy).routes],
             // Secrets come with the proxy's SDS.
             _ => Vec::new(),
         })

@@ -77,13 +77,19 @@ pub type Names = HashSet<Arc<str>, NameHasher>;
 
 /// Produces the resources a proxy should have.
 pub trait Generator: Send + Sync + 'static {
-    /// Every resource of `type_url` for `node`, in parts with distinct names. Parts that stay
+    /// What the generator makes of a stream's node, once per stream.
+    type Proxy: Send + Sync + 'static;
+
+    /// The proxy behind `node` (from the stream's first request), or why it cannot be served.
+    fn proxy(&self, node: &Node) -> Result<Self::Proxy, String>;
+
+    /// Every resource of `type_url` for `proxy`, in parts with distinct names. Parts that stay
     /// the same `Arc` between calls are known unchanged, so generators share and reuse them
     /// between proxies and pushes. `names` is the proxy's subscription (empty for wildcard
     /// types); a generator may return more, the server filters.
     fn generate(
         &self,
-        node: &Node,
+        proxy: &Self::Proxy,
         type_url: &str,
         names: &Names,
     ) -> Result<Vec<Arc<Resources>>, String>;
@@ -112,7 +118,13 @@ impl FixedGenerator {
 }
 
 impl Generator for FixedGenerator {
-    fn generate(&self, _: &Node, type_url: &str, _: &Names) -> Result<Vec<Arc<Resources>>, String> {
+    type Proxy = ();
+
+    fn proxy(&self, _: &Node) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn generate(&self, _: &(), type_url: &str, _: &Names) -> Result<Vec<Arc<Resources>>, String> {
         let all = self.resources.lock().unwrap_or_else(|p| p.into_inner());
         Ok(all.get(type_url).cloned().into_iter().collect())
     }
@@ -319,7 +331,7 @@ struct Subscription {
     rejected: Option<u64>,
 }
 
-struct Conn<G> {
+struct Conn<G: Generator> {
     id: u64,
     generator: Arc<G>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -327,6 +339,8 @@ struct Conn<G> {
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     counters: Arc<Counters>,
     node: Option<Node>,
+    /// The generator's view of `node`, made when the node is learnt.
+    proxy: Option<Result<G::Proxy, String>>,
     subs: HashMap<String, Subscription>,
     nonce: u64,
 }
@@ -348,10 +362,10 @@ impl<G: Generator> Conn<G> {
 
     /// The generator's parts of one type for this proxy (unfiltered).
     fn parts(&self, type_url: &str) -> Result<Vec<Arc<Resources>>, String> {
-        let node = self.node.as_ref().ok_or("no node")?;
+        let proxy = self.proxy.as_ref().ok_or("no node")?.as_ref()?;
         let empty = Names::default();
         let names = self.subs.get(type_url).map_or(&empty, |s| &s.names);
-        self.generator.generate(node, type_url, names)
+        self.generator.generate(proxy, type_url, names)
     }
 }
 
@@ -439,7 +453,7 @@ impl DiffMemo {
     }
 }
 
-impl<G> Drop for Conn<G> {
+impl<G: Generator> Drop for Conn<G> {
     fn drop(&mut self) {
         let mut all = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         all.remove(&self.id);
@@ -651,6 +665,7 @@ impl<G: Generator> AdsServer<G> {
             proxies: self.proxies.clone(),
             counters: self.counters.clone(),
             node: None,
+            proxy: None,
             subs: HashMap::new(),
             nonce: 0,
         };
@@ -666,6 +681,7 @@ impl<G: Generator> Conn<G> {
             && let Some(n) = node
         {
             let id = n.id.clone();
+            self.proxy = Some(self.generator.proxy(&n));
             self.node = Some(n);
             self.state(|s| s.node_id = id);
         }
