@@ -847,28 +847,46 @@ impl<G: Generator> Conn<G> {
             }
         }
         let first = !self.subs.contains_key(&type_url);
-        let sub = self.subs.entry(type_url.clone()).or_default();
         let only_adds = !first
             && req.resource_names_unsubscribe.is_empty()
+            && !req.resource_names_subscribe.is_empty()
             && !req.resource_names_subscribe.iter().any(|n| n == "*");
-        let added: Vec<String> = req
-            .resource_names_subscribe
-            .iter()
-            .filter(|n| *n != "*" && !sub.names.contains(n.as_str()))
-            .cloned()
-            .collect();
+        // Looked up before the names are taken in, so that each name is the resource's own.
+        let parts = if only_adds {
+            match self.parts(&type_url) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(type_url, error = e, "cannot generate resources");
+                    return Vec::new();
+                }
+            }
+        } else {
+            None
+        };
+        let sub = self.subs.entry(type_url.clone()).or_default();
         for n in req.resource_names_unsubscribe {
             sub.names.remove(n.as_str());
             sub.sent.remove(n.as_str());
         }
         // Proxies subscribe to thousands of names, in a few requests: grow the set once each.
         sub.names.reserve(req.resource_names_subscribe.len());
-        sub.names.extend(
-            req.resource_names_subscribe
-                .into_iter()
-                .filter(|n| n != "*")
-                .map(Arc::from),
-        );
+        let mut added = Vec::new();
+        for n in req.resource_names_subscribe {
+            if n == "*" || sub.names.contains(n.as_str()) {
+                continue;
+            }
+            let found = parts
+                .iter()
+                .flatten()
+                .find_map(|p| p.get(n.as_str()))
+                .cloned();
+            sub.names.insert(
+                found
+                    .as_ref()
+                    .map_or_else(|| Arc::from(n), |v| v.name.clone()),
+            );
+            added.extend(found);
+        }
         if first {
             // A reconnecting proxy says what it has; versions are our content hashes.
             for (n, v) in req.initial_resource_versions {
@@ -877,36 +895,31 @@ impl<G: Generator> Conn<G> {
                 }
             }
         }
-        if only_adds && !added.is_empty() {
-            return self.delta_added(&type_url, version, &added);
+        match parts {
+            Some(parts) if !added.is_empty() => self.delta_added(&type_url, version, parts, added),
+            _ => self.delta_response(&type_url, version, true),
         }
-        self.delta_response(&type_url, version, true)
     }
 
     /// The answer to a subscription that only adds names: those resources, when nothing else
     /// changed since the last response (a proxy subscribing to the endpoints of the clusters it
     /// just received, chunk by chunk, should not make the whole type be compared again).
-    fn delta_added(&mut self, type_url: &str, version: u64, added: &[String]) -> Vec<DeltaOut> {
-        let parts = match self.parts(type_url) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(type_url, error = e, "cannot generate resources");
-                return Vec::new();
-            }
-        };
+    /// `added`: the resources of `parts` that the proxy newly subscribed to.
+    fn delta_added(
+        &mut self,
+        type_url: &str,
+        version: u64,
+        parts: Vec<Arc<Resources>>,
+        mut added: Vec<Arc<Versioned>>,
+    ) -> Vec<DeltaOut> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Vec::new();
         };
         if !same_parts(&sub.parts, &parts) {
             return self.delta_response(type_url, version, true);
         }
-        let changed: Vec<Arc<Versioned>> = added
-            .iter()
-            .filter_map(|n| {
-                let v = parts.iter().find_map(|p| p.get(n))?;
-                (sub.sent.get(n.as_str()) != Some(&v.version)).then(|| v.clone())
-            })
-            .collect();
+        added.retain(|v| sub.sent.get(&*v.name) != Some(&v.version));
+        let changed = added;
         sub.sent.reserve(changed.len());
         for r in &changed {
             sub.sent.insert(r.name.clone(), r.version);
@@ -943,6 +956,16 @@ impl<G: Generator> Conn<G> {
         for n in &removed {
             sub.sent.remove(n.as_str());
         }
+        // Keep the subscribed names the resources' own: one copy of each name.
+        for r in &changed {
+            if sub
+                .names
+                .get(&*r.name)
+                .is_some_and(|n| !Arc::ptr_eq(n, &r.name))
+            {
+                sub.names.replace(r.name.clone());
+            }
+        }
         if changed.is_empty() && removed.is_empty() && !force {
             return Vec::new();
         }
@@ -961,22 +984,7 @@ impl<G: Generator> Conn<G> {
         removed: Vec<String>,
         pushed: bool,
     ) -> Vec<DeltaOut> {
-        let count = match self.subs.get_mut(type_url) {
-            Some(sub) => {
-                // Keep the subscribed names the resources' own: one copy of each name.
-                for r in &changed {
-                    if sub
-                        .names
-                        .get(&*r.name)
-                        .is_some_and(|n| !Arc::ptr_eq(n, &r.name))
-                    {
-                        sub.names.replace(r.name.clone());
-                    }
-                }
-                sub.sent.len()
-            }
-            None => 0,
-        };
+        let count = self.subs.get(type_url).map_or(0, |sub| sub.sent.len());
         let mut chunks = chunks(changed);
         let earlier: Vec<String> = (1..chunks.len()).map(|_| self.next_nonce()).collect();
         let (v, last_nonce) = self.record_send(type_url, version, count, pushed);
