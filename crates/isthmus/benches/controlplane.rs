@@ -25,6 +25,9 @@ use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, MAX_RESPONSE_BYTES, ROUTE
 use prost::Message;
 use tokio::sync::mpsc;
 
+#[path = "common/procfs.rs"]
+mod procfs;
+
 /// The clients' name sets (cheap hashing: they share two cores with the control plane).
 type Names = HashSet<String, foldhash::fast::RandomState>;
 
@@ -37,19 +40,6 @@ const LIMIT: Duration = Duration::from_secs(180);
 /// The service that gains an endpoint, and the name of its cluster.
 const CHANGED_NS: &str = "ns-0";
 const CHANGED_SVC: &str = "svc-0";
-
-/// CPU seconds (user and system) a process has used; `pid` may be `self`.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses): utime is the 12th, stime 13th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|v| v.parse().unwrap_or(0))
-        .collect();
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    ticks as f64 / 100.0
-}
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -75,7 +65,7 @@ fn main() {
         per_ns * NAMESPACES
     );
     let started_cpu = cp.cpu_seconds();
-    let clients_cpu = cpu_seconds("self");
+    let clients_cpu = procfs::cpu_seconds("self");
     println!(
         "control plane started: RSS {:.1} MB",
         cp.rss_kb() as f64 / 1024.0
@@ -111,7 +101,7 @@ fn main() {
     });
     let full = wait(&report, |r| r.full.len() >= clients);
     let full_cpu = cp.cpu_seconds() - started_cpu;
-    let clients_cpu = cpu_seconds("self") - clients_cpu;
+    let clients_cpu = procfs::cpu_seconds("self") - clients_cpu;
     let rss_full = cp.rss_kb();
     let mut full_hist = Histogram::<u64>::new(3).expect("histogram");
     for d in &report.lock().unwrap().full {
@@ -551,27 +541,17 @@ impl ControlPlane {
         cp
     }
 
-    fn proc_status(&self, key: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        s.lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
     fn rss_kb(&self) -> u64 {
-        self.proc_status("VmRSS:")
+        procfs::status_kb(self.child.id(), "VmRSS")
     }
 
     fn hwm_kb(&self) -> u64 {
-        self.proc_status("VmHWM:")
+        procfs::status_kb(self.child.id(), "VmHWM")
     }
 
     /// User + system CPU seconds of the control plane so far.
     fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&self.child.id().to_string())
+        procfs::cpu_seconds(self.child.id())
     }
 
     fn metrics(&self) -> String {

@@ -29,6 +29,9 @@ use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper_util::rt::TokioIo;
 
+#[path = "common/procfs.rs"]
+mod procfs;
+
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 const RATE: u64 = 1_000;
 const CONNECTIONS: usize = 4;
@@ -200,17 +203,16 @@ fn main() {
                 t.name,
                 (WARMUP + measure()).as_secs()
             );
-            let before: Vec<(u64, u32)> = t
+            let before: Vec<f64> = t
                 .proxies
                 .iter()
-                .map(|(_, pid)| (cpu_ticks(*pid), *pid))
+                .map(|(_, pid)| procfs::cpu_seconds(pid))
                 .collect();
             let (hist, errors, sent) = rt.block_on(open_loop(t));
-            let ticks = ticks_per_second();
-            for ((label, pid), (b, _)) in t.proxies.iter().zip(&before) {
-                let cpu = (cpu_ticks(*pid) - b) as f64 / ticks;
+            for ((label, pid), b) in t.proxies.iter().zip(&before) {
+                let cpu = procfs::cpu_seconds(pid) - b;
                 let per_1000 = cpu / (sent as f64 / 1000.0);
-                usage.push((t.name, *label, per_1000, rss_kb(*pid)));
+                usage.push((t.name, *label, per_1000, procfs::status_kb(pid, "VmRSS")));
             }
             let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
             let added = |p: f64| {
@@ -609,31 +611,6 @@ async fn bulk(t: &Target) -> f64 {
     let n: u64 = String::from_utf8_lossy(&got).parse().unwrap_or(0);
     assert_eq!(n, BULK_BYTES, "bulk transfer through {} incomplete", t.name);
     n as f64 / secs / 1e6
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces): utime is 14th, stime 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    n(11) + n(12)
-}
-
-fn ticks_per_second() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .map_or(100.0, |t| t as f64)
-}
-
-fn rss_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn machine() -> String {
