@@ -256,19 +256,19 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
     let dump = isthmus_xds::client::XdsState {
         clusters: isthmus_pilot::cluster::clusters(&ctx, &proxy)
             .into_iter()
-            .map(|c| (c.name.clone(), c.into()))
+            .map(|c| (c.name.clone(), Arc::new(c.into())))
             .collect(),
         endpoints: isthmus_pilot::endpoint::endpoints(&ctx, &proxy, &[])
             .into_iter()
-            .map(|e| (e.cluster_name.clone(), e.into()))
+            .map(|e| (e.cluster_name.clone(), Arc::new(e.into())))
             .collect(),
         listeners: isthmus_pilot::listener::listeners(&ctx, &proxy)
             .into_iter()
-            .map(|l| (l.name.clone(), l.into()))
+            .map(|l| (l.name.clone(), Arc::new(l.into())))
             .collect(),
         routes: isthmus_pilot::route::routes(&ctx, &proxy, &[])
             .into_iter()
-            .map(|r| (r.name.clone(), r.into()))
+            .map(|r| (r.name.clone(), Arc::new(r.into())))
             .collect(),
         versions: [CLUSTER, ENDPOINT, LISTENER, ROUTE]
             .into_iter()

@@ -374,7 +374,9 @@ async fn client_follows_the_mesh(sotw: bool) {
     })
     .await;
     assert!(state.listeners.contains_key("virtualInbound"));
-    let eps = &state.endpoints["outbound|9080||reviews.default.svc.cluster.local"];
+    let eps = state.endpoints["outbound|9080||reviews.default.svc.cluster.local"]
+        .decode()
+        .unwrap();
     assert_eq!(eps.endpoints[0].lb_endpoints.len(), 1);
 
     // A second pod appears: the client sees two endpoints.
@@ -387,7 +389,9 @@ async fn client_follows_the_mesh(sotw: bool) {
         s.endpoints
             .get("outbound|9080||reviews.default.svc.cluster.local")
             .is_some_and(|e| {
-                e.endpoints
+                e.decode()
+                    .unwrap()
+                    .endpoints
                     .iter()
                     .map(|l| l.lb_endpoints.len())
                     .sum::<usize>()

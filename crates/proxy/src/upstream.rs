@@ -79,8 +79,10 @@ pub struct Transport {
     pub spec: TransportSpec,
     tls: Option<TlsConfigs>,
     connector: Connector,
-    http: OnceLock<HttpClient>,
-    http1: OnceLock<HttpClient>,
+    /// Boxed: a mesh config has a transport or two per cluster, most never used, and an HTTP
+    /// client is larger than the rest of the transport together.
+    http: OnceLock<Box<HttpClient>>,
+    http1: OnceLock<Box<HttpClient>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -107,23 +109,10 @@ impl Transport {
                 let identity = identity.ok_or("mTLS configured but no workload identity")?;
                 let sni = ServerName::try_from(t.sni.clone())
                     .map_err(|_| format!("SNI {:?} is not a valid name", t.sni))?;
-                let alpn = |extra: &[&str]| -> Vec<Vec<u8>> {
-                    extra
-                        .iter()
-                        .map(|a| a.as_bytes().to_vec())
-                        .chain(t.alpn.iter().map(|a| a.as_bytes().to_vec()))
-                        .collect()
-                };
-                let raw = identity.client_config(&t.sans, alpn(&[]))?;
-                let mut http = raw.clone();
-                http.alpn_protocols = alpn(&["h2", "http/1.1"]);
-                let mut http1 = raw.clone();
-                http1.alpn_protocols = alpn(&["http/1.1"]);
+                let raw = identity.client_config(&t.sans, alpn(&[], &t.alpn))?;
                 Some(TlsConfigs {
                     sni,
                     raw: raw.into(),
-                    http: http.into(),
-                    http1: http1.into(),
                 })
             }
         };
@@ -158,20 +147,31 @@ impl Transport {
 
     /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
     pub fn http(&self) -> &HttpClient {
-        self.http.get_or_init(|| self.client(false))
+        self.http.get_or_init(|| Box::new(self.client(false)))
     }
 
     /// HTTP/1.1 only: upgrades (WebSocket) cannot ride HTTP/2 here.
     pub fn http1(&self) -> &HttpClient {
-        self.http1.get_or_init(|| self.client(true))
+        self.http1.get_or_init(|| Box::new(self.client(true)))
     }
 
     fn client(&self, http1_only: bool) -> HttpClient {
+        let http_alpn: &[&str] = if http1_only {
+            &["http/1.1"]
+        } else {
+            &["h2", "http/1.1"]
+        };
+        let tls = self
+            .tls
+            .as_ref()
+            .zip(self.spec.tls.as_ref())
+            .map(|(t, spec)| {
+                let mut config = (*t.raw).clone();
+                config.alpn_protocols = alpn(http_alpn, &spec.alpn);
+                (Arc::new(config), t.sni.clone())
+            });
         let connector = Connector {
-            tls: self.tls.as_ref().map(|t| {
-                let config = if http1_only { &t.http1 } else { &t.http };
-                (config.clone(), t.sni.clone())
-            }),
+            tls,
             ..self.connector.clone()
         };
         let mut builder = Client::builder(TokioExecutor::new());
@@ -188,12 +188,22 @@ impl Transport {
     }
 }
 
+/// The TLS of a transport's raw connections; its HTTP clients derive theirs (other ALPN) when
+/// they are made.
 #[derive(Clone)]
 struct TlsConfigs {
     sni: ServerName<'static>,
     raw: Arc<rustls::ClientConfig>,
-    http: Arc<rustls::ClientConfig>,
-    http1: Arc<rustls::ClientConfig>,
+}
+
+/// ALPN values offered: `first`, then the mesh's own.
+fn alpn(first: &[&str], mesh: &[String]) -> Vec<Vec<u8>> {
+    first
+        .iter()
+        .copied()
+        .chain(mesh.iter().map(String::as_str))
+        .map(|a| a.as_bytes().to_vec())
+        .collect()
 }
 
 /// Where an endpoint is.
@@ -726,9 +736,11 @@ mod tests {
         };
         let transport = Transport::new(spec, Some(&client)).unwrap();
         let tls = transport.tls.as_ref().unwrap();
-        for config in [&tls.raw, &tls.http] {
+        let mut http = (*tls.raw).clone();
+        http.alpn_protocols = alpn(&["h2", "http/1.1"], &["istio".to_string()]);
+        for config in [tls.raw.clone(), Arc::new(http)] {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut conn = tokio_rustls::TlsConnector::from(config.clone())
+            let mut conn = tokio_rustls::TlsConnector::from(config)
                 .connect(tls.sni.clone(), tcp)
                 .await
                 .unwrap();

@@ -4,6 +4,7 @@
 //! good resource stays in force), and publish every accepted state on a watch channel.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -20,6 +21,7 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::FutureExt;
 use prost::Message;
+use prost::bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -30,10 +32,10 @@ use crate::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 /// either copying what did not change.
 #[derive(Debug, Clone, Default)]
 pub struct XdsState {
-    pub clusters: BTreeMap<String, Arc<Cluster>>,
-    pub endpoints: BTreeMap<String, Arc<ClusterLoadAssignment>>,
-    pub listeners: BTreeMap<String, Arc<Listener>>,
-    pub routes: BTreeMap<String, Arc<RouteConfiguration>>,
+    pub clusters: BTreeMap<String, Arc<Received<Cluster>>>,
+    pub endpoints: BTreeMap<String, Arc<Received<ClusterLoadAssignment>>>,
+    pub listeners: BTreeMap<String, Arc<Received<Listener>>>,
+    pub routes: BTreeMap<String, Arc<Received<RouteConfiguration>>>,
     /// Last accepted system version per type.
     pub versions: BTreeMap<String, String>,
     /// Per type, each resource's version as delta xDS sent it: what a new session resumes from
@@ -203,6 +205,9 @@ async fn follow_up(
     }
 }
 
+/// A received resource under the name it goes by.
+type Named<T> = (String, Arc<Received<T>>);
+
 /// One resource of a response: its name and version when the protocol gives them (delta),
 /// and its body.
 struct Incoming<'a> {
@@ -211,32 +216,96 @@ struct Incoming<'a> {
     any: Option<&'a Any>,
 }
 
-/// The name a resource gives itself (state of the world sends no names beside them).
-trait Named {
+/// A resource kind a proxy subscribes to.
+pub trait XdsResource: Message + prost::Name + Default {
+    /// The name the resource gives itself (state of the world sends no names beside them).
     fn own_name(&self) -> String;
-}
-
-impl Named for Cluster {
-    fn own_name(&self) -> String {
-        self.name.clone()
+    /// The resources of the next type it refers to: a cluster's endpoint assignment, a
+    /// listener's route configurations.
+    fn follows(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 
-impl Named for ClusterLoadAssignment {
+impl XdsResource for Cluster {
+    fn own_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn follows(&self) -> Vec<String> {
+        self.eds_cluster_config
+            .iter()
+            .map(|e| {
+                if e.service_name.is_empty() {
+                    self.name.clone()
+                } else {
+                    e.service_name.clone()
+                }
+            })
+            .collect()
+    }
+}
+
+impl XdsResource for ClusterLoadAssignment {
     fn own_name(&self) -> String {
         self.cluster_name.clone()
     }
 }
 
-impl Named for Listener {
+impl XdsResource for Listener {
+    fn own_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn follows(&self) -> Vec<String> {
+        route_names(self)
+    }
+}
+
+impl XdsResource for RouteConfiguration {
     fn own_name(&self) -> String {
         self.name.clone()
     }
 }
 
-impl Named for RouteConfiguration {
-    fn own_name(&self) -> String {
-        self.name.clone()
+/// A resource as the control plane sent it, kept encoded: the generated structs are several
+/// times the size of the bytes (a `Cluster` alone is over 3 KB before any field is set), and a
+/// proxy needs them only to compile or dump its configuration, when they are decoded again.
+/// What the resource refers to is taken when it is first decoded.
+#[derive(Debug)]
+pub struct Received<T> {
+    body: Bytes,
+    follows: Box<[String]>,
+    kind: PhantomData<fn() -> T>,
+}
+
+impl<T: XdsResource> Received<T> {
+    fn new(body: Bytes, decoded: &T) -> Self {
+        Received {
+            body,
+            follows: decoded.follows().into(),
+            kind: PhantomData,
+        }
+    }
+
+    pub fn decode(&self) -> Result<T, prost::DecodeError> {
+        T::decode(self.body.clone())
+    }
+
+    /// The encoded resource.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The names of the resources of the next type it refers to.
+    pub fn follows(&self) -> &[String] {
+        &self.follows
+    }
+}
+
+impl<T: XdsResource> From<T> for Received<T> {
+    fn from(resource: T) -> Self {
+        Received::new(resource.encode_to_vec().into(), &resource)
     }
 }
 
@@ -251,10 +320,10 @@ fn apply(
     removed: &[String],
     replace: bool,
 ) -> Result<Follow, String> {
-    fn decode<T: Message + Default + Named>(
+    fn decode<T: XdsResource>(
         type_url: &str,
         resources: &[Incoming<'_>],
-    ) -> Result<Vec<(String, Arc<T>)>, String> {
+    ) -> Result<Vec<Named<T>>, String> {
         resources
             .iter()
             .map(|r| {
@@ -270,9 +339,10 @@ fn apply(
                 }
                 T::decode(any.value.as_slice())
                     .map(|m| {
+                        let body = Bytes::copy_from_slice(&any.value);
                         (
                             r.name.map_or_else(|| m.own_name(), str::to_string),
-                            Arc::new(m),
+                            Arc::new(Received::new(body, &m)),
                         )
                     })
                     .map_err(|e| format!("resource {label:?} does not decode: {e}"))
@@ -317,15 +387,7 @@ fn apply(
             let eds = state
                 .clusters
                 .values()
-                .filter_map(|c| {
-                    c.eds_cluster_config.as_ref().map(|e| {
-                        if e.service_name.is_empty() {
-                            c.name.clone()
-                        } else {
-                            e.service_name.clone()
-                        }
-                    })
-                })
+                .flat_map(|c| c.follows().iter().cloned())
                 .collect();
             Ok(Some((ENDPOINT, eds)))
         }
@@ -342,7 +404,7 @@ fn apply(
             let rds = state
                 .listeners
                 .values()
-                .flat_map(|l| route_names(l))
+                .flat_map(|l| l.follows().iter().cloned())
                 .collect();
             Ok(Some((ROUTE, rds)))
         }

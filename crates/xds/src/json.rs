@@ -47,6 +47,13 @@ pub fn to_json<M: prost::Message + prost::Name>(m: &M) -> Result<serde_json::Val
     encoded_to_json(&M::full_name(), &m.encode_to_vec())
 }
 
+/// A resource a proxy received, as JSON.
+fn received_to_json<T: crate::client::XdsResource>(
+    r: &crate::client::Received<T>,
+) -> Result<serde_json::Value, JsonError> {
+    encoded_to_json(&T::full_name(), r.body())
+}
+
 /// Envoy's `/config_dump` of an xDS state: clusters, endpoints, listeners, routes (Envoy's
 /// order), then `extra` sections (secrets).
 pub fn config_dump(
@@ -59,19 +66,19 @@ pub fn config_dump(
     let clusters: Vec<_> = state
         .clusters
         .values()
-        .filter_map(|c| to_json(&**c).ok())
+        .filter_map(|c| received_to_json(c).ok())
         .map(|c| json!({"version_info": version(CLUSTER), "cluster": c}))
         .collect();
     let endpoints: Vec<_> = state
         .endpoints
         .values()
-        .filter_map(|e| to_json(&**e).ok())
+        .filter_map(|e| received_to_json(e).ok())
         .map(|e| json!({"version_info": version(ENDPOINT), "endpoint_config": e}))
         .collect();
     let listeners: Vec<_> = state
         .listeners
         .iter()
-        .filter_map(|(name, l)| Some((name, to_json(&**l).ok()?)))
+        .filter_map(|(name, l)| Some((name, received_to_json(l).ok()?)))
         .map(|(name, l)| {
             json!({"name": name, "active_state": {"version_info": version(LISTENER), "listener": l}})
         })
@@ -79,7 +86,7 @@ pub fn config_dump(
     let routes: Vec<_> = state
         .routes
         .values()
-        .filter_map(|r| to_json(&**r).ok())
+        .filter_map(|r| received_to_json(r).ok())
         .map(|r| json!({"version_info": version(ROUTE), "route_config": r}))
         .collect();
     let mut configs = vec![

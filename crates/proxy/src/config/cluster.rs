@@ -26,7 +26,7 @@ use crate::upstream::{
     Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec,
 };
 
-const KIND: &str = "cluster";
+pub(crate) const KIND: &str = "cluster";
 /// The workload certificate and the mesh roots, as Istio's agent names them over SDS.
 const SDS_WORKLOAD: &str = "default";
 const SDS_ROOT: &str = "ROOTCA";

@@ -27,7 +27,7 @@ use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthent
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 
-const KIND: &str = "listener";
+pub(crate) const KIND: &str = "listener";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {

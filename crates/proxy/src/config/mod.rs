@@ -15,7 +15,7 @@ pub mod route;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use isthmus_xds::client::XdsState;
+use isthmus_xds::client::{Received, XdsResource, XdsState};
 
 pub use crate::upstream::Pools;
 pub use cluster::{Cluster, Endpoint};
@@ -45,6 +45,16 @@ impl CompileError {
     }
 }
 
+/// A received resource decoded again (it decoded when it was accepted).
+fn decoded<T: XdsResource>(
+    kind: &'static str,
+    name: &str,
+    r: &Received<T>,
+) -> Result<T, CompileError> {
+    r.decode()
+        .map_err(|e| CompileError::new(kind, name, format!("does not decode: {e}")))
+}
+
 /// One consistent configuration; swapped whole on every accepted update.
 #[derive(Debug, Default)]
 pub struct Config {
@@ -60,33 +70,32 @@ impl Config {
     pub fn compile(xds: &XdsState, pools: &Pools) -> Result<Config, CompileError> {
         let listeners = xds
             .listeners
-            .values()
-            .map(|l| listener::compile(l).map(Arc::new))
+            .iter()
+            .map(|(name, l)| listener::compile(&decoded(listener::KIND, name, l)?).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let routes = xds
             .routes
             .iter()
-            .map(|(name, r)| Ok((name.clone(), Arc::new(route::compile(r)?))))
+            .map(|(name, r)| {
+                let r = route::compile(&decoded(route::KIND, name, r)?)?;
+                Ok((name.clone(), Arc::new(r)))
+            })
             .collect::<Result<HashMap<_, _>, CompileError>>()?;
         let clusters = xds
             .clusters
             .iter()
             .map(|(name, c)| {
-                let eds_name = c
-                    .eds_cluster_config
-                    .as_ref()
-                    .map(|e| {
-                        if e.service_name.is_empty() {
-                            name.as_str()
-                        } else {
-                            e.service_name.as_str()
-                        }
-                    })
-                    .unwrap_or(name);
-                let assignment = xds.endpoints.get(eds_name).map(|a| &**a);
+                // An EDS cluster names one assignment (its service name, or its own).
+                let assignment = c
+                    .follows()
+                    .first()
+                    .and_then(|eds| Some((eds, xds.endpoints.get(eds)?)))
+                    .map(|(eds, a)| decoded("endpoint assignment", eds, a))
+                    .transpose()?;
+                let c = decoded(cluster::KIND, name, c)?;
                 Ok((
                     name.clone(),
-                    Arc::new(cluster::compile(c, assignment, pools)?),
+                    Arc::new(cluster::compile(&c, assignment.as_ref(), pools)?),
                 ))
             })
             .collect::<Result<HashMap<_, _>, CompileError>>()?;

@@ -16,7 +16,7 @@ use regex::Regex;
 use super::CompileError;
 use super::listener::pb_duration;
 
-const KIND: &str = "route configuration";
+pub(crate) const KIND: &str = "route configuration";
 
 #[derive(Debug)]
 pub struct RouteTable {
