@@ -221,9 +221,13 @@ fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
 
-/// The crypto provider for every mesh TLS config.
+/// The crypto provider for every mesh TLS config: one per process (a sidecar makes a config
+/// per destination identity, and each would otherwise carry its own copy of the tables).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// Server side: requires and verifies client certificates.

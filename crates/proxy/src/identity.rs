@@ -52,11 +52,17 @@ pub struct Identity {
     pub roots_pem: String,
     issued: RwLock<(Issued, SystemTime)>,
     servers: Mutex<HashMap<Vec<Vec<u8>>, Arc<rustls::ServerConfig>>>,
+    /// Client configs by expected identities and ALPN: a mesh's clusters mostly expect the
+    /// same few identities, and share one config each.
+    clients: Mutex<HashMap<ClientKey, Arc<rustls::ClientConfig>>>,
     /// One session store for every upstream TLS configuration: rustls' default gives each its
     /// own 256-entry table (≈ 14 KB), and a sidecar has three per cluster. Sessions are keyed by
     /// SNI, which is per cluster, and rustls resumes one only under the verifier that made it.
     sessions: Arc<rustls::client::ClientSessionMemoryCache>,
 }
+
+/// What makes a client config: the identities a peer may have, and the ALPN offered.
+type ClientKey = (Vec<String>, Vec<Vec<u8>>);
 
 /// Upstream server names whose TLS sessions are kept for resumption.
 const SESSIONS: usize = 256;
@@ -97,6 +103,7 @@ impl Identity {
             roots_pem,
             issued: RwLock::new((issued, SystemTime::now())),
             servers: Mutex::default(),
+            clients: Mutex::default(),
             sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(SESSIONS)),
         })
     }
@@ -154,19 +161,28 @@ impl Identity {
             .clone()
     }
 
-    /// Client TLS to a peer that must be one of `sans` (any mesh identity when empty). Clone
-    /// the result to vary the ALPN: clones share the verifier, so a session made by one
-    /// resumes under the others.
+    /// Client TLS to a peer that must be one of `sans` (any mesh identity when empty), shared
+    /// by every caller with the same identities and ALPN. Clone the config to vary the ALPN:
+    /// clones share the verifier, so a session made by one resumes under the others.
     pub fn client_config(
         &self,
         sans: &[String],
         alpn: Vec<Vec<u8>>,
-    ) -> Result<rustls::ClientConfig, String> {
-        let alpn: Vec<&[u8]> = alpn.iter().map(Vec::as_slice).collect();
+    ) -> Result<Arc<rustls::ClientConfig>, String> {
+        let key = (sans.to_vec(), alpn);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let alpn: Vec<&[u8]> = key.1.iter().map(Vec::as_slice).collect();
         let mut cfg =
             isthmus_ca::tls::client_config(self.bundle.clone(), sans, self.certs.clone(), &alpn)
                 .map_err(|e| e.to_string())?;
         cfg.resumption = rustls::client::Resumption::store(self.sessions.clone());
+        let cfg = Arc::new(cfg);
+        // Configs that no transport holds any more go when a new one comes.
+        clients.retain(|_, c| Arc::strong_count(c) > 1);
+        clients.insert(key, cfg.clone());
         Ok(cfg)
     }
 

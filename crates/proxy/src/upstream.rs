@@ -110,10 +110,7 @@ impl Transport {
                 let sni = ServerName::try_from(t.sni.clone())
                     .map_err(|_| format!("SNI {:?} is not a valid name", t.sni))?;
                 let raw = identity.client_config(&t.sans, alpn(&[], &t.alpn))?;
-                Some(TlsConfigs {
-                    sni,
-                    raw: raw.into(),
-                })
+                Some(TlsConfigs { sni, raw })
             }
         };
         Ok(Transport::assemble(spec, tls, None))
