@@ -56,8 +56,9 @@ pub struct Identity {
     /// same few identities, and share one config each.
     clients: Mutex<HashMap<ClientKey, Arc<rustls::ClientConfig>>>,
     /// One session store for every upstream TLS configuration: rustls' default gives each its
-    /// own 256-entry table (≈ 14 KB), and a sidecar has three per cluster. Sessions are keyed by
-    /// SNI, which is per cluster, and rustls resumes one only under the verifier that made it.
+    /// own 256-entry table (≈ 14 KB), and a sidecar has one per expected identity and one per
+    /// HTTP pool. Sessions are keyed by SNI, which is per cluster, and rustls resumes one only
+    /// under the verifier that made it.
     sessions: Arc<rustls::client::ClientSessionMemoryCache>,
 }
 
