@@ -597,3 +597,58 @@ pub fn route_names(l: &Listener) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::EdsClusterConfig;
+    use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::Rds;
+    use envoy_types::util::pack_any;
+
+    use super::*;
+
+    /// What a received resource refers to is what the proxy subscribes to next, and what
+    /// compiling a cluster looks its endpoints up by.
+    #[test]
+    fn a_received_resource_keeps_its_body_and_what_it_refers_to() {
+        let eds = |service_name: &str| Cluster {
+            name: "outbound|80||a.default.svc.cluster.local".into(),
+            eds_cluster_config: Some(EdsClusterConfig {
+                service_name: service_name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let own = Received::from(eds(""));
+        assert_eq!(own.follows(), ["outbound|80||a.default.svc.cluster.local"]);
+        assert_eq!(own.decode().unwrap(), eds(""));
+        assert_eq!(Received::from(eds("svc-a")).follows(), ["svc-a"]);
+        let static_cluster = Cluster {
+            name: "BlackHoleCluster".into(),
+            ..Default::default()
+        };
+        assert!(Received::from(static_cluster).follows().is_empty());
+
+        let hcm = HttpConnectionManager {
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                route_config_name: "8080".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let listener = Listener {
+            name: "0.0.0.0_8080".into(),
+            filter_chains: vec![FilterChain {
+                filters: vec![Filter {
+                    name: "envoy.filters.network.http_connection_manager".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let received = Received::from(listener.clone());
+        assert_eq!(received.follows(), ["8080"]);
+        assert_eq!(received.body(), listener.encode_to_vec());
+    }
+}
