@@ -904,13 +904,13 @@ impl<G: Generator> Conn<G> {
     /// The answer to a subscription that only adds names: those resources, when nothing else
     /// changed since the last response (a proxy subscribing to the endpoints of the clusters it
     /// just received, chunk by chunk, should not make the whole type be compared again).
-    /// `added`: the resources of `parts` that the proxy newly subscribed to.
+    /// `changed`: the resources of `parts` that the proxy newly subscribed to.
     fn delta_added(
         &mut self,
         type_url: &str,
         version: u64,
         parts: Vec<Arc<Resources>>,
-        mut added: Vec<Arc<Versioned>>,
+        mut changed: Vec<Arc<Versioned>>,
     ) -> Vec<DeltaOut> {
         let Some(sub) = self.subs.get_mut(type_url) else {
             return Vec::new();
@@ -918,8 +918,8 @@ impl<G: Generator> Conn<G> {
         if !same_parts(&sub.parts, &parts) {
             return self.delta_response(type_url, version, true);
         }
-        added.retain(|v| sub.sent.get(&*v.name) != Some(&v.version));
-        let changed = added;
+        // Those the proxy already has (a reconnect's initial versions) are not sent again.
+        changed.retain(|v| sub.sent.get(&*v.name) != Some(&v.version));
         sub.sent.reserve(changed.len());
         for r in &changed {
             sub.sent.insert(r.name.clone(), r.version);
