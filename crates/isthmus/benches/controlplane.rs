@@ -238,6 +238,7 @@ async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .connect_timeout(Duration::from_secs(10))
         .initial_stream_window_size(isthmus_xds::server::CLIENT_WINDOW)
         .initial_connection_window_size(isthmus_xds::server::CLIENT_WINDOW)
+        .max_frame_size(isthmus_xds::server::CLIENT_MAX_FRAME)
         .connect()
         .await
         .expect("connect to the control plane")

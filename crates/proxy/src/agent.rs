@@ -194,6 +194,7 @@ fn channel(
         .connect_timeout(Duration::from_secs(5))
         .initial_stream_window_size(isthmus_xds::server::CLIENT_WINDOW)
         .initial_connection_window_size(isthmus_xds::server::CLIENT_WINDOW)
+        .max_frame_size(isthmus_xds::server::CLIENT_MAX_FRAME)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Some(roots) = roots {

@@ -1,13 +1,19 @@
 //! Delta responses as they go on the wire. A resource is encoded once, when it is built, and
-//! shared by every proxy it goes to; [`DeltaOut`] refers to those shared resources and writes
-//! them (name, version and body) straight into the stream's buffer, where Envoy's generated
-//! `DeltaDiscoveryResponse` would need a copy of every resource for every proxy first. Proxies decode it as the usual
-//! `DeltaDiscoveryResponse` (the field numbers are that message's).
+//! shared by every proxy it goes to; a run of resources sent in one response is encoded once
+//! more into the response's `resources` field ([`EncodedRuns`]), and that encoding is shared by
+//! every stream that sends the same run — the proxies of one scope get the same shared parts in
+//! the same order. A stream then frames only its own envelope (version, type, nonce, removals)
+//! and hands the shared bytes to HTTP/2 as they are. Proxies decode it as the usual
+//! `DeltaDiscoveryResponse` (the field numbers are that message's; protobuf fields may come in
+//! any order).
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
 
-use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
-use prost::encoding::{DecodeContext, WireType, encode_key, encode_varint, encoded_len_varint};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use prost::bytes::{BufMut, Bytes, BytesMut};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::codegen::http;
 
 use crate::server::{ResponseStream, Versioned};
@@ -26,11 +32,12 @@ const RESOURCE_NAME: u32 = 3;
 const ANY_TYPE_URL: u32 = 1;
 const ANY_VALUE: u32 = 2;
 
-/// A `DeltaDiscoveryResponse` whose resources are shared, for encoding only.
+/// A `DeltaDiscoveryResponse`, for sending only: its resources already encoded, as the
+/// repeated `resources` field ([`EncodedRuns::get`]).
 #[derive(Debug, Clone, Default)]
 pub struct DeltaOut {
     pub system_version_info: String,
-    pub resources: Vec<Arc<Versioned>>,
+    pub resources: Bytes,
     pub type_url: String,
     pub nonce: String,
     pub removed_resources: Vec<String>,
@@ -106,49 +113,150 @@ fn put_resource(r: &Versioned, buf: &mut impl BufMut) {
     put_string(RESOURCE_NAME, &r.name, buf);
 }
 
-impl prost::Message for DeltaOut {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        put_string(SYSTEM_VERSION_INFO, &self.system_version_info, buf);
-        for r in &self.resources {
-            put_resource(r, buf);
+/// The `resources` field of a response carrying `run`.
+fn encode_run(run: &[Arc<Versioned>]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(run.iter().map(|r| resource_len(r)).sum());
+    for r in run {
+        put_resource(r, &mut buf);
+    }
+    buf.freeze()
+}
+
+/// Encoded runs of resources, by the resources themselves: a run is encoded once however many
+/// streams send it. A run is kept from the second time it is asked for, so that what only one
+/// proxy gets (its inbound part) is not kept; at most [`ENCODED_RUNS_BYTES`] are kept, the
+/// oldest dropped first.
+#[derive(Default)]
+pub(crate) struct EncodedRuns {
+    inner: Mutex<RunsInner>,
+    hasher: foldhash::fast::RandomState,
+}
+
+#[derive(Default)]
+struct RunsInner {
+    /// Keys of runs asked for once, oldest first (at most [`SEEN_RUNS`]).
+    seen: HashSet<u64, foldhash::fast::RandomState>,
+    seen_order: VecDeque<u64>,
+    /// Kept runs, holding their resources so that their addresses stay theirs.
+    kept: HashMap<u64, (Vec<Arc<Versioned>>, Bytes), foldhash::fast::RandomState>,
+    kept_order: VecDeque<u64>,
+    kept_bytes: usize,
+}
+
+/// Encoded bytes kept for sharing: a few scopes' full configurations of a large mesh.
+const ENCODED_RUNS_BYTES: usize = 48 << 20;
+/// Runs remembered as asked for once.
+const SEEN_RUNS: usize = 8192;
+
+impl EncodedRuns {
+    /// The `resources` field of a response carrying `run`.
+    pub(crate) fn get(&self, run: Vec<Arc<Versioned>>) -> Bytes {
+        // Resources are immutable behind their `Arc`s: the addresses name the content.
+        let mut h = self.hasher.build_hasher();
+        for r in &run {
+            h.write_usize(Arc::as_ptr(r) as usize);
         }
-        put_string(TYPE_URL, &self.type_url, buf);
-        put_string(NONCE, &self.nonce, buf);
-        for n in &self.removed_resources {
-            put_bytes(REMOVED_RESOURCES, n.as_bytes(), buf);
+        let key = h.finish();
+        let same = |kept: &[Arc<Versioned>]| {
+            kept.len() == run.len() && kept.iter().zip(&run).all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let keep = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            match inner.kept.get(&key) {
+                Some((kept, bytes)) if same(kept) => return bytes.clone(),
+                Some(_) => false, // another run with the same key: not worth a second slot
+                None => !inner.first_sight(key),
+            }
+        };
+        let bytes = encode_run(&run);
+        if keep {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            inner.keep(key, run, bytes.clone());
         }
+        bytes
+    }
+}
+
+impl RunsInner {
+    /// Records `key` as asked for; true the first time.
+    fn first_sight(&mut self, key: u64) -> bool {
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.seen_order.push_back(key);
+        if self.seen_order.len() > SEEN_RUNS
+            && let Some(old) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+        true
     }
 
-    /// Sent, never received (a receiver decodes a `DeltaDiscoveryResponse`): fields are
-    /// skipped.
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> Result<(), prost::DecodeError> {
-        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    fn keep(&mut self, key: u64, run: Vec<Arc<Versioned>>, bytes: Bytes) {
+        if self.kept.contains_key(&key) {
+            return; // encoded by two streams at once
+        }
+        self.kept_bytes += bytes.len();
+        self.kept.insert(key, (run, bytes));
+        self.kept_order.push_back(key);
+        while self.kept_bytes > ENCODED_RUNS_BYTES
+            && let Some(old) = self.kept_order.pop_front()
+        {
+            if let Some((_, b)) = self.kept.remove(&old) {
+                self.kept_bytes -= b.len();
+            }
+        }
     }
+}
 
-    fn encoded_len(&self) -> usize {
-        string_len(SYSTEM_VERSION_INFO, &self.system_version_info)
-            + self
-                .resources
-                .iter()
-                .map(|r| resource_len(r))
-                .sum::<usize>()
+/// A response as one gRPC message on the wire: its first buffer, and the shared bytes that
+/// follow it as they are.
+pub trait Outgoing {
+    fn frames(&self) -> Result<(Bytes, Option<Bytes>), tonic::Status>;
+}
+
+/// A buffer for `own` more bytes after the gRPC message prefix (uncompressed, big-endian
+/// length) of a `len`-byte message.
+fn prefixed(len: usize, own: usize) -> Result<BytesMut, tonic::Status> {
+    let prefix =
+        u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("response over 4 GiB"))?;
+    let mut buf = BytesMut::with_capacity(5 + own);
+    buf.put_u8(0);
+    buf.put_u32(prefix);
+    Ok(buf)
+}
+
+impl Outgoing for DiscoveryResponse {
+    fn frames(&self) -> Result<(Bytes, Option<Bytes>), tonic::Status> {
+        use prost::Message;
+        let len = self.encoded_len();
+        let mut buf = prefixed(len, len)?;
+        self.encode(&mut buf)
+            .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))?;
+        Ok((buf.freeze(), None))
+    }
+}
+
+impl Outgoing for DeltaOut {
+    /// The envelope first, then the shared resources.
+    fn frames(&self) -> Result<(Bytes, Option<Bytes>), tonic::Status> {
+        let envelope = string_len(SYSTEM_VERSION_INFO, &self.system_version_info)
             + string_len(TYPE_URL, &self.type_url)
             + string_len(NONCE, &self.nonce)
             + self
                 .removed_resources
                 .iter()
                 .map(|n| delimited_len(REMOVED_RESOURCES, n.len()))
-                .sum::<usize>()
-    }
-
-    fn clear(&mut self) {
-        *self = DeltaOut::default();
+                .sum::<usize>();
+        let mut buf = prefixed(envelope + self.resources.len(), envelope)?;
+        put_string(SYSTEM_VERSION_INFO, &self.system_version_info, &mut buf);
+        put_string(TYPE_URL, &self.type_url, &mut buf);
+        put_string(NONCE, &self.nonce, &mut buf);
+        for n in &self.removed_resources {
+            put_bytes(REMOVED_RESOURCES, n.as_bytes(), &mut buf);
+        }
+        let rest = (!self.resources.is_empty()).then(|| self.resources.clone());
+        Ok((buf.freeze(), rest))
     }
 }
 
@@ -172,7 +280,7 @@ pub fn requests<Req: prost::Message + Default + Send + 'static>(
 /// freed once written. (tonic's encoder keeps one buffer per stream as large as the largest
 /// message it ever sent: a 300 KB route configuration then costs every connected proxy that
 /// much for as long as it stays connected.)
-pub fn response<T: prost::Message + 'static>(
+pub fn response<T: Outgoing + 'static>(
     answer: Result<tonic::Response<ResponseStream<T>>, tonic::Status>,
 ) -> http::Response<tonic::body::Body> {
     let stream = match answer {
@@ -181,6 +289,7 @@ pub fn response<T: prost::Message + 'static>(
     };
     let mut r = http::Response::new(tonic::body::Body::new(Framed {
         stream: Some(stream),
+        rest: None,
     }));
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -192,9 +301,11 @@ pub fn response<T: prost::Message + 'static>(
 struct Framed<T> {
     /// None once the trailers are sent.
     stream: Option<ResponseStream<T>>,
+    /// The rest of the message whose first buffer went last.
+    rest: Option<Bytes>,
 }
 
-impl<T: prost::Message> http_body::Body for Framed<T> {
+impl<T: Outgoing> http_body::Body for Framed<T> {
     type Data = Bytes;
     type Error = tonic::Status;
 
@@ -203,12 +314,19 @@ impl<T: prost::Message> http_body::Body for Framed<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
         use futures::StreamExt;
+        if let Some(rest) = self.rest.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(rest))));
+        }
         let Some(stream) = self.stream.as_mut() else {
             return std::task::Poll::Ready(None);
         };
         let end = match std::task::ready!(stream.poll_next_unpin(cx)) {
             Some(Ok(message)) => {
-                return std::task::Poll::Ready(Some(frame(&message).map(http_body::Frame::data)));
+                let first = message.frames().map(|(first, rest)| {
+                    self.rest = rest;
+                    http_body::Frame::data(first)
+                });
+                return std::task::Poll::Ready(Some(first));
             }
             Some(Err(status)) => status,
             None => tonic::Status::ok(""),
@@ -221,22 +339,8 @@ impl<T: prost::Message> http_body::Body for Framed<T> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_none()
+        self.stream.is_none() && self.rest.is_none()
     }
-}
-
-/// One gRPC message: uncompressed flag, big-endian length, the message.
-fn frame(message: &impl prost::Message) -> Result<Bytes, tonic::Status> {
-    let len = message.encoded_len();
-    let prefix =
-        u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("response over 4 GiB"))?;
-    let mut buf = BytesMut::with_capacity(5 + len);
-    buf.put_u8(0);
-    buf.put_u32(prefix);
-    message
-        .encode(&mut buf)
-        .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))?;
-    Ok(buf.freeze())
 }
 
 #[cfg(test)]
@@ -259,26 +363,31 @@ mod tests {
                 ..Versioned::new(name, any)
             })
         };
+        // Lengths past one varint byte, an empty body, versions of one to twenty digits.
+        let run = vec![
+            body("a", 3, 0),
+            body(&"b".repeat(200), 70_000, 10),
+            body("c", 0, 9),
+            body("d", 1, u64::MAX),
+        ];
+        let runs = EncodedRuns::default();
         let out = DeltaOut {
             system_version_info: "v7".into(),
-            // Lengths past one varint byte, an empty body, versions of one to twenty digits.
-            resources: vec![
-                body("a", 3, 0),
-                body(&"b".repeat(200), 70_000, 10),
-                body("c", 0, 9),
-                body("d", 1, u64::MAX),
-            ],
+            resources: runs.get(run.clone()),
             type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
             nonce: "1-9".into(),
             removed_resources: vec!["gone".into(), "also-gone".into()],
         };
-        let bytes = out.encode_to_vec();
-        assert_eq!(bytes.len(), out.encoded_len());
-        let got = DeltaDiscoveryResponse::decode(bytes.as_slice()).unwrap();
+        let (first, rest) = out.frames().unwrap();
+        let mut bytes = first.to_vec();
+        bytes.extend_from_slice(&rest.unwrap());
+        assert_eq!(bytes[0], 0, "uncompressed");
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        assert_eq!(bytes.len(), 5 + len);
+        let got = DeltaDiscoveryResponse::decode(&bytes[5..]).unwrap();
         let want = DeltaDiscoveryResponse {
             system_version_info: out.system_version_info.clone(),
-            resources: out
-                .resources
+            resources: run
                 .iter()
                 .map(|r| Resource {
                     name: r.name.to_string(),
@@ -293,5 +402,35 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_run_is_encoded_once_from_the_second_time_it_is_sent() {
+        let resource = |name: &str| {
+            let any = Any {
+                type_url: "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+                    .into(),
+                value: vec![7; 100],
+            };
+            Arc::new(Versioned::new(name, any))
+        };
+        let run = vec![resource("a"), resource("b")];
+        let runs = EncodedRuns::default();
+        let first = runs.get(run.clone());
+        let second = runs.get(run.clone());
+        let third = runs.get(run.clone());
+        assert_eq!(first, second);
+        assert_ne!(first.as_ptr(), second.as_ptr(), "not kept the first time");
+        assert_eq!(
+            second.as_ptr(),
+            third.as_ptr(),
+            "shared from the second time"
+        );
+        // Equal content in other resources is another run.
+        let other = vec![resource("a"), resource("b")];
+        runs.get(other.clone());
+        let again = runs.get(other);
+        assert_eq!(again, third);
+        assert_ne!(again.as_ptr(), third.as_ptr());
     }
 }
