@@ -880,15 +880,12 @@ impl<G: Generator> Conn<G> {
         // Proxies subscribe to thousands of names, in a few requests: grow the set once each.
         sub.names.reserve(req.resource_names_subscribe.len());
         let mut added = Vec::new();
+        let mut finder = parts.as_deref().map(Finder::new);
         for n in req.resource_names_subscribe {
             if n == "*" || sub.names.contains(n.as_str()) {
                 continue;
             }
-            let found = parts
-                .iter()
-                .flatten()
-                .find_map(|p| p.get(n.as_str()))
-                .cloned();
+            let found = finder.as_mut().and_then(|f| f.find(&n)).cloned();
             sub.names.insert(
                 found
                     .as_ref()
@@ -1037,11 +1034,53 @@ impl<G: Generator> Conn<G> {
 /// one response; else each part's runs, never spanning two parts, so that a run of a shared
 /// part is the same for every proxy that gets it.
 fn runs(changed: Vec<Vec<Arc<Versioned>>>) -> Vec<Vec<Arc<Versioned>>> {
-    let size: usize = changed.iter().flatten().map(|r| resource_len(r)).sum();
-    if size <= MAX_CHUNK_BYTES {
+    let mut size = 0;
+    let fits = changed.iter().flatten().all(|r| {
+        size += resource_len(r);
+        size <= MAX_CHUNK_BYTES
+    });
+    if fits {
         chunks(changed.into_iter().flatten().collect())
     } else {
         changed.into_iter().flat_map(chunks).collect()
+    }
+}
+
+/// Looks subscribed names up in the generator's parts. A proxy subscribes to the endpoints of
+/// the clusters it has just received in their order, which is the parts' order: a name that
+/// follows the one found last is found by one step forward rather than by a search.
+struct Finder<'a> {
+    parts: &'a [Arc<Resources>],
+    /// What follows the name found last, in its part.
+    next: Option<std::collections::btree_map::Range<'a, String, Arc<Versioned>>>,
+}
+
+impl<'a> Finder<'a> {
+    fn new(parts: &'a [Arc<Resources>]) -> Self {
+        Finder { parts, next: None }
+    }
+
+    fn find(&mut self, name: &str) -> Option<&'a Arc<Versioned>> {
+        use std::ops::Bound;
+        if let Some(next) = &mut self.next {
+            let mut ahead = next.clone();
+            if let Some((k, v)) = ahead.next()
+                && k == name
+            {
+                *next = ahead;
+                return Some(v);
+            }
+        }
+        for p in self.parts {
+            let mut from = p.range::<str, _>((Bound::Included(name), Bound::Unbounded));
+            if let Some((k, v)) = from.next()
+                && k == name
+            {
+                self.next = Some(from);
+                return Some(v);
+            }
+        }
+        None
     }
 }
 
@@ -1161,6 +1200,26 @@ mod tests {
         runs.iter()
             .map(|r| r.iter().map(|v| v.name.to_string()).collect())
             .collect()
+    }
+
+    #[test]
+    fn names_are_found_in_any_order_and_across_parts() {
+        let resources = |p: Vec<Arc<Versioned>>| -> Arc<Resources> {
+            Arc::new(p.into_iter().map(|v| (v.name.to_string(), v)).collect())
+        };
+        let parts = [resources(part("a", 12, 10)), resources(part("b", 3, 10))];
+        let mut finder = Finder::new(&parts);
+        // In order, out of order, across parts, missing, and back again.
+        for name in [
+            "a-0", "a-1", "a-10", "a-11", "a-2", "b-0", "a-5", "a-6", "b-2", "c-0", "a-3", "a-0",
+        ] {
+            let found = finder.find(name).map(|v| v.name.to_string());
+            let want = parts
+                .iter()
+                .find_map(|p| p.get(name))
+                .map(|v| v.name.to_string());
+            assert_eq!(found, want, "{name}");
+        }
     }
 
     #[test]
