@@ -14,8 +14,9 @@ use tokio_rustls::TlsAcceptor;
 use tonic::codegen::Service;
 use tonic::service::Routes;
 
-/// What one stream may have queued in HTTP/2 beyond what the socket took: a response part
-/// (`isthmus_xds::server::MAX_CHUNK_BYTES`) is one at a time in flight per stream.
+/// What one stream may have queued in HTTP/2 beyond what the socket took, before its body is
+/// asked for more (a response part, `isthmus_xds::server::MAX_CHUNK_BYTES`, is handed over
+/// whole, and mostly shared with other streams).
 pub const MAX_SEND_BUFFER: usize = 64 << 10;
 /// A TLS handshake that has not finished by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

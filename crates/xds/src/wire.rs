@@ -160,19 +160,23 @@ impl EncodedRuns {
         let same = |kept: &[Arc<Versioned>]| {
             kept.len() == run.len() && kept.iter().zip(&run).all(|(a, b)| Arc::ptr_eq(a, b))
         };
-        let keep = {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            match inner.kept.get(&key) {
-                Some((kept, bytes)) if same(kept) => return bytes.clone(),
-                Some(_) => false, // another run with the same key: not worth a second slot
-                None => !inner.first_sight(key),
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((kept, bytes)) = inner.kept.get(&key) {
+            if same(kept) {
+                return bytes.clone();
             }
-        };
-        let bytes = encode_run(&run);
-        if keep {
-            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            inner.keep(key, run, bytes.clone());
+            // Another run with the same key: not worth a second slot.
+            drop(inner);
+            return encode_run(&run);
         }
+        if inner.first_sight(key) {
+            drop(inner);
+            return encode_run(&run);
+        }
+        // Encoded under the lock: the streams that want the same run at the same moment (a push
+        // starts on a hundred streams at once) wait for this one instead of each encoding a copy.
+        let bytes = encode_run(&run);
+        inner.keep(key, run, bytes.clone());
         bytes
     }
 }
@@ -193,9 +197,6 @@ impl RunsInner {
     }
 
     fn keep(&mut self, key: u64, run: Vec<Arc<Versioned>>, bytes: Bytes) {
-        if self.kept.contains_key(&key) {
-            return; // encoded by two streams at once
-        }
         self.kept_bytes += bytes.len();
         self.kept.insert(key, (run, bytes));
         self.kept_order.push_back(key);

@@ -402,11 +402,13 @@ async fn the_client_nacks_a_response_that_does_not_decode() {
     assert!(nacked.contains("broken"), "{nacked}");
 }
 
-/// 300 clusters of about 1 KB each: several delta parts' worth.
+/// Clusters of about 1 KB each: several delta parts' worth.
+const BIG: usize = 5 * isthmus_xds::server::MAX_CHUNK_BYTES / 1024;
+
 fn big_clusters(mesh: &Fixed) {
-    for i in 0..300 {
+    for i in 0..BIG {
         let c = Cluster {
-            name: format!("big-{i:03}"),
+            name: format!("big-{i:04}"),
             alt_stat_name: "x".repeat(1000),
             ..Default::default()
         };
@@ -430,7 +432,7 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
     .unwrap();
     let mut names = Vec::new();
     let mut parts = Vec::new();
-    while names.len() < 302 {
+    while names.len() < BIG + 2 {
         let r = next(&mut stream).await;
         assert!(
             r.encoded_len() <= MAX_CHUNK_BYTES + 2048,
@@ -441,14 +443,14 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
         parts.push(r);
     }
     assert!(parts.len() >= 4, "{} parts", parts.len());
-    assert_eq!(names.len(), 302, "every cluster once");
+    assert_eq!(names.len(), BIG + 2, "every cluster once");
     // The first part is NACKed and the last ACKed: the type stays rejected.
     tx.send(DeltaDiscoveryRequest {
         type_url: CLUSTER.into(),
         response_nonce: parts[0].nonce.clone(),
         error_detail: Some(RpcStatus {
             code: 3,
-            message: "cannot run big-000".into(),
+            message: "cannot run big-0000".into(),
             details: vec![],
         }),
         ..Default::default()
@@ -465,7 +467,7 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
     quiet(&mut stream).await;
     let state = h.proxies.lock().unwrap().values().next().unwrap().clone();
     let cds = &state.types[CLUSTER];
-    assert_eq!(cds.nack.as_deref(), Some("cannot run big-000"));
+    assert_eq!(cds.nack.as_deref(), Some("cannot run big-0000"));
     assert!(cds.acked_version.is_empty(), "{cds:?}");
 }
 
@@ -491,12 +493,12 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
         &out,
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
-    assert_eq!(state.clusters.len(), 302);
+    assert_eq!(state.clusters.len(), BIG + 2);
     // One cluster goes away while the proxy is disconnected.
-    h.mesh.remove(CLUSTER, "big-299");
+    h.mesh.remove(CLUSTER, &format!("big-{:04}", BIG - 1));
     h.bump.send(2).unwrap();
     // Second session: what is already here stays; only the removal comes.
-    let kept = state.clusters["big-000"].clone();
+    let kept = state.clusters["big-0000"].clone();
     let mut seen = Vec::new();
     let session = run(
         channel,
@@ -509,13 +511,13 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
         &out,
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
-    assert_eq!(state.clusters.len(), 301);
+    assert_eq!(state.clusters.len(), BIG + 1);
     assert!(
-        seen.iter().all(|n| *n >= 301),
+        seen.iter().all(|n| *n >= BIG + 1),
         "partial configuration on resume: {seen:?}"
     );
     assert!(
-        Arc::ptr_eq(&kept, &state.clusters["big-000"]),
+        Arc::ptr_eq(&kept, &state.clusters["big-0000"]),
         "an unchanged cluster is shared by the states before and after an update, not copied"
     );
 }
