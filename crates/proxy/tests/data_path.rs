@@ -32,12 +32,6 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -396,7 +390,7 @@ impl Harness {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
         let server = tonic::transport::Server::builder();
         if sotw_only {
-            let svc = AggregatedDiscoveryServiceServer::new(SotwOnly(ads.clone()));
+            let svc = SotwOnly(ads.clone().into_service());
             tokio::spawn(
                 server
                     .clone()
@@ -577,26 +571,32 @@ async fn harness_with(sotw_only: bool) -> (Harness, [SocketAddr; 4]) {
 }
 
 /// A control plane without delta xDS: state of the world only.
-struct SotwOnly(AdsServer<Fixed>);
+#[derive(Clone)]
+struct SotwOnly(isthmus_xds::server::AdsService<Fixed>);
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for SotwOnly {
-    type StreamAggregatedResourcesStream = isthmus_xds::server::ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream =
-        isthmus_xds::server::ResponseStream<DeltaDiscoveryResponse>;
+impl tonic::server::NamedService for SotwOnly {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::StreamAggregatedResourcesStream>, tonic::Status> {
-        self.0.stream_aggregated_resources(request).await
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for SotwOnly {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        _: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
-        Err(tonic::Status::unimplemented("no delta xDS here"))
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path().ends_with("/DeltaAggregatedResources") {
+            return Box::pin(async {
+                Ok(tonic::Status::unimplemented("no delta xDS here").into_http())
+            });
+        }
+        self.0.call(req)
     }
 }
 

@@ -21,9 +21,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 
-use crate::wire::{DeltaOut, EncodedRuns, resource_len};
+use crate::wire::{DeltaOut, EncodedRuns, Requests, resource_len};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -259,9 +259,9 @@ impl<G: Generator> AdsServer<G> {
     /// The first request of a stream, read and checked when the server authorizes callers.
     async fn admit<Req: prost::Message + Default + 'static>(
         &self,
-        request: Request<Streaming<Req>>,
+        request: Request<Requests<Req>>,
         node: fn(&Req) -> Option<&Node>,
-    ) -> Result<(Option<Req>, Streaming<Req>), Status> {
+    ) -> Result<(Option<Req>, Requests<Req>), Status> {
         let Some(authorizer) = &self.authorizer else {
             return Ok((None, request.into_inner()));
         };
@@ -479,7 +479,7 @@ impl<G: Generator> AdsServer<G> {
     /// Serves one state-of-the-world stream (public so that a server may offer only this).
     pub async fn stream_aggregated_resources(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
+        request: Request<Requests<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(false);
@@ -495,7 +495,7 @@ impl<G: Generator> AdsServer<G> {
 
     async fn delta_aggregated_resources(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Requests<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DeltaOut>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(true);
@@ -598,7 +598,7 @@ impl AdsRequest for DeltaDiscoveryRequest {
 /// Runs one ADS stream: answers requests, and pushes when the mesh version changes, until
 /// either side goes away.
 fn serve_stream<G, Req, Resp>(
-    mut requests: Streaming<Req>,
+    mut requests: Requests<Req>,
     first: Option<Req>,
     mut version: watch::Receiver<u64>,
     mut conn: Conn<G>,

@@ -12,7 +12,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use prost::bytes::{BufMut, Bytes, BytesMut};
+use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::codegen::http;
 
@@ -263,18 +263,94 @@ impl Outgoing for DeltaOut {
 
 /// The requests of an ADS stream, decoded from the HTTP/2 body (bounded to `max` bytes per
 /// message).
-pub fn requests<Req: prost::Message + Default + Send + 'static>(
+pub fn requests<Req>(
     req: http::Request<tonic::body::Body>,
     max: usize,
-) -> tonic::Request<tonic::Streaming<Req>> {
+) -> tonic::Request<Requests<Req>> {
     let (parts, body) = req.into_parts();
-    let stream = tonic::Streaming::new_request(
-        tonic_prost::ProstDecoder::<Req>::default(),
+    let stream = Requests {
         body,
-        None,
-        Some(max),
-    );
+        buf: BytesMut::new(),
+        max,
+        _req: std::marker::PhantomData,
+    };
     tonic::Request::from_http(http::Request::from_parts(parts, stream))
+}
+
+/// The gRPC messages of a request body, each gathered in a buffer that is freed once it is
+/// decoded. (tonic's decoder keeps one buffer per stream as large as the largest message it
+/// ever read: an Envoy's subscription to a thousand endpoint names is about 50 KB, which every
+/// connected proxy would then hold for as long as it stays connected.)
+pub struct Requests<Req> {
+    body: tonic::body::Body,
+    /// Received and not yet decoded: the start of the next message.
+    buf: BytesMut,
+    max: usize,
+    _req: std::marker::PhantomData<fn() -> Req>,
+}
+
+/// A gRPC message's prefix: compression flag and big-endian length.
+const GRPC_PREFIX: usize = 5;
+
+impl<Req: prost::Message + Default> Requests<Req> {
+    /// The next request, or None once the client has closed its side.
+    pub async fn message(&mut self) -> Result<Option<Req>, tonic::Status> {
+        use http_body::Body;
+        loop {
+            if let Some(req) = self.decode()? {
+                return Ok(Some(req));
+            }
+            let frame =
+                std::future::poll_fn(|cx| std::pin::Pin::new(&mut self.body).poll_frame(cx));
+            match frame.await {
+                Some(frame) => {
+                    // Trailers end a request stream; there is nothing in them to read.
+                    if let Ok(data) = frame?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(tonic::Status::invalid_argument(format!(
+                        "the request stream ended inside a message ({} bytes of it)",
+                        self.buf.len()
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The first message of the buffer, once all of it is there.
+    fn decode(&mut self) -> Result<Option<Req>, tonic::Status> {
+        let Some(prefix) = self.buf.get(..GRPC_PREFIX) else {
+            return Ok(None);
+        };
+        if prefix[0] != 0 {
+            return Err(tonic::Status::unimplemented(
+                "compressed requests are not accepted",
+            ));
+        }
+        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+        if len > self.max {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "a request of {len} bytes, over the limit of {}",
+                self.max
+            )));
+        }
+        let Some(body) = self.buf.get(GRPC_PREFIX..GRPC_PREFIX + len) else {
+            // Room for the rest of the message at once, rather than growing step by step.
+            self.buf.reserve(GRPC_PREFIX + len - self.buf.len());
+            return Ok(None);
+        };
+        let req = Req::decode(body)
+            .map_err(|e| tonic::Status::invalid_argument(format!("decoding a request: {e}")))?;
+        if self.buf.len() == GRPC_PREFIX + len {
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.advance(GRPC_PREFIX + len);
+        }
+        Ok(Some(req))
+    }
 }
 
 /// A stream's answer as a gRPC response: each message framed in a buffer of its own, which is
@@ -346,7 +422,9 @@ impl<T: Outgoing> http_body::Body for Framed<T> {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+    };
     use envoy_types::pb::google::protobuf::Any;
     use prost::Message;
 
@@ -433,5 +511,81 @@ mod tests {
         let again = runs.get(other);
         assert_eq!(again, third);
         assert_ne!(again.as_ptr(), third.as_ptr());
+    }
+
+    /// A request body that arrives in the given pieces.
+    struct Pieces(std::collections::VecDeque<Bytes>);
+
+    impl http_body::Body for Pieces {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+        }
+    }
+
+    fn body(pieces: Vec<Vec<u8>>) -> http::Request<tonic::body::Body> {
+        let pieces = pieces.into_iter().map(Bytes::from).collect();
+        http::Request::new(tonic::body::Body::new(Pieces(pieces)))
+    }
+
+    fn framed(req: &DeltaDiscoveryRequest) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&(req.encoded_len() as u32).to_be_bytes());
+        req.encode(&mut out).unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn requests_are_read_across_frames_and_their_buffer_freed() {
+        let a = DeltaDiscoveryRequest {
+            type_url: "a".into(),
+            resource_names_subscribe: (0..1000).map(|i| format!("outbound|80||s{i}")).collect(),
+            ..Default::default()
+        };
+        let b = DeltaDiscoveryRequest {
+            type_url: "b".into(),
+            ..Default::default()
+        };
+        let (a_bytes, b_bytes) = (framed(&a), framed(&b));
+        // A in three pieces, the last of them carrying B's first bytes.
+        let third = a_bytes.len() / 3;
+        let mut last = a_bytes[2 * third..].to_vec();
+        last.extend_from_slice(&b_bytes[..3]);
+        let pieces = vec![
+            a_bytes[..third].to_vec(),
+            a_bytes[third..2 * third].to_vec(),
+            last,
+            b_bytes[3..].to_vec(),
+        ];
+        let mut requests = requests::<DeltaDiscoveryRequest>(body(pieces), 1 << 20).into_inner();
+        assert_eq!(requests.message().await.unwrap(), Some(a));
+        assert_eq!(requests.message().await.unwrap(), Some(b));
+        assert_eq!(requests.buf.capacity(), 0, "nothing kept between requests");
+        assert_eq!(requests.message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_cut_request_is_an_error() {
+        let big = DeltaDiscoveryRequest {
+            resource_names_subscribe: vec!["x".repeat(2000)],
+            ..Default::default()
+        };
+        let bytes = framed(&big);
+        // Refused from its prefix, before the rest arrives.
+        let mut refused =
+            requests::<DeltaDiscoveryRequest>(body(vec![bytes[..5].to_vec()]), 1000).into_inner();
+        let e = refused.message().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
+        // Cut short by the end of the stream.
+        let mut cut = requests::<DeltaDiscoveryRequest>(body(vec![bytes[..100].to_vec()]), 1 << 20)
+            .into_inner();
+        let e = cut.message().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().contains("ended inside a message"), "{e}");
     }
 }
