@@ -309,8 +309,7 @@ pub const CLIENT_MAX_FRAME: u32 = 512 << 10;
 /// stream that sends them ([`crate::wire::EncodedRuns`]); a part only one proxy gets is a
 /// buffer of that stream's own until it is written, so this bounds what one stream holds in
 /// encoded responses of its own beyond its HTTP/2 send buffer. Fewer parts are fewer responses
-/// and acknowledgements for both sides (parts of 64, 256 and 512 KB took the bench's full push
-/// from 3.1 to 2.6 and 2.4 s).
+/// and acknowledgements for both sides (docs/benchmarks.md has the sizes tried).
 pub const MAX_CHUNK_BYTES: usize = 512 << 10;
 
 /// Largest response a client accepts (a big mesh's full CDS fits well within).

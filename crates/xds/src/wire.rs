@@ -5,7 +5,8 @@
 //! the same order. A stream then frames only its own envelope (version, type, nonce, removals)
 //! and hands the shared bytes to HTTP/2 as they are. Proxies decode it as the usual
 //! `DeltaDiscoveryResponse` (the field numbers are that message's; protobuf fields may come in
-//! any order).
+//! any order). The stream's requests are read here too ([`Requests`]), each in a buffer of its
+//! own.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
