@@ -288,7 +288,9 @@ impl tonic::codec::Decoder for EnvelopeDecoder {
     ) -> Result<Option<Self::Item>, Self::Error> {
         use prost::bytes::Buf;
         let size = buf.remaining();
-        Envelope::decode(buf)
+        // The message as one `Bytes` (no copy): decoding from it is cheaper than through the
+        // decode buffer, and the bodies become slices of it.
+        Envelope::decode(buf.copy_to_bytes(size))
             .map(|e| Some((size, e)))
             .map_err(|e| tonic::Status::internal(e.to_string()))
     }
