@@ -389,23 +389,16 @@ impl Harness {
             .unwrap();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
         let server = tonic::transport::Server::builder();
+        let mut svc = ads.clone().into_service();
         if sotw_only {
-            let svc = SotwOnly(ads.clone().into_service());
-            tokio::spawn(
-                server
-                    .clone()
-                    .add_service(svc)
-                    .serve_with_incoming(incoming),
-            );
-        } else {
-            let svc = ads.clone().into_service();
-            tokio::spawn(
-                server
-                    .clone()
-                    .add_service(svc)
-                    .serve_with_incoming(incoming),
-            );
+            svc = svc.without_delta();
         }
+        tokio::spawn(
+            server
+                .clone()
+                .add_service(svc)
+                .serve_with_incoming(incoming),
+        );
         let (quit, quit_rx) = tokio::sync::oneshot::channel::<()>();
         let opts = Options {
             discovery_address: "127.0.0.1:15010".into(),
@@ -568,36 +561,6 @@ async fn harness_with(sotw_only: bool) -> (Harness, [SocketAddr; 4]) {
         Harness::start(a, b, h2, tcp, sotw_only).await,
         [a, b, h2, tcp],
     )
-}
-
-/// A control plane without delta xDS: state of the world only.
-#[derive(Clone)]
-struct SotwOnly(isthmus_xds::server::AdsService<Fixed>);
-
-impl tonic::server::NamedService for SotwOnly {
-    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-}
-
-impl tonic::codegen::Service<http::Request<tonic::body::Body>> for SotwOnly {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path().ends_with("/DeltaAggregatedResources") {
-            return Box::pin(async {
-                Ok(tonic::Status::unimplemented("no delta xDS here").into_http())
-            });
-        }
-        self.0.call(req)
-    }
 }
 
 #[test]

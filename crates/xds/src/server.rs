@@ -286,7 +286,10 @@ impl<G: Generator> AdsServer<G> {
     }
 
     pub fn into_service(self) -> AdsService<G> {
-        AdsService(self)
+        AdsService {
+            server: self,
+            delta: true,
+        }
     }
 }
 
@@ -475,8 +478,8 @@ fn version_string(v: u64) -> String {
 }
 
 impl<G: Generator> AdsServer<G> {
-    /// Serves one state-of-the-world stream (public so that a server may offer only this).
-    pub async fn stream_aggregated_resources(
+    /// Serves one state-of-the-world stream.
+    async fn stream_aggregated_resources(
         &self,
         request: Request<Requests<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
@@ -517,11 +520,29 @@ const DELTA_PATH: &str =
 
 /// Envoy's `AggregatedDiscoveryService` over gRPC: the two streaming methods, with delta
 /// responses encoded from the shared resources ([`DeltaOut`]).
-pub struct AdsService<G>(AdsServer<G>);
+pub struct AdsService<G> {
+    server: AdsServer<G>,
+    /// Delta xDS offered (a control plane of state of the world only answers it Unimplemented).
+    delta: bool,
+}
+
+impl<G> AdsService<G> {
+    /// The same service offering state of the world only, as control planes before delta xDS:
+    /// clients have to fall back to it.
+    pub fn without_delta(self) -> Self {
+        AdsService {
+            delta: false,
+            ..self
+        }
+    }
+}
 
 impl<G> Clone for AdsService<G> {
     fn clone(&self) -> Self {
-        AdsService(self.0.clone())
+        AdsService {
+            server: self.server.clone(),
+            delta: self.delta,
+        }
     }
 }
 
@@ -542,11 +563,11 @@ impl<G: Generator> tonic::codegen::Service<http::Request<tonic::body::Body>> for
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let ads = self.0.clone();
-        // Some(delta) for the two methods.
+        let ads = self.server.clone();
+        // Some(delta) for the methods offered.
         let method = match req.uri().path() {
             SOTW_PATH => Some(false),
-            DELTA_PATH => Some(true),
+            DELTA_PATH if self.delta => Some(true),
             _ => None,
         };
         Box::pin(async move {
