@@ -222,7 +222,7 @@ pub trait Outgoing {
 fn prefixed(len: usize, own: usize) -> Result<BytesMut, tonic::Status> {
     let prefix =
         u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("response over 4 GiB"))?;
-    let mut buf = BytesMut::with_capacity(5 + own);
+    let mut buf = BytesMut::with_capacity(GRPC_PREFIX + own);
     buf.put_u8(0);
     buf.put_u32(prefix);
     Ok(buf)
