@@ -272,56 +272,16 @@ struct EnvelopeAny {
     value: prost::bytes::Bytes,
 }
 
-/// Requests encoded by prost; responses read as an [`Envelope`] with their size on the wire.
-#[derive(Default)]
-struct EnvelopeCodec;
-
-struct EnvelopeDecoder;
-
-impl tonic::codec::Decoder for EnvelopeDecoder {
-    type Item = (usize, Envelope);
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Self::Item>, Self::Error> {
-        use prost::bytes::Buf;
-        let size = buf.remaining();
-        // The message as one `Bytes` (no copy): decoding from it is cheaper than through the
-        // decode buffer, and the bodies become slices of it.
-        Envelope::decode(buf.copy_to_bytes(size))
-            .map(|e| Some((size, e)))
-            .map_err(|e| tonic::Status::internal(e.to_string()))
-    }
-}
-
-impl tonic::codec::Codec for EnvelopeCodec {
-    type Encode = DeltaDiscoveryRequest;
-    type Decode = (usize, Envelope);
-    type Encoder = tonic_prost::ProstEncoder<DeltaDiscoveryRequest>;
-    type Decoder = EnvelopeDecoder;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        tonic_prost::ProstEncoder::default()
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        EnvelopeDecoder
-    }
-}
-
 /// One delta ADS client: wildcard clusters and listeners, then the endpoints and routes they
 /// name; ACKs every response. Decodes the envelope only (and listeners, to follow them to
 /// routes), as a proxy's agent would before handing bytes on.
 async fn client(
-    channel: tonic::transport::Channel,
+    mut channel: tonic::transport::Channel,
     node: Node,
     changed: &str,
     report: Arc<Mutex<Report>>,
     t0: Instant,
 ) -> Result<(), String> {
-    let mut ads = tonic::client::Grpc::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::unbounded_channel();
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx.send(DeltaDiscoveryRequest {
@@ -330,19 +290,14 @@ async fn client(
             ..Default::default()
         });
     }
-    ads.ready().await.map_err(|e| e.to_string())?;
-    let path = http::uri::PathAndQuery::from_static(
-        "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources",
-    );
-    let mut stream = ads
-        .streaming(
-            tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx)),
-            path,
-            EnvelopeCodec,
-        )
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let mut stream = isthmus_xds::wire::call::<_, Envelope, _>(
+        &mut channel,
+        isthmus_xds::server::DELTA_PATH,
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+        MAX_RESPONSE_BYTES,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let mut eds_names = Names::default();
     let mut eds_have = Names::default();
     let mut routes_want = Names::default();
@@ -350,7 +305,7 @@ async fn client(
     let mut clusters = false;
     let mut listeners = false;
     let mut full_done = false;
-    while let Some((size, resp)) = stream.message().await.map_err(|e| e.to_string())? {
+    while let Some((resp, size)) = stream.sized().await.map_err(|e| e.to_string())? {
         {
             let mut r = report.lock().unwrap();
             r.bytes += size;

@@ -15,8 +15,9 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager,
 };
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::FutureExt;
@@ -58,7 +59,7 @@ pub enum ClientError {
 /// accepted state is compiled by `compile`; a response whose state does not compile is NACKed
 /// with the error as detail and leaves `state` as it was. Compiled states go to `out`.
 pub async fn run<T, F>(
-    channel: tonic::transport::Channel,
+    mut channel: tonic::transport::Channel,
     node: Node,
     state: &mut XdsState,
     mut compile: F,
@@ -67,8 +68,6 @@ pub async fn run<T, F>(
 where
     F: FnMut(&XdsState) -> Result<T, String>,
 {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx
@@ -86,10 +85,13 @@ where
             })
             .await;
     }
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = crate::wire::call::<_, DeltaDiscoveryResponse, _>(
+        &mut channel,
+        crate::server::DELTA_PATH,
+        ReceiverStream::new(rx),
+        crate::server::MAX_RESPONSE_BYTES,
+    )
+    .await?;
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     while let Some(first) = responses.message().await? {
         // Responses that have already arrived (the parts of one large update) are applied
@@ -488,7 +490,7 @@ where
 /// what the type held; an ACK or NACK carries the version and nonce, and the names of the
 /// resources subscribed.
 pub async fn run_sotw<T, F>(
-    channel: tonic::transport::Channel,
+    mut channel: tonic::transport::Channel,
     node: Node,
     state: &mut XdsState,
     mut compile: F,
@@ -497,8 +499,6 @@ pub async fn run_sotw<T, F>(
 where
     F: FnMut(&XdsState) -> Result<T, String>,
 {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(crate::server::MAX_RESPONSE_BYTES);
     let (tx, rx) = mpsc::channel(16);
     for type_url in [CLUSTER, LISTENER] {
         let _ = tx
@@ -509,10 +509,13 @@ where
             })
             .await;
     }
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut responses = crate::wire::call::<_, DiscoveryResponse, _>(
+        &mut channel,
+        crate::server::SOTW_PATH,
+        ReceiverStream::new(rx),
+        crate::server::MAX_RESPONSE_BYTES,
+    )
+    .await?;
     // Per type: the names subscribed (empty: wildcard), the last accepted version and nonce.
     let mut names: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     let mut accepted: BTreeMap<String, String> = BTreeMap::new();

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
-use crate::wire::{DeltaOut, EncodedRuns, Requests, resource_len};
+use crate::wire::{DeltaOut, EncodedRuns, Messages, resource_len};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -259,9 +259,9 @@ impl<G: Generator> AdsServer<G> {
     /// The first request of a stream, read and checked when the server authorizes callers.
     async fn admit<Req: prost::Message + Default + 'static>(
         &self,
-        request: Request<Requests<Req>>,
+        request: Request<Messages<Req>>,
         node: fn(&Req) -> Option<&Node>,
-    ) -> Result<(Option<Req>, Requests<Req>), Status> {
+    ) -> Result<(Option<Req>, Messages<Req>), Status> {
         let Some(authorizer) = &self.authorizer else {
             return Ok((None, request.into_inner()));
         };
@@ -481,7 +481,7 @@ impl<G: Generator> AdsServer<G> {
     /// Serves one state-of-the-world stream.
     async fn stream_aggregated_resources(
         &self,
-        request: Request<Requests<DiscoveryRequest>>,
+        request: Request<Messages<DiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DiscoveryResponse>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(false);
@@ -497,7 +497,7 @@ impl<G: Generator> AdsServer<G> {
 
     async fn delta_aggregated_resources(
         &self,
-        request: Request<Requests<DeltaDiscoveryRequest>>,
+        request: Request<Messages<DeltaDiscoveryRequest>>,
     ) -> Result<Response<ResponseStream<DeltaOut>>, Status> {
         let (first, requests) = self.admit(request, |r| r.node.as_ref()).await?;
         let conn = self.conn(true);
@@ -513,9 +513,10 @@ impl<G: Generator> AdsServer<G> {
 }
 
 const ADS_SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-const SOTW_PATH: &str =
+/// The gRPC paths of the two ADS methods.
+pub const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
-const DELTA_PATH: &str =
+pub const DELTA_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Envoy's `AggregatedDiscoveryService` over gRPC: the two streaming methods, with delta
@@ -618,7 +619,7 @@ impl AdsRequest for DeltaDiscoveryRequest {
 /// Runs one ADS stream: answers requests, and pushes when the mesh version changes, until
 /// either side goes away.
 fn serve_stream<G, Req, Resp>(
-    mut requests: Requests<Req>,
+    mut requests: Messages<Req>,
     first: Option<Req>,
     mut version: watch::Receiver<u64>,
     mut conn: Conn<G>,

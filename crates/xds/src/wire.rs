@@ -5,8 +5,8 @@
 //! the same order. A stream then frames only its own envelope (version, type, nonce, removals)
 //! and hands the shared bytes to HTTP/2 as they are. Proxies decode it as the usual
 //! `DeltaDiscoveryResponse` (the field numbers are that message's; protobuf fields may come in
-//! any order). The stream's requests are read here too ([`Requests`]), each in a buffer of its
-//! own.
+//! any order). The stream's requests are read here too, and the responses of the streams that
+//! xDS clients open ([`call`]), both decoded from the received frames ([`Messages`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
@@ -264,93 +264,257 @@ impl Outgoing for DeltaOut {
 
 /// The requests of an ADS stream, decoded from the HTTP/2 body (bounded to `max` bytes per
 /// message).
-pub fn requests<Req>(
+pub fn requests<Req: prost::Message + Default>(
     req: http::Request<tonic::body::Body>,
     max: usize,
-) -> tonic::Request<Requests<Req>> {
+) -> tonic::Request<Messages<Req>> {
     let (parts, body) = req.into_parts();
-    let stream = Requests {
-        body,
-        buf: BytesMut::new(),
-        max,
-        _req: std::marker::PhantomData,
-    };
-    tonic::Request::from_http(http::Request::from_parts(parts, stream))
+    tonic::Request::from_http(http::Request::from_parts(parts, Messages::new(body, max)))
 }
 
-/// The gRPC messages of a request body, each gathered in a buffer that is freed once it is
-/// decoded. (tonic's decoder keeps one buffer per stream as large as the largest message it
-/// ever read: an Envoy's subscription to a thousand endpoint names is about 50 KB, which every
-/// connected proxy would then hold for as long as it stays connected.)
-pub struct Requests<Req> {
-    body: tonic::body::Body,
-    /// Received and not yet decoded: the start of the next message.
-    buf: BytesMut,
+/// Opens a bidirectional gRPC stream on `channel` at `path` (`/package.Service/Method`): the
+/// requests are encoded as they come from `requests`, the responses read as [`Messages`] of at
+/// most `max` bytes each.
+pub async fn call<Req, Resp, S>(
+    channel: &mut tonic::transport::Channel,
+    path: &'static str,
+    requests: S,
     max: usize,
-    _req: std::marker::PhantomData<fn() -> Req>,
+) -> Result<Messages<Resp>, tonic::Status>
+where
+    Req: prost::Message + 'static,
+    Resp: prost::Message + Default,
+    S: futures::Stream<Item = Req> + Send + 'static,
+{
+    use futures::StreamExt;
+    use tonic::client::GrpcService;
+    let body = requests.map(|req| {
+        let len = req.encoded_len();
+        let mut buf = prefixed(len, len)?;
+        req.encode(&mut buf)
+            .map_err(|e| tonic::Status::internal(format!("encoding a request: {e}")))?;
+        Ok::<_, tonic::Status>(http_body::Frame::data(buf.freeze()))
+    });
+    let mut req = http::Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
+        body,
+    )));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static(path);
+    let headers = req.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    std::future::poll_fn(|cx| channel.poll_ready(cx))
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+    let resp = channel
+        .call(req)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("calling {path}: {e}")))?;
+    // A call refused at once answers with its status in the headers (trailers only).
+    if let Some(status) = tonic::Status::from_header_map(resp.headers())
+        && status.code() != tonic::Code::Ok
+    {
+        return Err(status);
+    }
+    if resp.status() != http::StatusCode::OK {
+        return Err(tonic::Status::unknown(format!(
+            "HTTP status {} for {path}",
+            resp.status()
+        )));
+    }
+    Ok(Messages::new(resp.into_body(), max))
+}
+
+/// The gRPC messages of an HTTP/2 body, decoded where they arrived: a message is decoded from
+/// the received DATA frames themselves, its `bytes` fields slices of them, and nothing is kept
+/// once it is decoded. (tonic's decoder copies every frame into a buffer of its own, which it
+/// keeps per stream as large as the largest message it ever read: a control plane's delta
+/// response is up to 512 KB, an Envoy's subscription to a thousand endpoint names 50 KB.)
+pub struct Messages<M, B = tonic::body::Body> {
+    body: B,
+    /// Received and not yet decoded: the start of the next message.
+    chunks: Chunks,
+    max: usize,
+    _message: std::marker::PhantomData<fn() -> M>,
 }
 
 /// A gRPC message's prefix: compression flag and big-endian length.
 const GRPC_PREFIX: usize = 5;
 
-impl<Req: prost::Message + Default> Requests<Req> {
-    /// The next request, or None once the client has closed its side.
-    pub async fn message(&mut self) -> Result<Option<Req>, tonic::Status> {
-        use http_body::Body;
+impl<M, B> Messages<M, B> {
+    pub fn new(body: B, max: usize) -> Self {
+        Messages {
+            body,
+            chunks: Chunks::default(),
+            max,
+            _message: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<M, B> Messages<M, B>
+where
+    M: prost::Message + Default,
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    /// The next message, or None once the peer has closed its side.
+    pub async fn message(&mut self) -> Result<Option<M>, tonic::Status> {
+        Ok(self.sized().await?.map(|(m, _)| m))
+    }
+
+    /// The next message with its size on the wire (without the prefix).
+    pub async fn sized(&mut self) -> Result<Option<(M, usize)>, tonic::Status> {
         loop {
-            if let Some(req) = self.decode()? {
-                return Ok(Some(req));
+            if let Some(decoded) = self.decode()? {
+                return Ok(Some(decoded));
             }
             let frame =
                 std::future::poll_fn(|cx| std::pin::Pin::new(&mut self.body).poll_frame(cx));
             match frame.await {
                 Some(frame) => {
-                    // Trailers end a request stream; there is nothing in them to read.
-                    if let Ok(data) = frame?.into_data() {
-                        self.buf.extend_from_slice(&data);
+                    let frame = frame.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    match frame.into_data() {
+                        Ok(data) => self.chunks.push(data),
+                        // A response's trailers carry its status; a request's have none.
+                        Err(frame) => {
+                            if let Some(status) = frame
+                                .trailers_ref()
+                                .and_then(tonic::Status::from_header_map)
+                                && status.code() != tonic::Code::Ok
+                            {
+                                return Err(status);
+                            }
+                        }
                     }
                 }
-                None if self.buf.is_empty() => return Ok(None),
+                None if self.chunks.remaining() == 0 => return Ok(None),
                 None => {
                     return Err(tonic::Status::invalid_argument(format!(
-                        "the request stream ended inside a message ({} bytes of it)",
-                        self.buf.len()
+                        "the stream ended inside a message ({} bytes of it)",
+                        self.chunks.remaining()
                     )));
                 }
             }
         }
     }
 
-    /// The first message of the buffer, once all of it is there.
-    fn decode(&mut self) -> Result<Option<Req>, tonic::Status> {
-        let Some(prefix) = self.buf.get(..GRPC_PREFIX) else {
+    /// The first message received, once all of it is there.
+    fn decode(&mut self) -> Result<Option<(M, usize)>, tonic::Status> {
+        let mut prefix = [0u8; GRPC_PREFIX];
+        if !self.chunks.peek(&mut prefix) {
             return Ok(None);
-        };
+        }
         if prefix[0] != 0 {
             return Err(tonic::Status::unimplemented(
-                "compressed requests are not accepted",
+                "compressed messages are not accepted",
             ));
         }
         let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if len > self.max {
             return Err(tonic::Status::resource_exhausted(format!(
-                "a request of {len} bytes, over the limit of {}",
+                "a message of {len} bytes, over the limit of {}",
                 self.max
             )));
         }
-        let Some(body) = self.buf.get(GRPC_PREFIX..GRPC_PREFIX + len) else {
-            // Room for the rest of the message at once, rather than growing step by step.
-            self.buf.reserve(GRPC_PREFIX + len - self.buf.len());
+        if self.chunks.remaining() < GRPC_PREFIX + len {
             return Ok(None);
-        };
-        let req = Req::decode(body)
-            .map_err(|e| tonic::Status::invalid_argument(format!("decoding a request: {e}")))?;
-        if self.buf.len() == GRPC_PREFIX + len {
-            self.buf = BytesMut::new();
-        } else {
-            self.buf.advance(GRPC_PREFIX + len);
         }
-        Ok(Some(req))
+        self.chunks.advance(GRPC_PREFIX);
+        let message = M::decode((&mut self.chunks).take(len))
+            .map_err(|e| tonic::Status::invalid_argument(format!("decoding a message: {e}")))?;
+        Ok(Some((message, len)))
+    }
+}
+
+/// Received DATA frames, read as one buffer.
+#[derive(Default)]
+struct Chunks {
+    queue: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.len += data.len();
+            self.queue.push_back(data);
+        }
+    }
+
+    fn advance_across(&mut self, mut n: usize) {
+        assert!(n <= self.len, "advanced past the received bytes");
+        self.len -= n;
+        while let Some(front) = self.queue.front_mut() {
+            if n < front.len() {
+                front.advance(n);
+                return;
+            }
+            n -= front.len();
+            self.queue.pop_front();
+        }
+    }
+
+    /// Copies the first `out.len()` bytes, if there are that many.
+    fn peek(&self, out: &mut [u8]) -> bool {
+        if self.len < out.len() {
+            return false;
+        }
+        let mut filled = 0;
+        for chunk in &self.queue {
+            let n = chunk.len().min(out.len() - filled);
+            out[filled..filled + n].copy_from_slice(&chunk[..n]);
+            filled += n;
+            if filled == out.len() {
+                break;
+            }
+        }
+        true
+    }
+}
+
+// Inlined into prost's decoders, which read a field at a time.
+impl Buf for Chunks {
+    #[inline]
+    fn remaining(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    fn chunk(&self) -> &[u8] {
+        self.queue.front().map_or(&[], |c| c)
+    }
+
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        if let Some(front) = self.queue.front_mut()
+            && n < front.len()
+        {
+            front.advance(n);
+            self.len -= n;
+        } else {
+            self.advance_across(n);
+        }
+    }
+
+    /// A slice of the frame when the bytes lie in one: `bytes` fields are not copied.
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        if let Some(front) = self.queue.front_mut()
+            && front.len() >= len
+        {
+            let out = front.split_to(len);
+            if front.is_empty() {
+                self.queue.pop_front();
+            }
+            self.len -= len;
+            return out;
+        }
+        let mut out = BytesMut::with_capacity(len);
+        out.put((&mut *self).take(len));
+        out.freeze()
     }
 }
 
@@ -514,8 +678,8 @@ mod tests {
         assert_ne!(again.as_ptr(), third.as_ptr());
     }
 
-    /// A request body that arrives in the given pieces.
-    struct Pieces(std::collections::VecDeque<Bytes>);
+    /// A body that arrives in the given frames.
+    struct Pieces(std::collections::VecDeque<http_body::Frame<Bytes>>);
 
     impl http_body::Body for Pieces {
         type Data = Bytes;
@@ -525,16 +689,81 @@ mod tests {
             mut self: std::pin::Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-            std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
         }
     }
 
-    fn body(pieces: Vec<Vec<u8>>) -> http::Request<tonic::body::Body> {
-        let pieces = pieces.into_iter().map(Bytes::from).collect();
-        http::Request::new(tonic::body::Body::new(Pieces(pieces)))
+    fn data(pieces: Vec<Bytes>) -> Pieces {
+        Pieces(pieces.into_iter().map(http_body::Frame::data).collect())
     }
 
-    fn framed(req: &DeltaDiscoveryRequest) -> Vec<u8> {
+    fn body(pieces: Vec<Vec<u8>>) -> http::Request<tonic::body::Body> {
+        let pieces = data(pieces.into_iter().map(Bytes::from).collect());
+        http::Request::new(tonic::body::Body::new(pieces))
+    }
+
+    /// A message with a `bytes` field held as `Bytes`, as xDS clients read resources.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Blob {
+        #[prost(string, tag = "1")]
+        name: String,
+        #[prost(bytes = "bytes", tag = "2")]
+        value: Bytes,
+    }
+
+    #[tokio::test]
+    async fn messages_are_decoded_from_the_frames_they_came_in() {
+        let a = Blob {
+            name: "a".into(),
+            value: vec![7; 1000].into(),
+        };
+        let b = Blob {
+            name: "b".into(),
+            value: vec![9; 100].into(),
+        };
+        let (a_bytes, b_bytes) = (framed(&a), framed(&b));
+        // A's value alone in the second frame (after the prefix, the name and the value's key and
+        // length); B's value cut in two by the end of the third frame.
+        let value_at = a_bytes.len() - 1000;
+        let a_value = Bytes::copy_from_slice(&a_bytes[value_at..]);
+        let cut = b_bytes.len() - 50;
+        let pieces = vec![
+            Bytes::copy_from_slice(&a_bytes[..value_at]),
+            a_value.clone(),
+            Bytes::copy_from_slice(&b_bytes[..cut]),
+            Bytes::copy_from_slice(&b_bytes[cut..]),
+        ];
+        let mut messages = Messages::<Blob, _>::new(data(pieces), 1 << 20);
+        let (got, len) = messages.sized().await.unwrap().unwrap();
+        assert_eq!((&got, len), (&a, a.encoded_len()));
+        assert_eq!(got.value.as_ptr(), a_value.as_ptr(), "not copied");
+        assert_eq!(messages.message().await.unwrap(), Some(b));
+        assert_eq!(messages.message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_status_in_the_trailers_ends_the_stream_with_it() {
+        let a = Blob {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("3"));
+        trailers.insert("grpc-message", http::HeaderValue::from_static("bad"));
+        let frames = [
+            http_body::Frame::data(Bytes::from(framed(&a))),
+            http_body::Frame::trailers(trailers),
+        ];
+        let mut messages = Messages::<Blob, _>::new(Pieces(frames.into()), 1 << 20);
+        assert_eq!(messages.message().await.unwrap(), Some(a));
+        let e = messages.message().await.unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (tonic::Code::InvalidArgument, "bad")
+        );
+    }
+
+    fn framed(req: &impl Message) -> Vec<u8> {
         let mut out = vec![0];
         out.extend_from_slice(&(req.encoded_len() as u32).to_be_bytes());
         req.encode(&mut out).unwrap();
@@ -566,7 +795,10 @@ mod tests {
         let mut requests = requests::<DeltaDiscoveryRequest>(body(pieces), 1 << 20).into_inner();
         assert_eq!(requests.message().await.unwrap(), Some(a));
         assert_eq!(requests.message().await.unwrap(), Some(b));
-        assert_eq!(requests.buf.capacity(), 0, "nothing kept between requests");
+        assert!(
+            requests.chunks.queue.is_empty(),
+            "nothing kept between requests"
+        );
         assert_eq!(requests.message().await.unwrap(), None);
     }
 
