@@ -28,8 +28,14 @@ use tokio::sync::mpsc;
 #[path = "common/procfs.rs"]
 mod procfs;
 
-/// The clients' name sets (cheap hashing: they share two cores with the control plane).
-type Names = HashSet<String, foldhash::fast::RandomState>;
+/// The clients' name sets, of the names' 64-bit hashes ([`key`]): the clients share two cores
+/// with the control plane, and a thousand of them each hold thousands of names.
+type Names = HashSet<u64, foldhash::fast::RandomState>;
+
+fn key(name: &[u8]) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::quality::FixedState::with_seed(0).hash_one(name)
+}
 
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 const NAMESPACES: usize = 10;
@@ -257,13 +263,14 @@ struct Envelope {
     nonce: String,
 }
 
-/// A `Resource`: its name and the `Any`'s value.
+/// A `Resource`: its name (a protobuf `string`, read as the bytes received) and the `Any`'s
+/// value.
 #[derive(Clone, PartialEq, prost::Message)]
 struct EnvelopeResource {
     #[prost(message, optional, tag = "2")]
     resource: Option<EnvelopeAny>,
-    #[prost(string, tag = "3")]
-    name: String,
+    #[prost(bytes = "bytes", tag = "3")]
+    name: prost::bytes::Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -328,12 +335,11 @@ async fn client(
                 clusters = true;
                 let want: Vec<String> = resp
                     .resources
-                    .into_iter()
-                    .map(|r| r.name)
-                    .filter(|n| n.starts_with("outbound|") && !eds_names.contains(n))
+                    .iter()
+                    .filter(|r| r.name.starts_with(b"outbound|") && eds_names.insert(key(&r.name)))
+                    .map(|r| String::from_utf8_lossy(&r.name).into_owned())
                     .collect();
                 if !want.is_empty() {
-                    eds_names.extend(want.iter().cloned());
                     let _ = tx.send(DeltaDiscoveryRequest {
                         type_url: ENDPOINT.into(),
                         resource_names_subscribe: want,
@@ -342,14 +348,14 @@ async fn client(
                 }
             }
             ENDPOINT => {
-                if full_done && resp.resources.iter().any(|r| r.name == changed) {
+                if full_done && resp.resources.iter().any(|r| r.name == changed.as_bytes()) {
                     let mut r = report.lock().unwrap();
                     if let Some(s) = r.change_started {
                         let d = s.elapsed();
                         r.changed.push(d);
                     }
                 }
-                eds_have.extend(resp.resources.into_iter().map(|r| r.name));
+                eds_have.extend(resp.resources.iter().map(|r| key(&r.name)));
             }
             LISTENER => {
                 listeners = true;
@@ -358,7 +364,7 @@ async fn client(
                     let Some(any) = &r.resource else { continue };
                     let l = Listener::decode(any.value.clone()).map_err(|e| e.to_string())?;
                     for name in isthmus_xds::client::route_names(&l) {
-                        if routes_want.insert(name.clone()) {
+                        if routes_want.insert(key(name.as_bytes())) {
                             want.push(name);
                         }
                     }
@@ -371,7 +377,7 @@ async fn client(
                     });
                 }
             }
-            ROUTE => routes_have.extend(resp.resources.into_iter().map(|r| r.name)),
+            ROUTE => routes_have.extend(resp.resources.iter().map(|r| key(&r.name))),
             _ => {}
         }
         if !full_done
