@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use hdrhistogram::Histogram;
 use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, MAX_RESPONSE_BYTES, ROUTE};
@@ -250,6 +249,20 @@ async fn connect(addr: std::net::SocketAddr) -> tonic::transport::Channel {
         .expect("connect to the control plane")
 }
 
+/// What a client sends: a `DeltaDiscoveryRequest` (same field numbers) whose names subscribed
+/// are the bytes received, not copied into strings of their own.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Request {
+    #[prost(message, optional, tag = "1")]
+    node: Option<Node>,
+    #[prost(string, tag = "2")]
+    type_url: String,
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    resource_names_subscribe: Vec<prost::bytes::Bytes>,
+    #[prost(string, tag = "6")]
+    response_nonce: String,
+}
+
 /// What a client reads of a `DeltaDiscoveryResponse` (same field numbers): the envelope and the
 /// resources' names, with their bodies left in the received buffer (`Bytes`, no copy) — as an
 /// agent that hands the bytes on to Envoy. Listeners are decoded fully, for their route names.
@@ -291,7 +304,7 @@ async fn client(
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::unbounded_channel();
     for type_url in [CLUSTER, LISTENER] {
-        let _ = tx.send(DeltaDiscoveryRequest {
+        let _ = tx.send(Request {
             node: Some(node.clone()),
             type_url: type_url.into(),
             ..Default::default()
@@ -325,7 +338,7 @@ async fn client(
                 }
             }
         }
-        let _ = tx.send(DeltaDiscoveryRequest {
+        let _ = tx.send(Request {
             type_url: resp.type_url.clone(),
             response_nonce: resp.nonce,
             ..Default::default()
@@ -333,14 +346,14 @@ async fn client(
         match resp.type_url.as_str() {
             CLUSTER => {
                 clusters = true;
-                let want: Vec<String> = resp
+                let want: Vec<_> = resp
                     .resources
-                    .iter()
-                    .filter(|r| r.name.starts_with(b"outbound|") && eds_names.insert(key(&r.name)))
-                    .map(|r| String::from_utf8_lossy(&r.name).into_owned())
+                    .into_iter()
+                    .map(|r| r.name)
+                    .filter(|n| n.starts_with(b"outbound|") && eds_names.insert(key(n)))
                     .collect();
                 if !want.is_empty() {
-                    let _ = tx.send(DeltaDiscoveryRequest {
+                    let _ = tx.send(Request {
                         type_url: ENDPOINT.into(),
                         resource_names_subscribe: want,
                         ..Default::default()
@@ -365,12 +378,12 @@ async fn client(
                     let l = Listener::decode(any.value.clone()).map_err(|e| e.to_string())?;
                     for name in isthmus_xds::client::route_names(&l) {
                         if routes_want.insert(key(name.as_bytes())) {
-                            want.push(name);
+                            want.push(name.into());
                         }
                     }
                 }
                 if !want.is_empty() {
-                    let _ = tx.send(DeltaDiscoveryRequest {
+                    let _ = tx.send(Request {
                         type_url: ROUTE.into(),
                         resource_names_subscribe: want,
                         ..Default::default()

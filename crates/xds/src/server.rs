@@ -47,6 +47,8 @@ pub struct Versioned {
     pub name: Arc<str>,
     pub any: Any,
     pub version: u64,
+    /// Its length as a delta response's `Resource`, reckoned once for every stream it goes to.
+    encoded_len: usize,
 }
 
 impl Versioned {
@@ -57,11 +59,21 @@ impl Versioned {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         any.type_url.hash(&mut h);
         any.value.hash(&mut h);
+        Self::with_version(name, any, h.finish())
+    }
+
+    pub(crate) fn with_version(name: &str, any: Any, version: u64) -> Self {
         Versioned {
+            encoded_len: crate::wire::resource_inner_len(name, version, &any),
             name: name.into(),
-            version: h.finish(),
+            version,
             any,
         }
+    }
+
+    /// The length of the `Resource` message, without its own key and length.
+    pub(crate) fn encoded_len(&self) -> usize {
+        self.encoded_len
     }
 }
 

@@ -13,6 +13,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use envoy_types::pb::google::protobuf::Any;
 use prost::bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tonic::codegen::http;
@@ -73,30 +74,30 @@ fn digits(v: u64) -> usize {
     v.checked_ilog10().map_or(1, |d| d as usize + 1)
 }
 
-fn any_len(r: &Versioned) -> usize {
-    string_len(ANY_TYPE_URL, &r.any.type_url)
-        + if r.any.value.is_empty() {
+fn any_len(any: &Any) -> usize {
+    string_len(ANY_TYPE_URL, &any.type_url)
+        + if any.value.is_empty() {
             0
         } else {
-            delimited_len(ANY_VALUE, r.any.value.len())
+            delimited_len(ANY_VALUE, any.value.len())
         }
 }
 
-/// The length of the `Resource` message, without its own key and length.
-fn inner_len(r: &Versioned) -> usize {
-    delimited_len(RESOURCE_VERSION, digits(r.version))
-        + delimited_len(RESOURCE_BODY, any_len(r))
-        + string_len(RESOURCE_NAME, &r.name)
+/// The length of a `Resource` message, without its own key and length.
+pub(crate) fn resource_inner_len(name: &str, version: u64, any: &Any) -> usize {
+    delimited_len(RESOURCE_VERSION, digits(version))
+        + delimited_len(RESOURCE_BODY, any_len(any))
+        + string_len(RESOURCE_NAME, name)
 }
 
 /// What a resource adds to a response.
 pub(crate) fn resource_len(r: &Versioned) -> usize {
-    delimited_len(RESOURCES, inner_len(r))
+    delimited_len(RESOURCES, r.encoded_len())
 }
 
 fn put_resource(r: &Versioned, buf: &mut impl BufMut) {
     encode_key(RESOURCES, WireType::LengthDelimited, buf);
-    encode_varint(inner_len(r) as u64, buf);
+    encode_varint(r.encoded_len() as u64, buf);
     let mut text = [0u8; 20];
     let n = digits(r.version);
     let mut v = r.version;
@@ -106,7 +107,7 @@ fn put_resource(r: &Versioned, buf: &mut impl BufMut) {
     }
     put_bytes(RESOURCE_VERSION, &text[..n], buf);
     encode_key(RESOURCE_BODY, WireType::LengthDelimited, buf);
-    encode_varint(any_len(r) as u64, buf);
+    encode_varint(any_len(&r.any) as u64, buf);
     put_string(ANY_TYPE_URL, &r.any.type_url, buf);
     if !r.any.value.is_empty() {
         put_bytes(ANY_VALUE, &r.any.value, buf);
@@ -590,7 +591,6 @@ mod tests {
     use envoy_types::pb::envoy::service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
     };
-    use envoy_types::pb::google::protobuf::Any;
     use prost::Message;
 
     use super::*;
@@ -602,10 +602,7 @@ mod tests {
                 type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
                 value: name.bytes().cycle().take(size).collect(),
             };
-            Arc::new(Versioned {
-                version,
-                ..Versioned::new(name, any)
-            })
+            Arc::new(Versioned::with_version(name, any, version))
         };
         // Lengths past one varint byte, an empty body, versions of one to twenty digits.
         let run = vec![
