@@ -263,27 +263,44 @@ struct Request {
     response_nonce: String,
 }
 
-/// What a client reads of a `DeltaDiscoveryResponse` (same field numbers): the envelope and the
-/// resources' names, with their bodies left in the received buffer (`Bytes`, no copy) — as an
-/// agent that hands the bytes on to Envoy. Listeners are decoded fully, for their route names.
+/// What a client reads of a `DeltaDiscoveryResponse` (same field numbers): the envelope, with
+/// the resources left as the bytes received (no copy) — as an agent that hands them on to
+/// Envoy. Of a resource, only its name is read ([`ResourceName`]); listeners are decoded fully,
+/// for their route names ([`ResourceBody`]).
 #[derive(Clone, PartialEq, prost::Message)]
 struct Envelope {
-    #[prost(message, repeated, tag = "2")]
-    resources: Vec<EnvelopeResource>,
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    resources: Vec<prost::bytes::Bytes>,
     #[prost(string, tag = "4")]
     type_url: String,
     #[prost(string, tag = "5")]
     nonce: String,
 }
 
-/// A `Resource`: its name (a protobuf `string`, read as the bytes received) and the `Any`'s
-/// value.
+/// A `Resource`'s name (a protobuf `string`, read as the bytes received).
 #[derive(Clone, PartialEq, prost::Message)]
-struct EnvelopeResource {
-    #[prost(message, optional, tag = "2")]
-    resource: Option<EnvelopeAny>,
+struct ResourceName {
     #[prost(bytes = "bytes", tag = "3")]
     name: prost::bytes::Bytes,
+}
+
+/// A `Resource`'s body.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ResourceBody {
+    #[prost(message, optional, tag = "2")]
+    resource: Option<EnvelopeAny>,
+}
+
+/// The names of `resources`.
+fn names(resources: &[prost::bytes::Bytes]) -> Result<Vec<prost::bytes::Bytes>, String> {
+    resources
+        .iter()
+        .map(|r| {
+            ResourceName::decode(r.clone())
+                .map(|n| n.name)
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -346,10 +363,8 @@ async fn client(
         match resp.type_url.as_str() {
             CLUSTER => {
                 clusters = true;
-                let want: Vec<_> = resp
-                    .resources
+                let want: Vec<_> = names(&resp.resources)?
                     .into_iter()
-                    .map(|r| r.name)
                     .filter(|n| n.starts_with(b"outbound|") && eds_names.insert(key(n)))
                     .collect();
                 if !want.is_empty() {
@@ -361,20 +376,22 @@ async fn client(
                 }
             }
             ENDPOINT => {
-                if full_done && resp.resources.iter().any(|r| r.name == changed.as_bytes()) {
+                let names = names(&resp.resources)?;
+                if full_done && names.iter().any(|n| n == changed.as_bytes()) {
                     let mut r = report.lock().unwrap();
                     if let Some(s) = r.change_started {
                         let d = s.elapsed();
                         r.changed.push(d);
                     }
                 }
-                eds_have.extend(resp.resources.iter().map(|r| key(&r.name)));
+                eds_have.extend(names.iter().map(|n| key(n)));
             }
             LISTENER => {
                 listeners = true;
                 let mut want = Vec::new();
                 for r in &resp.resources {
-                    let Some(any) = &r.resource else { continue };
+                    let body = ResourceBody::decode(r.clone()).map_err(|e| e.to_string())?;
+                    let Some(any) = &body.resource else { continue };
                     let l = Listener::decode(any.value.clone()).map_err(|e| e.to_string())?;
                     for name in isthmus_xds::client::route_names(&l) {
                         if routes_want.insert(key(name.as_bytes())) {
@@ -390,7 +407,7 @@ async fn client(
                     });
                 }
             }
-            ROUTE => routes_have.extend(resp.resources.iter().map(|r| key(&r.name))),
+            ROUTE => routes_have.extend(names(&resp.resources)?.iter().map(|n| key(n))),
             _ => {}
         }
         if !full_done
