@@ -338,6 +338,9 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 struct Subscription {
     /// Subscribed names; those of resources sent are the resources' own, shared.
     names: Names,
+    /// At most this many of `names` are not a resource's own (subscribed before the resource
+    /// existed, or not found): while there are none, a response need not look for them.
+    unowned: usize,
     /// Name → content version of what the proxy has (delta) or was last sent (SotW); the
     /// names are the resources' own, shared.
     sent: HashMap<Arc<str>, u64, NameHasher>,
@@ -892,12 +895,11 @@ impl<G: Generator> Conn<G> {
             }
         }
         let first = !self.subs.contains_key(&type_url);
-        let only_adds = !first
-            && req.resource_names_unsubscribe.is_empty()
-            && !req.resource_names_subscribe.is_empty()
+        let by_name = !req.resource_names_subscribe.is_empty()
             && !req.resource_names_subscribe.iter().any(|n| n == "*");
+        let only_adds = !first && req.resource_names_unsubscribe.is_empty() && by_name;
         // Looked up before the names are taken in, so that each name is the resource's own.
-        let parts = if only_adds {
+        let parts = if by_name {
             match self.parts(&type_url) {
                 Ok(p) => Some(p),
                 Err(e) => {
@@ -922,6 +924,7 @@ impl<G: Generator> Conn<G> {
                 continue;
             }
             let found = finder.as_mut().and_then(|f| f.find(&n)).cloned();
+            sub.unowned += usize::from(found.is_none());
             sub.names.insert(
                 found
                     .as_ref()
@@ -938,7 +941,9 @@ impl<G: Generator> Conn<G> {
             }
         }
         match parts {
-            Some(parts) if !added.is_empty() => self.delta_added(&type_url, version, parts, added),
+            Some(parts) if only_adds && !added.is_empty() => {
+                self.delta_added(&type_url, version, parts, added)
+            }
             _ => self.delta_response(&type_url, version, true),
         }
     }
@@ -999,13 +1004,16 @@ impl<G: Generator> Conn<G> {
             sub.sent.remove(n.as_str());
         }
         // Keep the subscribed names the resources' own: one copy of each name.
-        for r in changed.iter().flatten() {
-            if sub
-                .names
-                .get(&*r.name)
-                .is_some_and(|n| !Arc::ptr_eq(n, &r.name))
-            {
-                sub.names.replace(r.name.clone());
+        if sub.unowned > 0 {
+            for r in changed.iter().flatten() {
+                if sub
+                    .names
+                    .get(&*r.name)
+                    .is_some_and(|n| !Arc::ptr_eq(n, &r.name))
+                {
+                    sub.names.replace(r.name.clone());
+                    sub.unowned = sub.unowned.saturating_sub(1);
+                }
             }
         }
         if changed.iter().all(Vec::is_empty) && removed.is_empty() && !force {
@@ -1256,6 +1264,43 @@ mod tests {
                 .map(|v| v.name.to_string());
             assert_eq!(found, want, "{name}");
         }
+    }
+
+    #[test]
+    fn subscribed_names_are_the_resources_own() {
+        let generator = Arc::new(FixedGenerator::default());
+        let any = || Any {
+            type_url: ENDPOINT.into(),
+            value: vec![1],
+        };
+        generator.put(ENDPOINT, "a", any());
+        generator.put(ENDPOINT, "b", any());
+        let (_version, rx) = watch::channel(1);
+        let server = AdsServer::new(generator.clone(), rx);
+        let mut conn = server.conn(true);
+        let subscribe = |names: &[&str]| DeltaDiscoveryRequest {
+            node: Some(Node::default()),
+            type_url: ENDPOINT.into(),
+            resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        };
+        let own = |conn: &Conn<FixedGenerator>, name: &str| {
+            let parts = conn.parts(ENDPOINT).unwrap();
+            let resource = &parts[0][name];
+            let sub = &conn.subs[ENDPOINT];
+            Arc::ptr_eq(sub.names.get(name).unwrap(), &resource.name)
+        };
+        // The first subscription finds the resources: their names are taken, none left to look for.
+        let sent = conn.delta_request(subscribe(&["a", "b", "c"]), 1);
+        assert_eq!(sent.len(), 1);
+        assert!(own(&conn, "a") && own(&conn, "b"));
+        assert_eq!(conn.subs[ENDPOINT].unowned, 1, "c does not exist yet");
+        // Once c exists, the response that sends it makes its name the resource's.
+        generator.put(ENDPOINT, "c", any());
+        let sent = conn.delta_response(ENDPOINT, 2, false);
+        assert_eq!(sent.len(), 1);
+        assert!(own(&conn, "c"));
+        assert_eq!(conn.subs[ENDPOINT].unowned, 0);
     }
 
     #[test]
