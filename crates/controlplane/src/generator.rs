@@ -26,6 +26,7 @@ pub struct PilotGenerator {
     pub context: Shared,
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
     assignments: Mutex<AssignmentCache>,
+    clusters: Mutex<ClusterCache>,
     /// Hashes cache keys (assignment inputs; a proxy and its workload): fast, and seeded per
     /// process so that no input can be crafted to collide with another's key.
     keys: foldhash::quality::RandomState,
@@ -54,6 +55,15 @@ struct Cached {
     context: Weak<PushContext>,
     outbound_epoch: u64,
     parts: ScopeParts,
+}
+
+/// Outbound clusters by [`OutboundInputs::key`](isthmus_pilot::cluster::OutboundInputs::key),
+/// for the push context they were built in: scopes that see the same services under the same
+/// DestinationRules share each cluster, built once (and so the encodings of their responses).
+#[derive(Default)]
+struct ClusterCache {
+    context: Weak<PushContext>,
+    by_inputs: HashMap<(usize, u16, usize, usize), Arc<Versioned>>,
 }
 
 /// Endpoint assignments by [`Assignment::key`](isthmus_pilot::endpoint::Assignment::key),
@@ -104,6 +114,7 @@ impl PilotGenerator {
             context,
             scopes: Mutex::default(),
             assignments: Mutex::default(),
+            clusters: Mutex::default(),
             keys: Default::default(),
             inbound: Mutex::default(),
         }
@@ -155,9 +166,7 @@ impl PilotGenerator {
                 ..old.parts.clone()
             },
             _ => ScopeParts {
-                clusters: versioned(isthmus_pilot::cluster::shared_clusters(ctx, proxy), |c| {
-                    &c.name
-                }),
+                clusters: self.outbound_clusters(ctx, proxy),
                 endpoints,
                 listeners: versioned(isthmus_pilot::listener::shared_listeners(ctx, proxy), |l| {
                     &l.name
@@ -180,6 +189,39 @@ impl PilotGenerator {
             parts: parts.clone(),
         });
         parts
+    }
+
+    /// The clusters of `proxy`'s scope under `ctx`: each outbound one from the cache when another
+    /// scope has built it.
+    fn outbound_clusters(&self, ctx: &Arc<PushContext>, proxy: &Proxy) -> Arc<Resources> {
+        let cached = |key| {
+            let mut cache = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+            if !std::ptr::eq(cache.context.as_ptr(), Arc::as_ptr(ctx)) {
+                cache.context = Arc::downgrade(ctx);
+                cache.by_inputs.clear();
+            }
+            cache.by_inputs.get(&key).cloned()
+        };
+        let mut all =
+            Arc::unwrap_or_clone(versioned(isthmus_pilot::cluster::fixed_clusters(), |c| {
+                &c.name
+            }));
+        for inputs in isthmus_pilot::cluster::outbound_inputs(ctx, proxy) {
+            let key = inputs.key();
+            // Built outside the lock: scopes build in parallel; the first one kept is shared.
+            let v = cached(key).unwrap_or_else(|| {
+                let c = inputs.build();
+                let built = packed(&c.name.clone(), c);
+                let mut cache = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
+                if std::ptr::eq(cache.context.as_ptr(), Arc::as_ptr(ctx)) {
+                    cache.by_inputs.entry(key).or_insert(built).clone()
+                } else {
+                    built
+                }
+            });
+            all.insert(v.name.to_string(), v);
+        }
+        Arc::new(all)
     }
 
     /// `proxy`'s inbound clusters and listeners under `ctx`, from the cache when still valid.
@@ -223,11 +265,15 @@ fn versioned<T: prost::Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) ->
             .into_iter()
             .map(|r| {
                 let name = name(&r).clone();
-                let v = Versioned::new(&name, pack_any(r));
-                (name, Arc::new(v))
+                let v = packed(&name, r);
+                (name, v)
             })
             .collect(),
     )
+}
+
+fn packed<T: prost::Name>(name: &str, resource: T) -> Arc<Versioned> {
+    Arc::new(Versioned::new(name, pack_any(resource)))
 }
 
 /// The previous part when the new one has the same names and versions.
@@ -314,5 +360,69 @@ fn metadata(md: Option<&Struct>) -> NodeMetadata {
         interception_mode: string("INTERCEPTION_MODE"),
         istio_version: string("ISTIO_VERSION"),
         name: string("NAME"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use isthmus_config::{Loader, MeshConfig, Snapshot};
+    use isthmus_pilot::NodeMetadata;
+    use prost::Message;
+
+    const MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: a}
+spec:
+  ports: [{name: http, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web-for-c, namespace: c}
+spec:
+  host: web.a.svc.cluster.local
+  exportTo: [\".\"]
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10}
+";
+
+    fn proxy(ip: &str, ns: &str) -> Proxy {
+        let id = Proxy::node_id(ip.parse().unwrap(), "pod", ns, "cluster.local");
+        Proxy::from_node(&id, &NodeMetadata::default()).unwrap()
+    }
+
+    #[test]
+    fn scopes_that_see_a_cluster_alike_share_it() {
+        let loaded = Loader::default().load_str("mesh.yaml", MESH);
+        assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+        let snapshot: Snapshot = loaded.resources.into_iter().collect();
+        let ctx = PushContext::new(snapshot, MeshConfig::default(), "cluster.local", None);
+        let generator = PilotGenerator::new(Arc::new(RwLock::new(Arc::new(ctx))));
+        let web = "outbound|80||web.a.svc.cluster.local";
+        let cluster = |ip: &str, ns: &str| {
+            let parts = generator
+                .generate(&proxy(ip, ns), CLUSTER, &Default::default())
+                .unwrap();
+            parts[0][web].clone()
+        };
+        let (a, b, c) = (
+            cluster("10.0.0.1", "a"),
+            cluster("10.0.0.2", "b"),
+            cluster("10.0.0.3", "c"),
+        );
+        assert!(Arc::ptr_eq(&a, &b), "namespaces a and b see web alike");
+        assert!(!Arc::ptr_eq(&a, &c), "c has a DestinationRule of its own");
+        let max_connections = |v: &Versioned| {
+            let c = Cluster::decode(v.any.value.as_slice()).unwrap();
+            c.circuit_breakers.unwrap().thresholds[0]
+                .max_connections
+                .unwrap()
+                .value
+        };
+        assert_eq!(max_connections(&c), 10);
+        assert_ne!(max_connections(&a), 10);
     }
 }

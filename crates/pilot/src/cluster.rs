@@ -133,23 +133,66 @@ pub fn clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
 
 /// The clusters every proxy of `proxy`'s [`Scope`](crate::context::Scope) has alike: outbound
 /// ones and the passthrough/blackhole ones.
-pub fn shared_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
-    let mut out: Vec<Cluster> = outbound_clusters(ctx, proxy)
+fn shared_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
+    let mut out: Vec<Cluster> = outbound_inputs(ctx, proxy)
         .iter()
-        .map(|o| outbound(ctx, o, port_policy(o.policy, o.port)))
+        .map(OutboundInputs::build)
         .collect();
-    out.push(passthrough(PASSTHROUGH_CLUSTER, None));
-    out.push(passthrough(
-        INBOUND_PASSTHROUGH_CLUSTER,
-        Some(INBOUND_PASSTHROUGH_BIND_V4),
-    ));
-    out.push(Cluster {
-        name: BLACKHOLE_CLUSTER.into(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
-        connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
-        ..Default::default()
-    });
+    out.extend(fixed_clusters());
     out
+}
+
+/// An outbound cluster before it is built. It depends only on its service port, subset and
+/// traffic policy, which proxies of other scopes may share (namespaces that see the same
+/// services and DestinationRules), so a caller can build it once for all of them by
+/// [`OutboundInputs::key`].
+pub struct OutboundInputs<'a> {
+    ctx: &'a PushContext,
+    outbound: Outbound<'a>,
+}
+
+impl OutboundInputs<'_> {
+    /// Names the inputs within their push context: the addresses of its service, subset and
+    /// policy there, and the port. Equal keys of one push context build equal clusters.
+    pub fn key(&self) -> (usize, u16, usize, usize) {
+        let o = &self.outbound;
+        (
+            std::ptr::from_ref(o.svc) as usize,
+            o.port,
+            o.subset.map_or(0, |s| std::ptr::from_ref(s) as usize),
+            o.policy.map_or(0, |p| std::ptr::from_ref(p) as usize),
+        )
+    }
+
+    pub fn build(&self) -> Cluster {
+        let o = &self.outbound;
+        outbound(self.ctx, o, port_policy(o.policy, o.port))
+    }
+}
+
+/// The outbound clusters of `proxy`'s scope, unbuilt.
+pub fn outbound_inputs<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<OutboundInputs<'a>> {
+    outbound_clusters(ctx, proxy)
+        .into_iter()
+        .map(|outbound| OutboundInputs { ctx, outbound })
+        .collect()
+}
+
+/// `PassthroughCluster`, `InboundPassthroughCluster` and `BlackHoleCluster`: every sidecar's.
+pub fn fixed_clusters() -> Vec<Cluster> {
+    vec![
+        passthrough(PASSTHROUGH_CLUSTER, None),
+        passthrough(
+            INBOUND_PASSTHROUGH_CLUSTER,
+            Some(INBOUND_PASSTHROUGH_BIND_V4),
+        ),
+        Cluster {
+            name: BLACKHOLE_CLUSTER.into(),
+            cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32)),
+            connect_timeout: Some(secs(CONNECT_TIMEOUT_SECS)),
+            ..Default::default()
+        },
+    ]
 }
 
 /// A port-level policy overriding the fields it sets.
