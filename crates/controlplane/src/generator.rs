@@ -27,6 +27,8 @@ pub struct PilotGenerator {
     scopes: Mutex<HashMap<Scope, Arc<Mutex<Option<Cached>>>>>,
     assignments: Mutex<AssignmentCache>,
     clusters: Mutex<ClusterCache>,
+    /// The passthrough and blackhole clusters, alike for every proxy and push context.
+    fixed_clusters: Resources,
     /// Hashes cache keys (assignment inputs; a proxy and its workload): fast, and seeded per
     /// process so that no input can be crafted to collide with another's key.
     keys: foldhash::quality::RandomState,
@@ -115,6 +117,10 @@ impl PilotGenerator {
             scopes: Mutex::default(),
             assignments: Mutex::default(),
             clusters: Mutex::default(),
+            fixed_clusters: Arc::unwrap_or_clone(versioned(
+                isthmus_pilot::cluster::fixed_clusters(),
+                |c| &c.name,
+            )),
             keys: Default::default(),
             inbound: Mutex::default(),
         }
@@ -192,7 +198,8 @@ impl PilotGenerator {
     }
 
     /// The clusters of `proxy`'s scope under `ctx`: each outbound one from the cache when another
-    /// scope has built it.
+    /// scope has built it. Scopes that see the same clusters then get the same resources, and
+    /// share the encodings of their responses too.
     fn outbound_clusters(&self, ctx: &Arc<PushContext>, proxy: &Proxy) -> Arc<Resources> {
         let cached = |key| {
             let mut cache = self.clusters.lock().unwrap_or_else(|p| p.into_inner());
@@ -202,10 +209,7 @@ impl PilotGenerator {
             }
             cache.by_inputs.get(&key).cloned()
         };
-        let mut all =
-            Arc::unwrap_or_clone(versioned(isthmus_pilot::cluster::fixed_clusters(), |c| {
-                &c.name
-            }));
+        let mut all = self.fixed_clusters.clone();
         for inputs in isthmus_pilot::cluster::outbound_inputs(ctx, proxy) {
             let key = inputs.key();
             // Built outside the lock: scopes build in parallel; the first one kept is shared.
@@ -414,6 +418,16 @@ spec:
             cluster("10.0.0.3", "c"),
         );
         assert!(Arc::ptr_eq(&a, &b), "namespaces a and b see web alike");
+        let passthrough = |ip: &str, ns: &str| {
+            let parts = generator
+                .generate(&proxy(ip, ns), CLUSTER, &Default::default())
+                .unwrap();
+            parts[0]["PassthroughCluster"].clone()
+        };
+        assert!(Arc::ptr_eq(
+            &passthrough("10.0.0.1", "a"),
+            &passthrough("10.0.0.3", "c")
+        ));
         assert!(!Arc::ptr_eq(&a, &c), "c has a DestinationRule of its own");
         let max_connections = |v: &Versioned| {
             let c = Cluster::decode(v.any.value.as_slice()).unwrap();
