@@ -902,10 +902,12 @@ impl<G: Generator> Conn<G> {
         let parts = if by_name {
             match self.parts(&type_url) {
                 Ok(p) => Some(p),
-                Err(e) => {
+                Err(e) if only_adds => {
                     tracing::error!(type_url, error = e, "cannot generate resources");
                     return Vec::new();
                 }
+                // The subscription is still taken; the response below says what failed.
+                Err(_) => None,
             }
         } else {
             None
