@@ -266,6 +266,13 @@ spec:
   containers:
   - name: legacy
     command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: legacy}
+spec:
+  selector: {app: nobody}
+  ports: [{name: http, port: 8080}]
 "#;
 
 #[test]
@@ -400,6 +407,32 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     assert!(!ok, "plaintext accepted under STRICT: {out}");
     let (ok, out) = mesh.get("legacy", &format!("http://{server}:8080/"), &[]);
     assert!(!ok, "plaintext accepted under STRICT: {out}");
+
+    // A service without endpoints refuses connections (kube-proxy's filter rules), and those
+    // rules are looked at for a connection's first packet only, not for every packet sent.
+    let (ok, out) = mesh.get("legacy", "http://empty.legacy:8080/", &[]);
+    assert!(!ok && out.to_lowercase().contains("refused"), "{out}");
+    let jumps = || {
+        let out = mesh.exec(
+            "client",
+            &["iptables", "-t", "filter", "-L", "OUTPUT", "-v", "-x", "-n"],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find(|l| l.contains("ISTHMUS-NO-ENDPOINTS"))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no jump to the reject chain: {text}"))
+    };
+    let before = jumps();
+    for _ in 0..3 {
+        let (ok, out) = mesh.get("client", "http://server.e2e:8080/", &[]);
+        assert!(ok, "{out}");
+    }
+    let looked = jumps() - before;
+    assert!(
+        looked <= 12,
+        "{looked} packets of three requests went through the reject rules"
+    );
 
     // Seed 004: a plain request by pod IP to a non-headless service matches no route of
     // the service and is not delivered; a headless StatefulSet's pods answer by pod IP and

@@ -131,7 +131,7 @@ pub fn create_pod(names: &Names, pod: &PodPlan, index: usize) -> Result<String, 
 pub fn install_service_rules(plan: &Plan, pod_ns: &str) -> Result<(), NetError> {
     let mut rules = String::from("*nat\n:ISTHMUS-SERVICES - [0:0]\n");
     // A service without endpoints refuses connections, as kube-proxy's filter rules do.
-    let mut rejects = String::from("*filter\n:ISTHMUS-NO-ENDPOINTS - [0:0]\n");
+    let mut rejects = String::new();
     for svc in &plan.services {
         let Some(vip) = svc.cluster_ip else { continue };
         for (port, target) in &svc.ports {
@@ -162,8 +162,14 @@ pub fn install_service_rules(plan: &Plan, pod_ns: &str) -> Result<(), NetError> 
         }
     }
     rules.push_str("-A OUTPUT -j ISTHMUS-SERVICES\nCOMMIT\n");
-    rejects.push_str("-A OUTPUT -j ISTHMUS-NO-ENDPOINTS\nCOMMIT\n");
-    rules.push_str(&rejects);
+    // Looked at for a connection's first packet only, as kube-proxy does: a filter chain is
+    // otherwise walked by every packet the pod sends, one rule per service without endpoints.
+    if !rejects.is_empty() {
+        rules.push_str(&format!(
+            "*filter\n:ISTHMUS-NO-ENDPOINTS - [0:0]\n{rejects}\
+             -A OUTPUT -m conntrack --ctstate NEW -j ISTHMUS-NO-ENDPOINTS\nCOMMIT\n"
+        ));
+    }
     run_input(
         &[
             "ip",
