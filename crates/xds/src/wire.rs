@@ -222,21 +222,26 @@ pub trait Outgoing {
 /// length) of a `len`-byte message.
 fn prefixed(len: usize, own: usize) -> Result<BytesMut, tonic::Status> {
     let prefix =
-        u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("response over 4 GiB"))?;
+        u32::try_from(len).map_err(|_| tonic::Status::resource_exhausted("message over 4 GiB"))?;
     let mut buf = BytesMut::with_capacity(GRPC_PREFIX + own);
     buf.put_u8(0);
     buf.put_u32(prefix);
     Ok(buf)
 }
 
+/// `message` as one gRPC message: prefix and encoding in one buffer.
+fn encode_framed(message: &impl prost::Message) -> Result<Bytes, tonic::Status> {
+    let len = message.encoded_len();
+    let mut buf = prefixed(len, len)?;
+    message
+        .encode(&mut buf)
+        .map_err(|e| tonic::Status::internal(format!("encoding a message: {e}")))?;
+    Ok(buf.freeze())
+}
+
 impl Outgoing for DiscoveryResponse {
     fn frames(&self) -> Result<(Bytes, Option<Bytes>), tonic::Status> {
-        use prost::Message;
-        let len = self.encoded_len();
-        let mut buf = prefixed(len, len)?;
-        self.encode(&mut buf)
-            .map_err(|e| tonic::Status::internal(format!("encoding a response: {e}")))?;
-        Ok((buf.freeze(), None))
+        Ok((encode_framed(self)?, None))
     }
 }
 
@@ -289,13 +294,7 @@ where
 {
     use futures::StreamExt;
     use tonic::client::GrpcService;
-    let body = requests.map(|req| {
-        let len = req.encoded_len();
-        let mut buf = prefixed(len, len)?;
-        req.encode(&mut buf)
-            .map_err(|e| tonic::Status::internal(format!("encoding a request: {e}")))?;
-        Ok::<_, tonic::Status>(http_body::Frame::data(buf.freeze()))
-    });
+    let body = requests.map(|req| encode_framed(&req).map(http_body::Frame::data));
     let mut req = http::Request::new(tonic::body::Body::new(http_body_util::StreamBody::new(
         body,
     )));
