@@ -26,6 +26,10 @@ use crate::stats::Stats;
 use crate::upstream::Pools;
 use crate::{Me, Shared};
 
+/// How long readiness waits for the endpoints and routes that clusters and listeners name
+/// (Envoy's default `initial_fetch_timeout`).
+const WARMING_LIMIT: Duration = Duration::from_secs(15);
+
 /// Istio's ports.
 #[derive(Debug, Clone, Copy)]
 pub struct Ports {
@@ -325,15 +329,31 @@ pub async fn run(
         config_tx,
         shared.clone(),
     ));
-    // Ready once the first full configuration is in (the certificate came before).
+    // Ready once the first full configuration is in (the certificate came before): clusters
+    // and listeners with the endpoints and routes they name, as Envoy warms them. A control
+    // plane that never sends some of those still gets a proxy serving what it has, after
+    // WARMING_LIMIT.
     {
         let mut rx = config_rx.clone();
         let ready_tx = ready_tx.clone();
         tokio::spawn(async move {
-            let full = |c: &Arc<Config>| {
-                c.xds.versions.contains_key(CLUSTER) && c.xds.versions.contains_key(LISTENER)
+            let warmed = tokio::time::timeout(WARMING_LIMIT, rx.wait_for(|c| c.xds.warmed()))
+                .await
+                .map(|done| done.is_ok());
+            let ready = match warmed {
+                Ok(done) => done,
+                Err(_) => {
+                    tracing::warn!(
+                        "endpoints or routes still missing after {WARMING_LIMIT:?}: ready without them"
+                    );
+                    let full = |c: &Arc<Config>| {
+                        c.xds.versions.contains_key(CLUSTER)
+                            && c.xds.versions.contains_key(LISTENER)
+                    };
+                    rx.wait_for(full).await.is_ok()
+                }
             };
-            if rx.wait_for(full).await.is_ok() {
+            if ready {
                 ready_tx.send_replace(true);
             }
         });

@@ -44,6 +44,26 @@ pub struct XdsState {
     pub resource_versions: BTreeMap<String, BTreeMap<String, String>>,
 }
 
+impl XdsState {
+    /// Clusters and listeners are in, and so is everything they refer to (every cluster's
+    /// endpoint assignment, every listener's route configuration): what Envoy's init manager
+    /// waits for before it reports ready.
+    pub fn warmed(&self) -> bool {
+        self.versions.contains_key(CLUSTER)
+            && self.versions.contains_key(LISTENER)
+            && self
+                .clusters
+                .values()
+                .flat_map(|c| c.follows())
+                .all(|n| self.endpoints.contains_key(n))
+            && self
+                .listeners
+                .values()
+                .flat_map(|l| l.follows())
+                .all(|n| self.routes.contains_key(n))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("ADS stream: {0}")]
@@ -653,5 +673,25 @@ mod tests {
         let received = Received::from(listener.clone());
         assert_eq!(received.follows(), ["8080"]);
         assert_eq!(received.body(), listener.encode_to_vec());
+
+        // Warmed once what the clusters and listeners name is in too.
+        let mut state = XdsState::default();
+        state.versions.insert(CLUSTER.into(), "1".into());
+        state.versions.insert(LISTENER.into(), "1".into());
+        state
+            .clusters
+            .insert("c".into(), Arc::new(Received::from(eds("svc-a"))));
+        state.listeners.insert("l".into(), Arc::new(received));
+        assert!(!state.warmed());
+        state.endpoints.insert(
+            "svc-a".into(),
+            Arc::new(Received::from(ClusterLoadAssignment::default())),
+        );
+        assert!(!state.warmed(), "the route configuration is missing");
+        state.routes.insert(
+            "8080".into(),
+            Arc::new(Received::from(RouteConfiguration::default())),
+        );
+        assert!(state.warmed());
     }
 }
