@@ -266,6 +266,11 @@ impl MeshConfig {
             .and_then(|p| p.mode.as_deref())
             == Some("LOCALHOST")
     }
+    /// HTTP/1.1 between sidecars is upgraded to HTTP/2 only when set to UPGRADE (Istio's
+    /// default is DO_NOT_UPGRADE).
+    pub fn h2_upgrade(&self) -> bool {
+        self.h2_upgrade_policy.as_deref() == Some("UPGRADE")
+    }
     /// Auto mTLS is on unless explicitly disabled.
     pub fn auto_mtls(&self) -> bool {
         self.enable_auto_mtls != Some(false)

@@ -251,6 +251,21 @@ spec:
     command: [isthmus, echo, --port, "8080", --grpc-port, "7070"]
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: grpc-sniffed, namespace: e2e}
+spec:
+  selector: {app: grpc-sniffed}
+  ports: [{port: 7071}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: grpc-sniffed, namespace: e2e, labels: {app: grpc-sniffed}}
+spec:
+  containers:
+  - name: grpc
+    command: [isthmus, echo, --port, "8080", --grpc-port, "7071"]
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: rogue, namespace: e2e, labels: {app: rogue}}
 spec:
@@ -358,6 +373,11 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         out.contains("Identity=spiffe://cluster.local/ns/e2e/sa/client"),
         "{out}"
     );
+    // The same on a port without a protocol: sniffed as HTTP/2, and sent on in the version it
+    // came in (Istio's `use_downstream_protocol`), so the app still gets HTTP/2.
+    let (ok, out) = mesh.get("client", "grpc://grpc-sniffed:7071", &["--count", "2"]);
+    assert!(ok && out.contains("2 succeeded"), "{out}");
+    assert!(out.contains("Proto=HTTP/2.0"), "{out}");
 
     // istioctl's views, read from the proxy's admin port and the control plane.
     let cli = |args: &[&str]| {
@@ -562,9 +582,14 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
         eprintln!("skipped: needs root");
         return;
     }
-    // With Istio's access logs on, in its default text format.
+    // With Istio's access logs on, in its default text format, and HTTP upgraded to HTTP/2
+    // between sidecars mesh-wide.
     let mesh_config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(mesh_config.path(), "accessLogFile: /dev/stdout\n").unwrap();
+    std::fs::write(
+        mesh_config.path(),
+        "accessLogFile: /dev/stdout\nh2UpgradePolicy: UPGRADE\n",
+    )
+    .unwrap();
     let mesh = Mesh::up(
         "lo",
         LOCALHOST,
@@ -603,7 +628,7 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
     };
     let lo = proxy_log("lo");
     assert!(
-        // Between sidecars the request is HTTP/2.
+        // Between sidecars the request is HTTP/2, as the mesh config says.
         lo.lines()
             .any(|l| l.contains("\"GET / HTTP/2\" 503 UF") && l.contains("inbound|8080||")),
         "{lo}"

@@ -32,8 +32,9 @@ use envoy_types::pb::google::protobuf::{
     Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
 };
 use envoy_types::util::pack_any;
+use isthmus_config::MeshConfig;
 use isthmus_config::istio::networking::{ClientTlsSettings, Subset, TrafficPolicy};
-use isthmus_registry::{Resolution, Service};
+use isthmus_registry::{Protocol, Resolution, Service};
 
 use crate::context::{InboundMode, PushContext};
 use crate::names::{
@@ -259,15 +260,17 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     if let Some(od) = policy.and_then(|p| p.outlier_detection.as_ref()) {
         c.outlier_detection = Some(outlier(od));
     }
-    let http2 = svc
+    let protocol = svc
         .ports
         .iter()
-        .any(|p| p.port == port && p.protocol.is_http2());
-    set_protocol_options(&mut c, http2, policy);
+        .find(|p| p.port == port)
+        .map_or(Protocol::Unknown, |p| p.protocol);
+    let http = outbound_http(protocol, policy, &ctx.mesh);
+    set_protocol_options(&mut c, http, policy);
     let tls = policy.and_then(|p| p.tls.as_ref());
     match tls.and_then(|t| t.mode.as_deref()) {
         Some("ISTIO_MUTUAL") => {
-            c.transport_socket = Some(istio_mtls(svc, port, subset, ctx));
+            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx));
         }
         Some("DISABLE") => {}
         Some("SIMPLE" | "MUTUAL") => {
@@ -281,7 +284,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
             && svc.endpoints_for(port).next().is_some()
             && svc.endpoints_for(port).all(|e| e.sidecar) =>
         {
-            c.transport_socket = Some(istio_mtls(svc, port, subset, ctx));
+            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx));
         }
         // Unset: auto mTLS, by endpoint label.
         _ if ctx.mesh.auto_mtls() && !svc.mesh_external => {
@@ -289,7 +292,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
                 TransportSocketMatch {
                     name: "tlsMode-istio".into(),
                     r#match: Some(strukt([(TLS_MODE_KEY, string("istio"))])),
-                    transport_socket: Some(istio_mtls(svc, port, subset, ctx)),
+                    transport_socket: Some(istio_mtls(svc, port, subset, http, ctx)),
                 },
                 TransportSocketMatch {
                     name: "tlsMode-disabled".into(),
@@ -310,7 +313,7 @@ pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
     };
     let sidecar = ctx.sidecar_for(proxy);
     let mut ports: BTreeMap<u16, Option<String>> = BTreeMap::new();
-    let mut http2: Vec<u16> = Vec::new();
+    let mut protocols: BTreeMap<u16, Protocol> = BTreeMap::new();
     // The service a port serves, for telemetry (Istio's `istio` cluster metadata).
     let mut served: BTreeMap<u16, &Service> = BTreeMap::new();
     for svc in ctx.registry.services_for_workload(workload) {
@@ -318,9 +321,7 @@ pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
             if let Some(target) = crate::endpoint::target_port(p, workload) {
                 ports.entry(target).or_insert(None);
                 served.entry(target).or_insert(svc);
-                if p.protocol.is_http2() {
-                    http2.push(target);
-                }
+                protocols.entry(target).or_insert(p.protocol);
             }
         }
     }
@@ -383,22 +384,74 @@ pub fn inbound_clusters(ctx: &PushContext, proxy: &Proxy) -> Vec<Cluster> {
                     c.upstream_bind_config = Some(bind(INBOUND_PASSTHROUGH_BIND_V4));
                 }
             }
-            set_protocol_options(&mut c, http2.contains(&port), None);
+            let protocol = protocols.get(&port).copied().unwrap_or(Protocol::Unknown);
+            set_protocol_options(&mut c, UpstreamHttp::for_port(protocol), None);
             c
         })
         .collect()
 }
 
-/// The cluster's `HttpProtocolOptions`, as Istio sets them: explicit HTTP/2 to the upstream
-/// for gRPC and HTTP/2 ports, and the DestinationRule's HTTP connection pool limits per
-/// connection (`maxRequestsPerConnection`, `idleTimeout`). Nothing when neither applies.
-fn set_protocol_options(c: &mut Cluster, http2: bool, policy: Option<&TrafficPolicy>) {
+/// The HTTP version a cluster's requests travel upstream in, as Istio decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpstreamHttp {
+    Http1,
+    Http2,
+    /// The version each request came in (Envoy's `use_downstream_protocol_config`).
+    Downstream,
+}
+
+impl UpstreamHttp {
+    /// What the port's protocol alone says: HTTP/2 for gRPC and HTTP/2 ports, the request's
+    /// own version on ports whose protocol is sniffed, HTTP/1.1 otherwise.
+    fn for_port(protocol: Protocol) -> UpstreamHttp {
+        if protocol.is_http2() {
+            UpstreamHttp::Http2
+        } else if protocol == Protocol::Unknown {
+            UpstreamHttp::Downstream
+        } else {
+            UpstreamHttp::Http1
+        }
+    }
+}
+
+/// An outbound cluster's version: the DestinationRule's `useClientProtocol` keeps the
+/// request's; its `h2UpgradePolicy` upgrades or not; otherwise the mesh's `h2UpgradePolicy`
+/// upgrades HTTP ports (Istio's default, DO_NOT_UPGRADE, does not), and the port decides.
+fn outbound_http(
+    protocol: Protocol,
+    policy: Option<&TrafficPolicy>,
+    mesh: &MeshConfig,
+) -> UpstreamHttp {
+    let pool = policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|p| p.http.as_ref());
+    if pool.is_some_and(|h| h.use_client_protocol) {
+        return UpstreamHttp::Downstream;
+    }
+    let upgrade = match pool.and_then(|h| h.h2_upgrade_policy.as_deref()) {
+        Some("UPGRADE") => true,
+        Some("DO_NOT_UPGRADE") => false,
+        _ => protocol.is_http() && mesh.h2_upgrade(),
+    };
+    if upgrade {
+        UpstreamHttp::Http2
+    } else {
+        UpstreamHttp::for_port(protocol)
+    }
+}
+
+/// The cluster's `HttpProtocolOptions`, as Istio sets them: the upstream version (above), and
+/// the DestinationRule's HTTP connection pool limits per connection
+/// (`maxRequestsPerConnection`, `idleTimeout`). Nothing when HTTP/1.1 needs no limits, Envoy's
+/// default.
+fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&TrafficPolicy>) {
     use envoy_types::pb::envoy::config::core::v3::{
-        Http2ProtocolOptions, HttpProtocolOptions as Common,
+        Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as Common,
     };
     use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
         HttpProtocolOptions, http_protocol_options,
     };
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
     let pool = policy
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|p| p.http.as_ref());
@@ -412,27 +465,36 @@ fn set_protocol_options(c: &mut Cluster, http2: bool, policy: Option<&TrafficPol
         idle_timeout: idle.map(|d| duration(d.as_std())),
         ..Default::default()
     });
-    if !http2 && common.is_none() {
+    if http == UpstreamHttp::Http1 && common.is_none() {
         return;
     }
+    let explicit = |protocol_config| {
+        http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            http_protocol_options::ExplicitHttpConfig {
+                protocol_config: Some(protocol_config),
+            },
+        )
+    };
     let opts = HttpProtocolOptions {
         common_http_protocol_options: common,
-        // Envoy requires the protocol: HTTP/2 where the port says so, HTTP/1.1 otherwise.
-        upstream_protocol_options: Some(
-            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(if http2 {
-                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                            Http2ProtocolOptions::default(),
-                        )
-                    } else {
-                        http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
-                            Default::default(),
-                        )
-                    }),
-                },
-            ),
-        ),
+        // Envoy requires the protocol to be stated once options are given.
+        upstream_protocol_options: Some(match http {
+            UpstreamHttp::Http1 => explicit(ProtocolConfig::HttpProtocolOptions(
+                Http1ProtocolOptions::default(),
+            )),
+            UpstreamHttp::Http2 => explicit(ProtocolConfig::Http2ProtocolOptions(
+                Http2ProtocolOptions::default(),
+            )),
+            UpstreamHttp::Downstream => {
+                http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                    http_protocol_options::UseDownstreamHttpConfig {
+                        http_protocol_options: Some(Http1ProtocolOptions::default()),
+                        http2_protocol_options: Some(Http2ProtocolOptions::default()),
+                        ..Default::default()
+                    },
+                )
+            }
+        }),
         ..Default::default()
     };
     c.typed_extension_protocol_options.insert(
@@ -542,14 +604,28 @@ fn outlier(od: &isthmus_config::istio::networking::OutlierDetection) -> OutlierD
 
 /// Istio mTLS to a mesh destination: the workload certificate and root from SDS, the
 /// destination's identities as accepted SANs, Istio's ALPN and SNI.
-fn istio_mtls(svc: &Service, port: u16, subset: &str, ctx: &PushContext) -> TransportSocket {
+fn istio_mtls(
+    svc: &Service,
+    port: u16,
+    subset: &str,
+    http: UpstreamHttp,
+    ctx: &PushContext,
+) -> TransportSocket {
     let sans = if svc.subject_alt_names.is_empty() {
         service_accounts(svc, ctx)
     } else {
         svc.subject_alt_names.clone()
     };
     let tls = UpstreamTlsContext {
-        common_tls_context: Some(istio_common_tls(&sans, &["istio-peer-exchange", "istio"])),
+        // As Istio, a cluster that speaks HTTP/2 says so in ALPN too.
+        common_tls_context: Some(istio_common_tls(
+            &sans,
+            if http == UpstreamHttp::Http2 {
+                &["istio-peer-exchange", "istio", "h2"]
+            } else {
+                &["istio-peer-exchange", "istio"]
+            },
+        )),
         sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
         ..Default::default()
     };

@@ -298,13 +298,17 @@ fn localhost_mode_sends_inbound_to_loopback() {
 
 /// The mesh of `testdata/mesh.yaml` with `extra` documents added.
 fn context_with(extra: &str) -> PushContext {
+    context_with_mesh(extra, MeshConfig::default())
+}
+
+fn context_with_mesh(extra: &str, mesh: MeshConfig) -> PushContext {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
     let mut loaded = Loader::default().load_paths(&[dir.join("mesh.yaml")]);
     loaded
         .resources
         .extend(Loader::default().load_str("extra.yaml", extra).resources);
     let snapshot: Snapshot = loaded.resources.into_iter().collect();
-    PushContext::new(snapshot, MeshConfig::default(), "cluster.local", None)
+    PushContext::new(snapshot, mesh, "cluster.local", None)
 }
 
 #[test]
@@ -442,6 +446,83 @@ fn http_connection_pool_limits_become_protocol_options() {
     assert!(
         json.contains("\"common_http_protocol_options\":{\"idle_timeout\":\"30s\",\"max_requests_per_connection\":1}"),
         "{json}"
+    );
+}
+
+/// Istio's upstream HTTP version: HTTP/2 for gRPC and HTTP/2 ports or when `h2UpgradePolicy`
+/// upgrades (the DestinationRule's, else the mesh's, whose default does not), the request's own
+/// version on sniffed ports and with `useClientProtocol`, HTTP/1.1 otherwise.
+#[test]
+fn the_upstream_http_version_follows_the_port_and_the_h2_upgrade_policy() {
+    let extra = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: proto}\nspec:\n  clusterIP: 10.96.7.1\n  selector: {app: web}\n  ports: [{name: http, port: 80}, {name: grpc-api, port: 90}, {port: 100}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: proto, labels: {app: web, security.istio.io/tlsMode: istio}}\nspec: {containers: [{name: app, image: app}]}\nstatus: {podIP: 10.7.0.5, conditions: [{type: Ready, status: \"True\"}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: up, namespace: proto}\nspec: {clusterIP: 10.96.7.2, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: keep, namespace: proto}\nspec: {clusterIP: 10.96.7.3, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: client, namespace: proto}\nspec: {clusterIP: 10.96.7.4, ports: [{name: http, port: 80}]}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: up, namespace: proto}\nspec: {host: up, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: keep, namespace: proto}\nspec: {host: keep, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE}}}}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: client, namespace: proto}\nspec: {host: client, trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}}}\n";
+    let versions = |ctx: &PushContext| -> Vec<(String, &'static str)> {
+        isthmus_pilot::cluster::clusters(ctx, &proxy("10.7.0.5", "web-0", "proto"))
+            .into_iter()
+            .filter(|c| c.name.contains("proto.svc") || c.name.starts_with("inbound|"))
+            .map(|c| {
+                let json = to_json(&c).unwrap().to_string();
+                let h2 = json.contains("\"explicit_http_config\":{\"http2_protocol_options\"");
+                // A cluster that speaks HTTP/2 over mesh mTLS offers it in ALPN, as Istio's.
+                if c.name.starts_with("outbound|") {
+                    assert_eq!(
+                        h2,
+                        json.contains(
+                            "\"alpn_protocols\":[\"istio-peer-exchange\",\"istio\",\"h2\"]"
+                        ),
+                        "{json}"
+                    );
+                }
+                let version = if h2 {
+                    "h2"
+                } else if json.contains("\"use_downstream_protocol_config\"") {
+                    "downstream"
+                } else {
+                    assert!(!json.contains("protocol_options\":{\"@type"), "{json}");
+                    "http/1.1"
+                };
+                (c.name, version)
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &'static str)]| -> Vec<(String, &'static str)> {
+        v.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+    };
+    let mut got = versions(&context_with(extra));
+    got.sort();
+    assert_eq!(
+        got,
+        pairs(&[
+            ("inbound|100||", "downstream"),
+            ("inbound|80||", "http/1.1"),
+            ("inbound|90||", "h2"),
+            ("outbound|100||web.proto.svc.cluster.local", "downstream"),
+            ("outbound|80||client.proto.svc.cluster.local", "downstream"),
+            ("outbound|80||keep.proto.svc.cluster.local", "http/1.1"),
+            ("outbound|80||up.proto.svc.cluster.local", "h2"),
+            ("outbound|80||web.proto.svc.cluster.local", "http/1.1"),
+            ("outbound|90||web.proto.svc.cluster.local", "h2"),
+        ])
+    );
+    let upgrade = MeshConfig {
+        h2_upgrade_policy: Some("UPGRADE".into()),
+        ..Default::default()
+    };
+    let mut got = versions(&context_with_mesh(extra, upgrade));
+    got.sort();
+    assert_eq!(
+        got,
+        pairs(&[
+            // Inbound to the app, and sniffed ports, are never upgraded.
+            ("inbound|100||", "downstream"),
+            ("inbound|80||", "http/1.1"),
+            ("inbound|90||", "h2"),
+            ("outbound|100||web.proto.svc.cluster.local", "downstream"),
+            ("outbound|80||client.proto.svc.cluster.local", "downstream"),
+            ("outbound|80||keep.proto.svc.cluster.local", "http/1.1"),
+            ("outbound|80||up.proto.svc.cluster.local", "h2"),
+            ("outbound|80||web.proto.svc.cluster.local", "h2"),
+            ("outbound|90||web.proto.svc.cluster.local", "h2"),
+        ])
     );
 }
 

@@ -585,7 +585,7 @@ fn mirror(
         "cluster.{}.upstream_rq_mirrored",
         cluster.name
     ));
-    let client = pick.transport.http().clone();
+    let client = pick.transport.http(parts.version, false).clone();
     let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
     tokio::spawn(async move {
         let send = async {
@@ -810,11 +810,7 @@ async fn forward(
                 hyper_util::client::legacy::connect::capture_connection(&mut up_req),
             )
         });
-        let client = if pending.upgrade {
-            transport.http1()
-        } else {
-            transport.http()
-        };
+        let client = transport.http(parts.version, pending.upgrade);
         if let Some(l) = pending.log.as_mut() {
             l.entry.upstream_host = pick.address.to_string();
         }

@@ -1,5 +1,5 @@
 //! Connections to upstream endpoints: TCP with an optional source address, mesh mTLS with the
-//! workload certificate, and the pooled HTTP clients (HTTP/2 between proxies when ALPN agrees).
+//! workload certificate, and the pooled HTTP clients (HTTP/1.1 or HTTP/2 as the cluster says).
 //!
 //! Pools outlive configurations: a cluster whose transport did not change keeps its pooled
 //! connections and per-endpoint counters across updates.
@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Version;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -42,12 +43,25 @@ pub struct TransportSpec {
     pub bind: Option<IpAddr>,
     pub connect_timeout: Duration,
     pub tls: Option<TlsSpec>,
-    /// HTTP/2 with prior knowledge on plaintext (the cluster's protocol options).
-    pub http2: bool,
+    /// The HTTP version spoken upstream (the cluster's protocol options).
+    pub protocol: UpstreamHttp,
     /// How long a pooled connection may sit unused (Envoy's default: one hour).
     pub idle_timeout: Option<Duration>,
     /// Requests a pooled connection carries before it is retired (unlimited when None).
     pub max_requests_per_connection: Option<u32>,
+}
+
+/// Which HTTP version a cluster's requests travel in (Envoy's `upstream_protocol_options`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamHttp {
+    /// HTTP/1.1 (Envoy's default).
+    Http1,
+    /// HTTP/2: prior knowledge on plaintext, ALPN `h2` over TLS.
+    Http2,
+    /// The version the request came in (`use_downstream_protocol_config`).
+    Downstream,
+    /// Whichever TLS's ALPN settles, HTTP/2 first (`auto_config`).
+    Alpn,
 }
 
 /// Envoy's default idle timeout of upstream HTTP connections.
@@ -79,10 +93,12 @@ pub struct Transport {
     pub spec: TransportSpec,
     tls: Option<TlsConfigs>,
     connector: Connector,
+    /// One pool per HTTP version a request may take: HTTP/1.1, HTTP/2, and negotiated by ALPN.
     /// Boxed: a mesh config has a transport or two per cluster, most never used, and an HTTP
     /// client is larger than the rest of the transport together.
-    http: OnceLock<Box<HttpClient>>,
     http1: OnceLock<Box<HttpClient>>,
+    http2: OnceLock<Box<HttpClient>>,
+    alpn: OnceLock<Box<HttpClient>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -137,26 +153,34 @@ impl Transport {
             connector,
             tls,
             spec,
-            http: OnceLock::new(),
             http1: OnceLock::new(),
+            http2: OnceLock::new(),
+            alpn: OnceLock::new(),
         }
     }
 
-    /// HTTP: pooled, HTTP/2 when negotiated (or configured), HTTP/1.1 otherwise.
-    pub fn http(&self) -> &HttpClient {
-        self.http.get_or_init(|| Box::new(self.client(false)))
+    /// The pool for a request that came in as `downstream`: the cluster's version, and
+    /// HTTP/1.1 for an upgrade (WebSocket), which cannot ride HTTP/2 here.
+    pub fn http(&self, downstream: Version, upgrade: bool) -> &HttpClient {
+        let version = match self.spec.protocol {
+            _ if upgrade => UpstreamHttp::Http1,
+            UpstreamHttp::Downstream if downstream == Version::HTTP_2 => UpstreamHttp::Http2,
+            UpstreamHttp::Downstream => UpstreamHttp::Http1,
+            p => p,
+        };
+        let pool = match version {
+            UpstreamHttp::Http2 => &self.http2,
+            UpstreamHttp::Alpn => &self.alpn,
+            _ => &self.http1,
+        };
+        pool.get_or_init(|| Box::new(self.client(version)))
     }
 
-    /// HTTP/1.1 only: upgrades (WebSocket) cannot ride HTTP/2 here.
-    pub fn http1(&self) -> &HttpClient {
-        self.http1.get_or_init(|| Box::new(self.client(true)))
-    }
-
-    fn client(&self, http1_only: bool) -> HttpClient {
-        let http_alpn: &[&str] = if http1_only {
-            &["http/1.1"]
-        } else {
-            &["h2", "http/1.1"]
+    fn client(&self, version: UpstreamHttp) -> HttpClient {
+        let http_alpn: &[&str] = match version {
+            UpstreamHttp::Http2 => &["h2"],
+            UpstreamHttp::Alpn => &["h2", "http/1.1"],
+            _ => &["http/1.1"],
         };
         let tls = self
             .tls
@@ -173,9 +197,7 @@ impl Transport {
         };
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
-        if !http1_only {
-            builder.http2_only(self.spec.http2 && self.spec.tls.is_none());
-        }
+        builder.http2_only(version == UpstreamHttp::Http2);
         builder.build(connector)
     }
 
@@ -195,12 +217,14 @@ struct TlsConfigs {
 
 /// ALPN values offered: `first`, then the mesh's own.
 fn alpn(first: &[&str], mesh: &[String]) -> Vec<Vec<u8>> {
-    first
-        .iter()
-        .copied()
-        .chain(mesh.iter().map(String::as_str))
-        .map(|a| a.as_bytes().to_vec())
-        .collect()
+    let mut all: Vec<Vec<u8>> = Vec::new();
+    for a in first.iter().copied().chain(mesh.iter().map(String::as_str)) {
+        // The mesh's list may name the version too (Istio's `h2` for HTTP/2 clusters).
+        if !all.iter().any(|b| b == a.as_bytes()) {
+            all.push(a.as_bytes().to_vec());
+        }
+    }
+    all
 }
 
 /// Where an endpoint is.
@@ -727,7 +751,7 @@ mod tests {
                 sans: vec!["spiffe://cluster.local/ns/default/sa/server".into()],
                 alpn: vec!["istio".into()],
             }),
-            http2: false,
+            protocol: UpstreamHttp::Http1,
             idle_timeout: None,
             max_requests_per_connection: None,
         };
@@ -763,13 +787,77 @@ mod tests {
             bind: None,
             connect_timeout: Duration::from_secs(1),
             tls: None,
-            http2: false,
+            protocol: UpstreamHttp::Http1,
             idle_timeout: None,
             max_requests_per_connection: None,
         };
         let transport = Transport::new(spec, None).unwrap();
-        assert!(transport.http.get().is_none() && transport.http1.get().is_none());
-        let _ = transport.http();
-        assert!(transport.http.get().is_some() && transport.http1.get().is_none());
+        let made =
+            |t: &Transport| [t.http1.get(), t.http2.get(), t.alpn.get()].map(|p| p.is_some());
+        assert_eq!(made(&transport), [false; 3]);
+        let _ = transport.http(Version::HTTP_11, false);
+        assert_eq!(made(&transport), [true, false, false]);
+    }
+
+    /// A request travels in the version its cluster names; with `use_downstream_protocol`, in
+    /// the version it came in; an upgrade always in HTTP/1.1.
+    #[tokio::test]
+    async fn a_request_travels_in_the_version_its_cluster_says() {
+        use http_body_util::{BodyExt, Empty};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let echo = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let v = format!("{:?}", req.version());
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(Bytes::from(v)),
+                            ))
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), echo)
+                        .await;
+                });
+            }
+        });
+        let version_seen = |protocol: UpstreamHttp, downstream: Version, upgrade: bool| async move {
+            let transport = Transport::new(
+                TransportSpec {
+                    bind: None,
+                    connect_timeout: Duration::from_secs(5),
+                    tls: None,
+                    protocol,
+                    idle_timeout: None,
+                    max_requests_per_connection: None,
+                },
+                None,
+            )
+            .unwrap();
+            let req = http::Request::get(format!("http://{addr}/"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            let resp = transport
+                .http(downstream, upgrade)
+                .request(req)
+                .await
+                .unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8(body.to_vec()).unwrap()
+        };
+        use UpstreamHttp::*;
+        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
+        assert_eq!(version_seen(Http1, h2, false).await, "HTTP/1.1");
+        assert_eq!(version_seen(Http2, h1, false).await, "HTTP/2.0");
+        assert_eq!(version_seen(Http2, h1, true).await, "HTTP/1.1");
+        assert_eq!(version_seen(Downstream, h1, false).await, "HTTP/1.1");
+        assert_eq!(version_seen(Downstream, h2, false).await, "HTTP/2.0");
+        // Without TLS there is no ALPN to settle on HTTP/2.
+        assert_eq!(version_seen(Alpn, h2, false).await, "HTTP/1.1");
     }
 }

@@ -23,7 +23,7 @@ use prost::Message;
 use super::CompileError;
 use super::listener::{pb_duration, socket_addr, socket_address};
 use crate::upstream::{
-    Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec,
+    Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec, UpstreamHttp,
 };
 
 pub(crate) const KIND: &str = "cluster";
@@ -249,40 +249,50 @@ fn metadata_matches(criteria: &Struct, metadata: Option<&Struct>) -> bool {
 
 /// What the cluster's HTTP protocol options ask of upstream connections.
 struct HttpOptions {
-    http2: bool,
+    protocol: UpstreamHttp,
     idle_timeout: Option<Duration>,
     max_requests_per_connection: Option<u32>,
 }
 
 fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
+    use http_protocol_options::UpstreamProtocolOptions as Upstream;
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
     #[allow(deprecated)]
-    let legacy_http2 = c.http2_protocol_options.is_some();
+    let legacy = if c.http2_protocol_options.is_some() {
+        UpstreamHttp::Http2
+    } else {
+        UpstreamHttp::Http1
+    };
     let Some(any) = c.typed_extension_protocol_options.get(HTTP_OPTIONS) else {
         return Ok(HttpOptions {
-            http2: legacy_http2,
+            protocol: legacy,
             idle_timeout: None,
             max_requests_per_connection: None,
         });
     };
     let opts = HttpProtocolOptions::decode(any.value.as_slice())
         .map_err(|e| format!("{HTTP_OPTIONS}: {e}"))?;
-    let http2 = legacy_http2
-        || match opts.upstream_protocol_options {
-            Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(e)) => {
-                matches!(
-            e.protocol_config,
-            Some(
-                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                    _
-                )
-            )
-        )
+    let protocol = match &opts.upstream_protocol_options {
+        None => legacy,
+        Some(Upstream::ExplicitHttpConfig(e)) => match e.protocol_config {
+            Some(ProtocolConfig::Http2ProtocolOptions(_)) => UpstreamHttp::Http2,
+            Some(ProtocolConfig::HttpProtocolOptions(_)) | None => UpstreamHttp::Http1,
+            Some(ProtocolConfig::Http3ProtocolOptions(_)) => {
+                return Err(format!("{HTTP_OPTIONS}: HTTP/3 upstream is not supported"));
             }
-            _ => false,
-        };
+        },
+        // As Envoy, the downstream's version whichever options are given.
+        Some(Upstream::UseDownstreamProtocolConfig(_)) => UpstreamHttp::Downstream,
+        Some(Upstream::AutoConfig(a)) => {
+            if a.http3_protocol_options.is_some() {
+                return Err(format!("{HTTP_OPTIONS}: HTTP/3 upstream is not supported"));
+            }
+            UpstreamHttp::Alpn
+        }
+    };
     let common = opts.common_http_protocol_options.as_ref();
     Ok(HttpOptions {
-        http2,
+        protocol,
         idle_timeout: common
             .and_then(|o| o.idle_timeout.as_ref())
             .map(pb_duration)
@@ -360,7 +370,7 @@ pub fn compile(
                 .as_ref()
                 .map_or(Duration::from_secs(5), pb_duration),
             tls,
-            http2: options.http2,
+            protocol: options.protocol,
             idle_timeout: options.idle_timeout,
             max_requests_per_connection: options.max_requests_per_connection,
         })
