@@ -212,7 +212,13 @@ fn main() {
             for ((label, pid), b) in t.proxies.iter().zip(&before) {
                 let cpu = procfs::cpu_seconds(pid) - b;
                 let per_1000 = cpu / (sent as f64 / 1000.0);
-                usage.push((t.name, *label, per_1000, procfs::status_kb(pid, "VmRSS")));
+                usage.push((
+                    t.name,
+                    *label,
+                    per_1000,
+                    procfs::status_kb(pid, "VmRSS"),
+                    procfs::private_kb(pid),
+                ));
             }
             let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 1000.0;
             let added = |p: f64| {
@@ -271,11 +277,12 @@ fn main() {
             (policy / plain - 1.0) * 100.0
         ));
     }
-    report.push_str("\n| proxy | CPU s per 1,000 requests | vCPU at 1,000 requests/s | RSS MB |\n|---|---|---|---|\n");
-    for (path, label, per_1000, rss) in &usage {
+    report.push_str("\n| proxy | CPU s per 1,000 requests | vCPU at 1,000 requests/s | RSS MB | of it private MB |\n|---|---|---|---|---|\n");
+    for (path, label, per_1000, rss, private) in &usage {
         report.push_str(&format!(
-            "| {path}: {label} | {per_1000:.4} | {per_1000:.3} | {:.1} |\n",
-            *rss as f64 / 1024.0
+            "| {path}: {label} | {per_1000:.4} | {per_1000:.3} | {:.1} | {:.1} |\n",
+            *rss as f64 / 1024.0,
+            *private as f64 / 1024.0
         ));
     }
     report.push_str("\n| path | max requests/s (closed loop, 4 connections) | bulk MB/s (1 connection) |\n|---|---|---|\n");

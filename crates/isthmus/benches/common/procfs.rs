@@ -18,7 +18,20 @@ pub fn cpu_seconds(pid: impl Display) -> f64 {
 
 /// A kB field of `/proc/PID/status` (`VmRSS`, `VmHWM`), 0 when it cannot be read.
 pub fn status_kb(pid: impl Display, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    kb_field(&format!("/proc/{pid}/status"), field)
+}
+
+/// The resident memory that `pid` alone maps (`Private_Clean` + `Private_Dirty` of
+/// `/proc/PID/smaps_rollup`): its RSS without the pages of files it shares with other processes,
+/// such as the code of a binary that every sidecar of a node runs.
+#[allow(dead_code)] // not every bench reports it
+pub fn private_kb(pid: impl Display) -> u64 {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    kb_field(&path, "Private_Clean") + kb_field(&path, "Private_Dirty")
+}
+
+fn kb_field(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
