@@ -484,46 +484,44 @@ fn the_upstream_http_version_follows_the_port_and_the_h2_upgrade_policy() {
             })
             .collect()
     };
-    let pairs = |v: &[(&str, &'static str)]| -> Vec<(String, &'static str)> {
-        v.iter().map(|(n, p)| (n.to_string(), *p)).collect()
-    };
-    let mut got = versions(&context_with(extra));
-    got.sort();
-    assert_eq!(
-        got,
-        pairs(&[
-            ("inbound|100||", "downstream"),
-            ("inbound|80||", "http/1.1"),
-            ("inbound|90||", "h2"),
-            ("outbound|100||web.proto.svc.cluster.local", "downstream"),
-            ("outbound|80||client.proto.svc.cluster.local", "downstream"),
-            ("outbound|80||keep.proto.svc.cluster.local", "http/1.1"),
-            ("outbound|80||up.proto.svc.cluster.local", "h2"),
-            ("outbound|80||web.proto.svc.cluster.local", "http/1.1"),
-            ("outbound|90||web.proto.svc.cluster.local", "h2"),
-        ])
-    );
+    // Cluster, then its version with the mesh's default and with `h2UpgradePolicy: UPGRADE`
+    // mesh-wide: inbound to the app, and sniffed ports, are never upgraded.
+    let want = [
+        ("inbound|100||", "downstream", "downstream"),
+        ("inbound|80||", "http/1.1", "http/1.1"),
+        ("inbound|90||", "h2", "h2"),
+        (
+            "outbound|100||web.proto.svc.cluster.local",
+            "downstream",
+            "downstream",
+        ),
+        (
+            "outbound|80||client.proto.svc.cluster.local",
+            "downstream",
+            "downstream",
+        ),
+        (
+            "outbound|80||keep.proto.svc.cluster.local",
+            "http/1.1",
+            "http/1.1",
+        ),
+        ("outbound|80||up.proto.svc.cluster.local", "h2", "h2"),
+        ("outbound|80||web.proto.svc.cluster.local", "http/1.1", "h2"),
+        ("outbound|90||web.proto.svc.cluster.local", "h2", "h2"),
+    ];
     let upgrade = MeshConfig {
         h2_upgrade_policy: Some("UPGRADE".into()),
         ..Default::default()
     };
-    let mut got = versions(&context_with_mesh(extra, upgrade));
-    got.sort();
-    assert_eq!(
-        got,
-        pairs(&[
-            // Inbound to the app, and sniffed ports, are never upgraded.
-            ("inbound|100||", "downstream"),
-            ("inbound|80||", "http/1.1"),
-            ("inbound|90||", "h2"),
-            ("outbound|100||web.proto.svc.cluster.local", "downstream"),
-            ("outbound|80||client.proto.svc.cluster.local", "downstream"),
-            ("outbound|80||keep.proto.svc.cluster.local", "http/1.1"),
-            ("outbound|80||up.proto.svc.cluster.local", "h2"),
-            ("outbound|80||web.proto.svc.cluster.local", "h2"),
-            ("outbound|90||web.proto.svc.cluster.local", "h2"),
-        ])
-    );
+    for (mesh, column) in [(MeshConfig::default(), 1), (upgrade, 2)] {
+        let mut got = versions(&context_with_mesh(extra, mesh));
+        got.sort();
+        let expected: Vec<(String, &str)> = want
+            .iter()
+            .map(|w| (w.0.to_string(), if column == 1 { w.1 } else { w.2 }))
+            .collect();
+        assert_eq!(got, expected, "column {column}");
+    }
 }
 
 #[test]
