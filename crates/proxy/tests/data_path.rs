@@ -455,14 +455,22 @@ impl Harness {
         self.version.send_modify(|v| *v += 1);
     }
 
-    /// The last NACK of `type_url`, if any.
-    fn nack(&self, type_url: &str) -> Option<String> {
-        self.ads
-            .proxies()
-            .lock()
-            .unwrap()
-            .values()
-            .find_map(|p| p.types.get(type_url).and_then(|t| t.nack.clone()))
+    /// The last NACK of `type_url`, waited for up to 3 s.
+    async fn nack(&self, type_url: &str) -> Option<String> {
+        for _ in 0..100 {
+            let nack = self
+                .ads
+                .proxies()
+                .lock()
+                .unwrap()
+                .values()
+                .find_map(|p| p.types.get(type_url).and_then(|t| t.nack.clone()));
+            if nack.is_some() {
+                return nack;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        None
     }
 }
 
@@ -685,14 +693,7 @@ fn unsupported_config_is_nacked_and_the_previous_config_stays() {
         );
         h.fixed.put(LISTENER, "0.0.0.0_3306", pack_any(bad));
         h.push();
-        let mut nack = None;
-        for _ in 0..100 {
-            nack = h.nack(LISTENER);
-            if nack.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(30)).await;
-        }
+        let nack = h.nack(LISTENER).await;
         let nack = nack.expect("a NACK");
         assert!(
             nack.contains("0.0.0.0_3306")
@@ -710,6 +711,33 @@ fn unsupported_config_is_nacked_and_the_previous_config_stays() {
             dump.contains("0.0.0.0_80") && !dump.contains("0.0.0.0_3306"),
             "{dump}"
         );
+        let (status, body) = http_get_host("10.96.0.10:80", "svc").await;
+        assert_eq!(status, 200, "{body}");
+
+        // A cluster asking for HTTP/3 upstream, which this proxy does not speak.
+        let mut h3 = static_cluster("h3", &["127.0.0.1:9".parse().unwrap()], false);
+        h3.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            pack_any(HttpProtocolOptions {
+                upstream_protocol_options: Some(
+                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                        http_protocol_options::ExplicitHttpConfig {
+                            protocol_config: Some(
+                                http_protocol_options::explicit_http_config::ProtocolConfig::Http3ProtocolOptions(
+                                    Default::default(),
+                                ),
+                            ),
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+        );
+        h.fixed.put(CLUSTER, "h3", pack_any(h3));
+        h.push();
+        let nack = h.nack(CLUSTER).await;
+        let nack = nack.expect("a NACK of the cluster");
+        assert!(nack.contains("h3") && nack.contains("HTTP/3"), "{nack}");
         let (status, body) = http_get_host("10.96.0.10:80", "svc").await;
         assert_eq!(status, 200, "{body}");
     });
