@@ -16,6 +16,7 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     TransportSocketMatch,
 };
 use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, OutlierDetection};
+use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as CommonHttpOptions;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, Metadata, SocketAddress,
     TransportSocket, address, config_source, socket_address, transport_socket,
@@ -445,13 +446,6 @@ fn outbound_http(
 /// (`maxRequestsPerConnection`, `idleTimeout`). Nothing when HTTP/1.1 needs no limits, Envoy's
 /// default.
 fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&TrafficPolicy>) {
-    use envoy_types::pb::envoy::config::core::v3::{
-        Http1ProtocolOptions, Http2ProtocolOptions, HttpProtocolOptions as Common,
-    };
-    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-        HttpProtocolOptions, http_protocol_options,
-    };
-    use http_protocol_options::explicit_http_config::ProtocolConfig;
     let pool = policy
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|p| p.http.as_ref());
@@ -460,11 +454,22 @@ fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&Tra
         .filter(|n| *n > 0)
         .and_then(|n| u32::try_from(n).ok());
     let idle = pool.and_then(|h| h.idle_timeout.as_ref());
-    let common = (max_requests.is_some() || idle.is_some()).then(|| Common {
+    let common = (max_requests.is_some() || idle.is_some()).then(|| CommonHttpOptions {
         max_requests_per_connection: max_requests.map(|value| UInt32Value { value }),
         idle_timeout: idle.map(|d| duration(d.as_std())),
         ..Default::default()
     });
+    put_protocol_options(c, http, common);
+}
+
+/// Envoy's `HttpProtocolOptions` on `c`: the upstream version, and the per-connection limits
+/// of `common`. Nothing when HTTP/1.1 needs no limits, Envoy's default.
+fn put_protocol_options(c: &mut Cluster, http: UpstreamHttp, common: Option<CommonHttpOptions>) {
+    use envoy_types::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2ProtocolOptions};
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions, http_protocol_options,
+    };
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
     if http == UpstreamHttp::Http1 && common.is_none() {
         return;
     }
@@ -504,7 +509,7 @@ fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&Tra
 }
 
 fn passthrough(name: &str, bind_from: Option<&str>) -> Cluster {
-    Cluster {
+    let mut c = Cluster {
         name: name.into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(
             DiscoveryType::OriginalDst as i32,
@@ -514,7 +519,18 @@ fn passthrough(name: &str, bind_from: Option<&str>) -> Cluster {
         circuit_breakers: Some(circuit_breakers(None)),
         upstream_bind_config: bind_from.map(bind),
         ..Default::default()
-    }
+    };
+    // As Istio's: requests go on in the version they came in, and idle connections to
+    // destinations seen once are closed after five minutes.
+    put_protocol_options(
+        &mut c,
+        UpstreamHttp::Downstream,
+        Some(CommonHttpOptions {
+            idle_timeout: Some(secs(300)),
+            ..Default::default()
+        }),
+    );
+    c
 }
 
 fn lb_policy(policy: Option<&TrafficPolicy>) -> LbPolicy {

@@ -451,14 +451,19 @@ fn http_connection_pool_limits_become_protocol_options() {
 
 /// Istio's upstream HTTP version: HTTP/2 for gRPC and HTTP/2 ports or when `h2UpgradePolicy`
 /// upgrades (the DestinationRule's, else the mesh's, whose default does not), the request's own
-/// version on sniffed ports and with `useClientProtocol`, HTTP/1.1 otherwise.
+/// version on sniffed ports, with `useClientProtocol` and to passthrough destinations, HTTP/1.1
+/// otherwise.
 #[test]
 fn the_upstream_http_version_follows_the_port_and_the_h2_upgrade_policy() {
     let extra = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: proto}\nspec:\n  clusterIP: 10.96.7.1\n  selector: {app: web}\n  ports: [{name: http, port: 80}, {name: grpc-api, port: 90}, {port: 100}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: proto, labels: {app: web, security.istio.io/tlsMode: istio}}\nspec: {containers: [{name: app, image: app}]}\nstatus: {podIP: 10.7.0.5, conditions: [{type: Ready, status: \"True\"}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: up, namespace: proto}\nspec: {clusterIP: 10.96.7.2, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: keep, namespace: proto}\nspec: {clusterIP: 10.96.7.3, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: client, namespace: proto}\nspec: {clusterIP: 10.96.7.4, ports: [{name: http, port: 80}]}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: up, namespace: proto}\nspec: {host: up, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: UPGRADE}}}}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: keep, namespace: proto}\nspec: {host: keep, trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE}}}}\n---\napiVersion: networking.istio.io/v1beta1\nkind: DestinationRule\nmetadata: {name: client, namespace: proto}\nspec: {host: client, trafficPolicy: {connectionPool: {http: {useClientProtocol: true}}}}\n";
     let versions = |ctx: &PushContext| -> Vec<(String, &'static str)> {
         isthmus_pilot::cluster::clusters(ctx, &proxy("10.7.0.5", "web-0", "proto"))
             .into_iter()
-            .filter(|c| c.name.contains("proto.svc") || c.name.starts_with("inbound|"))
+            .filter(|c| {
+                c.name.contains("proto.svc")
+                    || c.name.starts_with("inbound|")
+                    || c.name.ends_with("PassthroughCluster")
+            })
             .map(|c| {
                 let json = to_json(&c).unwrap().to_string();
                 let h2 = json.contains("\"explicit_http_config\":{\"http2_protocol_options\"");
@@ -487,6 +492,8 @@ fn the_upstream_http_version_follows_the_port_and_the_h2_upgrade_policy() {
     // Cluster, then its version with the mesh's default and with `h2UpgradePolicy: UPGRADE`
     // mesh-wide: inbound to the app, and sniffed ports, are never upgraded.
     let want = [
+        ("InboundPassthroughCluster", "downstream", "downstream"),
+        ("PassthroughCluster", "downstream", "downstream"),
         ("inbound|100||", "downstream", "downstream"),
         ("inbound|80||", "http/1.1", "http/1.1"),
         ("inbound|90||", "h2", "h2"),
