@@ -307,6 +307,8 @@ struct Target {
 /// The bench mesh: `bench` (injected) with client, server and 99 more services; `plain`
 /// (no sidecars) with the baselines' client and server.
 struct Mesh {
+    /// Unique per run, so that runs side by side do not share namespaces.
+    name: String,
     state: PathBuf,
 }
 
@@ -348,10 +350,11 @@ impl Mesh {
         }
         std::fs::write(dir.join("bench.yaml"), yaml).expect("write");
         let state = dir.join("state");
+        let name = format!("bench{}", std::process::id());
         let out = Command::new(BIN)
             .arg("up")
             .arg(dir.join("bench.yaml"))
-            .args(["--name", "bench", "--state-dir"])
+            .args(["--name", &name, "--state-dir"])
             .arg(&state)
             .output()
             .expect("isthmus up");
@@ -360,7 +363,7 @@ impl Mesh {
             "isthmus up: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        Mesh { state }
+        Mesh { name, state }
     }
 
     fn status(&self) -> serde_json::Value {
@@ -407,7 +410,7 @@ fn policy_yaml() -> String {
 impl Drop for Mesh {
     fn drop(&mut self) {
         let _ = Command::new(BIN)
-            .args(["down", "--name", "bench", "--state-dir"])
+            .args(["down", "--name", &self.name, "--state-dir"])
             .arg(&self.state)
             .output();
     }
