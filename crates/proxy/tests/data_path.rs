@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::explicit_http_config::ProtocolConfig;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -161,25 +162,29 @@ fn static_cluster(name: &str, endpoints: &[SocketAddr], http2: bool) -> Cluster 
         ..Default::default()
     };
     if http2 {
-        c.typed_extension_protocol_options.insert(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-            pack_any(HttpProtocolOptions {
-                upstream_protocol_options: Some(
-                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                        http_protocol_options::ExplicitHttpConfig {
-                            protocol_config: Some(
-                                http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                                    Http2ProtocolOptions::default(),
-                                ),
-                            ),
-                        },
-                    ),
-                ),
-                ..Default::default()
-            }),
+        explicit_protocol(
+            &mut c,
+            ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default()),
         );
     }
     c
+}
+
+/// Sets the cluster's upstream HTTP version (Envoy's `explicit_http_config`).
+fn explicit_protocol(c: &mut Cluster, protocol_config: ProtocolConfig) {
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(protocol_config),
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+    );
 }
 
 fn passthrough() -> Cluster {
@@ -716,22 +721,9 @@ fn unsupported_config_is_nacked_and_the_previous_config_stays() {
 
         // A cluster asking for HTTP/3 upstream, which this proxy does not speak.
         let mut h3 = static_cluster("h3", &["127.0.0.1:9".parse().unwrap()], false);
-        h3.typed_extension_protocol_options.insert(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-            pack_any(HttpProtocolOptions {
-                upstream_protocol_options: Some(
-                    http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                        http_protocol_options::ExplicitHttpConfig {
-                            protocol_config: Some(
-                                http_protocol_options::explicit_http_config::ProtocolConfig::Http3ProtocolOptions(
-                                    Default::default(),
-                                ),
-                            ),
-                        },
-                    ),
-                ),
-                ..Default::default()
-            }),
+        explicit_protocol(
+            &mut h3,
+            ProtocolConfig::Http3ProtocolOptions(Default::default()),
         );
         h.fixed.put(CLUSTER, "h3", pack_any(h3));
         h.push();
