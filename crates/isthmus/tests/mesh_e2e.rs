@@ -309,6 +309,26 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         "{out}"
     );
     assert!(out.contains("IP=127.0.0.6"), "{out}");
+    // Every request carries Envoy's element for the peer, as Istio configures it: the server
+    // sidecar's identity, the client certificate's hash, an empty subject, the caller's URI.
+    let xfcc: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split("RequestHeader=x-forwarded-client-cert:").nth(1))
+        .collect();
+    assert_eq!(xfcc.len(), 20, "{out}");
+    for v in &xfcc {
+        let fields: Vec<&str> = v.split(';').collect();
+        assert!(
+            fields.len() == 4
+                && fields[0].starts_with("By=spiffe://cluster.local/ns/e2e/sa/")
+                && fields[1]
+                    .strip_prefix("Hash=")
+                    .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                && fields[2] == "Subject=\"\""
+                && fields[3] == "URI=spiffe://cluster.local/ns/e2e/sa/client",
+            "{v}"
+        );
+    }
     let hosts: std::collections::BTreeSet<&str> = out
         .lines()
         .filter_map(|l| l.split("Hostname=").nth(1))

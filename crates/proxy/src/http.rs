@@ -166,26 +166,43 @@ fn client_cert_header(h: &mut HeaderMap, hcm: &Hcm, info: &ConnInfo, shared: &Sh
         }
         return;
     };
-    let mut current = format!("By={};Hash={}", shared.me.principal_uri, peer.hash);
-    if hcm.xfcc_subject {
-        current.push_str(";Subject=\"\"");
-    }
-    if hcm.xfcc_uri
-        && let Some(id) = &peer.identity
-    {
-        current.push_str(&format!(";URI={id}"));
-    }
+    let current = || {
+        info.xfcc
+            .get_or_init(|| {
+                let mut current = format!("By={};Hash={}", shared.me.principal_uri, peer.hash);
+                if hcm.xfcc_subject {
+                    current.push_str(";Subject=\"\"");
+                }
+                if hcm.xfcc_uri
+                    && let Some(id) = &peer.identity
+                {
+                    use std::fmt::Write;
+                    let _ = write!(current, ";URI={id}");
+                }
+                HeaderValue::from_str(&current).ok()
+            })
+            .clone()
+    };
     let value = match hcm.forward_client_cert {
         ForwardClientCert::Sanitize => None,
         ForwardClientCert::ForwardOnly | ForwardClientCert::AlwaysForwardOnly => return,
-        ForwardClientCert::SanitizeSet => Some(current),
-        ForwardClientCert::AppendForward => Some(match h.get(XFCC).and_then(|v| v.to_str().ok()) {
-            Some(prev) if !prev.is_empty() => format!("{prev},{current}"),
-            _ => current,
-        }),
+        ForwardClientCert::SanitizeSet => current(),
+        ForwardClientCert::AppendForward => {
+            match h
+                .get(XFCC)
+                .and_then(|v| v.to_str().ok())
+                .filter(|p| !p.is_empty())
+            {
+                Some(prev) => current().and_then(|c| {
+                    let c = c.to_str().ok()?;
+                    HeaderValue::from_str(&format!("{prev},{c}")).ok()
+                }),
+                None => current(),
+            }
+        }
     };
     h.remove(XFCC);
-    if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+    if let Some(v) = value {
         h.insert(XFCC, v);
     }
 }
@@ -549,7 +566,7 @@ fn shadow_host(host: &str) -> String {
 fn mirror(
     cluster: &Arc<Cluster>,
     parts: &Parts,
-    path: &str,
+    path: Option<&http::uri::PathAndQuery>,
     body: Bytes,
     timeout: Option<std::time::Duration>,
     stats: &Arc<crate::stats::Stats>,
@@ -561,7 +578,7 @@ fn mirror(
         ));
         return;
     };
-    let Ok(uri) = format!("http://{}{path}", pick.address.authority()).parse::<http::Uri>() else {
+    let Some(uri) = pick.address.uri(path) else {
         return;
     };
     let mut headers = parts.headers.clone();
@@ -679,11 +696,7 @@ async fn forward(
     let attempts = 1 + retry.map_or(0, |r| r.attempts);
     let per_try = retry.and_then(|r| r.per_try_timeout).or(fwd.timeout);
     let mut failed: Vec<Address> = Vec::new();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    let path = parts.uri.path_and_query().cloned();
     if let Some(l) = pending.log.as_mut() {
         l.entry.upstream_cluster = cluster.name.clone();
     }
@@ -704,7 +717,7 @@ async fn forward(
             };
             match &copy {
                 Some(b) if crate::config::route::roll(*share) => {
-                    mirror(target, &parts, &path, b.clone(), fwd.timeout, stats);
+                    mirror(target, &parts, path.as_ref(), b.clone(), fwd.timeout, stats);
                 }
                 Some(_) => {}
                 None => stats.inc(format_args!("cluster.{name}.upstream_rq_mirror_skipped")),
@@ -775,8 +788,7 @@ async fn forward(
                 break;
             }
         };
-        let Ok(uri) = format!("http://{}{path}", pick.address.authority()).parse::<http::Uri>()
-        else {
+        let Some(uri) = pick.address.uri(path.as_ref()) else {
             last = local_reply(400, "");
             last_flags = "DPE";
             break;

@@ -35,6 +35,9 @@ pub struct ConnInfo {
     pub peer: Option<PeerCert>,
     /// With `original_src`: this connection's own upstream transports, by the cluster's.
     pub upstreams: std::sync::Mutex<std::collections::HashMap<TransportSpec, Arc<Transport>>>,
+    /// The `x-forwarded-client-cert` element for the peer, made on the first request: the
+    /// peer and the connection manager that describes it stay for the connection's life.
+    pub xfcc: std::sync::OnceLock<Option<http::HeaderValue>>,
 }
 
 impl ConnInfo {
@@ -228,6 +231,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         source,
         peer,
         upstreams: Default::default(),
+        xfcc: Default::default(),
     });
     if !chain.rbac.is_empty() {
         let principal = info.principal();

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Version;
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -244,9 +245,17 @@ impl std::fmt::Display for Address {
 }
 
 impl Address {
-    /// As a URI authority for the HTTP pools (which key connections by it).
-    pub fn authority(&self) -> String {
-        self.to_string()
+    /// The URI of a request to this endpoint, `http://<address><path>` (the HTTP pools key
+    /// connections by its authority); the path is shared, not copied.
+    pub fn uri(&self, path: Option<&PathAndQuery>) -> Option<Uri> {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(Authority::from_maybe_shared(Bytes::from(self.to_string())).ok()?);
+        parts.path_and_query = Some(
+            path.cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).ok()
     }
 }
 
