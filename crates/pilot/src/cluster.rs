@@ -34,7 +34,7 @@ use envoy_types::pb::google::protobuf::{
 };
 use envoy_types::util::pack_any;
 use isthmus_config::MeshConfig;
-use isthmus_config::istio::networking::{ClientTlsSettings, Subset, TrafficPolicy};
+use isthmus_config::istio::networking::{ClientTlsSettings, HttpSettings, Subset, TrafficPolicy};
 use isthmus_registry::{Protocol, Resolution, Service};
 
 use crate::context::{InboundMode, PushContext};
@@ -423,9 +423,7 @@ fn outbound_http(
     policy: Option<&TrafficPolicy>,
     mesh: &MeshConfig,
 ) -> UpstreamHttp {
-    let pool = policy
-        .and_then(|p| p.connection_pool.as_ref())
-        .and_then(|p| p.http.as_ref());
+    let pool = http_pool(policy);
     if pool.is_some_and(|h| h.use_client_protocol) {
         return UpstreamHttp::Downstream;
     }
@@ -441,14 +439,19 @@ fn outbound_http(
     }
 }
 
+/// The DestinationRule's HTTP connection pool settings.
+fn http_pool(policy: Option<&TrafficPolicy>) -> Option<&HttpSettings> {
+    policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|p| p.http.as_ref())
+}
+
 /// The cluster's `HttpProtocolOptions`, as Istio sets them: the upstream version (above), and
 /// the DestinationRule's HTTP connection pool limits per connection
 /// (`maxRequestsPerConnection`, `idleTimeout`). Nothing when HTTP/1.1 needs no limits, Envoy's
 /// default.
 fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&TrafficPolicy>) {
-    let pool = policy
-        .and_then(|p| p.connection_pool.as_ref())
-        .and_then(|p| p.http.as_ref());
+    let pool = http_pool(policy);
     let max_requests = pool
         .map(|h| h.max_requests_per_connection)
         .filter(|n| *n > 0)
