@@ -10,6 +10,7 @@
 //! - isthmus-policy: the isthmus path again, to a service with a VirtualService of 10 routes
 //!   (with retries) and an AuthorizationPolicy of 20 rules in force.
 //!
+//! `ISTHMUS_BENCH_PAYLOAD=N` sets the body size (1,024 bytes by default).
 //! `ISTHMUS_BENCH_H2UPGRADE=1` runs the mesh with `h2UpgradePolicy: UPGRADE`, so that the
 //! sidecars speak HTTP/2 between them instead of Istio's default HTTP/1.1.
 //!
@@ -39,9 +40,16 @@ mod procfs;
 const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 const RATE: u64 = 1_000;
 const CONNECTIONS: usize = 4;
-const PAYLOAD: usize = 1024;
 const WARMUP: Duration = Duration::from_secs(2);
 
+/// `ISTHMUS_BENCH_PAYLOAD` sets the request and response body size in bytes (Istio's 1 KB
+/// by default).
+fn payload() -> usize {
+    std::env::var("ISTHMUS_BENCH_PAYLOAD")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1024)
+}
 /// `ISTHMUS_BENCH_SECONDS` lengthens the measured phase (to profile a proxy under load).
 fn measure() -> Duration {
     Duration::from_secs(
@@ -182,7 +190,8 @@ fn main() {
     let mut report = String::new();
     let machine = machine();
     report.push_str(&format!(
-        "{machine}\nload: HTTP/1.1 POST, {PAYLOAD} B request and response bodies, {RATE} requests/s over {CONNECTIONS} connections, open loop, {} s after {} s warm-up; mesh config: {SERVICES} services; between the sidecars: {}\n\n",
+        "{machine}\nload: HTTP/1.1 POST, {} B request and response bodies, {RATE} requests/s over {CONNECTIONS} connections, open loop, {} s after {} s warm-up; mesh config: {SERVICES} services; between the sidecars: {}\n\n",
+        payload(),
         measure().as_secs(),
         WARMUP.as_secs(),
         if h2_upgrade() {
@@ -485,10 +494,10 @@ async fn connect_in(netns: &str, addr: SocketAddr) -> tokio::net::TcpStream {
     tokio::net::TcpStream::from_std(s).expect("tokio stream")
 }
 
-/// 1 KB answers; `/bulk` counts what it was sent.
+/// Answers of the payload size; `/bulk` counts what it was sent.
 async fn serve(l: std::net::TcpListener) {
     let l = tokio::net::TcpListener::from_std(l).expect("listener");
-    let answer = Bytes::from(vec![b'x'; PAYLOAD]);
+    let answer = Bytes::from(vec![b'x'; payload()]);
     loop {
         let Ok((s, _)) = l.accept().await else {
             continue;
@@ -558,7 +567,7 @@ async fn request(send: &mut Sender, host: &str, body: &Bytes) -> bool {
 /// intended time, so a stall delays (and charges) every request behind it.
 async fn open_loop(t: &Target) -> (Histogram<u64>, u64, u64) {
     let per_conn = Duration::from_nanos(1_000_000_000 * CONNECTIONS as u64 / RATE);
-    let body = Bytes::from(vec![b'y'; PAYLOAD]);
+    let body = Bytes::from(vec![b'y'; payload()]);
     let mut tasks = Vec::new();
     for c in 0..CONNECTIONS {
         let mut send = client(t).await;
@@ -669,7 +678,7 @@ impl Pacer {
 
 async fn closed_loop(t: &Target) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
-    let body = Bytes::from(vec![b'y'; PAYLOAD]);
+    let body = Bytes::from(vec![b'y'; payload()]);
     let end = Instant::now() + MAX_RATE_FOR;
     let mut tasks = Vec::new();
     for _ in 0..CONNECTIONS {

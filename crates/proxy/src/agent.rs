@@ -278,8 +278,8 @@ pub async fn run(
     let me = Me {
         metadata: header(&workload.encode()),
         node_id: header(&opts.node_id()),
-        principal_uri: id.to_string(),
-        workload,
+        principal_uri: id.to_string().into(),
+        workload: Arc::new(workload),
     };
     // Each xDS session connects anew and presents the certificate current then (mutual TLS on
     // the control plane's secure port, which checks it against the node it claims to be).

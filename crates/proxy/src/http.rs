@@ -29,10 +29,27 @@ use crate::config::{Cluster, DynamicMetadata};
 use crate::peer;
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
-use crate::upstream::{Address, Body, EndpointState, Slot};
+use crate::upstream::{self, Address, Body, EndpointState, Slot};
 
-const XFCC: &str = "x-forwarded-client-cert";
-const REQUEST_ID: &str = "x-request-id";
+// Header names the data path uses on every request, as `HeaderName`s: a `&str` is parsed
+// again on each lookup.
+const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// The fields [`strip_hop_by_hop`] removes by name (besides those `Connection` lists).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::UPGRADE,
+];
 
 pub async fn serve<S>(io: S, hcm: Arc<Hcm>, info: Arc<ConnInfo>, shared: Arc<Shared>)
 where
@@ -124,6 +141,11 @@ fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
 /// RFC 9110 §7.6.1: connection-specific fields do not cross a proxy. An upgrade keeps its
 /// `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of them: one pass over the names says so, where a removal
+    // per field would look each up.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(h)
         .filter(|t| !(keep_upgrade && t.eq_ignore_ascii_case("upgrade")))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
@@ -132,11 +154,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.remove(n);
     }
     for n in [
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "proxy-authenticate",
-        "proxy-authorization",
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
     ] {
         h.remove(n);
     }
@@ -215,7 +237,10 @@ async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     let stats = &shared.stats;
-    stats.inc(format_args!("http.{}.downstream_rq_total", hcm.stat_prefix));
+    hcm.downstream_rq_total.inc(
+        stats,
+        format_args!("http.{}.downstream_rq_total", hcm.stat_prefix),
+    );
     let cfg = shared.config();
     let table = match &hcm.routes {
         RouteSource::Inline(t) => Some(t.clone()),
@@ -387,9 +412,9 @@ fn prepare_request(
         h.insert(REQUEST_ID, request_id());
     }
     client_cert_header(h, hcm, info, shared);
-    if !h.contains_key("x-forwarded-proto") {
+    if !h.contains_key(FORWARDED_PROTO) {
         let proto = if info.peer.is_some() { "https" } else { "http" };
-        h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        h.insert(FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
     // The logical host travels as `Host`: the upstream URI carries the endpoint address.
     if !h.contains_key(header::HOST)
@@ -494,7 +519,7 @@ impl LogCtx {
                 .to_string(),
                 authority: authority(parts).unwrap_or_default().to_string(),
                 user_agent: h("user-agent"),
-                request_id: h(REQUEST_ID),
+                request_id: h(REQUEST_ID.as_str()),
                 forwarded_for: h("x-forwarded-for"),
                 downstream_local: Some(info.destination),
                 downstream_remote: Some(info.source),
@@ -578,7 +603,7 @@ fn mirror(
         ));
         return;
     };
-    let Some(uri) = pick.address.uri(path) else {
+    let Some(uri) = pick.authority.as_ref().and_then(|a| upstream::uri(a, path)) else {
         return;
     };
     let mut headers = parts.headers.clone();
@@ -597,7 +622,7 @@ fn mirror(
     let Ok(req) = b.body(Full::new(body).map_err(|never| match never {}).boxed()) else {
         return;
     };
-    stats.inc(format_args!("cluster.{}.upstream_rq_total", cluster.name));
+    cluster.count_request(stats);
     stats.inc(format_args!(
         "cluster.{}.upstream_rq_mirrored",
         cluster.name
@@ -774,7 +799,8 @@ async fn forward(
     // The retry in flight holds a slot of the cluster's retry limit until the next attempt
     // ends.
     let mut _retrying: Option<crate::upstream::Slot> = None;
-    let mut last: Response<Body> = local_reply(503, "no healthy upstream");
+    // The answer when no attempt returns one; made only then (most requests never need it).
+    let mut last: Option<Response<Body>> = None;
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
     for attempt in 0..attempts {
@@ -788,8 +814,12 @@ async fn forward(
                 break;
             }
         };
-        let Some(uri) = pick.address.uri(path.as_ref()) else {
-            last = local_reply(400, "");
+        let Some(uri) = pick
+            .authority
+            .as_ref()
+            .and_then(|a| upstream::uri(a, path.as_ref()))
+        else {
+            last = Some(local_reply(400, ""));
             last_flags = "DPE";
             break;
         };
@@ -810,7 +840,7 @@ async fn forward(
             },
         };
         let Ok(mut up_req) = b.body(up_body) else {
-            last = local_reply(400, "");
+            last = Some(local_reply(400, ""));
             last_flags = "DPE";
             break;
         };
@@ -827,7 +857,7 @@ async fn forward(
             l.entry.upstream_host = pick.address.to_string();
         }
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
-        stats.inc(format_args!("cluster.{}.upstream_rq_total", cluster.name));
+        cluster.count_request(stats);
         let call = client.request(up_req);
         let limit = match (per_try, deadline) {
             (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(Instant::now()))),
@@ -848,11 +878,7 @@ async fn forward(
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(status));
                 }
-                stats.inc(format_args!(
-                    "cluster.{}.upstream_rq_{}xx",
-                    cluster.name,
-                    status / 100
-                ));
+                cluster.count_response(stats, status);
                 if more
                     && retry.is_some_and(|r| r.on_status(status))
                     && let Some(s) = retry_slot(&cluster, stats)
@@ -880,7 +906,7 @@ async fn forward(
                 let parties = shared.parties(info, Some(&cluster), source_peer, dest_peer);
                 let grpc_status = resp
                     .headers()
-                    .get("grpc-status")
+                    .get(GRPC_STATUS)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 let (head, body) = resp.into_parts();
@@ -920,7 +946,7 @@ async fn forward(
                     }
                 ));
                 failed.push(pick.address.clone());
-                last = local_reply(
+                last = Some(local_reply(
                     503,
                     &format!(
                         "upstream connect error or disconnect/reset before headers. reset reason: {}",
@@ -930,7 +956,7 @@ async fn forward(
                             "connection termination".to_string()
                         }
                     ),
-                );
+                ));
                 last_flags = if connect { "UF" } else { "UC" };
                 let retriable = retry.is_some_and(|r| {
                     (connect && r.connect_failure) || (!connect && (r.reset || r.refused_stream))
@@ -953,7 +979,7 @@ async fn forward(
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(504));
                 }
-                last = local_reply(504, "upstream request timeout");
+                last = Some(local_reply(504, "upstream request timeout"));
                 last_flags = "UT";
                 let overall_left = deadline.is_none_or(|d| Instant::now() < d);
                 if more && overall_left {
@@ -964,6 +990,7 @@ async fn forward(
             }
         }
     }
+    let last = last.unwrap_or_else(|| local_reply(503, "no healthy upstream"));
     let parties = shared.parties(info, Some(&cluster), source_peer, None);
     finish_local(
         stats,
@@ -1171,7 +1198,7 @@ impl HttpBody for Observed {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
                 } else if let Some(t) = f.trailers_ref()
-                    && let Some(g) = t.get("grpc-status").and_then(|v| v.to_str().ok())
+                    && let Some(g) = t.get(GRPC_STATUS).and_then(|v| v.to_str().ok())
                     && let Some(tel) = self.telemetry.as_mut()
                 {
                     tel.grpc_status = Some(g.to_string());

@@ -35,9 +35,9 @@ use crate::upstream::Pools;
 /// This proxy, as it presents itself to peers and in telemetry.
 #[derive(Debug, Clone)]
 pub struct Me {
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     /// `spiffe://…` of the workload.
-    pub principal_uri: String,
+    pub principal_uri: Arc<str>,
     pub node_id: HeaderValue,
     pub metadata: HeaderValue,
 }
@@ -84,41 +84,37 @@ impl Shared {
         &self,
         info: &ConnInfo,
         cluster: Option<&Cluster>,
-        source_peer: Option<Workload>,
-        destination_peer: Option<Workload>,
+        source_peer: Option<Arc<Workload>>,
+        destination_peer: Option<Arc<Workload>>,
     ) -> Parties {
         let service = cluster.and_then(|c| c.service.clone()).unwrap_or_default();
         if info.inbound() {
-            let peer_id = info.peer.as_ref().and_then(|p| p.identity.as_ref());
+            let peer = info.peer.as_ref();
             let mut source = source_peer.unwrap_or_default();
             if source.namespace.is_empty()
-                && let Some(id) = peer_id
+                && let Some(id) = peer.and_then(|p| p.identity.as_ref())
             {
-                source.namespace = id.namespace.clone();
+                Arc::make_mut(&mut source).namespace = id.namespace.clone();
             }
             Parties {
                 source,
-                source_principal: peer_id.map(|i| i.to_string()).unwrap_or_default(),
+                source_principal: peer.map(|p| p.principal.clone()).unwrap_or_default(),
                 destination: self.me.workload.clone(),
-                destination_principal: if info.peer.is_some() {
+                destination_principal: if peer.is_some() {
                     self.me.principal_uri.clone()
                 } else {
-                    String::new()
+                    Arc::default()
                 },
-                destination_service: service.host,
-                destination_service_name: service.name,
-                destination_service_namespace: service.namespace,
-                mutual_tls: info.peer.is_some(),
+                destination_service: service,
+                mutual_tls: peer.is_some(),
             }
         } else {
             Parties {
                 source: self.me.workload.clone(),
                 source_principal: self.me.principal_uri.clone(),
                 destination: destination_peer.unwrap_or_default(),
-                destination_principal: String::new(),
-                destination_service: service.host,
-                destination_service_name: service.name,
-                destination_service_namespace: service.namespace,
+                destination_principal: Arc::default(),
+                destination_service: service,
                 mutual_tls: false,
             }
         }

@@ -3,15 +3,17 @@
 //! protobuf `Struct`, `x-envoy-peer-metadata-id` the node id) and over mTLS from the certificate.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use http::HeaderName;
 use prost::Message;
 
-pub const METADATA: &str = "x-envoy-peer-metadata";
-pub const METADATA_ID: &str = "x-envoy-peer-metadata-id";
+// Header names as `HeaderName`s: a `&str` is parsed again on every use.
+pub const METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
+pub const METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
 /// Bound on what is decoded from a peer.
 const MAX_METADATA: usize = 8 * 1024;
 /// Distinct headers remembered (a proxy talks to a bounded set of peers; past this the memory
@@ -111,16 +113,19 @@ impl Workload {
     }
 }
 
+/// A header's workload (None when malformed), shared by every request that brings it.
+type Decoded = Option<Arc<Workload>>;
+
 /// Peers' metadata headers already decoded: a peer sends the same header on every request, and
 /// decoding it (base64, then a protobuf `Struct`) costs more than finding it again.
 #[derive(Debug, Default)]
 pub struct Peers {
-    seen: Mutex<HashMap<Box<[u8]>, Option<Workload>, foldhash::fast::RandomState>>,
+    seen: Mutex<HashMap<Box<[u8]>, Decoded, foldhash::fast::RandomState>>,
 }
 
 impl Peers {
     /// [`Workload::decode`], remembered by the header's bytes.
-    pub fn decode(&self, header: &[u8]) -> Option<Workload> {
+    pub fn decode(&self, header: &[u8]) -> Decoded {
         if header.len() > MAX_METADATA {
             return None;
         }
@@ -128,7 +133,7 @@ impl Peers {
         if let Some(w) = seen.get(header) {
             return w.clone();
         }
-        let w = Workload::decode(header);
+        let w = Workload::decode(header).map(Arc::new);
         if seen.len() >= MAX_REMEMBERED {
             seen.clear();
         }
@@ -165,7 +170,7 @@ mod tests {
         for round in 0..2 {
             for i in 0..MAX_REMEMBERED + 10 {
                 let got = peers.decode(w(i).encode().as_bytes());
-                assert_eq!(got, Some(w(i)), "round {round}, peer {i}");
+                assert_eq!(got.as_deref(), Some(&w(i)), "round {round}, peer {i}");
             }
             assert_eq!(peers.decode(b"!!not base64"), None);
             assert!(peers.seen.lock().unwrap().len() <= MAX_REMEMBERED);

@@ -21,6 +21,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct PeerCert {
     pub identity: Option<SpiffeId>,
+    /// The identity spelled out (`spiffe://…`, empty without one), as metrics label it.
+    pub principal: Arc<str>,
     /// SHA-256 of the leaf, hex (the `Hash=` of `x-forwarded-client-cert`).
     pub hash: String,
 }
@@ -212,9 +214,16 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
-                .map(|leaf| PeerCert {
-                    identity: isthmus_ca::tls::peer_identity(leaf).ok(),
-                    hash: hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref()),
+                .map(|leaf| {
+                    let identity = isthmus_ca::tls::peer_identity(leaf).ok();
+                    PeerCert {
+                        principal: identity
+                            .as_ref()
+                            .map(|i| i.to_string().into())
+                            .unwrap_or_default(),
+                        identity,
+                        hash: hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref()),
+                    }
                 });
             (
                 Either::Right(tokio::io::BufWriter::with_capacity(

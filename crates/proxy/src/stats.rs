@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::config::cluster::ServiceRef;
 use crate::peer::Workload;
 
 /// Istio's duration buckets, in milliseconds.
@@ -28,16 +29,15 @@ pub enum Reporter {
     Destination,
 }
 
-/// What one request or connection is labelled with.
+/// What one request or connection is labelled with. Made per request from what the proxy
+/// and its connections hold, so every part is shared rather than copied.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Parties {
-    pub source: Workload,
-    pub source_principal: String,
-    pub destination: Workload,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
+    pub source: Arc<Workload>,
+    pub source_principal: Arc<str>,
+    pub destination: Arc<Workload>,
+    pub destination_principal: Arc<str>,
+    pub destination_service: Arc<ServiceRef>,
     pub mutual_tls: bool,
 }
 
@@ -100,6 +100,20 @@ impl Parties {
     }
 }
 
+/// An Envoy-style counter whose name the configuration fixes (`cluster.<name>.upstream_rq_total`),
+/// kept where that configuration is: found by name on its first use, then counted without
+/// spelling the name out and looking it up on every request.
+#[derive(Debug, Default)]
+pub struct CounterCell(OnceLock<Arc<AtomicU64>>);
+
+impl CounterCell {
+    pub fn inc(&self, stats: &Stats, name: impl std::fmt::Display) {
+        self.0
+            .get_or_init(|| stats.handle(name))
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// What a request's metric series are chosen by (its labels, before they are spelled out).
@@ -147,7 +161,7 @@ pub struct Stats {
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     /// Envoy-style counters by full name (`cluster.<name>.upstream_rq_total`).
-    counters: Mutex<BTreeMap<String, AtomicU64>>,
+    counters: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// Request series by a hash of their key: spelling out and hashing the 21 labels of every
     /// request cost more than the request's own routing.
     series: Mutex<HashMap<u64, (SeriesKey, Series)>>,
@@ -350,10 +364,20 @@ impl Stats {
                     v.fetch_add(n, Ordering::Relaxed);
                 }
                 None => {
-                    c.insert(key.clone(), AtomicU64::new(n));
+                    c.insert(key.clone(), Arc::new(AtomicU64::new(n)));
                 }
             }
         });
+    }
+
+    /// The counter `name`, made at zero when new, for a [`CounterCell`] to keep.
+    fn handle(&self, name: impl std::fmt::Display) -> Arc<AtomicU64> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -412,9 +436,9 @@ fn party_labels(reporter: Reporter, p: &Parties) -> PartyLabels {
         destination_principal: or_unknown(&p.destination_principal),
         destination_app: or_unknown(&p.destination.app),
         destination_version: or_unknown(&p.destination.version),
-        destination_service: or_unknown(&p.destination_service),
-        destination_service_name: or_unknown(&p.destination_service_name),
-        destination_service_namespace: or_unknown(&p.destination_service_namespace),
+        destination_service: or_unknown(&p.destination_service.host),
+        destination_service_name: or_unknown(&p.destination_service.name),
+        destination_service_namespace: or_unknown(&p.destination_service.namespace),
         destination_cluster: or_unknown(&p.destination.cluster),
         connection_security_policy: p.security(reporter),
     }
@@ -433,17 +457,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_named_by_format_or_by_string_are_one() {
+    fn counters_named_by_format_by_string_or_kept_in_a_cell_are_one() {
         let stats = Stats::new();
         for cluster in ["a", "b", "a"] {
             stats.inc(format_args!("cluster.{cluster}.upstream_rq_total"));
         }
         stats.add("cluster.a.upstream_rq_total", 5);
-        assert_eq!(stats.counter("cluster.a.upstream_rq_total"), 7);
+        let cell = CounterCell::default();
+        for _ in 0..2 {
+            cell.inc(&stats, "cluster.a.upstream_rq_total");
+        }
+        assert_eq!(stats.counter("cluster.a.upstream_rq_total"), 9);
         assert_eq!(stats.counter("cluster.b.upstream_rq_total"), 1);
         assert_eq!(
             stats.envoy_text(None),
-            "cluster.a.upstream_rq_total: 7\ncluster.b.upstream_rq_total: 1\n"
+            "cluster.a.upstream_rq_total: 9\ncluster.b.upstream_rq_total: 1\n"
         );
     }
 
@@ -451,7 +479,10 @@ mod tests {
     fn requests_with_the_same_labels_share_a_series() {
         let stats = Stats::new();
         let plain = Parties {
-            destination_service: "reviews.default.svc.cluster.local".into(),
+            destination_service: Arc::new(ServiceRef {
+                host: "reviews.default.svc.cluster.local".into(),
+                ..ServiceRef::default()
+            }),
             ..Parties::default()
         };
         let mtls = Parties {

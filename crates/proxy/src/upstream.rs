@@ -245,18 +245,24 @@ impl std::fmt::Display for Address {
 }
 
 impl Address {
-    /// The URI of a request to this endpoint, `http://<address><path>` (the HTTP pools key
-    /// connections by its authority); the path is shared, not copied.
-    pub fn uri(&self, path: Option<&PathAndQuery>) -> Option<Uri> {
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(Authority::from_maybe_shared(Bytes::from(self.to_string())).ok()?);
-        parts.path_and_query = Some(
-            path.cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/")),
-        );
-        Uri::from_parts(parts).ok()
+    /// The authority requests to this endpoint carry (the HTTP pools key connections by it).
+    /// Endpoints make theirs once, with the configuration.
+    pub fn authority(&self) -> Option<Authority> {
+        Authority::from_maybe_shared(Bytes::from(self.to_string())).ok()
     }
+}
+
+/// The URI of a request to the endpoint at `authority`, `http://<authority><path>`; the
+/// authority and the path are shared, not copied.
+pub fn uri(authority: &Authority, path: Option<&PathAndQuery>) -> Option<Uri> {
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    parts.path_and_query = Some(
+        path.cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).ok()
 }
 
 #[derive(Clone)]

@@ -18,10 +18,12 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
 use envoy_types::pb::google::protobuf::{Struct, value};
+use http::uri::Authority;
 use prost::Message;
 
 use super::CompileError;
 use super::listener::{pb_duration, socket_addr, socket_address};
+use crate::stats::{CounterCell, Stats};
 use crate::upstream::{
     Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec, UpstreamHttp,
 };
@@ -57,6 +59,8 @@ pub enum Lb {
 #[derive(Debug)]
 pub struct Endpoint {
     pub address: Address,
+    /// `address` as requests to it name it, made once.
+    pub authority: Option<Authority>,
     pub healthy: bool,
     /// The locality's priority: traffic goes to the lowest level that has an endpoint up
     /// (locality failover).
@@ -75,7 +79,7 @@ pub struct Outlier {
 }
 
 /// The services a cluster stands for (Istio's `istio` metadata), for metrics.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ServiceRef {
     pub host: String,
     pub name: String,
@@ -93,7 +97,7 @@ pub struct Cluster {
     all_mtls: bool,
     pub endpoints: Vec<Endpoint>,
     pub outlier: Option<Outlier>,
-    pub service: Option<ServiceRef>,
+    pub service: Option<Arc<ServiceRef>>,
     /// Circuit breakers: requests in flight (HTTP) and connections (TCP) allowed.
     pub max_requests: usize,
     pub max_connections: usize,
@@ -102,11 +106,15 @@ pub struct Cluster {
     pub retry_budget: Option<RetryBudget>,
     pub state: Arc<ClusterState>,
     round_robin: AtomicUsize,
+    /// `cluster.<name>.upstream_rq_total`, and `upstream_rq_1xx` to `_5xx`.
+    rq_total: CounterCell,
+    rq_class: [CounterCell; 5],
 }
 
 /// The endpoint chosen for one request or connection.
 pub struct Pick<'a> {
     pub address: Address,
+    pub authority: Option<Authority>,
     pub transport: &'a Arc<Transport>,
     pub state: Option<&'a Arc<EndpointState>>,
 }
@@ -446,6 +454,7 @@ pub fn compile(
             let healthy = matches!(lbe.health_status, 0 | 1);
             endpoints.push(Endpoint {
                 state: pools.endpoint(&c.name, &address),
+                authority: address.authority(),
                 address,
                 healthy,
                 priority: locality.priority,
@@ -463,11 +472,11 @@ pub fn compile(
             _ => None,
         })
         .and_then(|v| match v.kind {
-            Some(value::Kind::StructValue(s)) => Some(ServiceRef {
+            Some(value::Kind::StructValue(s)) => Some(Arc::new(ServiceRef {
                 host: struct_str(&s, "host").unwrap_or_default().to_string(),
                 name: struct_str(&s, "name").unwrap_or_default().to_string(),
                 namespace: struct_str(&s, "namespace").unwrap_or_default().to_string(),
-            }),
+            })),
             _ => None,
         });
     // Envoy's defaults are 1,024 of each; Istio sets them from the DestinationRule.
@@ -510,6 +519,8 @@ pub fn compile(
         outlier,
         service,
         round_robin: AtomicUsize::new(0),
+        rq_total: CounterCell::default(),
+        rq_class: Default::default(),
     })
 }
 
@@ -584,9 +595,10 @@ impl Cluster {
         hash: Option<u64>,
     ) -> Result<Pick<'_>, PickError> {
         if self.discovery == Discovery::OriginalDst {
-            let dst = original_dst.ok_or(PickError::NoOriginalDst)?;
+            let address = Address::Ip(original_dst.ok_or(PickError::NoOriginalDst)?);
             return Ok(Pick {
-                address: Address::Ip(dst),
+                authority: address.authority(),
+                address,
                 transport: self.transport_for(self.all_mtls),
                 state: None,
             });
@@ -643,9 +655,31 @@ impl Cluster {
         };
         Ok(Pick {
             address: chosen.address.clone(),
+            authority: chosen.authority.clone(),
             transport: self.transport_for(chosen.tls),
             state: Some(&chosen.state),
         })
+    }
+
+    /// Counts a request sent to this cluster (`cluster.<name>.upstream_rq_total`).
+    pub fn count_request(&self, stats: &Stats) {
+        self.rq_total.inc(
+            stats,
+            format_args!("cluster.{}.upstream_rq_total", self.name),
+        );
+    }
+
+    /// Counts a response by its status class (`cluster.<name>.upstream_rq_2xx`).
+    pub fn count_response(&self, stats: &Stats, status: u16) {
+        let class = status / 100;
+        let name = format_args!("cluster.{}.upstream_rq_{class}xx", self.name);
+        match usize::from(class)
+            .checked_sub(1)
+            .and_then(|i| self.rq_class.get(i))
+        {
+            Some(cell) => cell.inc(stats, name),
+            None => stats.inc(name),
+        }
     }
 
     /// Records an outcome for outlier detection: `status` of a response, or None for a

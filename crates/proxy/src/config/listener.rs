@@ -23,6 +23,7 @@ use super::jwt::JwtAuthn;
 use super::rbac::{self, Rbac};
 use super::route::{self, RouteTable};
 use crate::access_log::AccessLog;
+use crate::stats::CounterCell;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
@@ -139,6 +140,8 @@ pub enum ForwardClientCert {
 #[derive(Debug)]
 pub struct Hcm {
     pub stat_prefix: String,
+    /// `http.<stat_prefix>.downstream_rq_total`.
+    pub downstream_rq_total: CounterCell,
     pub routes: RouteSource,
     pub forward_client_cert: ForwardClientCert,
     /// `set_current_client_cert_details`: subject, URI, DNS.
@@ -469,6 +472,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let details = hcm.set_current_client_cert_details.unwrap_or_default();
     Ok(Hcm {
         stat_prefix: hcm.stat_prefix,
+        downstream_rq_total: CounterCell::default(),
         routes,
         forward_client_cert: match hcm.forward_client_cert_details {
             1 => ForwardClientCert::ForwardOnly,
