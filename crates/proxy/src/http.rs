@@ -39,16 +39,13 @@ const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto")
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-/// The fields [`strip_hop_by_hop`] removes by name (besides those `Connection` lists).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
+/// Fields that never cross a proxy, whatever `Connection` says.
+const HOP_BY_HOP: [HeaderName; 5] = [
     KEEP_ALIVE,
     PROXY_CONNECTION,
     header::TRANSFER_ENCODING,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::UPGRADE,
 ];
 
 pub async fn serve<S>(io: S, hcm: Arc<Hcm>, info: Arc<ConnInfo>, shared: Arc<Shared>)
@@ -143,7 +140,10 @@ fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &str> {
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // Most messages carry none of them: one pass over the names says so, where a removal
     // per field would look each up.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    let found = |k: &HeaderName| {
+        HOP_BY_HOP.contains(k) || k == header::CONNECTION || k == header::TE || k == header::UPGRADE
+    };
+    if !h.keys().any(found) {
         return;
     }
     let named: Vec<HeaderName> = connection_tokens(h)
@@ -153,13 +153,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
+    for n in HOP_BY_HOP {
         h.remove(n);
     }
     if h.get(header::TE)
@@ -1251,6 +1245,15 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 3, "{h:?}");
+        // Each on its own, with no `Connection` field naming it.
+        let each = [header::CONNECTION, header::TE, header::UPGRADE];
+        for name in HOP_BY_HOP.into_iter().chain(each) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-keep", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+        }
     }
 
     #[test]
