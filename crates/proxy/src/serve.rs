@@ -21,7 +21,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct PeerCert {
     pub identity: Option<SpiffeId>,
-    /// The identity spelled out (`spiffe://…`, empty without one), as metrics label it.
+    /// The identity spelled out (`spiffe://…`, empty without one), as metrics label it: once
+    /// per connection rather than on each of its requests.
     pub principal: Arc<str>,
     /// SHA-256 of the leaf, hex (the `Hash=` of `x-forwarded-client-cert`).
     pub hash: String,
