@@ -119,7 +119,8 @@ fn main() {
         let l = listen_in(&netns(p), "0.0.0.0:8080".parse().unwrap());
         rt.spawn(serve(l));
     }
-    // HAProxy pair: client side on 127.0.0.1:9000 in pclient, server side :9443 in pserver.
+    // HAProxy pairs: client side on 127.0.0.1:9000 in pclient, server side :9443 in pserver,
+    // with mutual TLS between them; and the TCP relay below.
     let tls = TlsFiles::new(dir.path());
     let haproxy = [
         haproxy_in(
@@ -140,6 +141,22 @@ fn main() {
                 tls.server.display(),
                 tls.ca.display()
             ),
+        ),
+        // The floor: HAProxy relaying bytes in TCP mode, no TLS and no HTTP, through the same
+        // pods (client side 127.0.0.1:9100, server side :9101). What it costs is what moving a
+        // request through two hops costs in this kernel, before any proxy does its own work.
+        haproxy_in(
+            &netns("pclient"),
+            &dir.path().join("relay-client.cfg"),
+            &format!(
+                "frontend f\n  mode tcp\n  bind 127.0.0.1:9100\n  default_backend b\nbackend b\n  mode tcp\n  server s {}:9101\n",
+                ip("pserver"),
+            ),
+        ),
+        haproxy_in(
+            &netns("pserver"),
+            &dir.path().join("relay-server.cfg"),
+            "frontend f\n  mode tcp\n  bind 0.0.0.0:9101\n  default_backend b\nbackend b\n  mode tcp\n  server s 127.0.0.1:8080\n",
         ),
     ];
     std::thread::sleep(Duration::from_millis(500));
@@ -183,6 +200,16 @@ fn main() {
             proxies: vec![
                 ("client haproxy", haproxy[0].id()),
                 ("server haproxy", haproxy[1].id()),
+            ],
+        },
+        Target {
+            name: "tcp-relay",
+            netns: netns("pclient"),
+            addr: "127.0.0.1:9100".parse().unwrap(),
+            host: "pserver".into(),
+            proxies: vec![
+                ("client relay", haproxy[2].id()),
+                ("server relay", haproxy[3].id()),
             ],
         },
     ];
