@@ -231,7 +231,8 @@ async fn handle(
 ) -> Response<Body> {
     let start = Instant::now();
     let stats = &shared.stats;
-    hcm.downstream_rq_total.inc(
+    let counters = &hcm.counters;
+    counters.downstream_rq_total.inc(
         stats,
         format_args!("http.{}.downstream_rq_total", hcm.stat_prefix),
     );
@@ -246,13 +247,19 @@ async fn handle(
     let mut metadata = DynamicMetadata::new();
     if let Some(jwt) = &hcm.jwt {
         if let Err(failure) = jwt.verify(&mut parts, &mut metadata) {
-            stats.inc(format_args!("http.{}.jwt_authn.denied", hcm.stat_prefix));
+            counters.jwt_denied.inc(
+                stats,
+                format_args!("http.{}.jwt_authn.denied", hcm.stat_prefix),
+            );
             tracing::debug!(reason = failure.text(), "JWT rejected");
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
             refuse(shared, info, &parts, pending, 401, "-");
             return jwt_reply(&parts, failure);
         }
-        stats.inc(format_args!("http.{}.jwt_authn.allowed", hcm.stat_prefix));
+        counters.jwt_allowed.inc(
+            stats,
+            format_args!("http.{}.jwt_authn.allowed", hcm.stat_prefix),
+        );
     }
     if !hcm.rbac.is_empty() {
         let principal = info.principal();
@@ -265,12 +272,16 @@ async fn handle(
             metadata: Some(&metadata),
         };
         if !crate::config::rbac::allowed(&hcm.rbac, &input) {
-            stats.inc(format_args!("http.{}.rbac.denied", hcm.stat_prefix));
+            counters
+                .rbac_denied
+                .inc(stats, format_args!("http.{}.rbac.denied", hcm.stat_prefix));
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
             refuse(shared, info, &parts, pending, 403, "RBAC");
             return local_reply(403, "RBAC: access denied");
         }
-        stats.inc(format_args!("http.{}.rbac.allowed", hcm.stat_prefix));
+        counters
+            .rbac_allowed
+            .inc(stats, format_args!("http.{}.rbac.allowed", hcm.stat_prefix));
     }
     let host = authority(&parts).unwrap_or_default().to_string();
     let selected = table.as_ref().and_then(|t| {

@@ -68,7 +68,8 @@ pub enum UpstreamHttp {
 /// Envoy's default idle timeout of upstream HTTP connections.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Requests a connection has carried; travels with the connection's pool metadata.
+/// Requests a connection has carried; travels with the connection's pool metadata, which
+/// hyper-util copies into every response: so only where the cluster limits them.
 #[derive(Clone, Default)]
 pub struct Uses(pub Arc<std::sync::atomic::AtomicU32>);
 
@@ -149,6 +150,7 @@ impl Transport {
             mark: source.map(|s| s.mark),
             timeout: spec.connect_timeout,
             tls: tls.as_ref().map(|t| (t.raw.clone(), t.sni.clone())),
+            count_uses: spec.max_requests_per_connection.is_some(),
         };
         Transport {
             connector,
@@ -272,6 +274,8 @@ pub struct Connector {
     mark: Option<u32>,
     timeout: Duration,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// Pooled connections count their requests (`maxRequestsPerConnection`).
+    count_uses: bool,
 }
 
 impl Connector {
@@ -326,7 +330,7 @@ fn transparent_socket(target: SocketAddr, mark: u32) -> std::io::Result<TcpSocke
 }
 
 impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<Conn>;
+    type Response = TokioIo<PoolConn>;
     type Error = ConnectError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -344,7 +348,9 @@ impl tower_service::Service<http::Uri> for Connector {
                 Ok(ip) => Address::Ip(SocketAddr::new(ip, port)),
                 Err(_) => Address::Dns(host.to_string(), port),
             };
-            this.connect(&addr).await.map(TokioIo::new)
+            let uses = this.count_uses.then(Uses::default);
+            let conn = this.connect(&addr).await?;
+            Ok(TokioIo::new(PoolConn { conn, uses }))
         })
     }
 }
@@ -394,14 +400,51 @@ impl Conn {
     }
 }
 
-impl Connection for Conn {
+/// A connection of an HTTP pool.
+pub struct PoolConn {
+    conn: Conn,
+    uses: Option<Uses>,
+}
+
+impl Connection for PoolConn {
     fn connected(&self) -> Connected {
-        let c = Connected::new().extra(Uses::default());
-        if self.negotiated_alpn() == Some(b"h2") {
+        let c = match &self.uses {
+            Some(uses) => Connected::new().extra(uses.clone()),
+            None => Connected::new(),
+        };
+        if self.conn.negotiated_alpn() == Some(b"h2") {
             c.negotiated_h2()
         } else {
             c
         }
+    }
+}
+
+impl AsyncRead for PoolConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PoolConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
     }
 }
 

@@ -614,37 +614,40 @@ impl Cluster {
             .map(|e| e.priority)
             .min()
             .unwrap_or_default();
-        let at_level = |e: &&Endpoint| e.priority == level;
-        let mut candidates: Vec<&Endpoint> = self
-            .endpoints
-            .iter()
-            .filter(up)
-            .filter(at_level)
-            .filter(|e| !exclude.contains(&e.address))
-            .collect();
-        if candidates.is_empty() {
-            candidates = self.endpoints.iter().filter(up).filter(at_level).collect();
+        // Endpoints tried already by this request are avoided while another is up. The
+        // candidates are walked again rather than collected: no allocation per request.
+        let eligible = |e: &&Endpoint| up(e) && e.priority == level;
+        let fresh = |e: &&Endpoint| !exclude.contains(&e.address);
+        let mut n = self.endpoints.iter().filter(eligible).filter(fresh).count();
+        let avoid = n > 0;
+        if !avoid {
+            n = self.endpoints.iter().filter(eligible).count();
         }
-        let chosen = match (candidates.len(), self.lb) {
+        let candidates = || {
+            self.endpoints
+                .iter()
+                .filter(eligible)
+                .filter(move |e| !avoid || fresh(e))
+        };
+        let nth = |i: usize| candidates().nth(i).ok_or(PickError::NoHealthy);
+        let chosen = match (n, self.lb) {
             (0, _) => return Err(PickError::NoHealthy),
-            (1, _) => candidates[0],
-            (n, Lb::RoundRobin) => candidates[self.round_robin.fetch_add(1, Ordering::Relaxed) % n],
+            (1, _) => nth(0)?,
+            (n, Lb::RoundRobin) => nth(self.round_robin.fetch_add(1, Ordering::Relaxed) % n)?,
             (_, Lb::ConsistentHash) if hash.is_some() => {
                 let key = hash.unwrap_or_default();
-                candidates
-                    .iter()
-                    .copied()
+                candidates()
                     .max_by_key(|e| rendezvous(key, &e.address))
-                    .unwrap_or(candidates[0])
+                    .ok_or(PickError::NoHealthy)?
             }
             (n, Lb::Random | Lb::ClusterProvided | Lb::ConsistentHash) => {
-                candidates[rand::random_range(0..n)]
+                nth(rand::random_range(0..n))?
             }
             (n, Lb::LeastRequest) => {
                 // Power of two choices.
                 let a = rand::random_range(0..n);
                 let b = (a + rand::random_range(1..n)) % n;
-                let (ea, eb) = (candidates[a], candidates[b]);
+                let (ea, eb) = (nth(a)?, nth(b)?);
                 if eb.state.active.load(Ordering::Relaxed) < ea.state.active.load(Ordering::Relaxed)
                 {
                     eb
@@ -724,5 +727,103 @@ impl Cluster {
     /// Whether the endpoint at `addr` is ejected now (for `/clusters`).
     pub fn is_ejected(state: &EndpointState) -> bool {
         state.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{Address as PbAddress, SocketAddress, address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints,
+    };
+
+    fn static_cluster(lb: cluster::LbPolicy, ports: &[u16]) -> Cluster {
+        let endpoint = |port: u16| {
+            LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
+                address: Some(PbAddress {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        address: "127.0.0.1".into(),
+                        port_specifier: Some(
+                            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                                port.into(),
+                            ),
+                        ),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+        };
+        let c = PbCluster {
+            name: "c".into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static.into(),
+            )),
+            lb_policy: lb.into(),
+            load_assignment: Some(ClusterLoadAssignment {
+                cluster_name: "c".into(),
+                endpoints: vec![LocalityLbEndpoints {
+                    lb_endpoints: ports.iter().map(|p| endpoint(*p)).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        compile(&c, None, &Pools::new(None)).expect("cluster")
+    }
+
+    fn port(p: &Pick<'_>) -> u16 {
+        match &p.address {
+            Address::Ip(a) => a.port(),
+            Address::Dns(_, port) => *port,
+        }
+    }
+
+    fn addr(port: u16) -> Address {
+        Address::Ip(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoints_it_tried_while_another_is_up() {
+        for lb in [
+            cluster::LbPolicy::LeastRequest,
+            cluster::LbPolicy::RoundRobin,
+            cluster::LbPolicy::Random,
+        ] {
+            let c = static_cluster(lb, &[1, 2, 3]);
+            for _ in 0..20 {
+                let p = c.pick(None, &[addr(1), addr(3)], None).expect("pick");
+                assert_eq!(port(&p), 2, "{lb:?}");
+            }
+            // All tried: any endpoint rather than none.
+            let p = c
+                .pick(None, &[addr(1), addr(2), addr(3)], None)
+                .expect("pick");
+            assert!((1..=3).contains(&port(&p)));
+        }
+    }
+
+    #[test]
+    fn round_robin_takes_each_endpoint_in_turn() {
+        let c = static_cluster(cluster::LbPolicy::RoundRobin, &[1, 2, 3]);
+        let mut seen = [0; 4];
+        for _ in 0..9 {
+            seen[usize::from(port(&c.pick(None, &[], None).expect("pick")))] += 1;
+        }
+        assert_eq!(seen, [0, 3, 3, 3]);
+    }
+
+    #[test]
+    fn least_request_prefers_the_idle_of_two() {
+        let c = static_cluster(cluster::LbPolicy::LeastRequest, &[1, 2]);
+        c.endpoints[0].state.active.store(5, Ordering::Relaxed);
+        for _ in 0..20 {
+            assert_eq!(port(&c.pick(None, &[], None).expect("pick")), 2);
+        }
     }
 }

@@ -137,11 +137,21 @@ pub enum ForwardClientCert {
     AlwaysForwardOnly,
 }
 
+/// `http.<stat_prefix>.…` counters of the per-request path.
+#[derive(Debug, Default)]
+pub struct HcmCounters {
+    pub downstream_rq_total: CounterCell,
+    pub jwt_allowed: CounterCell,
+    pub jwt_denied: CounterCell,
+    pub rbac_allowed: CounterCell,
+    pub rbac_denied: CounterCell,
+}
+
 #[derive(Debug)]
 pub struct Hcm {
     pub stat_prefix: String,
-    /// `http.<stat_prefix>.downstream_rq_total`.
-    pub downstream_rq_total: CounterCell,
+    /// The counters a request may touch, found by name once.
+    pub counters: HcmCounters,
     pub routes: RouteSource,
     pub forward_client_cert: ForwardClientCert,
     /// `set_current_client_cert_details`: subject, URI, DNS.
@@ -472,7 +482,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let details = hcm.set_current_client_cert_details.unwrap_or_default();
     Ok(Hcm {
         stat_prefix: hcm.stat_prefix,
-        downstream_rq_total: CounterCell::default(),
+        counters: HcmCounters::default(),
         routes,
         forward_client_cert: match hcm.forward_client_cert_details {
             1 => ForwardClientCert::ForwardOnly,
