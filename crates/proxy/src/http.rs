@@ -283,9 +283,9 @@ async fn handle(
             .rbac_allowed
             .inc(stats, format_args!("http.{}.rbac.allowed", hcm.stat_prefix));
     }
-    let host = authority(&parts).unwrap_or_default().to_string();
+    let host = authority(&parts).unwrap_or_default();
     let selected = table.as_ref().and_then(|t| {
-        let vh = t.virtual_host(&host)?;
+        let vh = t.virtual_host(host)?;
         Some((vh, vh.route(&parts)?))
     });
     let Some((vh, route)) = selected else {
@@ -299,7 +299,7 @@ async fn handle(
             vh.headers.apply_response(r.headers_mut());
             r
         }
-        Action::Redirect(rd) => redirect(rd, &parts, &host),
+        Action::Redirect(rd) => redirect(rd, &parts, host),
         Action::Forward(fwd) => {
             let log = LogCtx::new(hcm, &parts, info, &route.name);
             // Fault injection: delay, then maybe answer in the upstream's place.

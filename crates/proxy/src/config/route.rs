@@ -782,8 +782,13 @@ impl RouteTable {
     /// The virtual host for a `Host`/`:authority` (Envoy's order: exact, longest suffix
     /// wildcard, longest prefix wildcard, `*`).
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
-        let host = host.to_ascii_lowercase();
-        let i = self.exact.get(&host).copied().or_else(|| {
+        // Hosts come lower case nearly always: a copy only for the others.
+        let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
+        let i = self.exact.get(host.as_ref()).copied().or_else(|| {
             self.suffix
                 .iter()
                 .find(|(s, _)| host.ends_with(s.as_str()) && host.len() > s.len())
