@@ -733,30 +733,25 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
     use envoy_types::pb::envoy::config::core::v3::{Address as PbAddress, SocketAddress, address};
     use envoy_types::pb::envoy::config::endpoint::v3::{
         Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints,
     };
 
     fn static_cluster(lb: cluster::LbPolicy, ports: &[u16]) -> Cluster {
-        let endpoint = |port: u16| {
-            LbEndpoint {
+        let endpoint = |port: u16| LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
                 address: Some(PbAddress {
                     address: Some(address::Address::SocketAddress(SocketAddress {
                         address: "127.0.0.1".into(),
-                        port_specifier: Some(
-                            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
-                                port.into(),
-                            ),
-                        ),
+                        port_specifier: Some(PortSpecifier::PortValue(port.into())),
                         ..Default::default()
                     })),
                 }),
                 ..Default::default()
             })),
             ..Default::default()
-        }
         };
         let c = PbCluster {
             name: "c".into(),
