@@ -53,6 +53,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let hcm_prefix = hcm.stat_prefix.clone();
+    let idle_timeout = hcm.idle_timeout;
     let conn_info = info.clone();
     let svc = {
         let shared = shared.clone();
@@ -61,6 +62,8 @@ where
             async move { Ok::<_, Infallible>(handle(req, &hcm, &info, &shared).await) }
         })
     };
+    let activity = crate::idle::Activity::default();
+    let io = crate::idle::Watched::new(io, activity.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
@@ -86,6 +89,11 @@ where
         }
         () = draining => {
             // Finish what is in flight, accept nothing new on this connection.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+        () = activity.expired(idle_timeout) => {
+            shared.stats.inc(format_args!("http.{}.downstream_cx_idle_timeout", hcm_prefix));
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod config;
 mod http;
 pub mod identity;
+mod idle;
 mod inspect;
 pub mod peer;
 mod serve;

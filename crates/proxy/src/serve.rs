@@ -268,11 +268,19 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
     match &chain.filter {
         NetworkFilter::Tcp {
             cluster,
+            stat_prefix,
             access_logs,
             hash_source_ip,
-            ..
+            idle_timeout,
         } => {
-            crate::tcp::proxy(io, cluster, *hash_source_ip, access_logs, &info, shared).await;
+            let filter = crate::tcp::Filter {
+                cluster,
+                stat_prefix,
+                hash_source_ip: *hash_source_ip,
+                idle_timeout: *idle_timeout,
+                logs: access_logs,
+            };
+            crate::tcp::proxy(io, &filter, &info, shared).await;
         }
         NetworkFilter::Http(hcm) => {
             crate::http::serve(io, hcm.clone(), info, shared.clone()).await;

@@ -2,24 +2,31 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
+use crate::idle::{Activity, Watched};
 use crate::serve::ConnInfo;
 use crate::stats::Reporter;
 
-/// `hash_source_ip`: the client's IP is the consistent-hash key.
-pub async fn proxy<S>(
-    down: S,
-    cluster_name: &str,
-    hash_source_ip: bool,
-    logs: &[Arc<AccessLog>],
-    info: &Arc<ConnInfo>,
-    shared: &Arc<Shared>,
-) where
+/// A filter chain's `tcp_proxy`, as the connection uses it.
+pub struct Filter<'a> {
+    pub cluster: &'a str,
+    pub stat_prefix: &'a str,
+    /// The client's IP is the consistent-hash key.
+    pub hash_source_ip: bool,
+    pub idle_timeout: Option<Duration>,
+    pub logs: &'a [Arc<AccessLog>],
+}
+
+pub async fn proxy<S>(down: S, filter: &Filter<'_>, info: &Arc<ConnInfo>, shared: &Arc<Shared>)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let cluster_name = filter.cluster;
     let start = (std::time::SystemTime::now(), std::time::Instant::now());
     let mut entry = Entry {
         start: Some(start.0),
@@ -28,14 +35,16 @@ pub async fn proxy<S>(
         upstream_cluster: cluster_name.to_string(),
         ..Default::default()
     };
-    let hash = hash_source_ip.then(|| crate::config::cluster::hash_key(info.source.ip()));
-    let (flags, received, sent) = relay(down, cluster_name, hash, info, shared, &mut entry).await;
-    if !logs.is_empty() {
+    let hash = filter
+        .hash_source_ip
+        .then(|| crate::config::cluster::hash_key(info.source.ip()));
+    let (flags, received, sent) = relay(down, filter, hash, info, shared, &mut entry).await;
+    if !filter.logs.is_empty() {
         entry.flags = flags.to_string();
         entry.bytes_received = received;
         entry.bytes_sent = sent;
         entry.duration_ms = u64::try_from(start.1.elapsed().as_millis()).unwrap_or(u64::MAX);
-        for l in logs {
+        for l in filter.logs {
             l.write(&entry);
         }
     }
@@ -43,8 +52,8 @@ pub async fn proxy<S>(
 
 /// Connects upstream and copies both ways: (response flags, bytes received, bytes sent).
 async fn relay<S>(
-    mut down: S,
-    cluster_name: &str,
+    down: S,
+    filter: &Filter<'_>,
     hash: Option<u64>,
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
@@ -53,6 +62,7 @@ async fn relay<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let cluster_name = filter.cluster;
     let cfg = shared.config();
     let stats = &shared.stats;
     let Some(cluster) = cfg.clusters.get(cluster_name) else {
@@ -111,9 +121,17 @@ where
     if let Some(s) = pick.state {
         s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    let (received, sent) = tokio::io::copy_bidirectional(&mut down, &mut up)
-        .await
-        .unwrap_or((0, 0));
+    // Every byte, either way, crosses the downstream side: watching it is enough.
+    let activity = Activity::default();
+    let mut down = Watched::new(down, activity.clone());
+    let (received, sent) = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.unwrap_or((0, 0)),
+        () = activity.expired(filter.idle_timeout) => {
+            stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
+            tracing::debug!(source = %info.source, cluster = %cluster.name, "idle timeout");
+            (0, 0)
+        }
+    };
     if let Some(s) = pick.state {
         s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }

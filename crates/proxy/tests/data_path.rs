@@ -1653,3 +1653,124 @@ fn a_cookie_hash_policy_with_a_ttl_hands_out_the_cookie_and_sticks_to_it() {
         assert_eq!(spread.len(), 2, "{spread:?}");
     });
 }
+
+/// Sets `idle_timeout` on a `tcp_proxy` filter, or on a connection manager's common options.
+fn with_idle_timeout(mut f: Filter, idle: Duration) -> Filter {
+    let idle = Some(envoy_types::pb::google::protobuf::Duration {
+        seconds: 0,
+        nanos: i32::try_from(idle.as_nanos()).unwrap(),
+    });
+    if let Some(filter::ConfigType::TypedConfig(any)) = f.config_type.as_mut() {
+        if let Ok(mut tp) = <TcpProxy as prost::Message>::decode(any.value.as_slice())
+            && any.type_url.ends_with(".TcpProxy")
+        {
+            tp.idle_timeout = idle;
+            *any = pack_any(tp);
+        } else if let Ok(mut m) =
+            <HttpConnectionManager as prost::Message>::decode(any.value.as_slice())
+        {
+            m.common_http_protocol_options = Some(
+                envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                    idle_timeout: idle,
+                    ..Default::default()
+                },
+            );
+            *any = pack_any(m);
+        }
+    }
+    f
+}
+
+#[test]
+fn quiet_connections_are_closed_after_the_idle_timeout() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let idle = Duration::from_millis(300);
+        h.fixed.put(
+            LISTENER,
+            "10.96.0.21_5000",
+            pack_any(port_listener(
+                "10.96.0.21_5000",
+                "10.96.0.21",
+                5000,
+                with_idle_timeout(tcp_proxy("tcp"), idle),
+            )),
+        );
+        h.fixed.put(
+            LISTENER,
+            "10.96.0.22_8081",
+            pack_any(port_listener(
+                "10.96.0.22_8081",
+                "10.96.0.22",
+                8081,
+                with_idle_timeout(hcm("80"), idle),
+            )),
+        );
+        h.push();
+        for _ in 0..200 {
+            if http_get_host("10.96.0.22:8081", "svc").await.0 == 200
+                && http_get_host("10.96.0.21:5000", "svc").await.0 == 200
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // HTTP: a request on a connection kept alive, then quiet. The proxy closes it.
+        let s = tokio::net::TcpStream::connect("10.96.0.22:8081")
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::builder()
+            .uri("/")
+            .header("host", "svc")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        let quiet = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), conn)
+            .await
+            .expect("the proxy closes a quiet HTTP connection")
+            .unwrap()
+            .unwrap();
+        assert!(quiet.elapsed() >= idle / 2, "closed too early");
+
+        // TCP: bytes both ways, then quiet. The proxy closes it.
+        let mut s = tokio::net::TcpStream::connect("10.96.0.21:5000")
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let quiet = std::time::Instant::now();
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the proxy closes a quiet TCP connection");
+        assert!(quiet.elapsed() >= idle / 2, "closed too early");
+
+        let (_, stats) = admin("GET", "/stats?filter=idle_timeout").await;
+        let count = |name: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+                .unwrap_or(0)
+        };
+        assert!(count("http.80.downstream_cx_idle_timeout") >= 1, "{stats}");
+        assert!(count("tcp.tcp.idle_timeout") >= 1, "{stats}");
+    });
+}

@@ -118,6 +118,8 @@ pub enum NetworkFilter {
         /// Consistent-hash clusters pick by the client's IP (`hash_policy: source_ip`).
         hash_source_ip: bool,
         access_logs: Vec<Arc<AccessLog>>,
+        /// No byte either way for this long closes the connection (None: never).
+        idle_timeout: Option<Duration>,
     },
 }
 
@@ -152,6 +154,8 @@ pub struct Hcm {
     pub stat_prefix: String,
     /// The counters a request may touch, found by name once.
     pub counters: HcmCounters,
+    /// A connection without traffic for this long is closed, gracefully (None: never).
+    pub idle_timeout: Option<Duration>,
     pub routes: RouteSource,
     pub forward_client_cert: ForwardClientCert,
     /// `set_current_client_cert_details`: subject, URI, DNS.
@@ -419,6 +423,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             stat_prefix: tp.stat_prefix,
             hash_source_ip,
             access_logs: access_logs(&tp.access_log)?,
+            idle_timeout: crate::idle::timeout(tp.idle_timeout.as_ref().map(pb_duration)),
         });
     }
     if any.type_url.ends_with(".HttpConnectionManager") {
@@ -483,6 +488,12 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     Ok(Hcm {
         stat_prefix: hcm.stat_prefix,
         counters: HcmCounters::default(),
+        idle_timeout: crate::idle::timeout(
+            hcm.common_http_protocol_options
+                .as_ref()
+                .and_then(|o| o.idle_timeout.as_ref())
+                .map(pb_duration),
+        ),
         routes,
         forward_client_cert: match hcm.forward_client_cert_details {
             1 => ForwardClientCert::ForwardOnly,
@@ -665,6 +676,7 @@ mod tests {
                 stat_prefix: name.into(),
                 hash_source_ip: false,
                 access_logs: Vec::new(),
+                idle_timeout: None,
             },
         })
     }
