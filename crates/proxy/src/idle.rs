@@ -57,15 +57,36 @@ impl Activity {
     }
 }
 
-/// A stream whose reads and writes mark its [`Activity`].
+/// A stream whose reads and writes mark its [`Activity`], and count their bytes.
 pub struct Watched<S> {
     inner: S,
     activity: Activity,
+    read: u64,
+    written: u64,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, activity: Activity) -> Watched<S> {
-        Watched { inner, activity }
+        Watched {
+            inner,
+            activity,
+            read: 0,
+            written: 0,
+        }
+    }
+
+    /// Bytes (read, written) so far, whatever ended the copy.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.read, self.written)
+    }
+
+    fn wrote(&mut self, r: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = r
+            && *n > 0
+        {
+            self.written += *n as u64;
+            self.activity.touch();
+        }
     }
 }
 
@@ -78,7 +99,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read += n as u64;
             this.activity.touch();
         }
         r
@@ -93,9 +116,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.wrote(&r);
         r
     }
 
@@ -106,9 +127,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.wrote(&r);
         r
     }
 

@@ -1,7 +1,6 @@
 //! `tcp_proxy`: one upstream connection per downstream connection, bytes copied both ways.
 
 use std::sync::Arc;
-
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -124,14 +123,16 @@ where
     // Every byte, either way, crosses the downstream side: watching it is enough.
     let activity = Activity::default();
     let mut down = Watched::new(down, activity.clone());
-    let (received, sent) = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut down, &mut up) => r.unwrap_or((0, 0)),
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
         () = activity.expired(filter.idle_timeout) => {
             stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
             tracing::debug!(source = %info.source, cluster = %cluster.name, "idle timeout");
-            (0, 0)
         }
-    };
+    }
+    // Counted on the way, so that a copy cut short (an error, the idle timeout) reports
+    // what it moved.
+    let (received, sent) = down.bytes();
     if let Some(s) = pick.state {
         s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }

@@ -1740,13 +1740,24 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
             .unwrap();
         assert!(quiet.elapsed() >= idle / 2, "closed too early");
 
-        // TCP: bytes both ways, then quiet. The proxy closes it.
+        // TCP: bytes both ways, then quiet. The proxy closes it, and counts what it moved.
+        let tx_bytes = || async {
+            let (_, stats) = admin("GET", "/stats?filter=cluster.tcp.upstream_cx_tx").await;
+            stats
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("cluster.tcp.upstream_cx_tx_bytes_total: ")?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let before = tx_bytes().await;
+        let request = b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n";
         let mut s = tokio::net::TcpStream::connect("10.96.0.21:5000")
             .await
             .unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(request).await.unwrap();
         let mut buf = vec![0u8; 4096];
         let n = s.read(&mut buf).await.unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -1762,6 +1773,7 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
         .await;
         assert!(closed.is_ok(), "the proxy closes a quiet TCP connection");
         assert!(quiet.elapsed() >= idle / 2, "closed too early");
+        assert_eq!(tx_bytes().await - before, request.len() as u64);
 
         let (_, stats) = admin("GET", "/stats?filter=idle_timeout").await;
         let count = |name: &str| -> u64 {
