@@ -223,13 +223,73 @@ pub struct ProxyConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub private_key_provider: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub proxy_headers: Option<Value>,
+    pub proxy_headers: Option<ProxyHeaders>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_flush_interval: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub file_flush_min_size_kb: Option<u32>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tracing_service_name: String,
+}
+
+/// ProxyConfig `proxyHeaders`: which headers the proxies add or pass on. Fields this mesh does
+/// not act on are accepted and ignored, as an older Istio ignores newer ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyHeaders {
+    /// SANITIZE, FORWARD_ONLY, APPEND_FORWARD (the default), SANITIZE_SET, ALWAYS_FORWARD_ONLY.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarded_client_cert: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub set_current_client_cert_details: Option<ClientCertDetails>,
+    /// The `server` response header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerHeader>,
+    /// `x-request-id`, added where missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<Disabled>,
+    /// `x-envoy-attempt-count` on requests to the upstream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt_count: Option<Disabled>,
+    /// `x-envoy-upstream-service-time`, `x-envoy-expected-rq-timeout-ms` and the like.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub envoy_debug_headers: Option<Disabled>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ServerHeader {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Disabled {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+}
+
+impl Disabled {
+    /// Whether an optional setting turns the header off.
+    pub fn is_set(d: &Option<Disabled>) -> bool {
+        d.as_ref().and_then(|d| d.disabled) == Some(true)
+    }
+}
+
+/// Which parts of the client certificate go into `x-forwarded-client-cert` (`cert` and
+/// `chain` are not among them here: the proxy sends names, not certificates).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ClientCertDetails {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -24,10 +24,12 @@ pub enum ClientError {
     Timeout(Duration),
 }
 
-/// One answer: status, the echo lines, and how long it took.
-#[derive(Debug, Clone)]
+/// One answer: status, response headers (HTTP only), the echo lines, and how long it took.
+#[derive(Debug, Clone, Default)]
 pub struct Answer {
     pub status: u16,
+    /// The response's header fields, in order (what the sidecars added shows here).
+    pub headers: Vec<(String, String)>,
     pub body: String,
     pub elapsed: Duration,
 }
@@ -75,6 +77,16 @@ pub async fn get(
         }
         let resp = sender.send_request(req.body(Empty::new())?).await?;
         let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
         let body = http_body_util::Limited::new(resp.into_body(), 1 << 20)
             .collect()
             .await
@@ -82,6 +94,7 @@ pub async fn get(
             .unwrap_or_default();
         Ok(Answer {
             status,
+            headers,
             body,
             elapsed: start.elapsed(),
         })
@@ -123,6 +136,7 @@ pub async fn tcp(addr: &str, payload: &str, timeout: Duration) -> Result<Answer,
             status: if body.contains(payload) { 200 } else { 502 },
             body,
             elapsed: start.elapsed(),
+            ..Default::default()
         })
     };
     tokio::time::timeout(timeout, work)
@@ -154,6 +168,7 @@ pub async fn tcp_read_first(addr: &str, timeout: Duration) -> Result<Answer, Cli
             status: if line.is_empty() { 502 } else { 200 },
             body: line,
             elapsed: start.elapsed(),
+            ..Default::default()
         })
     };
     tokio::time::timeout(timeout, work)

@@ -98,11 +98,13 @@ pub async fn call(
                     status: 200,
                     body: resp.into_inner().message,
                     elapsed: start.elapsed(),
+                    ..Default::default()
                 },
                 Err(status) => Answer {
                     status: 500,
                     body: format!("grpc-status={:?} {}", status.code(), status.message()),
                     elapsed: start.elapsed(),
+                    ..Default::default()
                 },
             },
         )

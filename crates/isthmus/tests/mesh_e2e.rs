@@ -329,6 +329,19 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
             "{v}"
         );
     }
+    // Envoy's headers as Istio sets them: the attempt count reaches the app; the client sees
+    // the outbound sidecar's name (inbound's `istio-envoy` is overwritten on the way back) and
+    // the upstream service time.
+    for (line, what) in [
+        ("RequestHeader=x-envoy-attempt-count:1", "attempt counts"),
+        ("ResponseHeader=server:envoy", "server names"),
+        (
+            "ResponseHeader=x-envoy-upstream-service-time:",
+            "service times",
+        ),
+    ] {
+        assert_eq!(out.matches(line).count(), 20, "{what}: {out}");
+    }
     let hosts: std::collections::BTreeSet<&str> = out
         .lines()
         .filter_map(|l| l.split("Hostname=").nth(1))

@@ -12,6 +12,7 @@ use isthmus_registry::host::{host_matches, resolve_config_host};
 use isthmus_registry::{Locality, Port, Registry, Service, Workload};
 
 use crate::authn::JwksDocs;
+use crate::headers::ProxyHeaders;
 use crate::proxy::Proxy;
 
 /// How a proxy hands inbound traffic to its app (seeds 000–002).
@@ -63,6 +64,8 @@ pub struct PushContext {
     /// The keys RequestAuthentication `jwksUri`s pointed to when the control plane fetched
     /// them (istiod inlines them into the JWT filter, and so do we).
     pub jwks: JwksDocs,
+    /// The headers proxies add, from the mesh's `proxyHeaders`.
+    pub proxy_headers: ProxyHeaders,
 }
 
 /// The kinds that only make endpoints (and a proxy's own inbound configuration): a change in
@@ -136,6 +139,7 @@ impl PushContext {
             InboundMode::Passthrough
         };
         PushContext {
+            proxy_headers: ProxyHeaders::from_mesh(&mesh),
             snapshot,
             registry,
             mesh,

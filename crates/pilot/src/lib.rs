@@ -9,6 +9,7 @@ pub mod authz;
 pub mod cluster;
 pub mod context;
 pub mod endpoint;
+pub mod headers;
 pub mod listener;
 pub mod maps;
 pub mod names;

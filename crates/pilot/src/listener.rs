@@ -35,6 +35,7 @@ use isthmus_registry::Protocol;
 
 use crate::cluster::{ads, duration, istio_common_tls, socket};
 use crate::context::{MtlsMode, PushContext};
+use crate::headers::ProxyHeaders;
 use crate::names::{
     BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, INBOUND_PORT, OUTBOUND_PORT,
     PASSTHROUGH_CLUSTER, TPROXY_MARK, VIRTUAL_INBOUND, VIRTUAL_OUTBOUND, inbound_cluster,
@@ -242,7 +243,11 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                         application_protocols: SNIFFED_HTTP.iter().map(|s| s.to_string()).collect(),
                         ..Default::default()
                     }),
-                    filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                    filters: vec![http_connection_manager_rds(
+                        ctx,
+                        &name,
+                        &port.port.to_string(),
+                    )],
                     ..Default::default()
                 });
                 l.filter_chains.push(FilterChain {
@@ -264,7 +269,11 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                         .any(|c| c.filter_chain_match.is_none())
                 {
                     l.filter_chains.push(FilterChain {
-                        filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                        filters: vec![http_connection_manager_rds(
+                            ctx,
+                            &name,
+                            &port.port.to_string(),
+                        )],
                         ..Default::default()
                     });
                 }
@@ -272,7 +281,11 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     name: name.clone(),
                     address: Some(socket("0.0.0.0", port.port)),
                     filter_chains: vec![FilterChain {
-                        filters: vec![http_connection_manager_rds(&name, &port.port.to_string())],
+                        filters: vec![http_connection_manager_rds(
+                            ctx,
+                            &name,
+                            &port.port.to_string(),
+                        )],
                         ..Default::default()
                     }],
                     bind_to_port: Some(BoolValue { value: false }),
@@ -366,6 +379,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             let cluster = inbound_cluster(port);
             let http = || {
                 vec![http_connection_manager_inline(
+                    ctx,
                     &cluster,
                     port,
                     http_authz.clone(),
@@ -567,11 +581,11 @@ fn outbound_tcp_proxy(
     tcp_proxy_hashed(cluster, crate::route::hashes_source_ip(ctx, proxy, svc))
 }
 
-fn router() -> HttpFilter {
+fn router(headers: &ProxyHeaders) -> HttpFilter {
     HttpFilter {
         name: "envoy.filters.http.router".into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(),
+            headers.router(),
         ))),
         ..Default::default()
     }
@@ -588,29 +602,32 @@ fn fault_filter() -> HttpFilter {
     }
 }
 
-fn http_connection_manager_rds(stat_prefix: &str, route_config: &str) -> Filter {
+fn http_connection_manager_rds(ctx: &PushContext, stat_prefix: &str, route_config: &str) -> Filter {
+    let mut hcm = HttpConnectionManager {
+        stat_prefix: stat_prefix.into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_config.into(),
+        })),
+        http_filters: vec![fault_filter(), router(&ctx.proxy_headers)],
+        ..Default::default()
+    };
+    ctx.proxy_headers.apply(&mut hcm, false);
     network_filter(
         "envoy.filters.network.http_connection_manager",
-        pack_any(HttpConnectionManager {
-            stat_prefix: stat_prefix.into(),
-            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
-                config_source: Some(ads()),
-                route_config_name: route_config.into(),
-            })),
-            http_filters: vec![fault_filter(), router()],
-            ..Default::default()
-        }),
+        pack_any(hcm),
     )
 }
 
 /// Inbound HTTP: an inline route to the inbound cluster, any host, behind the authorization
 /// filters.
 fn http_connection_manager_inline(
+    ctx: &PushContext,
     cluster: &str,
     port: u16,
     mut filters: Vec<HttpFilter>,
 ) -> Filter {
-    filters.push(router());
+    filters.push(router(&ctx.proxy_headers));
     let routes = RouteConfiguration {
         name: cluster.into(),
         virtual_hosts: vec![VirtualHost {
@@ -636,24 +653,16 @@ fn http_connection_manager_inline(
         validate_clusters: Some(BoolValue { value: false }),
         ..Default::default()
     };
+    let mut hcm = HttpConnectionManager {
+        stat_prefix: cluster.into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
+        http_filters: filters,
+        ..Default::default()
+    };
+    // Istio's inbound: `istio-envoy`, and the caller's identity reaches the app in XFCC.
+    ctx.proxy_headers.apply(&mut hcm, true);
     network_filter(
         "envoy.filters.network.http_connection_manager",
-        pack_any(HttpConnectionManager {
-            stat_prefix: cluster.into(),
-            route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
-            http_filters: filters,
-            // Istio's inbound: the caller's identity reaches the app in XFCC.
-            forward_client_cert_details:
-                http_connection_manager::ForwardClientCertDetails::AppendForward as i32,
-            set_current_client_cert_details: Some(
-                http_connection_manager::SetCurrentClientCertDetails {
-                    subject: Some(BoolValue { value: true }),
-                    dns: true,
-                    uri: true,
-                    ..Default::default()
-                },
-            ),
-            ..Default::default()
-        }),
+        pack_any(hcm),
     )
 }

@@ -100,6 +100,7 @@ fn route_config(
                 &svc.vips,
             ),
             routes,
+            include_request_attempt_count: ctx.proxy_headers.attempt_count,
             ..Default::default()
         });
     }
@@ -120,6 +121,7 @@ fn route_config(
                 })),
                 ..Default::default()
             }],
+            include_request_attempt_count: ctx.proxy_headers.attempt_count,
             ..Default::default()
         }
     } else {
@@ -135,6 +137,7 @@ fn route_config(
                 })),
                 ..Default::default()
             }],
+            include_request_attempt_count: ctx.proxy_headers.attempt_count,
             ..Default::default()
         }
     };

@@ -53,6 +53,8 @@ pub struct Entry {
     pub downstream_remote: Option<SocketAddr>,
     pub server_name: String,
     pub route_name: String,
+    /// `x-envoy-upstream-service-time` of the response, when the router set it.
+    pub upstream_service_time: Option<u64>,
 }
 
 pub struct AccessLog {
@@ -190,6 +192,10 @@ impl AccessLog {
                     _ => None,
                 })
             }
+            "RESP" => match arg?.to_ascii_lowercase().as_str() {
+                "x-envoy-upstream-service-time" => e.upstream_service_time.map(|t| t.to_string()),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -247,5 +253,11 @@ mod tests {
             line,
             "[1970-01-01T00:00:00Z] \"GET /hello HTTP/1.1\" 200 - 0 12 3 - \"-\" \"-\" \"-\" \"server:8080\" \"10.200.0.11:8080\"\n"
         );
+        let timed = Entry {
+            upstream_service_time: Some(2),
+            ..e
+        };
+        let line = AccessLog::render(&parse(DEFAULT_FORMAT), &timed);
+        assert!(line.contains(" 200 - 0 12 3 2 \""), "{line}");
     }
 }

@@ -39,6 +39,9 @@ const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto")
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
+const EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 /// Fields that never cross a proxy, whatever `Connection` says.
 const HOP_BY_HOP: [HeaderName; 5] = [
     KEEP_ALIVE,
@@ -59,7 +62,11 @@ where
         let shared = shared.clone();
         hyper::service::service_fn(move |req| {
             let (hcm, info, shared) = (hcm.clone(), info.clone(), shared.clone());
-            async move { Ok::<_, Infallible>(handle(req, &hcm, &info, &shared).await) }
+            async move {
+                let mut resp = handle(req, &hcm, &info, &shared).await;
+                hcm.server.apply(resp.headers_mut());
+                Ok::<_, Infallible>(resp)
+            }
         })
     };
     let activity = crate::idle::Activity::default();
@@ -345,10 +352,16 @@ async fn handle(
                 inner: body,
                 bytes: request_bytes.clone(),
             };
+            let router = RouterHeaders {
+                debug: hcm.envoy_headers,
+                attempt_count: vh.attempt_count,
+                attempt_count_in_response: vh.attempt_count_in_response,
+            };
             let mut resp = forward(
                 parts,
                 body,
                 fwd,
+                router,
                 &cfg.clusters,
                 info,
                 shared,
@@ -653,10 +666,21 @@ fn mirror(
 }
 
 #[allow(clippy::too_many_arguments)]
+/// The headers the router adds to one request and its response.
+#[derive(Clone, Copy)]
+struct RouterHeaders {
+    /// `x-envoy-upstream-service-time` and `x-envoy-expected-rq-timeout-ms`.
+    debug: bool,
+    attempt_count: bool,
+    attempt_count_in_response: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     parts: Parts,
     body: Counted<Incoming>,
     fwd: &Forward,
+    router: RouterHeaders,
     clusters: &std::collections::HashMap<String, Arc<Cluster>>,
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
@@ -816,7 +840,12 @@ async fn forward(
     let mut last: Option<Response<Body>> = None;
     let mut last_flags = "UH";
     let deadline = fwd.timeout.map(|t| pending.start + t);
+    // The request is in hand (Envoy's "downstream request complete"): upstream service time
+    // counts from here.
+    let sent = Instant::now();
+    let mut tried = 0;
     for attempt in 0..attempts {
+        tried = attempt + 1;
         let pick = match cluster.pick(Some(info.destination), &failed, hash) {
             Ok(p) => p,
             Err(_) => {
@@ -836,12 +865,29 @@ async fn forward(
             last_flags = "DPE";
             break;
         };
+        let limit = match (per_try, deadline) {
+            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(Instant::now()))),
+            (t, None) => t,
+            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
+        };
         let mut b = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
             .version(Version::HTTP_11);
         if let Some(h) = b.headers_mut() {
             *h = parts.headers.clone();
+            if router.attempt_count {
+                h.insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
+            }
+            // What is left of the timeout, for the upstream to plan by; none without one.
+            if router.debug
+                && let Some(ms) = limit.map(|l| l.as_millis()).filter(|ms| *ms > 0)
+            {
+                h.insert(
+                    EXPECTED_TIMEOUT,
+                    HeaderValue::from(u64::try_from(ms).unwrap_or(u64::MAX)),
+                );
+            }
         }
         let up_body: Body = match &mut body {
             RequestBody::Buffered(b) => {
@@ -872,11 +918,6 @@ async fn forward(
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
         cluster.count_request(stats);
         let call = client.request(up_req);
-        let limit = match (per_try, deadline) {
-            (Some(t), Some(d)) => Some(t.min(d.saturating_duration_since(Instant::now()))),
-            (t, None) => t,
-            (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
-        };
         let result = match limit {
             Some(t) => tokio::time::timeout(t, call).await.map_err(|_| ()),
             None => Ok(call.await),
@@ -902,6 +943,18 @@ async fn forward(
                     continue;
                 }
                 strip_hop_by_hop(resp.headers_mut(), status == 101);
+                if router.debug {
+                    let ms = u64::try_from(sent.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    resp.headers_mut()
+                        .insert(UPSTREAM_SERVICE_TIME, HeaderValue::from(ms));
+                    if let Some(l) = pending.log.as_mut() {
+                        l.entry.upstream_service_time = Some(ms);
+                    }
+                }
+                if router.attempt_count_in_response {
+                    resp.headers_mut()
+                        .insert(ATTEMPT_COUNT, HeaderValue::from(attempt + 1));
+                }
                 if let Some(c) = set_cookie.take() {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
@@ -1003,7 +1056,11 @@ async fn forward(
             }
         }
     }
-    let last = last.unwrap_or_else(|| local_reply(503, "no healthy upstream"));
+    let mut last = last.unwrap_or_else(|| local_reply(503, "no healthy upstream"));
+    if router.attempt_count_in_response && tried > 0 {
+        last.headers_mut()
+            .insert(ATTEMPT_COUNT, HeaderValue::from(tried));
+    }
     let parties = shared.parties(info, Some(&cluster), source_peer, None);
     finish_local(
         stats,

@@ -1786,3 +1786,130 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
         assert!(count("tcp.tcp.idle_timeout") >= 1, "{stats}");
     });
 }
+
+/// Envoy's own headers, as Istio configures them: `server` per the connection manager, the
+/// attempt count to the upstream (and back, when asked), what is left of the timeout, and the
+/// upstream's service time; the router's `suppress_envoy_headers` turns the last two off.
+#[test]
+fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        // Fails the first attempt, answers the second; reports what it was sent.
+        let up = http1_upstream(
+            || {},
+            |req: http::Request<hyper::body::Incoming>| async move {
+                let get = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string()
+                };
+                let attempt = get("x-envoy-attempt-count");
+                let seen = format!(
+                    "attempt={attempt} expected={}",
+                    get("x-envoy-expected-rq-timeout-ms")
+                );
+                let mut r = http::Response::new(Full::new(Bytes::from(seen)));
+                r.headers_mut()
+                    .insert("server", http::HeaderValue::from_static("app"));
+                if attempt != "2" {
+                    *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                }
+                r
+            },
+        )
+        .await;
+        h.fixed
+            .put(CLUSTER, "e", pack_any(static_cluster("e", &[up], false)));
+        let mut rc = routes(&[("e", 100)]);
+        rc.virtual_hosts[0].include_request_attempt_count = true;
+        rc.virtual_hosts[0].include_attempt_count_in_response = true;
+        if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
+            ra.timeout = Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 5,
+                nanos: 0,
+            });
+            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+                retry_on: "5xx".into(),
+                num_retries: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            });
+        }
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.push();
+        let mut got = None;
+        for _ in 0..200 {
+            let r = request("GET", "10.96.0.10:80", "/", "svc").await;
+            if let Some((200, head, body)) = r
+                && body.starts_with("attempt=")
+            {
+                got = Some((head, body));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (head, body) = got.expect("a 200 through the retry");
+        let header = |n: &str| {
+            head.get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert!(body.starts_with("attempt=2 expected="), "{body}");
+        let expected: u64 = body
+            .rsplit('=')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("x-envoy-expected-rq-timeout-ms sent");
+        assert!((1..=5000).contains(&expected), "{expected}");
+        assert_eq!(header("server").as_deref(), Some("envoy"), "overwritten");
+        assert_eq!(header("x-envoy-attempt-count").as_deref(), Some("2"));
+        let service_time = header("x-envoy-upstream-service-time").expect("service time");
+        assert!(service_time.parse::<u64>().is_ok(), "{service_time}");
+        // The proxy's own answers are named too.
+        let (status, head, _) = request("GET", "10.96.0.10:80", "/", "nowhere")
+            .await
+            .expect("no route");
+        assert_eq!(status, 404);
+        assert_eq!(head.get("server").unwrap(), "envoy");
+
+        // Istio's inbound name, kept only where the app sends none; debug headers off.
+        let mut filter = hcm("80");
+        if let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type.as_mut() {
+            let mut m =
+                <HttpConnectionManager as prost::Message>::decode(any.value.as_slice()).unwrap();
+            m.server_name = "istio-envoy".into();
+            m.server_header_transformation =
+                http_connection_manager::ServerHeaderTransformation::AppendIfAbsent as i32;
+            m.http_filters[0].config_type = Some(http_filter::ConfigType::TypedConfig(pack_any(
+                envoy_types::pb::envoy::extensions::filters::http::router::v3::Router {
+                    suppress_envoy_headers: true,
+                    ..Default::default()
+                },
+            )));
+            *any = pack_any(m);
+        }
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, filter)),
+        );
+        h.push();
+        let mut last = None;
+        for _ in 0..200 {
+            let (_, head, _) = request("GET", "10.96.0.10:80", "/", "nowhere")
+                .await
+                .expect("no route");
+            if head.get("server").is_some_and(|s| s == "istio-envoy") {
+                last = request("GET", "10.96.0.10:80", "/", "svc").await;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (status, head, body) = last.expect("the new listener in force");
+        assert_eq!(status, 200);
+        assert_eq!(head.get("server").unwrap(), "app", "the app's own kept");
+        assert!(!head.contains_key("x-envoy-upstream-service-time"));
+        assert_eq!(body, "attempt=2 expected=-");
+    });
+}

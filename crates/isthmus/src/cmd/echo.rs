@@ -143,6 +143,9 @@ async fn client(c: ClientArgs) -> Result<i32> {
                     "[{i}] StatusCode={} Time={:?}",
                     answer.status, answer.elapsed
                 );
+                for (k, v) in &answer.headers {
+                    println!("[{i}] ResponseHeader={k}:{v}");
+                }
                 for line in answer.body.lines() {
                     println!("[{i} body] {line}");
                 }

@@ -8,12 +8,15 @@ use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress, address, 
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain as PbFilterChain, Listener as PbListener, filter, listener_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::ServerHeaderTransformation;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use envoy_types::pb::google::protobuf::Any;
+use http::HeaderValue;
 use ipnet::IpNet;
 use prost::Message;
 
@@ -149,6 +152,29 @@ pub struct HcmCounters {
     pub rbac_denied: CounterCell,
 }
 
+/// The `server` header of responses (Envoy's `server_name` and `server_header_transformation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerHeader {
+    /// Replaces whatever the upstream sent (Envoy's default, as `envoy`).
+    Overwrite(HeaderValue),
+    AppendIfAbsent(HeaderValue),
+    PassThrough,
+}
+
+impl ServerHeader {
+    pub fn apply(&self, h: &mut http::HeaderMap) {
+        match self {
+            ServerHeader::Overwrite(v) => {
+                h.insert(http::header::SERVER, v.clone());
+            }
+            ServerHeader::AppendIfAbsent(v) => {
+                h.entry(http::header::SERVER).or_insert_with(|| v.clone());
+            }
+            ServerHeader::PassThrough => {}
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Hcm {
     pub stat_prefix: String,
@@ -170,6 +196,10 @@ pub struct Hcm {
     pub access_logs: Vec<Arc<AccessLog>>,
     /// The fault filter's own configuration, for routes without one.
     pub fault: Option<route::Fault>,
+    pub server: ServerHeader,
+    /// The router adds `x-envoy-upstream-service-time` and `x-envoy-expected-rq-timeout-ms`
+    /// (not its `suppress_envoy_headers`).
+    pub envoy_headers: bool,
 }
 
 fn access_logs(
@@ -439,6 +469,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
 
 fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut has_router = false;
+    let mut envoy_headers = true;
     let mut rbac_filters = Vec::new();
     let mut jwt = None;
     let mut fault = None;
@@ -449,6 +480,10 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         };
         if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
             has_router = true;
+            if !value.is_empty() {
+                let r = Router::decode(value.as_slice()).map_err(|e| format!("router: {e}"))?;
+                envoy_headers = !r.suppress_envoy_headers;
+            }
         } else if type_url.ends_with(".fault.v3.HTTPFault") {
             // Configured per route; a filter-level fault applies where a route has none.
             if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
@@ -485,6 +520,27 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         }
     };
     let details = hcm.set_current_client_cert_details.unwrap_or_default();
+    let server_name = if hcm.server_name.is_empty() {
+        HeaderValue::from_static("envoy")
+    } else {
+        HeaderValue::from_str(&hcm.server_name).map_err(|_| {
+            format!(
+                "server_name {:?} is not a valid header value",
+                hcm.server_name
+            )
+        })?
+    };
+    let server = match ServerHeaderTransformation::try_from(hcm.server_header_transformation) {
+        Ok(ServerHeaderTransformation::Overwrite) => ServerHeader::Overwrite(server_name),
+        Ok(ServerHeaderTransformation::AppendIfAbsent) => ServerHeader::AppendIfAbsent(server_name),
+        Ok(ServerHeaderTransformation::PassThrough) => ServerHeader::PassThrough,
+        Err(_) => {
+            return Err(format!(
+                "server_header_transformation {} is not a known value",
+                hcm.server_header_transformation
+            ));
+        }
+    };
     Ok(Hcm {
         stat_prefix: hcm.stat_prefix,
         counters: HcmCounters::default(),
@@ -510,6 +566,8 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         rbac: rbac_filters,
         access_logs: access_logs(&hcm.access_log)?,
         fault,
+        server,
+        envoy_headers,
     })
 }
 

@@ -35,6 +35,10 @@ pub struct VirtualHost {
     pub name: String,
     pub routes: Vec<Route>,
     pub headers: HeaderEdits,
+    /// `x-envoy-attempt-count` on each request to the upstream (`include_request_attempt_count`).
+    pub attempt_count: bool,
+    /// ... and on the response (`include_attempt_count_in_response`).
+    pub attempt_count_in_response: bool,
 }
 
 #[derive(Debug)]
@@ -431,6 +435,8 @@ fn virtual_host(vh: &PbVirtualHost, outer: &HeaderEdits) -> Result<VirtualHost, 
         name: vh.name.clone(),
         routes,
         headers,
+        attempt_count: vh.include_request_attempt_count,
+        attempt_count_in_response: vh.include_attempt_count_in_response,
     })
 }
 
