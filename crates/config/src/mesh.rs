@@ -234,7 +234,7 @@ pub struct ProxyConfig {
 
 /// ProxyConfig `proxyHeaders`: which headers the proxies add or pass on. Fields this mesh does
 /// not act on are accepted and ignored, as an older Istio ignores newer ones.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ProxyHeaders {
     /// SANITIZE, FORWARD_ONLY, APPEND_FORWARD (the default), SANITIZE_SET, ALWAYS_FORWARD_ONLY.
@@ -256,7 +256,7 @@ pub struct ProxyHeaders {
     pub envoy_debug_headers: Option<Disabled>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ServerHeader {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -265,7 +265,7 @@ pub struct ServerHeader {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Disabled {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -281,7 +281,7 @@ impl Disabled {
 
 /// Which parts of the client certificate go into `x-forwarded-client-cert` (`cert` and
 /// `chain` are not among them here: the proxy sends names, not certificates).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ClientCertDetails {
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -324,17 +324,17 @@ impl Generator for PilotGenerator {
 
 /// The proxy behind an Envoy node (Istio's node id and `ISTIO_META_*` metadata).
 pub fn proxy_of(node: &Node) -> Result<Proxy, String> {
-    Proxy::from_node(&node.id, &metadata(node.metadata.as_ref())).map_err(|e| e.to_string())
+    Proxy::from_node(&node.id, &metadata(node.metadata.as_ref())?).map_err(|e| e.to_string())
 }
 
 /// The service account a node's metadata names (`SERVICE_ACCOUNT`), if any.
 pub fn service_account_of(node: &Node) -> Option<String> {
-    metadata(node.metadata.as_ref()).service_account
+    metadata(node.metadata.as_ref()).ok()?.service_account
 }
 
-fn metadata(md: Option<&Struct>) -> NodeMetadata {
+fn metadata(md: Option<&Struct>) -> Result<NodeMetadata, String> {
     let Some(md) = md else {
-        return NodeMetadata::default();
+        return Ok(NodeMetadata::default());
     };
     let string = |k: &str| match md.fields.get(k).and_then(|v| v.kind.as_ref()) {
         Some(value::Kind::StringValue(s)) => Some(s.clone()),
@@ -351,7 +351,20 @@ fn metadata(md: Option<&Struct>) -> NodeMetadata {
             .collect(),
         _ => BTreeMap::new(),
     };
-    NodeMetadata {
+    // The pod's ProxyConfig, of which the configuration reads `proxyHeaders`.
+    let proxy_headers = match md.fields.get("PROXY_CONFIG").and_then(|v| v.kind.as_ref()) {
+        Some(value::Kind::StructValue(pc)) => match pc.fields.get("proxyHeaders") {
+            Some(v) => Some(
+                isthmus_xds::json::to_json(v)
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| serde_json::from_value(j).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("node metadata PROXY_CONFIG.proxyHeaders: {e}"))?,
+            ),
+            None => None,
+        },
+        _ => None,
+    };
+    Ok(NodeMetadata {
         namespace: string("NAMESPACE"),
         labels,
         instance_ips: string("INSTANCE_IPS")
@@ -364,7 +377,8 @@ fn metadata(md: Option<&Struct>) -> NodeMetadata {
         interception_mode: string("INTERCEPTION_MODE"),
         istio_version: string("ISTIO_VERSION"),
         name: string("NAME"),
-    }
+        proxy_headers,
+    })
 }
 
 #[cfg(test)]
@@ -438,5 +452,70 @@ spec:
         };
         assert_eq!(max_connections(&c), 10);
         assert_ne!(max_connections(&a), 10);
+    }
+
+    fn node(ip: &str, proxy_config: serde_json::Value) -> Node {
+        let pc: Struct = isthmus_xds::json::from_json(proxy_config).unwrap();
+        Node {
+            id: Proxy::node_id(ip.parse().unwrap(), "pod", "a", "cluster.local"),
+            metadata: Some(Struct {
+                fields: [(
+                    "PROXY_CONFIG".to_string(),
+                    envoy_types::pb::google::protobuf::Value {
+                        kind: Some(value::Kind::StructValue(pc)),
+                    },
+                )]
+                .into(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A pod's `proxyHeaders` reach the control plane in its node metadata and shape its
+    /// listeners, which it then shares with no pod of other headers.
+    #[test]
+    fn a_pods_proxy_headers_come_from_its_node_metadata() {
+        let loaded = Loader::default().load_str("mesh.yaml", MESH);
+        let snapshot: Snapshot = loaded.resources.into_iter().collect();
+        let ctx = PushContext::new(snapshot, MeshConfig::default(), "cluster.local", None);
+        let generator = PilotGenerator::new(Arc::new(RwLock::new(Arc::new(ctx))));
+        let own = proxy_of(&node(
+            "10.0.0.1",
+            serde_json::json!({"proxyHeaders": {"server": {"value": "my-proxy"}}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            own.proxy_headers
+                .as_ref()
+                .and_then(|h| h.server.as_ref())
+                .map(|s| s.value.as_str()),
+            Some("my-proxy")
+        );
+        let plain = proxy_of(&node("10.0.0.2", serde_json::json!({"concurrency": 2}))).unwrap();
+        assert_eq!(plain.proxy_headers, None);
+        let server_name = |p: &Proxy| {
+            let parts = generator
+                .generate(p, LISTENER, &Default::default())
+                .unwrap();
+            let l = envoy_types::pb::envoy::config::listener::v3::Listener::decode(
+                parts[0]["0.0.0.0_80"].any.value.as_slice(),
+            )
+            .unwrap();
+            let json = isthmus_xds::json::to_json(&l).unwrap();
+            json["filter_chains"][0]["filters"][0]["typed_config"]["server_name"].clone()
+        };
+        assert_eq!(server_name(&own), "my-proxy");
+        assert_eq!(
+            server_name(&plain),
+            serde_json::Value::Null,
+            "Envoy's default"
+        );
+
+        let bad = proxy_of(&node(
+            "10.0.0.3",
+            serde_json::json!({"proxyHeaders": {"server": "my-proxy"}}),
+        ))
+        .unwrap_err();
+        assert!(bad.contains("PROXY_CONFIG.proxyHeaders"), "{bad}");
     }
 }

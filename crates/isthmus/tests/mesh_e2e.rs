@@ -814,7 +814,7 @@ metadata:
   namespace: rot
   labels: {app: client}
   annotations:
-    proxy.istio.io/config: '{"proxyMetadata": {"SECRET_TTL": "16s"}}'
+    proxy.istio.io/config: '{"proxyMetadata": {"SECRET_TTL": "16s"}, "proxyHeaders": {"server": {"value": "rot-client"}, "attemptCount": {"disabled": true}}}'
 spec:
   containers:
   - name: client
@@ -860,6 +860,9 @@ fn certificates_rotate_at_half_life_without_a_failed_request() {
         ok && out.contains("Identity=spiffe://cluster.local/ns/rot/sa/default"),
         "{out}"
     );
+    // The client pod's own `proxyHeaders`: its name for the server, no attempt count.
+    assert!(out.contains("ResponseHeader=server:rot-client"), "{out}");
+    assert!(!out.contains("x-envoy-attempt-count"), "{out}");
 }
 
 #[test]

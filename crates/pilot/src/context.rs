@@ -50,6 +50,8 @@ pub struct Scope {
     pub sidecar: Option<(String, String)>,
     /// The proxy's locality: endpoints are prioritized from it (locality failover).
     pub locality: Option<Locality>,
+    /// The pod's own `proxyHeaders`, which shape its listeners and routes.
+    pub proxy_headers: Option<isthmus_config::mesh::ProxyHeaders>,
 }
 
 #[derive(Debug, Clone)]
@@ -65,7 +67,7 @@ pub struct PushContext {
     /// them (istiod inlines them into the JWT filter, and so do we).
     pub jwks: JwksDocs,
     /// The headers proxies add, from the mesh's `proxyHeaders`.
-    pub proxy_headers: ProxyHeaders,
+    mesh_headers: ProxyHeaders,
 }
 
 /// The kinds that only make endpoints (and a proxy's own inbound configuration): a change in
@@ -139,7 +141,11 @@ impl PushContext {
             InboundMode::Passthrough
         };
         PushContext {
-            proxy_headers: ProxyHeaders::from_mesh(&mesh),
+            mesh_headers: ProxyHeaders::resolve(
+                mesh.default_config
+                    .as_ref()
+                    .and_then(|c| c.proxy_headers.as_ref()),
+            ),
             snapshot,
             registry,
             mesh,
@@ -255,8 +261,17 @@ impl PushContext {
             .filter(|l| !l.is_empty())
     }
 
+    /// The headers `proxy` adds: its pod's `proxyHeaders`, else the mesh's.
+    pub fn proxy_headers(&self, proxy: &Proxy) -> std::borrow::Cow<'_, ProxyHeaders> {
+        match &proxy.proxy_headers {
+            Some(own) => std::borrow::Cow::Owned(ProxyHeaders::resolve(Some(own))),
+            None => std::borrow::Cow::Borrowed(&self.mesh_headers),
+        }
+    }
+
     pub fn scope(&self, proxy: &Proxy) -> Scope {
         Scope {
+            proxy_headers: proxy.proxy_headers.clone(),
             locality: self.proxy_locality(proxy),
             namespace: proxy.namespace.clone(),
             sidecar: self

@@ -1,5 +1,5 @@
-//! The headers a sidecar adds or passes on: Istio's defaults, as changed by
-//! `meshConfig.defaultConfig.proxyHeaders`.
+//! The headers a sidecar adds or passes on: Istio's defaults, as changed by `proxyHeaders` of
+//! ProxyConfig (the pod's `proxy.istio.io/config`, else `meshConfig.defaultConfig`).
 //!
 //! By default, as Istio: inbound answers carry `server: istio-envoy` and outbound ones Envoy's
 //! own `server: envoy`; requests get `x-request-id` where missing and `x-envoy-attempt-count`;
@@ -11,8 +11,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::google::protobuf::BoolValue;
-use isthmus_config::MeshConfig;
-use isthmus_config::mesh::Disabled;
+use isthmus_config::mesh::{self, Disabled};
 
 use http_connection_manager::{
     ForwardClientCertDetails, ServerHeaderTransformation, SetCurrentClientCertDetails,
@@ -21,7 +20,7 @@ use http_connection_manager::{
 /// Istio's server name on inbound listeners.
 pub const ISTIO_SERVER_NAME: &str = "istio-envoy";
 
-/// The mesh's choice of headers, resolved against Istio's defaults.
+/// A `proxyHeaders` setting, resolved against Istio's defaults.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxyHeaders {
     /// `server.value`: one name for both directions, in place of Istio's two.
@@ -57,13 +56,9 @@ impl Default for ProxyHeaders {
 }
 
 impl ProxyHeaders {
-    pub fn from_mesh(mesh: &MeshConfig) -> ProxyHeaders {
+    pub fn resolve(ph: Option<&mesh::ProxyHeaders>) -> ProxyHeaders {
         let mut out = ProxyHeaders::default();
-        let Some(ph) = mesh
-            .default_config
-            .as_ref()
-            .and_then(|c| c.proxy_headers.as_ref())
-        else {
+        let Some(ph) = ph else {
             return out;
         };
         if let Some(server) = &ph.server {
@@ -135,13 +130,14 @@ fn forward_client_cert(name: &str) -> Option<ForwardClientCertDetails> {
 mod tests {
     use super::*;
 
-    fn mesh(json: &str) -> MeshConfig {
-        serde_json::from_str(json).expect("mesh config")
+    /// A `proxyHeaders` setting from its JSON.
+    fn resolve(json: &str) -> ProxyHeaders {
+        ProxyHeaders::resolve(Some(&serde_json::from_str(json).expect("proxyHeaders")))
     }
 
     #[test]
     fn istio_defaults_name_the_server_by_direction() {
-        let ph = ProxyHeaders::from_mesh(&MeshConfig::default());
+        let ph = ProxyHeaders::resolve(None);
         let (mut inbound, mut outbound) = Default::default();
         ph.apply(&mut inbound, true);
         ph.apply(&mut outbound, false);
@@ -162,16 +158,16 @@ mod tests {
 
     #[test]
     fn proxy_headers_turn_headers_off_and_rename_the_server() {
-        let ph = ProxyHeaders::from_mesh(&mesh(
-            r#"{"defaultConfig": {"proxyHeaders": {
+        let ph = resolve(
+            r#"{
                 "server": {"value": "my-mesh"},
                 "requestId": {"disabled": true},
                 "attemptCount": {"disabled": true},
                 "envoyDebugHeaders": {"disabled": true},
                 "forwardedClientCert": "SANITIZE_SET",
                 "setCurrentClientCertDetails": {"uri": true},
-                "metadataExchangeHeaders": {"mode": "IN_MESH"}}}}"#,
-        ));
+                "metadataExchangeHeaders": {"mode": "IN_MESH"}}"#,
+        );
         let mut outbound = HttpConnectionManager::default();
         ph.apply(&mut outbound, false);
         assert_eq!(outbound.server_name, "my-mesh");
@@ -191,9 +187,7 @@ mod tests {
         let d = inbound.set_current_client_cert_details.expect("details");
         assert!(d.uri && !d.dns && d.subject == Some(BoolValue { value: false }));
 
-        let off = ProxyHeaders::from_mesh(&mesh(
-            r#"{"defaultConfig": {"proxyHeaders": {"server": {"disabled": true}}}}"#,
-        ));
+        let off = resolve(r#"{"server": {"disabled": true}}"#);
         let mut hcm = HttpConnectionManager::default();
         off.apply(&mut hcm, true);
         assert_eq!(

@@ -195,6 +195,7 @@ fn detection_timeout(ctx: &PushContext) -> Option<std::time::Duration> {
 
 fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut by_name: BTreeMap<String, Listener> = BTreeMap::new();
+    let headers = ctx.proxy_headers(proxy);
     for imported in ctx.services_for(proxy) {
         let svc = imported.svc;
         for port in imported.ports {
@@ -244,7 +245,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                         ..Default::default()
                     }),
                     filters: vec![http_connection_manager_rds(
-                        ctx,
+                        &headers,
                         &name,
                         &port.port.to_string(),
                     )],
@@ -270,7 +271,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                 {
                     l.filter_chains.push(FilterChain {
                         filters: vec![http_connection_manager_rds(
-                            ctx,
+                            &headers,
                             &name,
                             &port.port.to_string(),
                         )],
@@ -282,7 +283,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     address: Some(socket("0.0.0.0", port.port)),
                     filter_chains: vec![FilterChain {
                         filters: vec![http_connection_manager_rds(
-                            ctx,
+                            &headers,
                             &name,
                             &port.port.to_string(),
                         )],
@@ -343,6 +344,7 @@ fn virtual_outbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
 }
 
 fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
+    let headers = ctx.proxy_headers(proxy);
     let mut chains = Vec::new();
     let mut sniffing = false;
     // Authentication first: authorization reads what it verified.
@@ -379,7 +381,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             let cluster = inbound_cluster(port);
             let http = || {
                 vec![http_connection_manager_inline(
-                    ctx,
+                    &headers,
                     &cluster,
                     port,
                     http_authz.clone(),
@@ -602,17 +604,21 @@ fn fault_filter() -> HttpFilter {
     }
 }
 
-fn http_connection_manager_rds(ctx: &PushContext, stat_prefix: &str, route_config: &str) -> Filter {
+fn http_connection_manager_rds(
+    headers: &ProxyHeaders,
+    stat_prefix: &str,
+    route_config: &str,
+) -> Filter {
     let mut hcm = HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_config.into(),
         })),
-        http_filters: vec![fault_filter(), router(&ctx.proxy_headers)],
+        http_filters: vec![fault_filter(), router(headers)],
         ..Default::default()
     };
-    ctx.proxy_headers.apply(&mut hcm, false);
+    headers.apply(&mut hcm, false);
     network_filter(
         "envoy.filters.network.http_connection_manager",
         pack_any(hcm),
@@ -622,12 +628,12 @@ fn http_connection_manager_rds(ctx: &PushContext, stat_prefix: &str, route_confi
 /// Inbound HTTP: an inline route to the inbound cluster, any host, behind the authorization
 /// filters.
 fn http_connection_manager_inline(
-    ctx: &PushContext,
+    headers: &ProxyHeaders,
     cluster: &str,
     port: u16,
     mut filters: Vec<HttpFilter>,
 ) -> Filter {
-    filters.push(router(&ctx.proxy_headers));
+    filters.push(router(headers));
     let routes = RouteConfiguration {
         name: cluster.into(),
         virtual_hosts: vec![VirtualHost {
@@ -660,7 +666,7 @@ fn http_connection_manager_inline(
         ..Default::default()
     };
     // Istio's inbound: `istio-envoy`, and the caller's identity reaches the app in XFCC.
-    ctx.proxy_headers.apply(&mut hcm, true);
+    headers.apply(&mut hcm, true);
     network_filter(
         "envoy.filters.network.http_connection_manager",
         pack_any(hcm),

@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use isthmus_config::mesh::ProxyHeaders;
+
 /// What a proxy is: sidecar, gateway, …
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ProxyType {
@@ -36,6 +38,8 @@ pub struct Proxy {
     pub cluster_id: String,
     pub interception_mode: InterceptionMode,
     pub istio_version: String,
+    /// The pod's own `proxyHeaders` (ProxyConfig), in place of the mesh's.
+    pub proxy_headers: Option<ProxyHeaders>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -56,6 +60,7 @@ pub struct NodeMetadata {
     pub interception_mode: Option<String>,
     pub istio_version: Option<String>,
     pub name: Option<String>,
+    pub proxy_headers: Option<ProxyHeaders>,
 }
 
 impl Proxy {
@@ -113,6 +118,7 @@ impl Proxy {
                 _ => InterceptionMode::Redirect,
             },
             istio_version: meta.istio_version.clone().unwrap_or_default(),
+            proxy_headers: meta.proxy_headers.clone(),
         })
     }
 

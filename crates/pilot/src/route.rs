@@ -65,6 +65,7 @@ fn route_config(
 ) -> RouteConfiguration {
     let mut vhosts: Vec<VirtualHost> = Vec::new();
     let mut headless_wildcard = None;
+    let attempt_count = ctx.proxy_headers(proxy).attempt_count;
     for svc in svcs {
         let routes = match virtual_service_for(ctx, proxy, svc) {
             Some(vs) => vs
@@ -100,7 +101,7 @@ fn route_config(
                 &svc.vips,
             ),
             routes,
-            include_request_attempt_count: ctx.proxy_headers.attempt_count,
+            include_request_attempt_count: attempt_count,
             ..Default::default()
         });
     }
@@ -121,7 +122,7 @@ fn route_config(
                 })),
                 ..Default::default()
             }],
-            include_request_attempt_count: ctx.proxy_headers.attempt_count,
+            include_request_attempt_count: attempt_count,
             ..Default::default()
         }
     } else {
@@ -137,7 +138,7 @@ fn route_config(
                 })),
                 ..Default::default()
             }],
-            include_request_attempt_count: ctx.proxy_headers.attempt_count,
+            include_request_attempt_count: attempt_count,
             ..Default::default()
         }
     };

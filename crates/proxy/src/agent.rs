@@ -79,6 +79,9 @@ pub struct Options {
     pub drain_duration: Duration,
     pub cert_ttl: Duration,
     pub app_metrics: Option<(u16, String)>,
+    /// The pod's ProxyConfig (`PROXY_CONFIG`), sent to the control plane in the node metadata
+    /// as Istio's agent sends it: some of it (`proxyHeaders`) shapes the configuration.
+    pub proxy_config: Option<Struct>,
 }
 
 impl Options {
@@ -113,6 +116,14 @@ impl Options {
             s(if self.tproxy { "TPROXY" } else { "REDIRECT" }),
         );
         fields.insert("ISTIO_VERSION".into(), s(env!("CARGO_PKG_VERSION")));
+        if let Some(pc) = &self.proxy_config {
+            fields.insert(
+                "PROXY_CONFIG".into(),
+                PbValue {
+                    kind: Some(value::Kind::StructValue(pc.clone())),
+                },
+            );
+        }
         fields.insert(
             "LABELS".into(),
             PbValue {

@@ -424,6 +424,7 @@ impl Harness {
             drain_duration: Duration::from_secs(3),
             cert_ttl: Duration::from_secs(3600),
             app_metrics: None,
+            proxy_config: None,
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();

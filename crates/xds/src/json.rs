@@ -47,6 +47,24 @@ pub fn to_json<M: prost::Message + prost::Name>(m: &M) -> Result<serde_json::Val
     encoded_to_json(&M::full_name(), &m.encode_to_vec())
 }
 
+/// A message from its JSON form (protobuf's JSON mapping), e.g. a `Struct` from an object.
+pub fn from_json<M: prost::Message + prost::Name + Default>(
+    v: serde_json::Value,
+) -> Result<M, JsonError> {
+    let type_name = M::full_name();
+    let desc = pool()?
+        .get_message_by_name(&type_name)
+        .ok_or_else(|| JsonError::UnknownType(type_name.clone()))?;
+    let convert = |message: String| JsonError::Convert {
+        type_name: type_name.clone(),
+        message,
+    };
+    DynamicMessage::deserialize(desc, v)
+        .map_err(|e| convert(e.to_string()))?
+        .transcode_to::<M>()
+        .map_err(|e| convert(e.to_string()))
+}
+
 /// A resource a proxy received, as JSON.
 fn received_to_json<T: crate::client::XdsResource>(
     r: &crate::client::Received<T>,
