@@ -42,6 +42,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
 const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 const EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+const ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
 /// Fields that never cross a proxy, whatever `Connection` says.
 const HOP_BY_HOP: [HeaderName; 5] = [
     KEEP_ALIVE,
@@ -472,6 +473,12 @@ fn prepare_request(
         };
         if let Ok(u) = new.parse() {
             parts.uri = u;
+            // Envoy's record of the path before the rewrite, for the upstream and its logs.
+            if hcm.envoy_headers
+                && let Ok(v) = HeaderValue::from_str(&pq)
+            {
+                parts.headers.insert(ORIGINAL_PATH, v);
+            }
         }
     }
 }

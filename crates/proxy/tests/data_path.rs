@@ -1789,8 +1789,9 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
 }
 
 /// Envoy's own headers, as Istio configures them: `server` per the connection manager, the
-/// attempt count to the upstream (and back, when asked), what is left of the timeout, and the
-/// upstream's service time; the router's `suppress_envoy_headers` turns the last two off.
+/// attempt count to the upstream (and back, when asked), what is left of the timeout, the path
+/// before a rewrite, and the upstream's service time; the router's `suppress_envoy_headers`
+/// turns off all but the attempt count.
 #[test]
 fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
     in_netns(|| async {
@@ -1808,8 +1809,10 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 };
                 let attempt = get("x-envoy-attempt-count");
                 let seen = format!(
-                    "attempt={attempt} expected={}",
-                    get("x-envoy-expected-rq-timeout-ms")
+                    "attempt={attempt} expected={} path={} original={}",
+                    get("x-envoy-expected-rq-timeout-ms"),
+                    req.uri().path(),
+                    get("x-envoy-original-path"),
                 );
                 let mut r = http::Response::new(Full::new(Bytes::from(seen)));
                 r.headers_mut()
@@ -1831,6 +1834,7 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 seconds: 5,
                 nanos: 0,
             });
+            ra.prefix_rewrite = "/v2/".into();
             ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
                 retry_on: "5xx".into(),
                 num_retries: Some(UInt32Value { value: 1 }),
@@ -1841,7 +1845,7 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
         h.push();
         let mut got = None;
         for _ in 0..200 {
-            let r = request("GET", "10.96.0.10:80", "/", "svc").await;
+            let r = request("GET", "10.96.0.10:80", "/hello", "svc").await;
             if let Some((200, head, body)) = r
                 && body.starts_with("attempt=")
             {
@@ -1856,13 +1860,19 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         };
-        assert!(body.starts_with("attempt=2 expected="), "{body}");
-        let expected: u64 = body
-            .rsplit('=')
-            .next()
-            .and_then(|v| v.parse().ok())
+        let field = |k: &str| {
+            body.split_whitespace()
+                .find_map(|f| f.strip_prefix(k)?.strip_prefix('='))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(field("attempt"), "2", "{body}");
+        let expected: u64 = field("expected")
+            .parse()
             .expect("x-envoy-expected-rq-timeout-ms sent");
         assert!((1..=5000).contains(&expected), "{expected}");
+        assert_eq!(field("path"), "/v2/hello", "{body}");
+        assert_eq!(field("original"), "/hello", "{body}");
         assert_eq!(header("server").as_deref(), Some("envoy"), "overwritten");
         assert_eq!(header("x-envoy-attempt-count").as_deref(), Some("2"));
         let service_time = header("x-envoy-upstream-service-time").expect("service time");
@@ -1902,7 +1912,7 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 .await
                 .expect("no route");
             if head.get("server").is_some_and(|s| s == "istio-envoy") {
-                last = request("GET", "10.96.0.10:80", "/", "svc").await;
+                last = request("GET", "10.96.0.10:80", "/hello", "svc").await;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1911,6 +1921,6 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
         assert_eq!(status, 200);
         assert_eq!(head.get("server").unwrap(), "app", "the app's own kept");
         assert!(!head.contains_key("x-envoy-upstream-service-time"));
-        assert_eq!(body, "attempt=2 expected=-");
+        assert_eq!(body, "attempt=2 expected=- path=/v2/hello original=-");
     });
 }
