@@ -788,4 +788,52 @@ mod tests {
         assert_eq!(server_name_match("*.b.c", "a.b.c"), Some(4));
         assert_eq!(server_name_match("*.b.c", "b.c"), None);
     }
+
+    fn hcm_with(f: impl FnOnce(&mut HttpConnectionManager)) -> Result<Hcm, String> {
+        let mut hcm = HttpConnectionManager {
+            route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(
+                Default::default(),
+            )),
+            http_filters: vec![envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        f(&mut hcm);
+        http_connection_manager(hcm)
+    }
+
+    #[test]
+    fn the_server_header_follows_the_connection_manager() {
+        let server = |f: fn(&mut HttpConnectionManager)| hcm_with(f).map(|h| h.server);
+        let value = HeaderValue::from_static;
+        assert_eq!(server(|_| {}), Ok(ServerHeader::Overwrite(value("envoy"))));
+        assert_eq!(
+            server(|h| {
+                h.server_name = "istio-envoy".into();
+                h.server_header_transformation = ServerHeaderTransformation::AppendIfAbsent as i32;
+            }),
+            Ok(ServerHeader::AppendIfAbsent(value("istio-envoy")))
+        );
+        assert_eq!(
+            server(
+                |h| h.server_header_transformation = ServerHeaderTransformation::PassThrough as i32
+            ),
+            Ok(ServerHeader::PassThrough)
+        );
+        let bad = server(|h| h.server_name = "two\nlines".into()).unwrap_err();
+        assert!(bad.contains("server_name"), "{bad}");
+        let bad = server(|h| h.server_header_transformation = 7).unwrap_err();
+        assert!(bad.contains("server_header_transformation 7"), "{bad}");
+
+        let mut map = http::HeaderMap::new();
+        map.insert(http::header::SERVER, value("app"));
+        ServerHeader::AppendIfAbsent(value("istio-envoy")).apply(&mut map);
+        assert_eq!(map[http::header::SERVER], "app");
+        ServerHeader::Overwrite(value("envoy")).apply(&mut map);
+        assert_eq!(map[http::header::SERVER], "envoy");
+        // With no router configuration, the router adds its headers (Envoy's default).
+        assert!(hcm_with(|_| {}).is_ok_and(|h| h.envoy_headers));
+    }
 }
