@@ -698,7 +698,7 @@ async fn forward(
     body: Counted<Incoming>,
     fwd: &Forward,
     router: RouterHeaders,
-    clusters: &std::collections::HashMap<String, Arc<Cluster>>,
+    clusters: &crate::config::ByName<Arc<Cluster>>,
     info: &Arc<ConnInfo>,
     shared: &Arc<Shared>,
     mut pending: Pending,

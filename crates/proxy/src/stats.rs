@@ -164,7 +164,7 @@ pub struct Stats {
     counters: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     /// Request series by a hash of their key: spelling out and hashing the 21 labels of every
     /// request cost more than the request's own routing.
-    series: Mutex<HashMap<u64, (SeriesKey, Series)>>,
+    series: Mutex<HashMap<u64, (SeriesKey, Series), foldhash::fast::RandomState>>,
     hasher: foldhash::fast::RandomState,
 }
 

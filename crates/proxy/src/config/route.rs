@@ -1,6 +1,5 @@
 //! Route configurations: virtual hosts chosen by `Host`, routes by path, headers and query.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, data_source};
@@ -22,7 +21,7 @@ pub(crate) const KIND: &str = "route configuration";
 pub struct RouteTable {
     pub name: String,
     pub vhosts: Vec<VirtualHost>,
-    exact: HashMap<String, usize>,
+    exact: super::ByName<usize>,
     /// `*.example.com` patterns as (suffix, vhost), longest first.
     suffix: Vec<(String, usize)>,
     /// `example.*` patterns as (prefix, vhost), longest first.
@@ -374,7 +373,7 @@ pub fn compile(rc: &RouteConfiguration) -> Result<RouteTable, CompileError> {
     let mut table = RouteTable {
         name: rc.name.clone(),
         vhosts: Vec::new(),
-        exact: HashMap::new(),
+        exact: Default::default(),
         suffix: Vec::new(),
         prefix: Vec::new(),
         wildcard: None,
