@@ -1,5 +1,6 @@
 //! `isthmus control-plane` and `isthmus proxy-status` as processes: a real ADS client connects,
-//! ACKs clusters, and proxy-status shows it in istioctl's table.
+//! ACKs clusters, and proxy-status shows it in istioctl's table; `isthmus proxy` refuses a
+//! ProxyConfig it cannot read.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -170,4 +171,29 @@ async fn proxy_status_shows_a_connected_proxy() {
         .output()
         .unwrap();
     assert!(!missing.status.success());
+}
+
+/// The sidecar checks its pod's ProxyConfig before it connects: a field of the wrong shape is
+/// named there, not discovered when the control plane refuses the node.
+#[test]
+fn the_proxy_refuses_a_proxy_config_it_cannot_read() {
+    let out = Command::new(BIN)
+        .args([
+            "proxy",
+            "--pod-name",
+            "p",
+            "--discovery-address",
+            "127.0.0.1:9",
+        ])
+        .args(["--proxy-config", r#"{"proxyHeaders": {"server": "mine"}}"#])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run isthmus proxy");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PROXY_CONFIG is not a valid ProxyConfig")
+            && err.contains("expected struct ServerHeader"),
+        "{err}"
+    );
 }

@@ -128,6 +128,12 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         Some(s) => serde_json::from_str(s).context("PROXY_CONFIG is not JSON")?,
         None => serde_json::Value::Null,
     };
+    // Checked here, where its author reads the error, rather than by the control plane, which
+    // would refuse the proxy's stream over it.
+    if !pc.is_null() {
+        serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(pc.clone())
+            .context("PROXY_CONFIG is not a valid ProxyConfig")?;
+    }
     let duration = |key: &str, default: Duration| -> Result<Duration> {
         match pc.get(key).and_then(|v| v.as_str()) {
             Some(s) => parse_go_duration(s).map_err(|e| anyhow::anyhow!("PROXY_CONFIG {key}: {e}")),
