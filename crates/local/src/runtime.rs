@@ -307,6 +307,25 @@ pub async fn run(
     result
 }
 
+/// The sidecar's environment from a pod's `proxy.istio.io/config`, as Istio's injector passes
+/// it: PROXY_CONFIG, and each of `proxyMetadata` as a variable. The annotation is read as the
+/// proxy will read it, so that a field of the wrong shape is reported here rather than stopping
+/// the proxy.
+fn proxy_config_env(annotation: &str) -> Result<Vec<(String, String)>, String> {
+    let v = serde_saphyr::from_str::<serde_json::Value>(annotation).map_err(|e| e.to_string())?;
+    serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(v.clone())
+        .map_err(|e| e.to_string())?;
+    let mut env: Vec<(String, String)> = v
+        .get("proxyMetadata")
+        .and_then(|m| m.as_object())
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, val)| Some((k.clone(), val.as_str()?.to_string())))
+        .collect();
+    env.push(("PROXY_CONFIG".into(), v.to_string()));
+    Ok(env)
+}
+
 /// How a pod's sidecar is started: `isthmus-proxy` where it was installed beside `binary` (the
 /// same proxy, with none of the other subcommands' code to map into every pod), else
 /// `binary proxy`.
@@ -478,17 +497,8 @@ async fn start(
             // `proxyMetadata` as environment variables, as Istio's injector passes them.
             let mut proxy_env = vec![("RUST_LOG".to_string(), "info".to_string())];
             if let Some(pc) = pod.annotations.get("proxy.istio.io/config") {
-                match serde_saphyr::from_str::<serde_json::Value>(pc) {
-                    Ok(v) => {
-                        if let Some(md) = v.get("proxyMetadata").and_then(|m| m.as_object()) {
-                            for (k, val) in md {
-                                if let Some(val) = val.as_str() {
-                                    proxy_env.push((k.clone(), val.to_string()));
-                                }
-                            }
-                        }
-                        proxy_env.push(("PROXY_CONFIG".into(), v.to_string()));
-                    }
+                match proxy_config_env(pc) {
+                    Ok(env) => proxy_env.extend(env),
                     Err(e) => progress(&format!(
                         "pod {}/{}: proxy.istio.io/config ignored: {e}",
                         pod.namespace, pod.name
@@ -829,6 +839,22 @@ pub fn cleanup(state_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_proxy_config_annotation_becomes_the_sidecars_environment() {
+        let env = proxy_config_env(
+            r#"{"proxyMetadata": {"SECRET_TTL": "16s"}, "proxyHeaders": {"server": {"value": "p"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(env[0], ("SECRET_TTL".to_string(), "16s".to_string()));
+        assert_eq!(env[1].0, "PROXY_CONFIG");
+        assert!(env[1].1.contains(r#""server":{"value":"p"}"#), "{env:?}");
+        // YAML too, as annotations are often written.
+        assert!(proxy_config_env("concurrency: 2").is_ok());
+        let bad = proxy_config_env(r#"{"proxyHeaders": {"server": "p"}}"#).unwrap_err();
+        assert!(bad.contains("expected struct ServerHeader"), "{bad}");
+        assert!(proxy_config_env("[unclosed").is_err());
+    }
 
     #[test]
     fn sidecars_run_the_proxy_binary_installed_beside_isthmus_else_the_subcommand() {
