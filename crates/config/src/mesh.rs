@@ -237,9 +237,8 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct ProxyHeaders {
-    /// SANITIZE, FORWARD_ONLY, APPEND_FORWARD (the default), SANITIZE_SET, ALWAYS_FORWARD_ONLY.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub forwarded_client_cert: Option<String>,
+    pub forwarded_client_cert: Option<ForwardClientCert>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub set_current_client_cert_details: Option<ClientCertDetails>,
     /// The `server` response header.
@@ -254,6 +253,19 @@ pub struct ProxyHeaders {
     /// `x-envoy-upstream-service-time`, `x-envoy-expected-rq-timeout-ms` and the like.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub envoy_debug_headers: Option<Disabled>,
+}
+
+/// How `x-forwarded-client-cert` is handled (Envoy's `forward_client_cert_details`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCert {
+    /// Istio's default for the mesh: APPEND_FORWARD.
+    Undefined,
+    Sanitize,
+    ForwardOnly,
+    AppendForward,
+    SanitizeSet,
+    AlwaysForwardOnly,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -853,6 +853,9 @@ mod tests {
         assert!(proxy_config_env("concurrency: 2").is_ok());
         let bad = proxy_config_env(r#"{"proxyHeaders": {"server": "p"}}"#).unwrap_err();
         assert!(bad.contains("expected struct ServerHeader"), "{bad}");
+        let bad =
+            proxy_config_env(r#"{"proxyHeaders": {"forwardedClientCert": "APPEND"}}"#).unwrap_err();
+        assert!(bad.contains("unknown variant `APPEND`"), "{bad}");
         assert!(proxy_config_env("[unclosed").is_err());
     }
 

@@ -68,11 +68,7 @@ impl ProxyHeaders {
         out.request_id = !Disabled::is_set(&ph.request_id);
         out.attempt_count = !Disabled::is_set(&ph.attempt_count);
         out.suppress_envoy_headers = Disabled::is_set(&ph.envoy_debug_headers);
-        if let Some(fcc) = ph
-            .forwarded_client_cert
-            .as_deref()
-            .and_then(forward_client_cert)
-        {
+        if let Some(fcc) = ph.forwarded_client_cert.and_then(forward_client_cert) {
             out.forward_client_cert = fcc;
         }
         if let Some(d) = &ph.set_current_client_cert_details {
@@ -115,14 +111,15 @@ impl ProxyHeaders {
     }
 }
 
-fn forward_client_cert(name: &str) -> Option<ForwardClientCertDetails> {
-    Some(match name {
-        "SANITIZE" => ForwardClientCertDetails::Sanitize,
-        "FORWARD_ONLY" => ForwardClientCertDetails::ForwardOnly,
-        "APPEND_FORWARD" => ForwardClientCertDetails::AppendForward,
-        "SANITIZE_SET" => ForwardClientCertDetails::SanitizeSet,
-        "ALWAYS_FORWARD_ONLY" => ForwardClientCertDetails::AlwaysForwardOnly,
-        _ => return None,
+fn forward_client_cert(mode: mesh::ForwardClientCert) -> Option<ForwardClientCertDetails> {
+    use mesh::ForwardClientCert as M;
+    Some(match mode {
+        M::Undefined => return None,
+        M::Sanitize => ForwardClientCertDetails::Sanitize,
+        M::ForwardOnly => ForwardClientCertDetails::ForwardOnly,
+        M::AppendForward => ForwardClientCertDetails::AppendForward,
+        M::SanitizeSet => ForwardClientCertDetails::SanitizeSet,
+        M::AlwaysForwardOnly => ForwardClientCertDetails::AlwaysForwardOnly,
     })
 }
 

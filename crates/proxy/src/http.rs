@@ -672,7 +672,6 @@ fn mirror(
     });
 }
 
-#[allow(clippy::too_many_arguments)]
 /// A count as a header value; the small ones most requests carry (attempt 1, a service time
 /// of a few milliseconds) without an allocation.
 fn number(n: u64) -> HeaderValue {
