@@ -313,6 +313,10 @@ pub async fn run(
 /// the proxy.
 fn proxy_config_env(annotation: &str) -> Result<Vec<(String, String)>, String> {
     let v = serde_saphyr::from_str::<serde_json::Value>(annotation).map_err(|e| e.to_string())?;
+    // A sequence would pass as a struct's fields in order; ProxyConfig is a mapping.
+    if !v.is_object() {
+        return Err("not a mapping".into());
+    }
     serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(v.clone())
         .map_err(|e| e.to_string())?;
     let mut env: Vec<(String, String)> = v

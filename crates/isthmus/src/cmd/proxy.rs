@@ -131,6 +131,9 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
     // Checked here, where its author reads the error, rather than by the control plane, which
     // would refuse the proxy's stream over it.
     if !pc.is_null() {
+        if !pc.is_object() {
+            bail!("PROXY_CONFIG is not a JSON object");
+        }
         serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(pc.clone())
             .context("PROXY_CONFIG is not a valid ProxyConfig")?;
     }
@@ -173,14 +176,11 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         drain_duration,
         cert_ttl: parse_go_duration(&a.cert_ttl).map_err(|e| anyhow::anyhow!("--cert-ttl: {e}"))?,
         app_metrics: a.app_metrics_port.map(|p| (p, a.app_metrics_path)),
-        proxy_config: match &pc {
-            serde_json::Value::Null => None,
-            serde_json::Value::Object(_) => Some(
-                isthmus_xds::json::from_json(pc.clone())
-                    .context("PROXY_CONFIG cannot travel in the node metadata")?,
-            ),
-            _ => bail!("PROXY_CONFIG is not a JSON object"),
-        },
+        // Null or an object: anything else failed the check above.
+        proxy_config: (!pc.is_null())
+            .then(|| isthmus_xds::json::from_json(pc.clone()))
+            .transpose()
+            .context("PROXY_CONFIG cannot travel in the node metadata")?,
     };
     // Istio's ProxyConfig `concurrency`: worker threads (0: one per core). One by default: a
     // sidecar serves one pod, and a single thread spends no CPU on cross-thread wake-ups.
