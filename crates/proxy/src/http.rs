@@ -593,22 +593,6 @@ fn retry_slot(
     slot
 }
 
-/// Counts a request on its pooled connection and takes the connection out of the pool once
-/// it has carried `max` (DestinationRule `maxRequestsPerConnection`).
-fn retire_after(captured: &hyper_util::client::legacy::connect::CaptureConnection, max: u32) {
-    let metadata = captured.connection_metadata();
-    let Some(connected) = metadata.as_ref() else {
-        return;
-    };
-    let mut extras = http::Extensions::new();
-    connected.get_extras(&mut extras);
-    if let Some(uses) = extras.get::<crate::upstream::Uses>()
-        && uses.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 >= max
-    {
-        connected.poison();
-    }
-}
-
 /// Envoy's shadow host: `-shadow` after the host name, before any port.
 fn shadow_host(host: &str) -> String {
     match host.rsplit_once(':') {
@@ -660,11 +644,12 @@ fn mirror(
         "cluster.{}.upstream_rq_mirrored",
         cluster.name
     ));
-    let client = pick.transport.http(parts.version, false).clone();
+    let pool = pick.transport.http(parts.version, false).clone();
+    let to = pick.address.clone();
     let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
     tokio::spawn(async move {
         let send = async {
-            if let Ok(r) = client.request(req).await {
+            if let Ok(r) = pool.send(&to, req).await {
                 let _ = r.into_body().collect().await;
             }
         };
@@ -914,26 +899,19 @@ async fn forward(
                 _ => empty(),
             },
         };
-        let Ok(mut up_req) = b.body(up_body) else {
+        let Ok(up_req) = b.body(up_body) else {
             last = Some(local_reply(400, ""));
             last_flags = "DPE";
             break;
         };
-        // The pooled connection this request rides, to retire it after its last request.
         let transport = info.transport(pick.transport);
-        let captured = transport.spec.max_requests_per_connection.map(|max| {
-            (
-                max,
-                hyper_util::client::legacy::connect::capture_connection(&mut up_req),
-            )
-        });
-        let client = transport.http(parts.version, pending.upgrade);
+        let pool = transport.http(parts.version, pending.upgrade);
         if let Some(l) = pending.log.as_mut() {
             l.entry.upstream_host = pick.address.to_string();
         }
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
         cluster.count_request(stats);
-        let call = client.request(up_req);
+        let call = pool.send(&pick.address, up_req);
         let result = match limit {
             Some(t) => tokio::time::timeout(t, call).await.map_err(|_| ()),
             None => Ok(call.await),
@@ -941,9 +919,6 @@ async fn forward(
         let more = attempt + 1 < attempts;
         match result {
             Ok(Ok(mut resp)) => {
-                if let Some((max, captured)) = &captured {
-                    retire_after(captured, *max);
-                }
                 let status = resp.status().as_u16();
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(status));
@@ -1089,12 +1064,16 @@ async fn forward(
     last
 }
 
+/// An error and its causes, each once: an error's message often ends with its cause's.
 fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let cause = c.to_string();
+        if !s.ends_with(&cause) {
+            s.push_str(": ");
+            s.push_str(&cause);
+        }
         cur = c.source();
     }
     s
@@ -1242,7 +1221,7 @@ struct Telemetry {
 
 /// A response body that finishes its request's telemetry at its end.
 struct Observed {
-    inner: Incoming,
+    inner: crate::pool::PooledBody,
     bytes: u64,
     telemetry: Option<Telemetry>,
 }
@@ -1345,6 +1324,13 @@ mod tests {
             strip_hop_by_hop(&mut h, false);
             assert_eq!(h.len(), 1, "{name}: {h:?}");
         }
+    }
+
+    #[test]
+    fn an_error_reads_with_each_cause_once() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = crate::pool::PoolError::Connect(upstream::ConnectError::Io(refused));
+        assert_eq!(source_chain(&e), "connection failure: connection refused");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod identity;
 mod idle;
 mod inspect;
 pub mod peer;
+pub mod pool;
 mod serve;
 pub mod stats;
 mod tcp;

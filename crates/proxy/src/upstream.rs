@@ -1,11 +1,10 @@
 //! Connections to upstream endpoints: TCP with an optional source address, mesh mTLS with the
-//! workload certificate, and the pooled HTTP clients (HTTP/1.1 or HTTP/2 as the cluster says).
+//! workload certificate, and the HTTP pools over them (HTTP/1.1 or HTTP/2 as the cluster says).
 //!
 //! Pools outlive configurations: a cluster whose transport did not change keeps its pooled
 //! connections and per-endpoint counters across updates.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize};
@@ -17,18 +16,15 @@ use bytes::Bytes;
 use http::Version;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
 use crate::identity::Identity;
+use crate::pool::HttpPool;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-pub type HttpClient = Client<Connector, Body>;
 
 /// Mesh mTLS to an upstream: the SNI to send, the identities accepted, the ALPN offered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -68,11 +64,6 @@ pub enum UpstreamHttp {
 /// Envoy's default idle timeout of upstream HTTP connections.
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Requests a connection has carried; travels with the connection's pool metadata, which
-/// hyper-util copies into every response: so only where the cluster limits them.
-#[derive(Clone, Default)]
-pub struct Uses(pub Arc<std::sync::atomic::AtomicU32>);
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("connection timeout after {0:?}")]
@@ -96,11 +87,9 @@ pub struct Transport {
     tls: Option<TlsConfigs>,
     connector: Connector,
     /// One pool per HTTP version a request may take: HTTP/1.1, HTTP/2, and negotiated by ALPN.
-    /// Boxed: a mesh config has a transport or two per cluster, most never used, and an HTTP
-    /// client is larger than the rest of the transport together.
-    http1: OnceLock<Box<HttpClient>>,
-    http2: OnceLock<Box<HttpClient>>,
-    alpn: OnceLock<Box<HttpClient>>,
+    http1: OnceLock<Arc<HttpPool>>,
+    http2: OnceLock<Arc<HttpPool>>,
+    alpn: OnceLock<Arc<HttpPool>>,
 }
 
 impl std::fmt::Debug for Transport {
@@ -120,7 +109,10 @@ pub struct OriginalSource {
 }
 
 impl Transport {
-    fn new(spec: TransportSpec, identity: Option<&Identity>) -> Result<Transport, String> {
+    pub(crate) fn new(
+        spec: TransportSpec,
+        identity: Option<&Identity>,
+    ) -> Result<Transport, String> {
         let tls = match &spec.tls {
             None => None,
             Some(t) => {
@@ -150,7 +142,6 @@ impl Transport {
             mark: source.map(|s| s.mark),
             timeout: spec.connect_timeout,
             tls: tls.as_ref().map(|t| (t.raw.clone(), t.sni.clone())),
-            count_uses: spec.max_requests_per_connection.is_some(),
         };
         Transport {
             connector,
@@ -164,7 +155,7 @@ impl Transport {
 
     /// The pool for a request that came in as `downstream`: the cluster's version, and
     /// HTTP/1.1 for an upgrade (WebSocket), which cannot ride HTTP/2 here.
-    pub fn http(&self, downstream: Version, upgrade: bool) -> &HttpClient {
+    pub fn http(&self, downstream: Version, upgrade: bool) -> &Arc<HttpPool> {
         let version = match self.spec.protocol {
             _ if upgrade => UpstreamHttp::Http1,
             UpstreamHttp::Downstream if downstream == Version::HTTP_2 => UpstreamHttp::Http2,
@@ -176,10 +167,10 @@ impl Transport {
             UpstreamHttp::Alpn => &self.alpn,
             _ => &self.http1,
         };
-        pool.get_or_init(|| Box::new(self.client(version)))
+        pool.get_or_init(|| Arc::new(self.pool(version)))
     }
 
-    fn client(&self, version: UpstreamHttp) -> HttpClient {
+    fn pool(&self, version: UpstreamHttp) -> HttpPool {
         let http_alpn: &[&str] = match version {
             UpstreamHttp::Http2 => &["h2"],
             UpstreamHttp::Alpn => &["h2", "http/1.1"],
@@ -198,10 +189,12 @@ impl Transport {
             tls,
             ..self.connector.clone()
         };
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder.pool_idle_timeout(self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT));
-        builder.http2_only(version == UpstreamHttp::Http2);
-        builder.build(connector)
+        HttpPool::new(
+            connector,
+            version,
+            self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            self.spec.max_requests_per_connection,
+        )
     }
 
     /// A raw connection for TCP proxying (TLS with the mesh ALPN when configured).
@@ -247,8 +240,8 @@ impl std::fmt::Display for Address {
 }
 
 impl Address {
-    /// The authority requests to this endpoint carry (the HTTP pools key connections by it).
-    /// Endpoints make theirs once, with the configuration.
+    /// The authority requests to this endpoint carry. Endpoints make theirs once, with the
+    /// configuration.
     pub fn authority(&self) -> Option<Authority> {
         Authority::from_maybe_shared(Bytes::from(self.to_string())).ok()
     }
@@ -274,12 +267,10 @@ pub struct Connector {
     mark: Option<u32>,
     timeout: Duration,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
-    /// Pooled connections count their requests (`maxRequestsPerConnection`).
-    count_uses: bool,
 }
 
 impl Connector {
-    async fn connect(&self, addr: &Address) -> Result<Conn, ConnectError> {
+    pub(crate) async fn connect(&self, addr: &Address) -> Result<Conn, ConnectError> {
         let work = async {
             let target = match addr {
                 Address::Ip(a) => *a,
@@ -329,32 +320,6 @@ fn transparent_socket(target: SocketAddr, mark: u32) -> std::io::Result<TcpSocke
     Ok(TcpSocket::from_std_stream(socket.into()))
 }
 
-impl tower_service::Service<http::Uri> for Connector {
-    type Response = TokioIo<PoolConn>;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let port = uri.port_u16().unwrap_or(80);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let addr = match host.parse::<IpAddr>() {
-                Ok(ip) => Address::Ip(SocketAddr::new(ip, port)),
-                Err(_) => Address::Dns(host.to_string(), port),
-            };
-            let uses = this.count_uses.then(Uses::default);
-            let conn = this.connect(&addr).await?;
-            Ok(TokioIo::new(PoolConn { conn, uses }))
-        })
-    }
-}
-
 /// Plaintext gathered before it is encrypted: the frames of one request (HTTP/2 HEADERS,
 /// DATA, END_STREAM) leave in one TLS record and one system call instead of one each.
 pub const TLS_WRITE_BUFFER: usize = 16 * 1024;
@@ -397,54 +362,6 @@ impl Conn {
 
     pub fn is_tls(&self) -> bool {
         matches!(self, Conn::Tls(_))
-    }
-}
-
-/// A connection of an HTTP pool.
-pub struct PoolConn {
-    conn: Conn,
-    uses: Option<Uses>,
-}
-
-impl Connection for PoolConn {
-    fn connected(&self) -> Connected {
-        let c = match &self.uses {
-            Some(uses) => Connected::new().extra(uses.clone()),
-            None => Connected::new(),
-        };
-        if self.conn.negotiated_alpn() == Some(b"h2") {
-            c.negotiated_h2()
-        } else {
-            c
-        }
-    }
-}
-
-impl AsyncRead for PoolConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PoolConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
     }
 }
 
@@ -871,67 +788,5 @@ mod tests {
         assert_eq!(made(&transport), [false; 3]);
         let _ = transport.http(Version::HTTP_11, false);
         assert_eq!(made(&transport), [true, false, false]);
-    }
-
-    /// A request travels in the version its cluster names; with `use_downstream_protocol`, in
-    /// the version it came in; an upgrade always in HTTP/1.1.
-    #[tokio::test]
-    async fn a_request_travels_in_the_version_its_cluster_says() {
-        use http_body_util::{BodyExt, Empty};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                tokio::spawn(async move {
-                    let echo = hyper::service::service_fn(
-                        |req: http::Request<hyper::body::Incoming>| async move {
-                            let v = format!("{:?}", req.version());
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(Bytes::from(v)),
-                            ))
-                        },
-                    );
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), echo)
-                        .await;
-                });
-            }
-        });
-        let version_seen = |protocol: UpstreamHttp, downstream: Version, upgrade: bool| async move {
-            let transport = Transport::new(
-                TransportSpec {
-                    bind: None,
-                    connect_timeout: Duration::from_secs(5),
-                    tls: None,
-                    protocol,
-                    idle_timeout: None,
-                    max_requests_per_connection: None,
-                },
-                None,
-            )
-            .unwrap();
-            let req = http::Request::get(format!("http://{addr}/"))
-                .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap();
-            let resp = transport
-                .http(downstream, upgrade)
-                .request(req)
-                .await
-                .unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            String::from_utf8(body.to_vec()).unwrap()
-        };
-        use UpstreamHttp::*;
-        let (h1, h2) = (Version::HTTP_11, Version::HTTP_2);
-        assert_eq!(version_seen(Http1, h2, false).await, "HTTP/1.1");
-        assert_eq!(version_seen(Http2, h1, false).await, "HTTP/2.0");
-        assert_eq!(version_seen(Http2, h1, true).await, "HTTP/1.1");
-        assert_eq!(version_seen(Downstream, h1, false).await, "HTTP/1.1");
-        assert_eq!(version_seen(Downstream, h2, false).await, "HTTP/2.0");
-        // Without TLS there is no ALPN to settle on HTTP/2.
-        assert_eq!(version_seen(Alpn, h2, false).await, "HTTP/1.1");
     }
 }
