@@ -31,12 +31,19 @@ pub enum PoolError {
     Handshake(hyper::Error),
     #[error(transparent)]
     Request(hyper::Error),
+    /// The connection this request waited for failed (as Envoy fails a pending request with
+    /// the connection it was waiting for).
+    #[error("{0}")]
+    Waited(Arc<str>),
 }
 
 impl PoolError {
     /// No connection was made (Envoy's connection failure, not a reset).
     pub fn is_connect(&self) -> bool {
-        matches!(self, PoolError::Connect(_) | PoolError::Handshake(_))
+        matches!(
+            self,
+            PoolError::Connect(_) | PoolError::Handshake(_) | PoolError::Waited(_)
+        )
     }
 }
 
@@ -62,6 +69,8 @@ struct Endpoint {
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// ALPN settled on HTTP/1.1 here: requests take idle connections instead of waiting.
     http1_only: bool,
+    /// When the last connection made under `connecting` failed, and why.
+    failed: Option<(Instant, Arc<str>)>,
 }
 
 struct Idle {
@@ -200,21 +209,34 @@ impl HttpPool {
                 Some(ep.connecting.clone())
             }
         };
-        let _turn = match &gate {
-            Some(gate) => {
-                let turn = gate.clone().lock_owned().await;
-                // Made while this request waited: take it.
-                let mut endpoints = lock(&self.endpoints);
-                if let Some(tx) = endpoints
-                    .get_mut(to)
-                    .and_then(|ep| ep.http2(Instant::now(), self))
-                {
-                    return Ok((Checked::Http2(tx), true));
-                }
-                Some(turn)
-            }
-            None => None,
+        let Some(gate) = gate else {
+            return self.open(to).await;
         };
+        let _turn = gate.lock_owned().await;
+        {
+            // Made, or failed, while this request waited: take it, or fail with it.
+            let mut endpoints = lock(&self.endpoints);
+            let ep = endpoints.entry(to.clone()).or_default();
+            if let Some(tx) = ep.http2(Instant::now(), self) {
+                return Ok((Checked::Http2(tx), true));
+            }
+            if let Some((at, why)) = &ep.failed
+                && *at >= now
+            {
+                return Err(PoolError::Waited(why.clone()));
+            }
+        }
+        let opened = self.open(to).await;
+        if let Err(e) = &opened {
+            let mut endpoints = lock(&self.endpoints);
+            endpoints.entry(to.clone()).or_default().failed =
+                Some((Instant::now(), e.to_string().into()));
+        }
+        opened
+    }
+
+    /// A new connection to `to`, HTTP/2 ones pooled at once.
+    async fn open(&self, to: &Address) -> Result<(Checked, bool), PoolError> {
         let conn = self.connector.connect(to).await?;
         let http2 = match self.version {
             UpstreamHttp::Http2 => true,
@@ -422,6 +444,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::AtomicUsize;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     /// An HTTP/1.1 and h2c upstream on loopback. It answers with the version it was asked in,
     /// except `/stream`, whose body never ends, and counts the connections opened and open.
@@ -615,6 +638,52 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    }
+
+    /// Requests that wait for an HTTP/2 connection being made fail with it, rather than each
+    /// trying again in turn.
+    #[tokio::test]
+    async fn requests_waiting_for_a_connection_fail_with_it() {
+        // A listener whose accept queue is full: connections to it time out.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let to = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..4 {
+            let c = tokio::time::timeout(Duration::from_millis(100), TcpStream::connect(to)).await;
+            if let Ok(Ok(c)) = c {
+                queued.push(c);
+            }
+        }
+        let t = Transport::new(
+            TransportSpec {
+                bind: None,
+                connect_timeout: Duration::from_millis(300),
+                tls: None,
+                protocol: UpstreamHttp::Http2,
+                idle_timeout: None,
+                max_requests_per_connection: None,
+            },
+            None,
+        )
+        .unwrap();
+        let pool = t.http(Version::HTTP_11, false);
+        let to = Address::Ip(to);
+        let tries = (0..5).map(|_| {
+            let req = Request::get(format!("http://{to}/"))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            pool.send(&to, req)
+        });
+        let mut waited = 0;
+        for r in futures::future::join_all(tries).await {
+            let e = r.err().expect("no connection, no answer");
+            assert!(e.is_connect(), "{e}");
+            waited += usize::from(matches!(e, PoolError::Waited(_)));
+        }
+        // One tried; the others failed with it.
+        assert_eq!(waited, 4);
     }
 
     /// A request travels in the version its cluster names; with `use_downstream_protocol`, in
