@@ -304,7 +304,8 @@ pub async fn run(
             channel(&opts, roots.as_deref(), client)
         }
     };
-    let pools = Arc::new(Pools::new(identity));
+    let stats = Arc::new(Stats::new());
+    let pools = Arc::new(Pools::new(identity, stats.clone()));
     let (config_tx, config_rx) = watch::channel(Arc::new(Config::default()));
     let (drain_tx, drain_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -312,7 +313,7 @@ pub async fn run(
     let shared = Arc::new(Shared {
         config: config_rx.clone(),
         pools: pools.clone(),
-        stats: Arc::new(Stats::new()),
+        stats,
         me,
         peers: Default::default(),
         draining: drain_rx,

@@ -992,15 +992,13 @@ async fn forward(
                 let connect = e.is_connect();
                 let reason = source_chain(&e);
                 tracing::debug!(cluster = %cluster.name, address = %pick.address, error = %reason, "upstream request failed");
-                stats.inc(format_args!(
-                    "cluster.{}.{}",
-                    cluster.name,
-                    if connect {
-                        "upstream_cx_connect_fail"
-                    } else {
-                        "upstream_rq_rx_reset"
-                    }
-                ));
+                // Connection failures are the pool's to count, once per connection.
+                if !connect {
+                    stats.inc(format_args!(
+                        "cluster.{}.upstream_rq_rx_reset",
+                        cluster.name
+                    ));
+                }
                 failed.push(pick.address.clone());
                 last = Some(local_reply(
                     503,

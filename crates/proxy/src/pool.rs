@@ -21,7 +21,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::upstream::{Address, Body, ConnectError, Connector, UpstreamHttp};
+use crate::upstream::{Address, Body, ConnectError, ConnectionStats, Connector, UpstreamHttp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -50,6 +50,7 @@ impl PoolError {
 /// The HTTP connections of one transport, per endpoint.
 pub struct HttpPool {
     connector: Connector,
+    counters: ConnectionStats,
     /// HTTP/1.1, HTTP/2, or settled per connection by ALPN.
     version: UpstreamHttp,
     idle_timeout: Duration,
@@ -103,15 +104,20 @@ impl Endpoint {
     /// The shared HTTP/2 connection, counted as used; it leaves the pool with its last
     /// allowed request.
     fn http2(&mut self, now: Instant, pool: &HttpPool) -> Option<http2::SendRequest<Body>> {
-        let s = self.http2.as_mut()?;
-        if s.tx.is_closed() || now.duration_since(s.used) >= pool.idle_timeout {
+        if !self
+            .http2
+            .as_ref()
+            .is_some_and(|s| pool.keeps(&s.tx, s.used, now))
+        {
             self.http2 = None;
             return None;
         }
+        let s = self.http2.as_mut()?;
         s.uses += 1;
         s.used = now;
         let tx = s.tx.clone();
         if pool.max_requests.is_some_and(|max| s.uses >= max) {
+            pool.counters.inc("upstream_cx_max_requests");
             self.http2 = None;
         }
         Some(tx)
@@ -119,9 +125,8 @@ impl Endpoint {
 
     /// An idle HTTP/1.1 connection ready for a request. Closed and expired ones are dropped;
     /// one whose previous exchange the connection has not wound up yet stays for later.
-    fn http1(&mut self, now: Instant, idle_timeout: Duration) -> Option<Http1Conn> {
-        self.idle
-            .retain(|i| !i.conn.tx.is_closed() && now.duration_since(i.since) < idle_timeout);
+    fn http1(&mut self, now: Instant, pool: &HttpPool) -> Option<Http1Conn> {
+        self.idle.retain(|i| pool.keeps(&i.conn.tx, i.since, now));
         let at = self.idle.iter().rposition(|i| i.conn.tx.is_ready())?;
         let mut conn = self.idle.remove(at).conn;
         conn.uses += 1;
@@ -136,12 +141,14 @@ impl Endpoint {
 impl HttpPool {
     pub fn new(
         connector: Connector,
+        counters: ConnectionStats,
         version: UpstreamHttp,
         idle_timeout: Duration,
         max_requests: Option<u32>,
     ) -> HttpPool {
         HttpPool {
             connector,
+            counters,
             version,
             idle_timeout,
             max_requests,
@@ -201,7 +208,7 @@ impl HttpPool {
                 return Ok((Checked::Http2(tx), true));
             }
             if self.version == UpstreamHttp::Http1 || ep.http1_only {
-                if let Some(conn) = ep.http1(now, self.idle_timeout) {
+                if let Some(conn) = ep.http1(now, self) {
                     return Ok((Checked::Http1(conn), true));
                 }
                 None
@@ -235,9 +242,25 @@ impl HttpPool {
         opened
     }
 
+    /// Whether a pooled connection unused since `since` stays: not once its peer has closed
+    /// it, nor after the idle timeout (counted).
+    fn keeps<T: Closes>(&self, tx: &T, since: Instant, now: Instant) -> bool {
+        if tx.closed() {
+            return false;
+        }
+        if now.duration_since(since) >= self.idle_timeout {
+            self.counters.inc("upstream_cx_idle_timeout");
+            return false;
+        }
+        true
+    }
+
     /// A new connection to `to`, HTTP/2 ones pooled at once.
     async fn open(&self, to: &Address) -> Result<(Checked, bool), PoolError> {
-        let conn = self.connector.connect(to).await?;
+        self.counters.inc("upstream_cx_total");
+        let conn = self.connector.connect(to).await.inspect_err(|_| {
+            self.counters.inc("upstream_cx_connect_fail");
+        })?;
         let http2 = match self.version {
             UpstreamHttp::Http2 => true,
             UpstreamHttp::Alpn => conn.negotiated_alpn() == Some(b"h2"),
@@ -247,6 +270,11 @@ impl HttpPool {
             let mut endpoints = lock(&self.endpoints);
             endpoints.entry(to.clone()).or_default().http1_only = !http2;
         }
+        self.counters.inc(if http2 {
+            "upstream_cx_http2_total"
+        } else {
+            "upstream_cx_http1_total"
+        });
         let io = TokioIo::new(conn);
         if http2 {
             let (mut tx, task) = http2::Builder::new(TokioExecutor::new())
@@ -292,8 +320,11 @@ impl HttpPool {
         conn: Http1Conn,
         resp: Response<Incoming>,
     ) -> Response<PooledBody> {
-        let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
-            && self.max_requests.is_none_or(|max| conn.uses < max);
+        let spent = self.max_requests.is_some_and(|max| conn.uses >= max);
+        if spent {
+            self.counters.inc("upstream_cx_max_requests");
+        }
+        let keep = resp.status() != http::StatusCode::SWITCHING_PROTOCOLS && !spent;
         let back = keep.then(|| GiveBack {
             pool: self.clone(),
             to: to.clone(),
@@ -344,12 +375,12 @@ impl HttpPool {
     fn reap(&self, now: Instant) {
         let mut endpoints = lock(&self.endpoints);
         endpoints.retain(|_, ep| {
-            ep.idle.retain(|i| {
-                !i.conn.tx.is_closed() && now.duration_since(i.since) < self.idle_timeout
-            });
-            if ep.http2.as_ref().is_some_and(|s| {
-                s.tx.is_closed() || now.duration_since(s.used) >= self.idle_timeout
-            }) {
+            ep.idle.retain(|i| self.keeps(&i.conn.tx, i.since, now));
+            if ep
+                .http2
+                .as_ref()
+                .is_some_and(|s| !self.keeps(&s.tx, s.used, now))
+            {
                 ep.http2 = None;
             }
             !ep.is_empty()
@@ -363,6 +394,23 @@ impl HttpPool {
             .values()
             .map(|ep| ep.idle.len() + usize::from(ep.http2.is_some()))
             .sum()
+    }
+}
+
+/// The senders of both versions, for the checks the pool makes of either.
+trait Closes {
+    fn closed(&self) -> bool;
+}
+
+impl Closes for http1::SendRequest<Body> {
+    fn closed(&self) -> bool {
+        self.is_closed()
+    }
+}
+
+impl Closes for http2::SendRequest<Body> {
+    fn closed(&self) -> bool {
+        self.is_closed()
     }
 }
 
@@ -502,6 +550,7 @@ mod tests {
                 max_requests_per_connection: max,
             },
             None,
+            ConnectionStats::detached(),
         )
         .unwrap()
     }
@@ -549,6 +598,8 @@ mod tests {
         }
         assert_eq!(up.opened.load(Ordering::SeqCst), 3);
         assert_eq!(pool.pooled(), 3);
+        assert_eq!(pool.counters.get("upstream_cx_total"), 3);
+        assert_eq!(pool.counters.get("upstream_cx_http1_total"), 3);
     }
 
     #[tokio::test]
@@ -562,6 +613,7 @@ mod tests {
         }
         assert_eq!(up.opened.load(Ordering::SeqCst), 1);
         assert_eq!(pool.pooled(), 1);
+        assert_eq!(pool.counters.get("upstream_cx_http2_total"), 1);
     }
 
     #[tokio::test]
@@ -576,6 +628,7 @@ mod tests {
             }
             let opened = up.opened.load(Ordering::SeqCst) - before;
             assert_eq!(opened, want, "{protocol:?}");
+            assert_eq!(pool.counters.get("upstream_cx_max_requests"), want as u64);
         }
     }
 
@@ -591,6 +644,7 @@ mod tests {
             "the idle connection stayed open"
         );
         assert_eq!(pool.pooled(), 0);
+        assert_eq!(pool.counters.get("upstream_cx_idle_timeout"), 1);
         // The next request opens a new one.
         let _ = text(get(pool, &up.addr, "/").await).await;
         assert_eq!(up.opened.load(Ordering::SeqCst), 2);
@@ -666,6 +720,7 @@ mod tests {
                 max_requests_per_connection: None,
             },
             None,
+            ConnectionStats::detached(),
         )
         .unwrap();
         let pool = t.http(Version::HTTP_11, false);
@@ -684,6 +739,7 @@ mod tests {
         }
         // One tried; the others failed with it.
         assert_eq!(waited, 4);
+        assert_eq!(pool.counters.get("upstream_cx_connect_fail"), 1);
     }
 
     /// A request travels in the version its cluster names; with `use_downstream_protocol`, in

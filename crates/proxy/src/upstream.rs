@@ -23,6 +23,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::identity::Identity;
 use crate::pool::HttpPool;
+use crate::stats::Stats;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
@@ -80,12 +81,46 @@ pub enum ConnectError {
     NoIdentity,
 }
 
+/// A cluster's connection counters (Envoy's `cluster.<name>.upstream_cx_*`).
+#[derive(Clone)]
+pub struct ConnectionStats {
+    stats: Arc<Stats>,
+    cluster: Arc<str>,
+}
+
+impl ConnectionStats {
+    pub fn new(stats: Arc<Stats>, cluster: &str) -> ConnectionStats {
+        ConnectionStats {
+            stats,
+            cluster: cluster.into(),
+        }
+    }
+
+    pub fn inc(&self, what: &str) {
+        self.stats
+            .inc(format_args!("cluster.{}.{what}", self.cluster));
+    }
+
+    /// Counters of their own, cluster `test`.
+    #[cfg(test)]
+    pub(crate) fn detached() -> ConnectionStats {
+        ConnectionStats::new(Arc::new(Stats::new()), "test")
+    }
+
+    #[cfg(test)]
+    pub(crate) fn get(&self, what: &str) -> u64 {
+        self.stats
+            .counter(&format!("cluster.{}.{what}", self.cluster))
+    }
+}
+
 /// How connections of one cluster (and TLS variant) are made, with their HTTP pools. The
 /// pools are made on first use: a sidecar knows every cluster of the mesh, and calls few.
 pub struct Transport {
     pub spec: TransportSpec,
     tls: Option<TlsConfigs>,
     connector: Connector,
+    counters: ConnectionStats,
     /// One pool per HTTP version a request may take: HTTP/1.1, HTTP/2, and negotiated by ALPN.
     http1: OnceLock<Arc<HttpPool>>,
     http2: OnceLock<Arc<HttpPool>>,
@@ -112,6 +147,7 @@ impl Transport {
     pub(crate) fn new(
         spec: TransportSpec,
         identity: Option<&Identity>,
+        counters: ConnectionStats,
     ) -> Result<Transport, String> {
         let tls = match &spec.tls {
             None => None,
@@ -123,19 +159,25 @@ impl Transport {
                 Some(TlsConfigs { sni, raw })
             }
         };
-        Ok(Transport::assemble(spec, tls, None))
+        Ok(Transport::assemble(spec, tls, None, counters))
     }
 
     /// The same transport, with connections made from `source` instead (and pools of their
     /// own: such connections cannot be shared between clients).
     pub fn from_source(&self, source: OriginalSource) -> Transport {
-        Transport::assemble(self.spec.clone(), self.tls.clone(), Some(source))
+        Transport::assemble(
+            self.spec.clone(),
+            self.tls.clone(),
+            Some(source),
+            self.counters.clone(),
+        )
     }
 
     fn assemble(
         spec: TransportSpec,
         tls: Option<TlsConfigs>,
         source: Option<OriginalSource>,
+        counters: ConnectionStats,
     ) -> Transport {
         let connector = Connector {
             bind: source.map(|s| s.ip).or(spec.bind),
@@ -147,6 +189,7 @@ impl Transport {
             connector,
             tls,
             spec,
+            counters,
             http1: OnceLock::new(),
             http2: OnceLock::new(),
             alpn: OnceLock::new(),
@@ -191,6 +234,7 @@ impl Transport {
         };
         HttpPool::new(
             connector,
+            self.counters.clone(),
             version,
             self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
             self.spec.max_requests_per_connection,
@@ -483,15 +527,17 @@ impl Drop for Slot {
 /// Connection pools and endpoint state, shared by successive configurations.
 pub struct Pools {
     identity: Option<Arc<Identity>>,
+    stats: Arc<Stats>,
     transports: Mutex<HashMap<(String, TransportSpec), Arc<Transport>>>,
     endpoints: Mutex<HashMap<(String, Address), Arc<EndpointState>>>,
     clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
 }
 
 impl Pools {
-    pub fn new(identity: Option<Arc<Identity>>) -> Pools {
+    pub fn new(identity: Option<Arc<Identity>>, stats: Arc<Stats>) -> Pools {
         Pools {
             identity,
+            stats,
             transports: Mutex::default(),
             endpoints: Mutex::default(),
             clusters: Mutex::default(),
@@ -509,7 +555,12 @@ impl Pools {
         if let Some(t) = map.get(&key) {
             return Ok(t.clone());
         }
-        let t = Arc::new(Transport::new(key.1.clone(), self.identity.as_deref())?);
+        let counters = ConnectionStats::new(self.stats.clone(), cluster);
+        let t = Arc::new(Transport::new(
+            key.1.clone(),
+            self.identity.as_deref(),
+            counters,
+        )?);
         map.insert(key, t.clone());
         Ok(t)
     }
@@ -746,7 +797,7 @@ mod tests {
             idle_timeout: None,
             max_requests_per_connection: None,
         };
-        let transport = Transport::new(spec, Some(&client)).unwrap();
+        let transport = Transport::new(spec, Some(&client), ConnectionStats::detached()).unwrap();
         let tls = transport.tls.as_ref().unwrap();
         let mut http = (*tls.raw).clone();
         http.alpn_protocols = alpn(&["h2", "http/1.1"], &["istio".to_string()]);
@@ -782,7 +833,7 @@ mod tests {
             idle_timeout: None,
             max_requests_per_connection: None,
         };
-        let transport = Transport::new(spec, None).unwrap();
+        let transport = Transport::new(spec, None, ConnectionStats::detached()).unwrap();
         let made =
             |t: &Transport| [t.http1.get(), t.http2.get(), t.alpn.get()].map(|p| p.is_some());
         assert_eq!(made(&transport), [false; 3]);

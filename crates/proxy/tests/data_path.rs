@@ -1366,6 +1366,22 @@ fn max_requests_per_connection_retires_pooled_connections() {
             (3..=4).contains(&n),
             "{n} new connections for 6 requests at 2 per connection"
         );
+        // Envoy's connection counters of the cluster.
+        let (_, stats) = admin("GET", "/stats?filter=cluster.c.upstream_cx").await;
+        let count = |name: &str| {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("cluster.c.{name}: ")))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        assert!(count("upstream_cx_max_requests") >= 3, "{stats}");
+        assert!(count("upstream_cx_http1_total") >= 4, "{stats}");
+        assert_eq!(
+            count("upstream_cx_total"),
+            count("upstream_cx_http1_total"),
+            "{stats}"
+        );
     });
 }
 

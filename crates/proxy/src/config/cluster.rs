@@ -769,7 +769,12 @@ mod tests {
             }),
             ..Default::default()
         };
-        compile(&c, None, &Pools::new(None)).expect("cluster")
+        compile(
+            &c,
+            None,
+            &Pools::new(None, Arc::new(crate::stats::Stats::new())),
+        )
+        .expect("cluster")
     }
 
     fn port(p: &Pick<'_>) -> u16 {
