@@ -3,8 +3,9 @@
 //! carries them all. A connection leaves the pool when its peer closes it, when it has been
 //! unused for the idle timeout, or after `maxRequestsPerConnection` requests.
 //!
-//! Connections are keyed by the endpoint's address, which the load balancer has in hand: a
-//! request costs one short lock and no work on its URI.
+//! Connections are keyed by the endpoint's address, which the load balancer has in hand
+//! (hyper-util's pool, used before, hashed each request's scheme and authority with SipHash and
+//! gave an HTTP/1.1 connection back through a task of its own per request).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -14,7 +15,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::uri::{Parts, Uri};
+use http::uri::{Authority, Parts, Uri};
 use http::{HeaderValue, Request, Response, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -53,7 +54,8 @@ pub struct HttpPool {
     counters: ConnectionStats,
     /// HTTP/1.1, HTTP/2, or settled per connection by ALPN.
     version: UpstreamHttp,
-    idle_timeout: Duration,
+    /// None: connections stay until their peer closes them.
+    idle_timeout: Option<Duration>,
     max_requests: Option<u32>,
     endpoints: Mutex<HashMap<Address, Endpoint, foldhash::fast::RandomState>>,
     /// The task that closes connections idle past the timeout has been started.
@@ -143,7 +145,7 @@ impl HttpPool {
         connector: Connector,
         counters: ConnectionStats,
         version: UpstreamHttp,
-        idle_timeout: Duration,
+        idle_timeout: Option<Duration>,
         max_requests: Option<u32>,
     ) -> HttpPool {
         HttpPool {
@@ -169,10 +171,13 @@ impl HttpPool {
         loop {
             let (checked, reused) = self.checkout(to).await?;
             let err = match checked {
-                Checked::Http2(mut tx) => match tx.try_send_request(req).await {
-                    Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
-                    Err(e) => e,
-                },
+                Checked::Http2(mut tx) => {
+                    host_as_authority(&mut req);
+                    match tx.try_send_request(req).await {
+                        Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
+                        Err(e) => e,
+                    }
+                }
                 Checked::Http1(mut conn) => {
                     to_origin_form(&mut req);
                     match conn.tx.try_send_request(req).await {
@@ -185,6 +190,12 @@ impl HttpPool {
             match err.take_message() {
                 Some(again) if reused => {
                     req = again;
+                    if !req.headers().contains_key(header::HOST)
+                        && let Some(host) = req.uri().authority()
+                        && let Ok(v) = HeaderValue::from_str(host.as_str())
+                    {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
                     *req.uri_mut() = uri.clone();
                 }
                 _ => return Err(PoolError::Request(err.into_error())),
@@ -248,7 +259,10 @@ impl HttpPool {
         if tx.closed() {
             return false;
         }
-        if now.duration_since(since) >= self.idle_timeout {
+        if self
+            .idle_timeout
+            .is_some_and(|t| now.duration_since(since) >= t)
+        {
             self.counters.inc("upstream_cx_idle_timeout");
             return false;
         }
@@ -357,7 +371,11 @@ impl HttpPool {
             return;
         }
         let pool: Weak<HttpPool> = Arc::downgrade(self);
-        let every = (self.idle_timeout / 4).max(Duration::from_millis(50));
+        // Without a timeout, only to forget closed connections and the endpoints left empty
+        // (original-destination clusters meet many).
+        let every = self.idle_timeout.map_or(Duration::from_secs(60), |t| {
+            (t / 4).max(Duration::from_millis(50))
+        });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -411,6 +429,25 @@ impl Closes for http1::SendRequest<Body> {
 impl Closes for http2::SendRequest<Body> {
     fn closed(&self) -> bool {
         self.is_closed()
+    }
+}
+
+/// HTTP/2 carries the host as `:authority` instead of a `Host` field (RFC 9113, 8.3.1), as
+/// Envoy sends it; the endpoint is the connection's.
+fn host_as_authority(req: &mut Request<Body>) {
+    let Some(host) = req.headers().get(header::HOST) else {
+        return;
+    };
+    let Ok(authority) = Authority::try_from(host.as_bytes()) else {
+        return;
+    };
+    let mut parts = Parts::default();
+    parts.scheme = req.uri().scheme().cloned();
+    parts.authority = Some(authority);
+    parts.path_and_query = req.uri().path_and_query().cloned();
+    if let Ok(uri) = Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+        req.headers_mut().remove(header::HOST);
     }
 }
 
@@ -514,7 +551,13 @@ mod tests {
                 let n = n.clone();
                 tokio::spawn(async move {
                     let answer = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        let body = if req.uri().path() == "/stream" {
+                        let body = if req.uri().path() == "/host" {
+                            let host = req.headers().get(header::HOST);
+                            let v = format!("{:?} {host:?}", req.uri().authority());
+                            http_body_util::Full::new(Bytes::from(v))
+                                .map_err(|never| match never {})
+                                .boxed()
+                        } else if req.uri().path() == "/stream" {
                             let chunks =
                                 futures::stream::iter([Ok::<_, std::convert::Infallible>(
                                     Frame::data(Bytes::from_static(b"first")),
@@ -650,6 +693,20 @@ mod tests {
         assert_eq!(up.opened.load(Ordering::SeqCst), 2);
     }
 
+    /// Zero is Envoy's "no idle timeout".
+    #[tokio::test]
+    async fn a_zero_idle_timeout_keeps_idle_connections() {
+        let up = upstream().await;
+        let t = pool(UpstreamHttp::Http1, Some(Duration::ZERO), None);
+        let pool = t.http(Version::HTTP_11, false);
+        let _ = text(get(pool, &up.addr, "/").await).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = text(get(pool, &up.addr, "/").await).await;
+        assert_eq!(up.opened.load(Ordering::SeqCst), 1);
+        assert_eq!(pool.pooled(), 1);
+        assert_eq!(pool.counters.get("upstream_cx_idle_timeout"), 0);
+    }
+
     #[tokio::test]
     async fn a_body_dropped_before_its_end_takes_its_connection_along() {
         let up = upstream().await;
@@ -740,6 +797,35 @@ mod tests {
         // One tried; the others failed with it.
         assert_eq!(waited, 4);
         assert_eq!(pool.counters.get("upstream_cx_connect_fail"), 1);
+    }
+
+    /// The request's host reaches the upstream as `Host` on HTTP/1.1 and as `:authority` on
+    /// HTTP/2; the endpoint's address in neither.
+    #[tokio::test]
+    async fn the_host_travels_as_each_version_carries_it() {
+        let up = upstream().await;
+        let seen = async |protocol: UpstreamHttp| {
+            let t = pool(protocol, None, None);
+            let req = Request::get(format!("http://{}/host", up.addr))
+                .header(header::HOST, "reviews.default:9080")
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            text(
+                t.http(Version::HTTP_11, false)
+                    .send(&up.addr, req)
+                    .await
+                    .unwrap(),
+            )
+            .await
+        };
+        assert_eq!(
+            seen(UpstreamHttp::Http1).await,
+            r#"None Some("reviews.default:9080")"#
+        );
+        assert_eq!(
+            seen(UpstreamHttp::Http2).await,
+            "Some(reviews.default:9080) None"
+        );
     }
 
     /// A request travels in the version its cluster names; with `use_downstream_protocol`, in

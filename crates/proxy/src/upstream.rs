@@ -43,7 +43,8 @@ pub struct TransportSpec {
     pub tls: Option<TlsSpec>,
     /// The HTTP version spoken upstream (the cluster's protocol options).
     pub protocol: UpstreamHttp,
-    /// How long a pooled connection may sit unused (Envoy's default: one hour).
+    /// How long a pooled connection may sit unused: Envoy's default of one hour when None,
+    /// no limit when zero.
     pub idle_timeout: Option<Duration>,
     /// Requests a pooled connection carries before it is retired (unlimited when None).
     pub max_requests_per_connection: Option<u32>,
@@ -236,7 +237,11 @@ impl Transport {
             connector,
             self.counters.clone(),
             version,
-            self.spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+            match self.spec.idle_timeout {
+                None => Some(DEFAULT_IDLE_TIMEOUT),
+                Some(t) if t.is_zero() => None,
+                t => t,
+            },
             self.spec.max_requests_per_connection,
         )
     }

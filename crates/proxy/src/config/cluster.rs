@@ -303,8 +303,7 @@ fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
         protocol,
         idle_timeout: common
             .and_then(|o| o.idle_timeout.as_ref())
-            .map(pb_duration)
-            .filter(|d| !d.is_zero()),
+            .map(pb_duration),
         max_requests_per_connection: common
             .and_then(|o| o.max_requests_per_connection.as_ref())
             .map(|v| v.value)
