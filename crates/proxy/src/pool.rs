@@ -582,20 +582,27 @@ mod tests {
         Upstream { addr, opened, open }
     }
 
+    fn spec(protocol: UpstreamHttp) -> TransportSpec {
+        TransportSpec {
+            bind: None,
+            connect_timeout: Duration::from_secs(5),
+            tls: None,
+            protocol,
+            idle_timeout: None,
+            max_requests_per_connection: None,
+        }
+    }
+
+    fn transport(spec: TransportSpec) -> Transport {
+        Transport::new(spec, None, ConnectionStats::detached()).unwrap()
+    }
+
     fn pool(protocol: UpstreamHttp, idle: Option<Duration>, max: Option<u32>) -> Transport {
-        Transport::new(
-            TransportSpec {
-                bind: None,
-                connect_timeout: Duration::from_secs(5),
-                tls: None,
-                protocol,
-                idle_timeout: idle,
-                max_requests_per_connection: max,
-            },
-            None,
-            ConnectionStats::detached(),
-        )
-        .unwrap()
+        transport(TransportSpec {
+            idle_timeout: idle,
+            max_requests_per_connection: max,
+            ..spec(protocol)
+        })
     }
 
     async fn get(pool: &Arc<HttpPool>, to: &Address, path: &str) -> Response<PooledBody> {
@@ -767,19 +774,10 @@ mod tests {
                 queued.push(c);
             }
         }
-        let t = Transport::new(
-            TransportSpec {
-                bind: None,
-                connect_timeout: Duration::from_millis(300),
-                tls: None,
-                protocol: UpstreamHttp::Http2,
-                idle_timeout: None,
-                max_requests_per_connection: None,
-            },
-            None,
-            ConnectionStats::detached(),
-        )
-        .unwrap();
+        let t = transport(TransportSpec {
+            connect_timeout: Duration::from_millis(300),
+            ..spec(UpstreamHttp::Http2)
+        });
         let pool = t.http(Version::HTTP_11, false);
         let to = Address::Ip(to);
         let tries = (0..5).map(|_| {
