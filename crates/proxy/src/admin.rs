@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::config::Cluster;
 use crate::config::cluster::Discovery;
+use crate::upstream::Address;
 
 /// Changes the log filter at run time (`POST /logging?level=`); receives a `tracing` level
 /// name (`trace`, `debug`, `info`, `warn`, `error`, `off`).
@@ -149,6 +150,9 @@ impl AdminState {
         let post = req.method() == Method::POST;
         match req.uri().path() {
             "/config_dump" => self.config_dump(&q),
+            "/clusters" if q.get("format").is_some_and(|f| f == "json") => {
+                json_reply(&self.clusters_json())
+            }
             "/clusters" => text(StatusCode::OK, self.clusters_text()),
             "/stats" if q.get("format").is_some_and(|f| f == "prometheus") => {
                 text(StatusCode::OK, self.shared.stats.prometheus_text())
@@ -291,7 +295,74 @@ impl AdminState {
         })
     }
 
-    /// Envoy's `/clusters` text: per endpoint, requests in flight, totals and health flags.
+    /// Envoy's `/clusters?format=json` (what istioctl reads for `proxy-config endpoints`):
+    /// per endpoint, its address, counters and gauges, and health.
+    fn clusters_json(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cfg = self.shared.config();
+        let mut names: Vec<&String> = cfg.clusters.keys().collect();
+        names.sort();
+        let statuses: Vec<Value> = names
+            .into_iter()
+            .map(|name| {
+                let c = &cfg.clusters[name];
+                let hosts: Vec<Value> = c
+                    .endpoints
+                    .iter()
+                    .filter(|_| c.discovery != Discovery::OriginalDst)
+                    .map(|e| {
+                        let s = &e.state;
+                        let (address, port) = match &e.address {
+                            Address::Ip(a) => (a.ip().to_string(), a.port()),
+                            Address::Dns(h, p) => (h.clone(), *p),
+                        };
+                        // Proto3 JSON, as Envoy prints it: counters are the default type, and
+                        // a zero value is left out.
+                        let stat = |name: &str, value: u64, gauge: bool| {
+                            let mut m = serde_json::Map::new();
+                            if gauge {
+                                m.insert("type".into(), "GAUGE".into());
+                            }
+                            m.insert("name".into(), name.into());
+                            if value > 0 {
+                                m.insert("value".into(), value.to_string().into());
+                            }
+                            Value::Object(m)
+                        };
+                        let mut health = json!({
+                            "eds_health_status": if e.healthy { "HEALTHY" } else { "UNHEALTHY" },
+                        });
+                        if Cluster::is_ejected(s) {
+                            health["failed_outlier_check"] = true.into();
+                        }
+                        json!({
+                            "address": {"socket_address": {"address": address, "port_value": port}},
+                            "stats": [
+                                stat("cx_connect_fail", s.cx_connect_fail.load(Relaxed), false),
+                                stat("cx_total", s.cx_total.load(Relaxed), false),
+                                stat("rq_error", s.errors.load(Relaxed), false),
+                                stat("rq_total", s.requests.load(Relaxed), false),
+                                stat("cx_active", s.cx_active.load(Relaxed) as u64, true),
+                                stat("rq_active", s.active.load(Relaxed) as u64, true),
+                            ],
+                            "health_status": health,
+                            "weight": 1,
+                            "priority": e.priority,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": name,
+                    "added_via_api": true,
+                    "host_statuses": hosts,
+                })
+            })
+            .collect();
+        json!({ "cluster_statuses": statuses })
+    }
+
+    /// Envoy's `/clusters` text: per endpoint, connections and requests (in flight and in
+    /// total), health flags.
     fn clusters_text(&self) -> String {
         let cfg = self.shared.config();
         let mut names: Vec<&String> = cfg.clusters.keys().collect();
@@ -320,7 +391,10 @@ impl AdminState {
                     flags.concat()
                 };
                 out.push_str(&format!(
-                    "{name}::{a}::rq_active::{}\n{name}::{a}::rq_total::{}\n{name}::{a}::rq_error::{}\n{name}::{a}::health_flags::{health}\n{name}::{a}::weight::1\n{name}::{a}::outlier::ejections::{}\n",
+                    "{name}::{a}::cx_active::{}\n{name}::{a}::cx_connect_fail::{}\n{name}::{a}::cx_total::{}\n{name}::{a}::rq_active::{}\n{name}::{a}::rq_total::{}\n{name}::{a}::rq_error::{}\n{name}::{a}::health_flags::{health}\n{name}::{a}::weight::1\n{name}::{a}::outlier::ejections::{}\n",
+                    s.cx_active.load(Relaxed),
+                    s.cx_connect_fail.load(Relaxed),
+                    s.cx_total.load(Relaxed),
                     s.active.load(Relaxed),
                     s.requests.load(Relaxed),
                     s.errors.load(Relaxed),

@@ -646,10 +646,11 @@ fn mirror(
     ));
     let pool = pick.transport.http(parts.version, false).clone();
     let to = pick.address.clone();
+    let state = pick.state.cloned();
     let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
     tokio::spawn(async move {
         let send = async {
-            if let Ok(r) = pool.send(&to, req).await {
+            if let Ok(r) = pool.send(&to, state.as_ref(), req).await {
                 let _ = r.into_body().collect().await;
             }
         };
@@ -911,7 +912,7 @@ async fn forward(
         }
         let active = pick.state.map(|s| ActiveGuard::new(s.clone()));
         cluster.count_request(stats);
-        let call = pool.send(&pick.address, up_req);
+        let call = pool.send(&pick.address, pick.state, up_req);
         let result = match limit {
             Some(t) => tokio::time::timeout(t, call).await.map_err(|_| ()),
             None => Ok(call.await),

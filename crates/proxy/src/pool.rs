@@ -22,7 +22,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use crate::upstream::{Address, Body, ConnectError, ConnectionStats, Connector, UpstreamHttp};
+use crate::upstream::{
+    Address, Body, ConnectError, ConnectionStats, Connector, EndpointState, UpstreamHttp,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -165,11 +167,12 @@ impl HttpPool {
     pub async fn send(
         self: &Arc<Self>,
         to: &Address,
+        state: Option<&Arc<EndpointState>>,
         mut req: Request<Body>,
     ) -> Result<Response<PooledBody>, PoolError> {
         let uri = req.uri().clone();
         loop {
-            let (checked, reused) = self.checkout(to).await?;
+            let (checked, reused) = self.checkout(to, state).await?;
             let err = match checked {
                 Checked::Http2(mut tx) => {
                     host_as_authority(&mut req);
@@ -204,7 +207,11 @@ impl HttpPool {
     }
 
     /// A connection for one request, and whether it has carried others.
-    async fn checkout(self: &Arc<Self>, to: &Address) -> Result<(Checked, bool), PoolError> {
+    async fn checkout(
+        self: &Arc<Self>,
+        to: &Address,
+        state: Option<&Arc<EndpointState>>,
+    ) -> Result<(Checked, bool), PoolError> {
         let now = Instant::now();
         let gate = {
             let mut endpoints = lock(&self.endpoints);
@@ -228,7 +235,7 @@ impl HttpPool {
             }
         };
         let Some(gate) = gate else {
-            return self.open(to).await;
+            return self.open(to, state).await;
         };
         let _turn = gate.lock_owned().await;
         {
@@ -244,7 +251,7 @@ impl HttpPool {
                 return Err(PoolError::Waited(why.clone()));
             }
         }
-        let opened = self.open(to).await;
+        let opened = self.open(to, state).await;
         if let Err(e) = &opened {
             let mut endpoints = lock(&self.endpoints);
             endpoints.entry(to.clone()).or_default().failed =
@@ -270,11 +277,25 @@ impl HttpPool {
     }
 
     /// A new connection to `to`, HTTP/2 ones pooled at once.
-    async fn open(&self, to: &Address) -> Result<(Checked, bool), PoolError> {
+    async fn open(
+        &self,
+        to: &Address,
+        state: Option<&Arc<EndpointState>>,
+    ) -> Result<(Checked, bool), PoolError> {
         self.counters.inc("upstream_cx_total");
-        let conn = self.connector.connect(to).await.inspect_err(|_| {
-            self.counters.inc("upstream_cx_connect_fail");
-        })?;
+        let attempt = state.map(EndpointState::attempt);
+        let conn = match self.connector.connect(to).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.inc("upstream_cx_connect_fail");
+                if let Some(a) = attempt {
+                    a.failed();
+                }
+                return Err(e.into());
+            }
+        };
+        // Counted open as long as the connection's task runs.
+        let open = attempt.map(|a| a.made());
         let http2 = match self.version {
             UpstreamHttp::Http2 => true,
             UpstreamHttp::Alpn => conn.negotiated_alpn() == Some(b"h2"),
@@ -299,6 +320,7 @@ impl HttpPool {
                 if let Err(e) = task.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
+                drop(open);
             });
             tx.ready().await.map_err(PoolError::Handshake)?;
             if self.max_requests.is_none_or(|max| max > 1) {
@@ -319,6 +341,7 @@ impl HttpPool {
                 if let Err(e) = task.with_upgrades().await {
                     tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended");
                 }
+                drop(open);
             });
             // A new connection takes its first request before it reports ready.
             Ok((Checked::Http1(Http1Conn { tx, uses: 1 }), false))
@@ -609,7 +632,7 @@ mod tests {
         let req = Request::get(format!("http://{to}{path}"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();
-        pool.send(to, req).await.unwrap()
+        pool.send(to, None, req).await.unwrap()
     }
 
     async fn text(resp: Response<PooledBody>) -> String {
@@ -700,6 +723,37 @@ mod tests {
         assert_eq!(up.opened.load(Ordering::SeqCst), 2);
     }
 
+    /// The endpoint's own connection counts, for `/clusters`: tried, failed, open now.
+    #[tokio::test]
+    async fn an_endpoint_counts_its_connections() {
+        let up = upstream().await;
+        let t = pool(UpstreamHttp::Http1, None, None);
+        let pool = t.http(Version::HTTP_11, false);
+        let state = Arc::new(EndpointState::default());
+        for _ in 0..3 {
+            let req = Request::get(format!("http://{}/", up.addr))
+                .body(Empty::new().map_err(|never| match never {}).boxed())
+                .unwrap();
+            let resp = pool.send(&up.addr, Some(&state), req).await.unwrap();
+            let _ = text(resp).await;
+        }
+        assert_eq!(state.cx_total.load(Ordering::SeqCst), 1);
+        assert_eq!(state.cx_active.load(Ordering::SeqCst), 1);
+        // A connection that cannot be made counts as tried and failed, never as open.
+        let closed = Arc::new(EndpointState::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = Address::Ip(listener.local_addr().unwrap());
+        drop(listener);
+        let req = Request::get(format!("http://{gone}/"))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let e = pool.send(&gone, Some(&closed), req).await.err().unwrap();
+        assert!(e.is_connect(), "{e}");
+        assert_eq!(closed.cx_total.load(Ordering::SeqCst), 1);
+        assert_eq!(closed.cx_connect_fail.load(Ordering::SeqCst), 1);
+        assert_eq!(closed.cx_active.load(Ordering::SeqCst), 0);
+    }
+
     /// Zero is Envoy's "no idle timeout".
     #[tokio::test]
     async fn a_zero_idle_timeout_keeps_idle_connections() {
@@ -784,7 +838,7 @@ mod tests {
             let req = Request::get(format!("http://{to}/"))
                 .body(Empty::new().map_err(|never| match never {}).boxed())
                 .unwrap();
-            pool.send(&to, req)
+            pool.send(&to, None, req)
         });
         let mut waited = 0;
         for r in futures::future::join_all(tries).await {
@@ -810,7 +864,7 @@ mod tests {
                 .unwrap();
             text(
                 t.http(Version::HTTP_11, false)
-                    .send(&up.addr, req)
+                    .send(&up.addr, None, req)
                     .await
                     .unwrap(),
             )

@@ -102,9 +102,13 @@ where
     };
     stats.inc(format_args!("cluster.{}.upstream_cx_total", cluster.name));
     stats.tcp_opened(reporter, &parties);
+    let attempt = pick.state.map(crate::upstream::EndpointState::attempt);
     let mut up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
         Err(e) => {
+            if let Some(a) = attempt {
+                a.failed();
+            }
             tracing::debug!(source = %info.source, cluster = %cluster.name, address = %pick.address, error = %e, "upstream connect failed");
             stats.inc(format_args!(
                 "cluster.{}.upstream_cx_connect_fail",
@@ -117,6 +121,7 @@ where
             return ("UF", 0, 0);
         }
     };
+    let _open = attempt.map(|a| a.made());
     if let Some(s) = pick.state {
         s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

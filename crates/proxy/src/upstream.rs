@@ -477,6 +477,49 @@ pub struct EndpointState {
     pub ejections: AtomicU32,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
+    /// Connections tried, failed to connect, and open now (HTTP pools and TCP proxying).
+    pub cx_total: AtomicU64,
+    pub cx_connect_fail: AtomicU64,
+    pub cx_active: AtomicUsize,
+}
+
+impl EndpointState {
+    /// Counts a connection attempt to this endpoint; the connection is counted open while
+    /// the guard of [`Attempt::made`] lives.
+    pub fn attempt(self: &Arc<Self>) -> Attempt {
+        self.cx_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Attempt(self.clone())
+    }
+}
+
+/// A connection attempt to an endpoint, counted.
+pub struct Attempt(Arc<EndpointState>);
+
+impl Attempt {
+    pub fn failed(self) {
+        self.0
+            .cx_connect_fail
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn made(self) -> OpenConnection {
+        self.0
+            .cx_active
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        OpenConnection(self.0)
+    }
+}
+
+/// An open connection to an endpoint, counted in `cx_active` until dropped.
+pub struct OpenConnection(Arc<EndpointState>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .cx_active
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// What a cluster has in flight, against its circuit-breaker thresholds.

@@ -855,6 +855,37 @@ fn admin_endpoints_answer_like_envoys() {
             clusters.contains(&format!("a::{a}::health_flags::healthy")),
             "{clusters}"
         );
+        // The one request's connection: made, and pooled open.
+        for line in ["cx_total::1", "cx_active::1", "cx_connect_fail::0"] {
+            assert!(clusters.contains(&format!("a::{a}::{line}")), "{clusters}");
+        }
+        // The JSON form istioctl reads, in Envoy's shape.
+        let (_, body) = admin("GET", "/clusters?format=json").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let host = v["cluster_statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "a")
+            .map(|c| &c["host_statuses"][0])
+            .unwrap_or_else(|| panic!("{body}"));
+        assert_eq!(
+            host["address"]["socket_address"]["port_value"],
+            a.port(),
+            "{body}"
+        );
+        assert_eq!(host["health_status"]["eds_health_status"], "HEALTHY");
+        let stat = |name: &str| {
+            host["stats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == name)
+                .map(|s| s["value"].clone())
+        };
+        assert_eq!(stat("rq_total"), Some("1".into()), "{body}");
+        assert_eq!(stat("cx_total"), Some("1".into()), "{body}");
+        assert_eq!(stat("cx_active"), Some("1".into()), "{body}");
         let (_, stats) = admin("GET", "/stats?filter=upstream_rq").await;
         assert!(
             !stats.is_empty() && stats.lines().all(|l| l.contains("upstream_rq")),
