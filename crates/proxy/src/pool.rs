@@ -628,11 +628,15 @@ mod tests {
         })
     }
 
-    async fn get(pool: &Arc<HttpPool>, to: &Address, path: &str) -> Response<PooledBody> {
-        let req = Request::get(format!("http://{to}{path}"))
+    /// A GET of `path` at `to`, its URI absolute as the proxy sends it.
+    fn request(to: &Address, path: &str) -> Request<Body> {
+        Request::get(format!("http://{to}{path}"))
             .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
-        pool.send(to, None, req).await.unwrap()
+            .unwrap()
+    }
+
+    async fn get(pool: &Arc<HttpPool>, to: &Address, path: &str) -> Response<PooledBody> {
+        pool.send(to, None, request(to, path)).await.unwrap()
     }
 
     async fn text(resp: Response<PooledBody>) -> String {
@@ -731,9 +735,7 @@ mod tests {
         let pool = t.http(Version::HTTP_11, false);
         let state = Arc::new(EndpointState::default());
         for _ in 0..3 {
-            let req = Request::get(format!("http://{}/", up.addr))
-                .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap();
+            let req = request(&up.addr, "/");
             let resp = pool.send(&up.addr, Some(&state), req).await.unwrap();
             let _ = text(resp).await;
         }
@@ -744,9 +746,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gone = Address::Ip(listener.local_addr().unwrap());
         drop(listener);
-        let req = Request::get(format!("http://{gone}/"))
-            .body(Empty::new().map_err(|never| match never {}).boxed())
-            .unwrap();
+        let req = request(&gone, "/");
         let e = pool.send(&gone, Some(&closed), req).await.err().unwrap();
         assert!(e.is_connect(), "{e}");
         assert_eq!(closed.cx_total.load(Ordering::SeqCst), 1);
@@ -834,12 +834,7 @@ mod tests {
         });
         let pool = t.http(Version::HTTP_11, false);
         let to = Address::Ip(to);
-        let tries = (0..5).map(|_| {
-            let req = Request::get(format!("http://{to}/"))
-                .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap();
-            pool.send(&to, None, req)
-        });
+        let tries = (0..5).map(|_| pool.send(&to, None, request(&to, "/")));
         let mut waited = 0;
         for r in futures::future::join_all(tries).await {
             let e = r.err().expect("no connection, no answer");
@@ -858,10 +853,11 @@ mod tests {
         let up = upstream().await;
         let seen = async |protocol: UpstreamHttp| {
             let t = pool(protocol, None, None);
-            let req = Request::get(format!("http://{}/host", up.addr))
-                .header(header::HOST, "reviews.default:9080")
-                .body(Empty::new().map_err(|never| match never {}).boxed())
-                .unwrap();
+            let mut req = request(&up.addr, "/host");
+            req.headers_mut().insert(
+                header::HOST,
+                HeaderValue::from_static("reviews.default:9080"),
+            );
             text(
                 t.http(Version::HTTP_11, false)
                     .send(&up.addr, None, req)
