@@ -437,6 +437,14 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     let (ok, out) = cli(&["proxy-config", "cluster", "client"]);
     assert!(ok && out.contains("server.e2e.svc.cluster.local"), "{out}");
+    // Endpoints with the health and outlier check the client's proxy reports itself.
+    let (ok, out) = cli(&["proxy-config", "endpoints", "client"]);
+    assert!(
+        ok && out.lines().any(|l| l.contains("HEALTHY")
+            && l.contains(" OK ")
+            && l.contains("outbound|8080||server.e2e.svc.cluster.local")),
+        "{out}"
+    );
     let (ok, out) = cli(&["proxy-config", "all", "client", "-o", "json"]);
     assert!(
         ok && out.contains("\"private_key\": {\n") && out.contains("[redacted]"),

@@ -54,14 +54,9 @@ pub(crate) fn dump_of(
     control_plane: Option<&str>,
     mesh: &MeshArgs,
 ) -> Result<(Value, String)> {
-    if control_plane.is_none()
-        && let Some(st) = isthmus_local::runtime::read_status(&mesh.dir())
-    {
-        let pod = find_pod(&st, proxy)?;
-        let body = http_get_in(Some(&pod.netns), "127.0.0.1:15000", "/config_dump")
-            .with_context(|| format!("reading the admin port of {}/{}", pod.namespace, pod.name))?;
+    if let Some((body, name)) = pod_admin(proxy, control_plane, mesh, "/config_dump")? {
         let dump = serde_json::from_slice(&body).context("invalid config dump")?;
-        return Ok((dump, format!("{}.{}", pod.name, pod.namespace)));
+        return Ok((dump, name));
     }
     let addr = control_plane.unwrap_or("127.0.0.1:15014");
     let body = http_get_in(None, addr, &format!("/debug/config_dump?proxyID={proxy}"))?;
@@ -69,6 +64,26 @@ pub(crate) fn dump_of(
         serde_json::from_slice(&body).context("invalid config dump")?,
         proxy.to_string(),
     ))
+}
+
+/// `path` from the admin port of `proxy` when it is a pod of the local runtime (and no
+/// control plane was named), with the pod's `name.namespace`; None otherwise.
+fn pod_admin(
+    proxy: &str,
+    control_plane: Option<&str>,
+    mesh: &MeshArgs,
+    path: &str,
+) -> Result<Option<(bytes::Bytes, String)>> {
+    if control_plane.is_some() {
+        return Ok(None);
+    }
+    let Some(st) = isthmus_local::runtime::read_status(&mesh.dir()) else {
+        return Ok(None);
+    };
+    let pod = find_pod(&st, proxy)?;
+    let body = http_get_in(Some(&pod.netns), "127.0.0.1:15000", path)
+        .with_context(|| format!("reading the admin port of {}/{}", pod.namespace, pod.name))?;
+    Ok(Some((body, format!("{}.{}", pod.name, pod.namespace))))
 }
 
 /// The items of one section of a dump (`ClustersConfigDump`, `dynamic_active_clusters`), each
@@ -122,7 +137,23 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
         Section::Cluster => (Value::Array(clusters.clone()), cluster_table(&clusters)),
         Section::Listener => (Value::Array(listeners.clone()), listener_table(&listeners)),
         Section::Route => (Value::Array(routes.clone()), route_table(&routes)),
-        Section::Endpoint => (Value::Array(endpoints.clone()), endpoint_table(&endpoints)),
+        Section::Endpoint => {
+            // The proxy's own view of its endpoints' health, as istioctl reads it; the
+            // control plane has none.
+            let hosts = pod_admin(
+                &a.proxy,
+                a.control_plane.as_deref(),
+                &a.mesh,
+                "/clusters?format=json",
+            )?
+            .map(|(body, _)| serde_json::from_slice(&body))
+            .transpose()
+            .context("invalid /clusters?format=json")?;
+            (
+                Value::Array(endpoints.clone()),
+                endpoint_table(&endpoints, hosts.as_ref()),
+            )
+        }
         Section::Secret => (Value::Array(secrets.clone()), secret_table(&secrets)),
         Section::All => (
             dump.clone(),
@@ -361,25 +392,89 @@ fn route_table(routes: &[Value]) -> String {
     render(&rows)
 }
 
-fn endpoint_table(assignments: &[Value]) -> String {
+/// istioctl's endpoint table. With the proxy's `/clusters?format=json` (`hosts`), the
+/// outlier check is the proxy's own; from the control plane's view alone, every endpoint
+/// passes it.
+fn endpoint_table(assignments: &[Value], hosts: Option<&Value>) -> String {
     let mut rows = vec![
         vec!["ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER"]
             .into_iter()
             .map(String::from)
             .collect::<Vec<_>>(),
     ];
+    let ejected = |cluster: &str, sa: &Value| {
+        hosts
+            .and_then(|h| h["cluster_statuses"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == cluster)
+            .flat_map(|c| c["host_statuses"].as_array().into_iter().flatten())
+            .any(|h| {
+                h["address"]["socket_address"] == *sa
+                    && h["health_status"]["failed_outlier_check"] == true
+            })
+    };
     for a in assignments {
+        let cluster = s(&a["cluster_name"]);
         for loc in a["endpoints"].as_array().into_iter().flatten() {
             for e in loc["lb_endpoints"].as_array().into_iter().flatten() {
                 let sa = &e["endpoint"]["address"]["socket_address"];
+                let outlier = if ejected(&cluster, sa) {
+                    "FAILED"
+                } else {
+                    "OK"
+                };
                 rows.push(vec![
                     format!("{}:{}", s(&sa["address"]), s(&sa["port_value"])),
                     s(&e["health_status"]),
-                    "OK".into(),
-                    s(&a["cluster_name"]),
+                    outlier.into(),
+                    cluster.clone(),
                 ]);
             }
         }
     }
     render(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The outlier check comes from the proxy's own `/clusters`, matched by cluster and
+    /// address; without it every endpoint passes.
+    #[test]
+    fn the_outlier_check_is_the_proxys_own() {
+        let sa = |ip: &str| json!({"address": ip, "port_value": 8080});
+        let assignments = [json!({
+            "cluster_name": "outbound|8080||server.e2e.svc.cluster.local",
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": sa("10.0.0.1")}}, "health_status": "HEALTHY"},
+                {"endpoint": {"address": {"socket_address": sa("10.0.0.2")}}, "health_status": "HEALTHY"},
+            ]}],
+        })];
+        let hosts = json!({"cluster_statuses": [{
+            "name": "outbound|8080||server.e2e.svc.cluster.local",
+            "host_statuses": [
+                {"address": {"socket_address": sa("10.0.0.1")}, "health_status": {"eds_health_status": "HEALTHY"}},
+                {"address": {"socket_address": sa("10.0.0.2")}, "health_status": {"eds_health_status": "HEALTHY", "failed_outlier_check": true}},
+            ],
+        }]});
+        let table = endpoint_table(&assignments, Some(&hosts));
+        let outlier = |ip: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(ip))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .map(str::to_string)
+        };
+        assert_eq!(outlier("10.0.0.1:8080").as_deref(), Some("OK"), "{table}");
+        assert_eq!(
+            outlier("10.0.0.2:8080").as_deref(),
+            Some("FAILED"),
+            "{table}"
+        );
+        let plain = endpoint_table(&assignments, None);
+        assert!(!plain.contains("FAILED"), "{plain}");
+    }
 }
