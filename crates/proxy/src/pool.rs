@@ -173,7 +173,7 @@ impl HttpPool {
         let uri = req.uri().clone();
         loop {
             let (checked, reused) = self.checkout(to, state).await?;
-            let err = match checked {
+            let mut err = match checked {
                 Checked::Http2(mut tx) => {
                     host_as_authority(&mut req);
                     match tx.try_send_request(req).await {
@@ -189,16 +189,11 @@ impl HttpPool {
                     }
                 }
             };
-            let mut err = err;
             match err.take_message() {
                 Some(again) if reused => {
                     req = again;
-                    if !req.headers().contains_key(header::HOST)
-                        && let Some(host) = req.uri().authority()
-                        && let Ok(v) = HeaderValue::from_str(host.as_str())
-                    {
-                        req.headers_mut().insert(header::HOST, v);
-                    }
+                    // HTTP/2 moved the host into the URI: it goes back to `Host`.
+                    host_from_authority(&mut req);
                     *req.uri_mut() = uri.clone();
                 }
                 _ => return Err(PoolError::Request(err.into_error())),
@@ -474,14 +469,19 @@ fn host_as_authority(req: &mut Request<Body>) {
     }
 }
 
-/// HTTP/1.1 carries the path alone (origin form); the endpoint is the connection's.
-fn to_origin_form(req: &mut Request<Body>) {
+/// A request without `Host` gets its URI's authority as one.
+fn host_from_authority(req: &mut Request<Body>) {
     if !req.headers().contains_key(header::HOST)
         && let Some(a) = req.uri().authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         req.headers_mut().insert(header::HOST, v);
     }
+}
+
+/// HTTP/1.1 carries the path alone (origin form); the endpoint is the connection's.
+fn to_origin_form(req: &mut Request<Body>) {
+    host_from_authority(req);
     let mut parts = Parts::default();
     parts.path_and_query = req.uri().path_and_query().cloned();
     if let Ok(uri) = Uri::from_parts(parts) {
