@@ -213,7 +213,7 @@ pub struct ProxyConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub proxy_stats_matcher: Option<Value>,
+    pub proxy_stats_matcher: Option<ProxyStatsMatcher>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hold_application_until_proxy_starts: Option<bool>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -230,6 +230,15 @@ pub struct ProxyConfig {
     pub file_flush_min_size_kb: Option<u32>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub tracing_service_name: String,
+}
+
+/// ProxyConfig `proxyStatsMatcher`: Envoy stats exported beyond Istio's own list.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ProxyStatsMatcher {
+    pub inclusion_prefixes: Vec<String>,
+    pub inclusion_suffixes: Vec<String>,
+    pub inclusion_regexps: Vec<String>,
 }
 
 /// ProxyConfig `proxyHeaders`: which headers the proxies add or pass on. Fields this mesh does

@@ -196,7 +196,13 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: client, namespace: e2e, labels: {app: client}}
+metadata:
+  name: client
+  namespace: e2e
+  labels: {app: client}
+  # As Istio's circuit-breaking task does: the outbound clusters' Envoy stats to Prometheus.
+  annotations:
+    proxy.istio.io/config: '{"proxyStatsMatcher": {"inclusionPrefixes": ["cluster.outbound"]}}'
 spec:
   serviceAccountName: client
   containers:
@@ -378,6 +384,23 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     assert!(
         metrics.contains("destination_service=\"server.e2e.svc.cluster.local\""),
+        "{metrics}"
+    );
+    // The client's own 15090: the outbound clusters' Envoy stats its `proxyStatsMatcher`
+    // asks for, named with Istio's tags, beside the server state Istio always exports.
+    let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
+    let sent: u64 = own
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("[0 body] envoy_cluster_upstream_rq_total{cluster_name=\"outbound|8080||server.e2e.svc.cluster.local\"} ")
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no upstream_rq_total for the server in {own}"));
+    assert!(sent >= 3, "{own}");
+    assert!(own.contains("[0 body] envoy_server_live 1\n"), "{own}");
+    // The server asked for nothing more than Istio's list.
+    assert!(
+        !metrics.contains("envoy_cluster_upstream_rq_total"),
         "{metrics}"
     );
     // The agent's port 15020 tells how long the workload certificate has left.

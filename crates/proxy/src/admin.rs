@@ -6,6 +6,8 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -20,6 +22,8 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::config::Cluster;
 use crate::config::cluster::Discovery;
+use crate::envoy_stats::Kind;
+use crate::stats::ReadStat;
 use crate::upstream::Address;
 
 /// Changes the log filter at run time (`POST /logging?level=`); receives a `tracing` level
@@ -36,6 +40,9 @@ pub struct AdminState {
     pub node: Value,
     /// The app's metrics to merge on 15020: `http://127.0.0.1:<port><path>`.
     pub app_metrics: Option<(u16, String)>,
+    /// Scrapes of the app's metrics, and those that failed.
+    pub app_scrapes: AtomicU64,
+    pub app_scrape_failures: AtomicU64,
 }
 
 type Handler = Arc<
@@ -136,6 +143,80 @@ impl AdminState {
         }
     }
 
+    /// Envoy's stats that are read where they live: the server's state, the configuration's
+    /// size and updates, and per cluster the connections and requests in flight and the
+    /// endpoints.
+    fn read_stats(&self) -> Vec<ReadStat> {
+        let cfg = self.shared.config();
+        let state = match self.state_name() {
+            "LIVE" => 0,
+            "DRAINING" => 1,
+            _ => 2,
+        };
+        let gauge = |name: &str, v: u64| (name.to_string(), v, Kind::Gauge);
+        let mut read = vec![
+            gauge("server.live", u64::from(state != 1)),
+            gauge("server.state", state),
+            gauge("server.uptime", self.started.elapsed().as_secs()),
+            gauge(
+                "server.total_connections",
+                self.shared.active_connections() as u64,
+            ),
+            gauge("cluster_manager.active_clusters", cfg.clusters.len() as u64),
+            gauge(
+                "listener_manager.total_listeners_active",
+                cfg.listeners.len() as u64,
+            ),
+        ];
+        for (prefix, type_url) in [
+            ("cluster_manager.cds", isthmus_xds::server::CLUSTER),
+            ("listener_manager.lds", isthmus_xds::server::LISTENER),
+        ] {
+            let n = cfg.xds.updates.get(type_url);
+            read.push((format!("{prefix}.update_success"), n.success, Kind::Counter));
+            read.push((
+                format!("{prefix}.update_rejected"),
+                n.rejected,
+                Kind::Counter,
+            ));
+        }
+        for (name, c) in cfg.clusters.iter() {
+            let (mut cx, mut rq, mut healthy) = (0, 0, 0);
+            for e in &c.endpoints {
+                cx += e.state.cx_active.load(Relaxed) as u64;
+                rq += e.state.active.load(Relaxed) as u64;
+                healthy += u64::from(e.healthy && !Cluster::is_ejected(&e.state));
+            }
+            read.push((
+                format!("cluster.{name}.upstream_cx_active"),
+                cx,
+                Kind::Gauge,
+            ));
+            read.push((
+                format!("cluster.{name}.upstream_rq_active"),
+                rq,
+                Kind::Gauge,
+            ));
+            read.push((
+                format!("cluster.{name}.membership_total"),
+                c.endpoints.len() as u64,
+                Kind::Gauge,
+            ));
+            read.push((
+                format!("cluster.{name}.membership_healthy"),
+                healthy,
+                Kind::Gauge,
+            ));
+        }
+        read
+    }
+
+    /// What Prometheus scrapes from the proxy: Istio's metrics and the Envoy stats Istio
+    /// exports.
+    fn prometheus_text(&self) -> String {
+        self.shared.stats.prometheus_text(&self.read_stats())
+    }
+
     /// Envoy's admin interface on 15000.
     pub fn admin_handler(self: &Arc<Self>) -> Handler {
         let st = self.clone();
@@ -155,16 +236,18 @@ impl AdminState {
             }
             "/clusters" => text(StatusCode::OK, self.clusters_text()),
             "/stats" if q.get("format").is_some_and(|f| f == "prometheus") => {
-                text(StatusCode::OK, self.shared.stats.prometheus_text())
+                text(StatusCode::OK, self.prometheus_text())
             }
             "/stats" => match q.get("filter").map(|f| regex::Regex::new(f)).transpose() {
                 Ok(filter) => text(
                     StatusCode::OK,
-                    self.shared.stats.envoy_text(filter.as_ref()),
+                    self.shared
+                        .stats
+                        .envoy_text(filter.as_ref(), &self.read_stats()),
                 ),
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("bad filter: {e}\n")),
             },
-            "/stats/prometheus" => text(StatusCode::OK, self.shared.stats.prometheus_text()),
+            "/stats/prometheus" => text(StatusCode::OK, self.prometheus_text()),
             "/server_info" => json_reply(&json!({
                 "version": concat!("isthmus/", env!("CARGO_PKG_VERSION")),
                 "state": self.state_name(),
@@ -298,7 +381,6 @@ impl AdminState {
     /// Envoy's `/clusters?format=json` (what istioctl reads for `proxy-config endpoints`):
     /// per endpoint, its address, counters and gauges, and health.
     fn clusters_json(&self) -> Value {
-        use std::sync::atomic::Ordering::Relaxed;
         let cfg = self.shared.config();
         let mut names: Vec<&String> = cfg.clusters.keys().collect();
         names.sort();
@@ -375,7 +457,6 @@ impl AdminState {
                 continue;
             }
             for e in &c.endpoints {
-                use std::sync::atomic::Ordering::Relaxed;
                 let a = &e.address;
                 let s = &e.state;
                 let mut flags = Vec::new();
@@ -437,18 +518,28 @@ impl AdminState {
             let st = st.clone();
             Box::pin(async move {
                 match req.uri().path() {
-                    "/stats/prometheus" => text(StatusCode::OK, st.shared.stats.prometheus_text()),
+                    "/stats/prometheus" => text(StatusCode::OK, st.prometheus_text()),
                     _ => text(StatusCode::NOT_FOUND, "not found\n"),
                 }
             })
         })
     }
 
-    /// The agent's own metrics (Istio's `istio_agent_*`): the time left on the workload
-    /// certificate, negative once expired.
+    /// The agent's own metrics (Istio's `istio_agent_*`): its scrapes of the app's metrics,
+    /// and the time left on the workload certificate, negative once expired.
     fn agent_metrics(&self) -> String {
+        let mut out = format!(
+            "# HELP istio_agent_scrapes_total The total number of scrapes.\n\
+             # TYPE istio_agent_scrapes_total counter\n\
+             istio_agent_scrapes_total {}\n\
+             # HELP istio_agent_scrape_failures_total The total number of failed scrapes.\n\
+             # TYPE istio_agent_scrape_failures_total counter\n\
+             istio_agent_scrape_failures_total{{type=\"application\"}} {}\n",
+            self.app_scrapes.load(Relaxed),
+            self.app_scrape_failures.load(Relaxed),
+        );
         let Some(identity) = self.shared.pools.identity() else {
-            return String::new();
+            return out;
         };
         let (issued, _) = identity.issued();
         let left = match issued
@@ -458,11 +549,12 @@ impl AdminState {
             Ok(d) => d.as_secs_f64(),
             Err(e) => -e.duration().as_secs_f64(),
         };
-        format!(
+        out.push_str(&format!(
             "# HELP istio_agent_cert_expiry_seconds The time remaining, in seconds, before the certificate chain will expire. A negative value indicates the cert is expired.\n\
              # TYPE istio_agent_cert_expiry_seconds gauge\n\
              istio_agent_cert_expiry_seconds{{resource_name=\"default\"}} {left:.0}\n"
-        )
+        ));
+        out
     }
 
     /// The agent's port 15020: merged metrics (the proxy's and the app's) and readiness.
@@ -473,27 +565,27 @@ impl AdminState {
             Box::pin(async move {
                 match req.uri().path() {
                     "/stats/prometheus" => {
-                        let mut body = st.shared.stats.prometheus_text();
-                        body = body.trim_end_matches("# EOF\n").to_string();
-                        body.push_str(&st.agent_metrics());
-                        body.push_str("# EOF\n");
-                        if let Some((port, path)) = &st.app_metrics {
-                            match scrape_app(*port, path).await {
-                                Ok(app) => {
-                                    // One exposition: the proxy's `# EOF` goes to the end.
-                                    body = body.trim_end_matches("# EOF\n").to_string();
-                                    body.push_str(app.trim_end_matches("# EOF\n"));
-                                    if !body.ends_with('\n') {
-                                        body.push('\n');
-                                    }
-                                    body.push_str("# EOF\n");
-                                }
+                        st.app_scrapes.fetch_add(1, Relaxed);
+                        let app = match &st.app_metrics {
+                            Some((port, path)) => match scrape_app(*port, path).await {
+                                Ok(app) => app,
                                 Err(e) => {
-                                    st.shared.stats.inc("agent.scrape_app_failed");
+                                    st.app_scrape_failures.fetch_add(1, Relaxed);
                                     tracing::debug!(error = %e, "scraping the app's metrics");
+                                    String::new()
                                 }
-                            }
+                            },
+                            None => String::new(),
+                        };
+                        // One exposition: the proxy's, the agent's and the app's, then `# EOF`.
+                        let mut body = st.prometheus_text();
+                        body.truncate(body.trim_end_matches("# EOF\n").len());
+                        body.push_str(&st.agent_metrics());
+                        body.push_str(app.trim_end_matches("# EOF\n"));
+                        if !body.ends_with('\n') {
+                            body.push('\n');
                         }
+                        body.push_str("# EOF\n");
                         text(StatusCode::OK, body)
                     }
                     "/healthz/ready" => st.readiness(),

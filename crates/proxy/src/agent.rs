@@ -20,6 +20,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use crate::admin::{AdminState, LogLevelSetter};
 use crate::config::Config;
+use crate::envoy_stats::Inclusions;
 use crate::identity::{CaClient, Identity};
 use crate::peer::Workload;
 use crate::stats::Stats;
@@ -82,6 +83,8 @@ pub struct Options {
     /// The pod's ProxyConfig (`PROXY_CONFIG`), sent to the control plane in the node metadata
     /// as Istio's agent sends it: some of it (`proxyHeaders`) shapes the configuration.
     pub proxy_config: Option<Struct>,
+    /// Which Envoy stats Prometheus gets (Istio's list and the pod's `proxyStatsMatcher`).
+    pub stats_inclusions: Inclusions,
 }
 
 impl Options {
@@ -304,7 +307,7 @@ pub async fn run(
             channel(&opts, roots.as_deref(), client)
         }
     };
-    let stats = Arc::new(Stats::new());
+    let stats = Arc::new(Stats::with_inclusions(opts.stats_inclusions.clone()));
     let pools = Arc::new(Pools::new(identity, stats.clone()));
     let (config_tx, config_rx) = watch::channel(Arc::new(Config::default()));
     let (drain_tx, drain_rx) = watch::channel(false);
@@ -328,6 +331,8 @@ pub async fn run(
         log_level,
         node: serde_json::json!({"id": node.id, "cluster": node.cluster}),
         app_metrics: opts.app_metrics.clone(),
+        app_scrapes: Default::default(),
+        app_scrape_failures: Default::default(),
     });
     tokio::spawn(crate::admin::serve(admin, state.admin_handler()));
     tokio::spawn(crate::admin::serve(health, state.health_handler()));

@@ -362,6 +362,7 @@ async fn handle(
                 parts,
                 body,
                 fwd,
+                &hcm.stat_prefix,
                 router,
                 &cfg.clusters,
                 info,
@@ -682,6 +683,7 @@ async fn forward(
     parts: Parts,
     body: Counted<Incoming>,
     fwd: &Forward,
+    hcm_prefix: &str,
     router: RouterHeaders,
     clusters: &crate::config::ByName<Arc<Cluster>>,
     info: &Arc<ConnInfo>,
@@ -713,7 +715,7 @@ async fn forward(
         None
     };
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
-        stats.inc(format_args!("http.{cluster_name}.no_cluster"));
+        stats.inc(format_args!("http.{hcm_prefix}.no_cluster"));
         let parties = shared.parties(info, None, source_peer, None);
         finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
@@ -742,7 +744,7 @@ async fn forward(
             match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
                 Ok(Ok(b)) => RequestBody::Buffered(b.to_bytes()),
                 _ => {
-                    stats.inc(format_args!("http.{}.downstream_rq_rx_reset", cluster.name));
+                    stats.inc(format_args!("http.{hcm_prefix}.downstream_rq_rx_reset"));
                     return local_reply(408, "request body not received");
                 }
             }
@@ -776,7 +778,7 @@ async fn forward(
         };
         for (name, share) in &fwd.mirrors {
             let Some(target) = clusters.get(name) else {
-                stats.inc(format_args!("http.{name}.no_cluster"));
+                stats.inc(format_args!("http.{hcm_prefix}.no_cluster"));
                 continue;
             };
             match &copy {

@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod config;
+pub mod envoy_stats;
 mod http;
 pub mod identity;
 mod idle;

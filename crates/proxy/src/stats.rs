@@ -13,6 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::cluster::ServiceRef;
+use crate::envoy_stats::{self, Inclusions, Kind};
 use crate::peer::Workload;
 
 /// Istio's duration buckets, in milliseconds.
@@ -114,6 +115,10 @@ impl CounterCell {
     }
 }
 
+/// An Envoy stat whose value is read where it lives when asked (connections open now, the
+/// configuration's size), rather than counted here.
+pub type ReadStat = (String, u64, Kind);
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// What a request's metric series are chosen by (its labels, before they are spelled out).
@@ -166,6 +171,8 @@ pub struct Stats {
     /// request cost more than the request's own routing.
     series: Mutex<HashMap<u64, (SeriesKey, Series), foldhash::fast::RandomState>>,
     hasher: foldhash::fast::RandomState,
+    /// Which Envoy stats Prometheus gets.
+    inclusions: Inclusions,
 }
 
 impl std::fmt::Debug for Stats {
@@ -195,6 +202,11 @@ impl Default for Stats {
 
 impl Stats {
     pub fn new() -> Stats {
+        Self::with_inclusions(Inclusions::default())
+    }
+
+    /// Stats whose Envoy part reaches Prometheus as `inclusions` say.
+    pub fn with_inclusions(inclusions: Inclusions) -> Stats {
         fn durations() -> Histogram {
             Histogram::new(DURATION_MS)
         }
@@ -255,6 +267,7 @@ impl Stats {
             counters: Mutex::default(),
             series: Mutex::default(),
             hasher: foldhash::fast::RandomState::default(),
+            inclusions,
         }
     }
 
@@ -388,35 +401,40 @@ impl Stats {
             .map_or(0, |v| v.load(Ordering::Relaxed))
     }
 
-    /// Envoy's `/stats` text: `name: value` lines, sorted, filtered by a regex.
-    pub fn envoy_text(&self, filter: Option<&regex::Regex>) -> String {
+    /// Envoy's `/stats` text: `name: value` lines, sorted, filtered by a regex. The counters
+    /// kept here and the stats `read` when asked: every stat, whatever Prometheus gets.
+    pub fn envoy_text(&self, filter: Option<&regex::Regex>, read: &[ReadStat]) -> String {
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<(&str, u64)> = c
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.load(Ordering::Relaxed)))
+            .chain(read.iter().map(|(k, v, _)| (k.as_str(), *v)))
+            .filter(|(k, _)| filter.is_none_or(|f| f.is_match(k)))
+            .collect();
+        all.sort_unstable();
         let mut out = String::new();
-        for (k, v) in c.iter() {
-            if filter.is_none_or(|f| f.is_match(k)) {
-                out.push_str(&format!("{k}: {}\n", v.load(Ordering::Relaxed)));
-            }
+        for (k, v) in all {
+            out.push_str(&format!("{k}: {v}\n"));
         }
         out
     }
 
-    /// Prometheus text exposition of Istio's metrics and the Envoy counters.
-    pub fn prometheus_text(&self) -> String {
+    /// Prometheus text of Istio's metrics and of the Envoy stats (kept here, and `read` when
+    /// asked) that the inclusion list lets through.
+    pub fn prometheus_text(&self, read: &[ReadStat]) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             out.clear();
         }
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in c.iter() {
-            let name: String = k
-                .chars()
-                .map(|ch| if ch.is_ascii_alphanumeric() { ch } else { '_' })
-                .collect();
-            out.push_str(&format!(
-                "# TYPE envoy_{name} counter\nenvoy_{name} {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
+        let counters = c
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.load(Ordering::Relaxed), Kind::Counter));
+        let read = read.iter().map(|(k, v, kind)| (k.as_str(), *v, *kind));
+        out.push_str(&envoy_stats::prometheus(
+            &self.inclusions,
+            counters.chain(read),
+        ));
         out.push_str("# EOF\n");
         out
     }
@@ -470,7 +488,7 @@ mod tests {
         assert_eq!(stats.counter("cluster.a.upstream_rq_total"), 9);
         assert_eq!(stats.counter("cluster.b.upstream_rq_total"), 1);
         assert_eq!(
-            stats.envoy_text(None),
+            stats.envoy_text(None, &[]),
             "cluster.a.upstream_rq_total: 9\ncluster.b.upstream_rq_total: 1\n"
         );
     }
@@ -502,7 +520,7 @@ mod tests {
                 response_bytes: 20,
             });
         }
-        let text = stats.prometheus_text();
+        let text = stats.prometheus_text(&[]);
         let count = |code: &str, policy: &str| -> Vec<&str> {
             text.lines()
                 .filter(|l| l.starts_with("istio_requests_total{"))

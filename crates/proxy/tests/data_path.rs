@@ -425,6 +425,13 @@ impl Harness {
             cert_ttl: Duration::from_secs(3600),
             app_metrics: None,
             proxy_config: None,
+            // As a pod's `proxyStatsMatcher: {inclusionPrefixes: [cluster.a.]}`.
+            stats_inclusions: isthmus_proxy::envoy_stats::Inclusions::istio(
+                &["cluster.a.".into()],
+                &[],
+                &[],
+            )
+            .unwrap(),
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();
@@ -891,11 +898,47 @@ fn admin_endpoints_answer_like_envoys() {
             !stats.is_empty() && stats.lines().all(|l| l.contains("upstream_rq")),
             "{stats}"
         );
+        // Envoy's stats read when asked: the server's and each cluster's gauges, and the xDS
+        // updates taken.
+        let (_, stats) = admin("GET", "/stats").await;
+        for line in [
+            "server.live: 1\n",
+            "server.state: 0\n",
+            "cluster.a.upstream_cx_active: 1\n",
+            "cluster.a.upstream_rq_active: 0\n",
+            "cluster.a.membership_total: 1\n",
+            "cluster.a.membership_healthy: 1\n",
+            "cluster_manager.cds.update_rejected: 0\n",
+        ] {
+            assert!(stats.contains(line), "{line}: {stats}");
+        }
+        let count = |name: &str| -> u64 {
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in {stats}"))
+        };
+        assert!(count("cluster_manager.cds.update_success") >= 1, "{stats}");
+        assert!(count("listener_manager.lds.update_success") >= 1, "{stats}");
+        assert!(count("cluster_manager.active_clusters") >= 5, "{stats}");
+        // Prometheus gets Istio's metrics, and of Envoy's stats those Istio exports (its list
+        // and the pod's `cluster.a.`), named with Istio's tags.
         let (_, prom) = http_get("127.0.0.1:15090", "/stats/prometheus").await;
         assert!(
             prom.contains("istio_requests_total{reporter=\"source\""),
             "{prom}"
         );
+        for line in [
+            "# TYPE envoy_cluster_upstream_rq_total counter\nenvoy_cluster_upstream_rq_total{cluster_name=\"a\"} 1\n",
+            "envoy_cluster_upstream_rq{cluster_name=\"a\",response_code_class=\"2xx\"} 1\n",
+            "# TYPE envoy_cluster_upstream_cx_active gauge\nenvoy_cluster_upstream_cx_active{cluster_name=\"a\"} 1\n",
+            "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n",
+            "# TYPE envoy_cluster_manager_cds_update_rejected counter\nenvoy_cluster_manager_cds_update_rejected 0\n",
+        ] {
+            assert!(prom.contains(line), "{line}: {prom}");
+        }
+        // Not cluster b's: neither Istio's list nor the pod's has them.
+        assert!(!prom.contains("cluster_name=\"b\""), "{prom}");
         assert_eq!(admin("GET", "/logging?level=debug").await.0, 405);
         assert_eq!(admin("POST", "/logging?level=debug").await.0, 200);
         assert_eq!(admin("POST", "/logging?level=loud").await.0, 400);

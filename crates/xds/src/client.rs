@@ -42,6 +42,36 @@ pub struct XdsState {
     /// Per type, each resource's version as delta xDS sent it: what a new session resumes from
     /// (`initial_resource_versions`).
     pub resource_versions: BTreeMap<String, BTreeMap<String, String>>,
+    /// Responses accepted and rejected per type. Every copy of the state shares them: they
+    /// count the proxy's sessions, not one version.
+    pub updates: Arc<UpdateCounts>,
+}
+
+/// Envoy's `update_success` and `update_rejected`, per type URL.
+#[derive(Debug, Default)]
+pub struct UpdateCounts(std::sync::Mutex<BTreeMap<String, UpdateCount>>);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct UpdateCount {
+    pub success: u64,
+    pub rejected: u64,
+}
+
+impl UpdateCounts {
+    fn record(&self, type_url: &str, accepted: bool) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(type_url.to_string()).or_default();
+        if accepted {
+            count.success += 1;
+        } else {
+            count.rejected += 1;
+        }
+    }
+
+    pub fn get(&self, type_url: &str) -> UpdateCount {
+        let counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(type_url).copied().unwrap_or_default()
+    }
 }
 
 impl XdsState {
@@ -487,9 +517,10 @@ where
         }
     }
     if nacks.iter().all(Option::is_some) {
+        tally(state, updates, &nacks);
         return (nacks, BTreeMap::new());
     }
-    match compile(&next) {
+    let (nacks, follows) = match compile(&next) {
         Ok(compiled) => {
             *state = next;
             out.send_replace(Arc::new(compiled));
@@ -502,6 +533,14 @@ where
                 BTreeMap::new(),
             )
         }
+    };
+    tally(state, updates, &nacks);
+    (nacks, follows)
+}
+
+fn tally(state: &XdsState, updates: &[Update<'_>], nacks: &[Option<String>]) {
+    for (u, nack) in updates.iter().zip(nacks) {
+        state.updates.record(u.type_url, nack.is_none());
     }
 }
 

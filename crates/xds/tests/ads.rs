@@ -521,3 +521,44 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
         "an unchanged cluster is shared by the states before and after an update, not copied"
     );
 }
+
+#[tokio::test]
+async fn a_session_counts_the_updates_it_takes_and_refuses() {
+    use isthmus_xds::client::{XdsState, run};
+    let h = start().await;
+    big_clusters(&h.mesh);
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (out, _rx) = watch::channel(Arc::new(0usize));
+    let mut state = XdsState::default();
+    // A proxy that cannot run what it gets refuses every part.
+    let session = run(
+        channel.clone(),
+        node().unwrap(),
+        &mut state,
+        |_| Err::<usize, _>("refused".to_string()),
+        &out,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    let refused = state.updates.get(CLUSTER);
+    assert!(state.clusters.is_empty());
+    assert!(refused.rejected >= 4 && refused.success == 0, "{refused:?}");
+    // The next session takes them; the counts go on from the first.
+    let session = run(
+        channel,
+        node().unwrap(),
+        &mut state,
+        |s| Ok(s.clusters.len()),
+        &out,
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
+    let taken = state.updates.get(CLUSTER);
+    assert_eq!(state.clusters.len(), BIG + 2);
+    assert!(
+        taken.success >= 4 && taken.rejected == refused.rejected,
+        "{taken:?}"
+    );
+}

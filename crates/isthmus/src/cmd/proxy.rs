@@ -130,13 +130,22 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
     };
     // Checked here, where its author reads the error, rather than by the control plane, which
     // would refuse the proxy's stream over it.
-    if !pc.is_null() {
+    let typed = if pc.is_null() {
+        isthmus_config::mesh::ProxyConfig::default()
+    } else {
         if !pc.is_object() {
             bail!("PROXY_CONFIG is not a JSON object");
         }
         serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(pc.clone())
-            .context("PROXY_CONFIG is not a valid ProxyConfig")?;
-    }
+            .context("PROXY_CONFIG is not a valid ProxyConfig")?
+    };
+    let matcher = typed.proxy_stats_matcher.unwrap_or_default();
+    let stats_inclusions = isthmus_proxy::envoy_stats::Inclusions::istio(
+        &matcher.inclusion_prefixes,
+        &matcher.inclusion_suffixes,
+        &matcher.inclusion_regexps,
+    )
+    .context("PROXY_CONFIG")?;
     let duration = |key: &str, default: Duration| -> Result<Duration> {
         match pc.get(key).and_then(|v| v.as_str()) {
             Some(s) => parse_go_duration(s).map_err(|e| anyhow::anyhow!("PROXY_CONFIG {key}: {e}")),
@@ -181,6 +190,7 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
             .then(|| isthmus_xds::json::from_json(pc.clone()))
             .transpose()
             .context("PROXY_CONFIG cannot travel in the node metadata")?,
+        stats_inclusions,
     };
     // Istio's ProxyConfig `concurrency`: worker threads (0: one per core). One by default: a
     // sidecar serves one pod, and a single thread spends no CPU on cross-thread wake-ups.
