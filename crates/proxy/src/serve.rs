@@ -162,6 +162,9 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
     shared
         .stats
         .inc(format_args!("listener.{lname}.downstream_cx_total"));
+    let _active = shared
+        .stats
+        .hold(format_args!("listener.{lname}.downstream_cx_active"));
     let mut facts = ConnectionFacts {
         destination: Some(destination),
         source: Some(source),

@@ -166,7 +166,9 @@ pub struct Stats {
     tcp_sent: Family<TcpLabels, Counter>,
     tcp_received: Family<TcpLabels, Counter>,
     /// Envoy-style counters by full name (`cluster.<name>.upstream_rq_total`).
-    counters: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    counters: Slots,
+    /// Envoy-style gauges of what lives now, by full name.
+    gauges: Slots,
     /// Request series by a hash of their key: spelling out and hashing the 21 labels of every
     /// request cost more than the request's own routing.
     series: Mutex<HashMap<u64, (SeriesKey, Series), foldhash::fast::RandomState>>,
@@ -265,6 +267,7 @@ impl Stats {
             tcp_sent,
             tcp_received,
             counters: Mutex::default(),
+            gauges: Mutex::default(),
             series: Mutex::default(),
             hasher: foldhash::fast::RandomState::default(),
             inclusions,
@@ -360,37 +363,22 @@ impl Stats {
         self.add(name, 1);
     }
 
-    /// Adds `n` to the counter `name`, spelled out in a buffer kept per thread: counters are
-    /// named per request (`cluster.<name>.upstream_rq_total`), and only a new one needs a
-    /// string of its own.
+    /// Adds `n` to the counter `name`.
     pub fn add(&self, name: impl std::fmt::Display, n: u64) {
-        use std::fmt::Write;
-        thread_local! {
-            static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
-        }
-        NAME.with_borrow_mut(|key| {
-            key.clear();
-            let _ = write!(key, "{name}");
-            let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            match c.get(key.as_str()) {
-                Some(v) => {
-                    v.fetch_add(n, Ordering::Relaxed);
-                }
-                None => {
-                    c.insert(key.clone(), Arc::new(AtomicU64::new(n)));
-                }
-            }
-        });
+        slot(&self.counters, name).fetch_add(n, Ordering::Relaxed);
     }
 
     /// The counter `name`, made at zero when new, for a [`CounterCell`] to keep.
     fn handle(&self, name: impl std::fmt::Display) -> Arc<AtomicU64> {
-        self.counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        slot(&self.counters, name)
+    }
+
+    /// Raises the gauge `name` (`listener.<address>.downstream_cx_active`) while the returned
+    /// guard lives.
+    pub fn hold(&self, name: impl std::fmt::Display) -> Held {
+        let gauge = slot(&self.gauges, name);
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Held(gauge)
     }
 
     pub fn counter(&self, name: &str) -> u64 {
@@ -405,8 +393,10 @@ impl Stats {
     /// kept here and the stats `read` when asked: every stat, whatever Prometheus gets.
     pub fn envoy_text(&self, filter: Option<&regex::Regex>, read: &[ReadStat]) -> String {
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<(&str, u64)> = c
             .iter()
+            .chain(g.iter())
             .map(|(k, v)| (k.as_str(), v.load(Ordering::Relaxed)))
             .chain(read.iter().map(|(k, v, _)| (k.as_str(), *v)))
             .filter(|(k, _)| filter.is_none_or(|f| f.is_match(k)))
@@ -427,16 +417,48 @@ impl Stats {
             out.clear();
         }
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let counters = c
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.load(Ordering::Relaxed), Kind::Counter));
+        let g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = c.iter().map(|(k, v)| (k, v, Kind::Counter));
+        let gauges = g.iter().map(|(k, v)| (k, v, Kind::Gauge));
+        let kept = counters
+            .chain(gauges)
+            .map(|(k, v, kind)| (k.as_str(), v.load(Ordering::Relaxed), kind));
         let read = read.iter().map(|(k, v, kind)| (k.as_str(), *v, *kind));
-        out.push_str(&envoy_stats::prometheus(
-            &self.inclusions,
-            counters.chain(read),
-        ));
+        out.push_str(&envoy_stats::prometheus(&self.inclusions, kept.chain(read)));
         out.push_str("# EOF\n");
         out
+    }
+}
+
+/// Named atomic values, each shared with whoever keeps it.
+type Slots = Mutex<BTreeMap<String, Arc<AtomicU64>>>;
+
+/// The value `name` in `slots`, made at zero when new. The name is spelled out in a buffer
+/// kept per thread: stats are named per request or connection, and only a new one needs a
+/// string of its own.
+fn slot(slots: &Slots, name: impl std::fmt::Display) -> Arc<AtomicU64> {
+    use std::fmt::Write;
+    thread_local! {
+        static NAME: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    NAME.with_borrow_mut(|key| {
+        key.clear();
+        let _ = write!(key, "{name}");
+        let mut m = slots.lock().unwrap_or_else(|p| p.into_inner());
+        match m.get(key.as_str()) {
+            Some(v) => v.clone(),
+            None => m.entry(key.clone()).or_default().clone(),
+        }
+    })
+}
+
+/// A gauge raised by [`Stats::hold`], lowered again when dropped.
+#[derive(Debug)]
+pub struct Held(Arc<AtomicU64>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

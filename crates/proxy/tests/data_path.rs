@@ -939,6 +939,39 @@ fn admin_endpoints_answer_like_envoys() {
         }
         // Not cluster b's: neither Istio's list nor the pod's has them.
         assert!(!prom.contains("cluster_name=\"b\""), "{prom}");
+        // A connection held open counts on its listener and its connection manager, which
+        // Istio exports (`downstream_cx_active`), and no more once closed.
+        let active = [
+            "envoy_listener_downstream_cx_active{listener_address=\"0.0.0.0_80\"}",
+            "envoy_http_downstream_cx_active{http_conn_manager_prefix=\"80\"}",
+        ];
+        let gauges = || async {
+            let (_, prom) = http_get("127.0.0.1:15090", "/stats/prometheus").await;
+            active.map(|g| {
+                prom.lines()
+                    .find_map(|l| l.strip_prefix(g)?.trim().parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no {g} in {prom}"))
+            })
+        };
+        let mut held = tokio::net::TcpStream::connect("10.96.0.10:80")
+            .await
+            .unwrap();
+        held.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        assert!(held.read(&mut buf).await.unwrap() > 0);
+        assert_eq!(gauges().await, [1, 1]);
+        drop(held);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while gauges().await != [0, 0] {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                gauges().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(admin("GET", "/logging?level=debug").await.0, 405);
         assert_eq!(admin("POST", "/logging?level=debug").await.0, 200);
         assert_eq!(admin("POST", "/logging?level=loud").await.0, 400);
