@@ -647,11 +647,13 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
         return;
     }
     // With Istio's access logs on, in its default text format, and HTTP upgraded to HTTP/2
-    // between sidecars mesh-wide.
+    // between sidecars mesh-wide; a default ProxyConfig as a cluster's mesh config has it
+    // (istiod's address, which the local runtime replaces with its own), asking every sidecar
+    // for its clusters' request counts.
     let mesh_config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         mesh_config.path(),
-        "accessLogFile: /dev/stdout\nh2UpgradePolicy: UPGRADE\n",
+        "accessLogFile: /dev/stdout\nh2UpgradePolicy: UPGRADE\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  proxyStatsMatcher: {inclusionSuffixes: [upstream_rq_total]}\n",
     )
     .unwrap();
     let mesh = Mesh::up(
@@ -711,6 +713,12 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
             .any(|l| l.contains("\"GET / HTTP/1.1\" 200 -")
                 && l.contains("outbound|8080||podip.ll.svc.cluster.local")),
         "{client}"
+    );
+    // The mesh's `proxyStatsMatcher` reached the client's sidecar.
+    let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
+    assert!(
+        own.contains("] envoy_cluster_upstream_rq_total{cluster_name=\"outbound|8080||podip.ll.svc.cluster.local\"} "),
+        "{own}"
     );
 }
 

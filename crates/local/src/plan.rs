@@ -48,7 +48,6 @@ pub struct PodPlan {
     pub subdomain: Option<String>,
     pub containers: Vec<Container>,
     pub sidecar: bool,
-    pub hold_application: bool,
     /// The Pod object as the control plane sees it (IP, readiness, sidecar).
     pub object: k8s_openapi::api::core::v1::Pod,
 }
@@ -110,14 +109,6 @@ fn injection_enabled(snapshot: &Snapshot, namespace: &str, meta: &ObjectMeta) ->
                     .is_some_and(|v| v == "enabled")
         }),
     }
-}
-
-/// Istio's `holdApplicationUntilProxyStarts`, from the pod's proxy config annotation.
-fn hold_application(annotations: &BTreeMap<String, String>) -> bool {
-    annotations.get("proxy.istio.io/config").is_some_and(|c| {
-        c.replace(' ', "")
-            .contains("holdApplicationUntilProxyStarts:true")
-    })
 }
 
 /// What the downward API and `$(VAR)` references can see of a pod.
@@ -335,7 +326,6 @@ pub fn plan(resources: &[Resource], domain: &str) -> Result<Plan, PlanError> {
             name,
             namespace: ns.to_string(),
             ip,
-            hold_application: hold_application(&annotations),
             labels,
             annotations,
             service_account,

@@ -11,7 +11,9 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use isthmus_config::mesh::ProxyConfig;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -54,6 +56,8 @@ pub struct UpOptions {
     /// The isthmus binary, for the control plane, the capture tool and the proxies.
     pub binary: PathBuf,
     pub mesh_config: Option<PathBuf>,
+    /// The mesh's `defaultConfig`: what each pod's ProxyConfig starts from.
+    pub proxy_defaults: Option<ProxyConfig>,
     pub inbound_passthrough: Option<bool>,
 }
 
@@ -307,27 +311,55 @@ pub async fn run(
     result
 }
 
-/// The sidecar's environment from a pod's `proxy.istio.io/config`, as Istio's injector passes
-/// it: PROXY_CONFIG, and each of `proxyMetadata` as a variable. The annotation is read as the
-/// proxy will read it, so that a field of the wrong shape is reported here rather than stopping
-/// the proxy.
-fn proxy_config_env(annotation: &str) -> Result<Vec<(String, String)>, String> {
-    let v = serde_saphyr::from_str::<serde_json::Value>(annotation).map_err(|e| e.to_string())?;
+/// A pod's ProxyConfig as Istio's injector makes it: the mesh's `defaultConfig`, with each
+/// field the pod's `proxy.istio.io/config` sets in its place (`proxyMetadata` merged name by
+/// name). The annotation is read as the proxy will read it, so that a field of the wrong shape
+/// is reported here rather than stopping the proxy.
+fn injected_proxy_config(
+    defaults: Option<&ProxyConfig>,
+    annotation: Option<&str>,
+) -> Result<Map<String, Value>, String> {
+    let mut merged = match defaults.map(serde_json::to_value) {
+        Some(Ok(Value::Object(m))) => m,
+        _ => Map::new(),
+    };
+    let Some(annotation) = annotation else {
+        return Ok(merged);
+    };
+    let v = serde_saphyr::from_str::<Value>(annotation).map_err(|e| e.to_string())?;
     // A sequence would pass as a struct's fields in order; ProxyConfig is a mapping.
-    if !v.is_object() {
+    let Value::Object(own) = v else {
         return Err("not a mapping".into());
+    };
+    serde_json::from_value::<ProxyConfig>(Value::Object(own.clone())).map_err(|e| e.to_string())?;
+    for (k, v) in own {
+        match (merged.get_mut(&k), v) {
+            (Some(Value::Object(base)), Value::Object(extra)) if k == "proxyMetadata" => {
+                base.extend(extra);
+            }
+            (_, v) => {
+                merged.insert(k, v);
+            }
+        }
     }
-    serde_json::from_value::<isthmus_config::mesh::ProxyConfig>(v.clone())
-        .map_err(|e| e.to_string())?;
-    let mut env: Vec<(String, String)> = v
+    Ok(merged)
+}
+
+/// The sidecar's environment from its ProxyConfig, as Istio's injector passes it:
+/// PROXY_CONFIG, and each of `proxyMetadata` as a variable.
+fn proxy_config_env(pc: &Map<String, Value>) -> Vec<(String, String)> {
+    if pc.is_empty() {
+        return Vec::new();
+    }
+    let mut env: Vec<(String, String)> = pc
         .get("proxyMetadata")
         .and_then(|m| m.as_object())
         .into_iter()
         .flatten()
         .filter_map(|(k, val)| Some((k.clone(), val.as_str()?.to_string())))
         .collect();
-    env.push(("PROXY_CONFIG".into(), v.to_string()));
-    Ok(env)
+    env.push(("PROXY_CONFIG".into(), Value::Object(pc.clone()).to_string()));
+    env
 }
 
 /// How a pod's sidecar is started: `isthmus-proxy` where it was installed beside `binary` (the
@@ -412,12 +444,31 @@ async fn start(
     for (i, (pod, ns)) in p.plan.pods.iter().zip(&p.pod_netns).enumerate() {
         progress(&format!("starting pod {}/{}", pod.namespace, pod.name));
         let pdir = dir.join("pods").join(pod.key());
+        let mut hold_application = false;
         if pod.sidecar {
-            // Istio's annotation: TPROXY keeps the caller's address all the way to the app.
+            let annotation = pod.annotations.get("proxy.istio.io/config");
+            let defaults = p.opts.proxy_defaults.as_ref();
+            let mut pc = injected_proxy_config(defaults, annotation.map(String::as_str))
+                .unwrap_or_else(|e| {
+                    progress(&format!(
+                        "pod {}/{}: proxy.istio.io/config ignored: {e}",
+                        pod.namespace, pod.name
+                    ));
+                    injected_proxy_config(defaults, None).unwrap_or_default()
+                });
+            // This runtime's control plane is the one its pods talk to, whatever address a
+            // mesh config written for a cluster names (Istio's `istiod.istio-system.svc`).
+            pc.remove("discoveryAddress");
+            hold_application =
+                pc.get("holdApplicationUntilProxyStarts") == Some(&Value::Bool(true));
+            // TPROXY keeps the caller's address all the way to the app. Istio's annotation
+            // wins over the ProxyConfig's `interceptionMode`.
             let tproxy = pod
                 .annotations
                 .get("sidecar.istio.io/interceptionMode")
-                .is_some_and(|m| m == "TPROXY");
+                .map(String::as_str)
+                .or_else(|| pc.get("interceptionMode").and_then(Value::as_str))
+                == Some("TPROXY");
             let mode = if tproxy { "TPROXY" } else { "REDIRECT" };
             // istio-init: capture first, as root.
             net::run(&[
@@ -497,18 +548,8 @@ async fn start(
                 argv.push("--label".into());
                 argv.push(format!("{k}={v}"));
             }
-            // The pod's `proxy.istio.io/config` reaches the proxy as PROXY_CONFIG, and its
-            // `proxyMetadata` as environment variables, as Istio's injector passes them.
             let mut proxy_env = vec![("RUST_LOG".to_string(), "info".to_string())];
-            if let Some(pc) = pod.annotations.get("proxy.istio.io/config") {
-                match proxy_config_env(pc) {
-                    Ok(env) => proxy_env.extend(env),
-                    Err(e) => progress(&format!(
-                        "pod {}/{}: proxy.istio.io/config ignored: {e}",
-                        pod.namespace, pod.name
-                    )),
-                }
-            }
+            proxy_env.extend(proxy_config_env(&pc));
             if let Some(port) = pod.annotations.get("prometheus.io/port") {
                 argv.push("--app-metrics-port".into());
                 argv.push(port.clone());
@@ -530,7 +571,7 @@ async fn start(
             );
         }
         net::install_service_rules(&p.plan, ns)?;
-        if pod.sidecar && pod.hold_application {
+        if hold_application {
             wait_http(
                 SocketAddr::new(pod.ip.into(), 15021),
                 "/healthz/ready",
@@ -846,21 +887,59 @@ mod tests {
 
     #[test]
     fn the_proxy_config_annotation_becomes_the_sidecars_environment() {
-        let env = proxy_config_env(
+        let env = |annotation: &str| {
+            injected_proxy_config(None, Some(annotation)).map(|pc| proxy_config_env(&pc))
+        };
+        let got = env(
             r#"{"proxyMetadata": {"SECRET_TTL": "16s"}, "proxyHeaders": {"server": {"value": "p"}}}"#,
         )
         .unwrap();
-        assert_eq!(env[0], ("SECRET_TTL".to_string(), "16s".to_string()));
-        assert_eq!(env[1].0, "PROXY_CONFIG");
-        assert!(env[1].1.contains(r#""server":{"value":"p"}"#), "{env:?}");
+        assert_eq!(got[0], ("SECRET_TTL".to_string(), "16s".to_string()));
+        assert_eq!(got[1].0, "PROXY_CONFIG");
+        assert!(got[1].1.contains(r#""server":{"value":"p"}"#), "{got:?}");
         // YAML too, as annotations are often written.
-        assert!(proxy_config_env("concurrency: 2").is_ok());
-        let bad = proxy_config_env(r#"{"proxyHeaders": {"server": "p"}}"#).unwrap_err();
+        assert!(env("concurrency: 2").is_ok());
+        let bad = env(r#"{"proxyHeaders": {"server": "p"}}"#).unwrap_err();
         assert!(bad.contains("expected struct ServerHeader"), "{bad}");
-        let bad =
-            proxy_config_env(r#"{"proxyHeaders": {"forwardedClientCert": "APPEND"}}"#).unwrap_err();
+        let bad = env(r#"{"proxyHeaders": {"forwardedClientCert": "APPEND"}}"#).unwrap_err();
         assert!(bad.contains("unknown variant `APPEND`"), "{bad}");
-        assert!(proxy_config_env("[unclosed").is_err());
+        assert!(env("[unclosed").is_err());
+        assert!(env("[1, 2]").is_err());
+        // Neither a mesh default nor an annotation: nothing to pass.
+        assert!(proxy_config_env(&injected_proxy_config(None, None).unwrap()).is_empty());
+    }
+
+    #[test]
+    fn the_annotation_overrides_the_mesh_default_field_by_field() {
+        let defaults: ProxyConfig = serde_json::from_value(serde_json::json!({
+            "holdApplicationUntilProxyStarts": true,
+            "concurrency": 2,
+            "proxyMetadata": {"A": "mesh", "B": "mesh"},
+            "proxyStatsMatcher": {"inclusionPrefixes": ["cluster.outbound"]},
+        }))
+        .unwrap();
+        let pc = injected_proxy_config(
+            Some(&defaults),
+            Some("concurrency: 4\nproxyMetadata: {B: pod}\nproxyStatsMatcher: {inclusionSuffixes: [upstream_rq_total]}"),
+        )
+        .unwrap();
+        assert_eq!(pc["holdApplicationUntilProxyStarts"], true);
+        assert_eq!(pc["concurrency"], 4);
+        assert_eq!(
+            pc["proxyMetadata"],
+            serde_json::json!({"A": "mesh", "B": "pod"})
+        );
+        // Other fields are the annotation's whole, as Istio's injector applies them.
+        assert_eq!(
+            pc["proxyStatsMatcher"],
+            serde_json::json!({"inclusionSuffixes": ["upstream_rq_total"]})
+        );
+        // The mesh's default alone, for a pod without the annotation.
+        let pc = injected_proxy_config(Some(&defaults), None).unwrap();
+        assert_eq!(pc["holdApplicationUntilProxyStarts"], true);
+        let env = proxy_config_env(&pc);
+        assert_eq!(env[0], ("A".to_string(), "mesh".to_string()));
+        assert_eq!(env.last().map(|e| e.0.as_str()), Some("PROXY_CONFIG"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use isthmus_config::{Loader, Severity};
 use isthmus_local::runtime::{self, PodStatus, Status, UpOptions};
 
-use crate::cmd::render_table;
+use crate::cmd::{read_yaml, render_table};
 use crate::exit;
 
 /// Where a mesh keeps its state: `/run/isthmus/<name>`.
@@ -153,11 +153,14 @@ fn up_foreground(a: UpArgs) -> Result<i32> {
         bail!("the manifests have errors");
     }
     let plan = isthmus_local::plan::plan(&loaded.resources, "cluster.local")?;
+    let mesh: Option<isthmus_config::mesh::MeshConfig> =
+        a.mesh_config.as_deref().map(read_yaml).transpose()?;
     let opts = UpOptions {
         name: a.mesh.name.clone(),
         state_dir: a.mesh.dir(),
         binary: std::env::current_exe().context("locating the isthmus binary")?,
         mesh_config: a.mesh_config.map(|p| absolute(&p)),
+        proxy_defaults: mesh.and_then(|m| m.default_config),
         inbound_passthrough: a.inbound_passthrough,
     };
     eprintln!(
