@@ -606,11 +606,13 @@ fn fault_filter() -> HttpFilter {
 
 fn http_connection_manager_rds(
     headers: &ProxyHeaders,
-    stat_prefix: &str,
+    listener: &str,
     route_config: &str,
 ) -> Filter {
     let mut hcm = HttpConnectionManager {
-        stat_prefix: stat_prefix.into(),
+        // Istio's: the listener's direction and name (`outbound_0.0.0.0_9080`), which its
+        // users' queries of `envoy_http_*` stats name.
+        stat_prefix: format!("outbound_{listener}"),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_config.into(),
@@ -660,7 +662,7 @@ fn http_connection_manager_inline(
         ..Default::default()
     };
     let mut hcm = HttpConnectionManager {
-        stat_prefix: cluster.into(),
+        stat_prefix: format!("inbound_0.0.0.0_{port}"),
         route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(routes)),
         http_filters: filters,
         ..Default::default()
