@@ -239,6 +239,18 @@ impl AdminState {
                 text(StatusCode::OK, self.prometheus_text())
             }
             "/stats" => match q.get("filter").map(|f| regex::Regex::new(f)).transpose() {
+                // Envoy's JSON form, which `istioctl x envoy-stats -o json` reads.
+                Ok(filter) if q.get("format").is_some_and(|f| f == "json") => {
+                    let stats = self
+                        .shared
+                        .stats
+                        .envoy_stats(filter.as_ref(), &self.read_stats());
+                    let stats: Vec<Value> = stats
+                        .into_iter()
+                        .map(|(name, value)| json!({"name": name, "value": value}))
+                        .collect();
+                    json_reply(&json!({ "stats": stats }))
+                }
                 Ok(filter) => text(
                     StatusCode::OK,
                     self.shared

@@ -389,21 +389,31 @@ impl Stats {
             .map_or(0, |v| v.load(Ordering::Relaxed))
     }
 
-    /// Envoy's `/stats` text: `name: value` lines, sorted, filtered by a regex. The counters
-    /// kept here and the stats `read` when asked: every stat, whatever Prometheus gets.
-    pub fn envoy_text(&self, filter: Option<&regex::Regex>, read: &[ReadStat]) -> String {
+    /// Envoy's stats for `/stats`, sorted by name and filtered by a regex: the counters and
+    /// gauges kept here and the stats `read` when asked. Every stat, whatever Prometheus gets.
+    pub fn envoy_stats(
+        &self,
+        filter: Option<&regex::Regex>,
+        read: &[ReadStat],
+    ) -> Vec<(String, u64)> {
         let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
         let g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
-        let mut all: Vec<(&str, u64)> = c
+        let mut all: Vec<(String, u64)> = c
             .iter()
             .chain(g.iter())
             .map(|(k, v)| (k.as_str(), v.load(Ordering::Relaxed)))
             .chain(read.iter().map(|(k, v, _)| (k.as_str(), *v)))
             .filter(|(k, _)| filter.is_none_or(|f| f.is_match(k)))
+            .map(|(k, v)| (k.to_string(), v))
             .collect();
         all.sort_unstable();
+        all
+    }
+
+    /// Envoy's `/stats` text: `name: value` lines.
+    pub fn envoy_text(&self, filter: Option<&regex::Regex>, read: &[ReadStat]) -> String {
         let mut out = String::new();
-        for (k, v) in all {
+        for (k, v) in self.envoy_stats(filter, read) {
             out.push_str(&format!("{k}: {v}\n"));
         }
         out

@@ -921,6 +921,27 @@ fn admin_endpoints_answer_like_envoys() {
         assert!(count("cluster_manager.cds.update_success") >= 1, "{stats}");
         assert!(count("listener_manager.lds.update_success") >= 1, "{stats}");
         assert!(count("cluster_manager.active_clusters") >= 5, "{stats}");
+        // The same in Envoy's JSON form.
+        let (_, body) = admin("GET", "/stats?format=json&filter=^server\\.").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let names: Vec<&str> = v["stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"server.live") && names.iter().all(|n| n.starts_with("server.")),
+            "{body}"
+        );
+        assert!(
+            v["stats"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["name"] == "server.live" && s["value"] == 1),
+            "{body}"
+        );
         // Prometheus gets Istio's metrics, and of Envoy's stats those Istio exports (its list
         // and the pod's `cluster.a.`), named with Istio's tags.
         let (_, prom) = http_get("127.0.0.1:15090", "/stats/prometheus").await;
