@@ -262,6 +262,25 @@ pub struct ProxyHeaders {
     /// `x-envoy-upstream-service-time`, `x-envoy-expected-rq-timeout-ms` and the like.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub envoy_debug_headers: Option<Disabled>,
+    /// Where the peer metadata headers (`x-envoy-peer-metadata`) go.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata_exchange_headers: Option<MetadataExchangeHeaders>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetadataExchangeHeaders {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MetadataExchangeMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MetadataExchangeMode {
+    /// Istio's default: to every upstream.
+    Undefined,
+    /// Not to services outside the mesh (`MESH_EXTERNAL` ServiceEntries, passthrough).
+    InMesh,
 }
 
 /// How `x-forwarded-client-cert` is handled (Envoy's `forward_client_cert_details`).

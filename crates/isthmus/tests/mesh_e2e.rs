@@ -386,6 +386,9 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         metrics.contains("destination_service=\"server.e2e.svc.cluster.local\""),
         "{metrics}"
     );
+    // Who called, from the peer metadata the caller's sidecar sent (Istio's
+    // `istio.metadata_exchange` filter on both sides).
+    assert!(metrics.contains("source_workload=\"client\""), "{metrics}");
     // The client's own 15090: the outbound clusters' Envoy stats its `proxyStatsMatcher`
     // asks for, named with Istio's tags, beside the server state Istio always exports.
     let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
@@ -397,6 +400,8 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no upstream_rq_total for the server in {own}"));
     assert!(sent >= 3, "{own}");
+    // And who answered, from the peer metadata of the answers.
+    assert!(own.contains("destination_workload=\"server\""), "{own}");
     assert!(own.contains("[0 body] envoy_server_live 1\n"), "{own}");
     // The server asked for nothing more than Istio's list.
     assert!(

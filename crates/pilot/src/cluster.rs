@@ -234,6 +234,17 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
         metadata: Some(service_metadata(svc, subset)),
         ..Default::default()
     };
+    // A service outside the mesh: Istio marks its cluster (not its subsets' ones), and a
+    // sidecar in `IN_MESH` metadata exchange sends it no peer metadata.
+    if svc.mesh_external
+        && o.subset.is_none()
+        && let Some(istio) = c
+            .metadata
+            .as_mut()
+            .and_then(|m| m.filter_metadata.get_mut("istio"))
+    {
+        istio.fields.insert("external".into(), boolean(true));
+    }
     let discovery = discovery(svc);
     if discovery == Discovery::OriginalDst {
         c.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
@@ -775,6 +786,12 @@ fn service_metadata(svc: &Service, subset: &str) -> Metadata {
     Metadata {
         filter_metadata: crate::maps::map_of([("istio".into(), strukt([("services", services)]))]),
         ..Default::default()
+    }
+}
+
+pub(crate) fn boolean(b: bool) -> Value {
+    Value {
+        kind: Some(value::Kind::BoolValue(b)),
     }
 }
 

@@ -34,6 +34,9 @@ pub struct ProxyHeaders {
     suppress_envoy_headers: bool,
     forward_client_cert: ForwardClientCertDetails,
     cert_details: SetCurrentClientCertDetails,
+    /// `metadataExchangeHeaders.mode: IN_MESH`: no peer metadata to services outside the
+    /// mesh.
+    pub metadata_in_mesh_only: bool,
 }
 
 impl Default for ProxyHeaders {
@@ -51,6 +54,7 @@ impl Default for ProxyHeaders {
                 uri: true,
                 ..Default::default()
             },
+            metadata_in_mesh_only: false,
         }
     }
 }
@@ -68,6 +72,8 @@ impl ProxyHeaders {
         out.request_id = !Disabled::is_set(&ph.request_id);
         out.attempt_count = !Disabled::is_set(&ph.attempt_count);
         out.suppress_envoy_headers = Disabled::is_set(&ph.envoy_debug_headers);
+        out.metadata_in_mesh_only = ph.metadata_exchange_headers.as_ref().and_then(|m| m.mode)
+            == Some(mesh::MetadataExchangeMode::InMesh);
         if let Some(fcc) = ph.forwarded_client_cert.and_then(forward_client_cert) {
             out.forward_client_cert = fcc;
         }

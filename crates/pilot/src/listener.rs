@@ -29,11 +29,11 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
-use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, ListValue, UInt32Value, Value, value};
 use envoy_types::util::pack_any;
 use isthmus_registry::Protocol;
 
-use crate::cluster::{ads, duration, istio_common_tls, socket};
+use crate::cluster::{ads, boolean, duration, istio_common_tls, socket, strukt};
 use crate::context::{MtlsMode, PushContext};
 use crate::headers::ProxyHeaders;
 use crate::names::{
@@ -42,6 +42,7 @@ use crate::names::{
     outbound_cluster,
 };
 use crate::proxy::{InterceptionMode, Proxy};
+use isthmus_xds::typed_struct::{METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, TypedStruct};
 
 /// Every listener of `proxy`, sorted by name.
 pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
@@ -593,6 +594,47 @@ fn router(headers: &ProxyHeaders) -> HttpFilter {
     }
 }
 
+/// Istio's peer metadata filter (`istio.metadata_exchange`): inbound reads the caller's
+/// `x-envoy-peer-metadata` and answers with this workload's; outbound sends this workload's
+/// (not to services outside the mesh, in `IN_MESH` mode) and reads the answer's.
+fn metadata_exchange(headers: &ProxyHeaders, inbound: bool) -> HttpFilter {
+    let object = |fields: Vec<(&str, Value)>| Value {
+        kind: Some(value::Kind::StructValue(strukt(fields))),
+    };
+    let list = |values: Vec<Value>| Value {
+        kind: Some(value::Kind::ListValue(ListValue { values })),
+    };
+    let istio_headers =
+        |settings: Vec<(&str, Value)>| object(vec![("istio_headers", object(settings))]);
+    let side = if inbound { "downstream" } else { "upstream" };
+    let settings = if !inbound && headers.metadata_in_mesh_only {
+        vec![("skip_external_clusters", boolean(true))]
+    } else {
+        Vec::new()
+    };
+    let discovery = format!("{side}_discovery");
+    let propagation = format!("{side}_propagation");
+    let config = strukt([
+        (
+            discovery.as_str(),
+            list(vec![
+                istio_headers(Vec::new()),
+                object(vec![("workload_discovery", object(Vec::new()))]),
+            ]),
+        ),
+        (propagation.as_str(), list(vec![istio_headers(settings)])),
+    ]);
+    let typed = TypedStruct {
+        type_url: PEER_METADATA_TYPE_URL.into(),
+        value: Some(config),
+    };
+    HttpFilter {
+        name: METADATA_EXCHANGE_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(typed))),
+        ..Default::default()
+    }
+}
+
 /// The fault filter, configured per route (VirtualService `fault`), before the router.
 fn fault_filter() -> HttpFilter {
     HttpFilter {
@@ -617,7 +659,11 @@ fn http_connection_manager_rds(
             config_source: Some(ads()),
             route_config_name: route_config.into(),
         })),
-        http_filters: vec![fault_filter(), router(headers)],
+        http_filters: vec![
+            fault_filter(),
+            metadata_exchange(headers, false),
+            router(headers),
+        ],
         ..Default::default()
     };
     headers.apply(&mut hcm, false);
@@ -635,6 +681,7 @@ fn http_connection_manager_inline(
     port: u16,
     mut filters: Vec<HttpFilter>,
 ) -> Filter {
+    filters.push(metadata_exchange(headers, true));
     filters.push(router(headers));
     let routes = RouteConfiguration {
         name: cluster.into(),

@@ -683,3 +683,101 @@ fn a_tproxy_sidecar_connects_to_its_app_from_the_callers_address() {
     assert!(!inbound(&redirect).contains("original_src"));
     assert!(clusters(&redirect).contains("127.0.0.6"));
 }
+
+#[test]
+fn in_mesh_metadata_exchange_sends_no_peer_metadata_to_external_services() {
+    let loaded = isthmus_config::Loader::default().load_str(
+        "external.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: default}
+spec:
+  hosts: [api.example.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: default}
+spec:
+  host: api.example.com
+  subsets: [{name: v1, labels: {version: v1}}]
+"#,
+    );
+    assert!(loaded.errors().next().is_none(), "{:?}", loaded.diagnostics);
+    let ctx = PushContext::new(
+        loaded.resources.into_iter().collect(),
+        MeshConfig::default(),
+        "cluster.local",
+        None,
+    );
+    let proxy_with = |mode: Option<&str>| {
+        let id = Proxy::node_id(
+            "10.0.0.9".parse().unwrap(),
+            "app",
+            "default",
+            "cluster.local",
+        );
+        let meta = NodeMetadata {
+            proxy_headers: mode.map(|m| {
+                serde_json::from_value(serde_json::json!({"metadataExchangeHeaders": {"mode": m}}))
+                    .unwrap()
+            }),
+            ..NodeMetadata::default()
+        };
+        Proxy::from_node(&id, &meta).unwrap()
+    };
+    // Istio marks the external service's cluster, not its subsets'.
+    let clusters: Vec<serde_json::Value> =
+        isthmus_pilot::cluster::clusters(&ctx, &proxy_with(None))
+            .iter()
+            .map(|c| to_json(c).unwrap())
+            .collect();
+    let external = |name: &str| {
+        clusters
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["metadata"]["filter_metadata"]["istio"]["external"].clone())
+            .unwrap_or_else(|| panic!("no {name}"))
+    };
+    assert_eq!(external("outbound|80||api.example.com"), true);
+    assert_eq!(
+        external("outbound|80|v1|api.example.com"),
+        serde_json::Value::Null
+    );
+    // The outbound connection manager carries Istio's peer metadata filter; IN_MESH adds
+    // `skip_external_clusters`.
+    let propagation = |mode: Option<&str>| {
+        let listeners: Vec<serde_json::Value> =
+            isthmus_pilot::listener::listeners(&ctx, &proxy_with(mode))
+                .iter()
+                .map(|l| to_json(l).unwrap())
+                .collect();
+        let port = listeners
+            .iter()
+            .find(|l| l["name"] == "0.0.0.0_80")
+            .expect("the port's listener");
+        let filters = &port["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"];
+        let mx = filters
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "istio.metadata_exchange")
+            .unwrap_or_else(|| panic!("{filters}"));
+        assert_eq!(
+            mx["typed_config"]["type_url"],
+            "type.googleapis.com/io.istio.http.peer_metadata.Config"
+        );
+        mx["typed_config"]["value"]["upstream_propagation"].clone()
+    };
+    assert_eq!(
+        propagation(None),
+        serde_json::json!([{"istio_headers": {}}])
+    );
+    assert_eq!(
+        propagation(Some("IN_MESH")),
+        serde_json::json!([{"istio_headers": {"skip_external_clusters": true}}])
+    );
+}

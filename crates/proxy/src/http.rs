@@ -275,7 +275,7 @@ async fn handle(
             );
             tracing::debug!(reason = failure.text(), "JWT rejected");
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
-            refuse(shared, info, &parts, pending, 401, "-");
+            refuse(shared, info, caller(hcm, &parts, shared), pending, 401, "-");
             return jwt_reply(&parts, failure);
         }
         counters.jwt_allowed.inc(
@@ -298,7 +298,14 @@ async fn handle(
                 .rbac_denied
                 .inc(stats, format_args!("http.{}.rbac.denied", hcm.stat_prefix));
             let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
-            refuse(shared, info, &parts, pending, 403, "RBAC");
+            refuse(
+                shared,
+                info,
+                caller(hcm, &parts, shared),
+                pending,
+                403,
+                "RBAC",
+            );
             return local_reply(403, "RBAC: access denied");
         }
         counters
@@ -345,7 +352,7 @@ async fn handle(
                     refuse(
                         shared,
                         info,
-                        &parts,
+                        caller(hcm, &parts, shared),
                         Pending::local(start, upgrade, log),
                         status,
                         "FI",
@@ -368,7 +375,7 @@ async fn handle(
                 parts,
                 body,
                 fwd,
-                &hcm.stat_prefix,
+                hcm,
                 router,
                 &cfg.clusters,
                 info,
@@ -689,7 +696,7 @@ async fn forward(
     parts: Parts,
     body: Counted<Incoming>,
     fwd: &Forward,
-    hcm_prefix: &str,
+    hcm: &Hcm,
     router: RouterHeaders,
     clusters: &crate::config::ByName<Arc<Cluster>>,
     info: &Arc<ConnInfo>,
@@ -712,25 +719,25 @@ async fn forward(
         "http"
     };
     let cluster_name = fwd.clusters.pick();
-    let source_peer = if info.inbound() {
-        parts
-            .headers
-            .get(peer::METADATA)
-            .and_then(|v| shared.peers.decode(v.as_bytes()))
-    } else {
-        None
-    };
+    let source_peer = caller(hcm, &parts, shared);
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
-        stats.inc(format_args!("http.{hcm_prefix}.no_cluster"));
+        stats.inc(format_args!("http.{}.no_cluster", hcm.stat_prefix));
         let parties = shared.parties(info, None, source_peer, None);
         finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
     };
     let mut parts = parts;
-    // Peer metadata: inbound reads and removes the caller's; outbound announces this workload.
-    parts.headers.remove(peer::METADATA);
-    parts.headers.remove(peer::METADATA_ID);
-    if !info.inbound() {
+    // Peer metadata, as the connection manager's filter says: the caller's was read and goes
+    // no further; this workload's goes to the upstream, unless that is outside the mesh.
+    let exchange = hcm.exchange;
+    if exchange.downstream_discovery {
+        parts.headers.remove(peer::METADATA);
+        parts.headers.remove(peer::METADATA_ID);
+    }
+    if exchange.upstream_propagation
+        && !cluster.no_metadata_exchange
+        && !(exchange.skip_external && cluster.external)
+    {
         parts
             .headers
             .insert(peer::METADATA, shared.me.metadata.clone());
@@ -750,7 +757,10 @@ async fn forward(
             match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
                 Ok(Ok(b)) => RequestBody::Buffered(b.to_bytes()),
                 _ => {
-                    stats.inc(format_args!("http.{hcm_prefix}.downstream_rq_rx_reset"));
+                    stats.inc(format_args!(
+                        "http.{}.downstream_rq_rx_reset",
+                        hcm.stat_prefix
+                    ));
                     return local_reply(408, "request body not received");
                 }
             }
@@ -784,7 +794,7 @@ async fn forward(
         };
         for (name, share) in &fwd.mirrors {
             let Some(target) = clusters.get(name) else {
-                stats.inc(format_args!("http.{hcm_prefix}.no_cluster"));
+                stats.inc(format_args!("http.{}.no_cluster", hcm.stat_prefix));
                 continue;
             };
             match &copy {
@@ -957,12 +967,15 @@ async fn forward(
                 if let Some(c) = set_cookie.take() {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
-                let dest_peer = resp
-                    .headers_mut()
-                    .remove(peer::METADATA)
-                    .and_then(|v| shared.peers.decode(v.as_bytes()));
-                resp.headers_mut().remove(peer::METADATA_ID);
-                if info.inbound() {
+                let dest_peer = if exchange.upstream_discovery {
+                    resp.headers_mut().remove(peer::METADATA_ID);
+                    resp.headers_mut()
+                        .remove(peer::METADATA)
+                        .and_then(|v| shared.peers.decode(v.as_bytes()))
+                } else {
+                    None
+                };
+                if exchange.downstream_propagation {
                     resp.headers_mut()
                         .insert(peer::METADATA, shared.me.metadata.clone());
                     resp.headers_mut()
@@ -1086,11 +1099,23 @@ fn source_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// The caller's workload from its peer metadata headers, where the connection manager's peer
+/// metadata filter reads them.
+fn caller(hcm: &Hcm, parts: &Parts, shared: &Shared) -> Option<Arc<peer::Workload>> {
+    if !hcm.exchange.downstream_discovery {
+        return None;
+    }
+    parts
+        .headers
+        .get(peer::METADATA)
+        .and_then(|v| shared.peers.decode(v.as_bytes()))
+}
+
 /// Records a request the proxy answered itself (a policy or an injected fault said no).
 fn refuse(
     shared: &Shared,
     info: &ConnInfo,
-    parts: &Parts,
+    source_peer: Option<Arc<peer::Workload>>,
     pending: Pending,
     status: u16,
     flags: &'static str,
@@ -1100,10 +1125,6 @@ fn refuse(
     } else {
         Reporter::Source
     };
-    let source_peer = parts
-        .headers
-        .get(peer::METADATA)
-        .and_then(|v| shared.peers.decode(v.as_bytes()));
     let parties = shared.parties(info, None, source_peer, None);
     finish_local(
         &shared.stats,

@@ -142,9 +142,137 @@ impl Peers {
     }
 }
 
+/// What Istio's peer metadata filter (`istio.metadata_exchange`) of a connection manager does
+/// with the metadata headers. Without the filter, nothing: they pass as any other header.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exchange {
+    /// Requests: the caller's headers are read and removed.
+    pub downstream_discovery: bool,
+    /// Responses: this workload's headers go back to the caller.
+    pub downstream_propagation: bool,
+    /// Responses: the upstream's headers are read and removed.
+    pub upstream_discovery: bool,
+    /// Requests: this workload's headers go to the upstream...
+    pub upstream_propagation: bool,
+    /// ...but not to clusters outside the mesh (`skip_external_clusters`: Istio's `IN_MESH`).
+    pub skip_external: bool,
+}
+
+impl Exchange {
+    /// From the filter's configuration (`io.istio.http.peer_metadata.Config` as a `Struct`).
+    /// Methods other than Istio's headers (`workload_discovery`, which needs ambient's
+    /// workload xDS) find nothing here, and the headers are what Istio's sidecars use.
+    pub fn from_config(config: &Struct) -> Result<Exchange, String> {
+        // Each list of methods: whether it has `istio_headers`, and that method's settings.
+        let methods = |key: &str| -> Result<Option<Struct>, String> {
+            let camel = snake_to_camel(key);
+            let Some(v) = config.fields.get(key).or_else(|| config.fields.get(&camel)) else {
+                return Ok(None);
+            };
+            let Some(value::Kind::ListValue(list)) = &v.kind else {
+                return Err(format!("peer metadata: {key} is not a list"));
+            };
+            let mut found = None;
+            for m in &list.values {
+                let Some(value::Kind::StructValue(m)) = &m.kind else {
+                    return Err(format!("peer metadata: an entry of {key} is not an object"));
+                };
+                match m
+                    .fields
+                    .get("istio_headers")
+                    .or_else(|| m.fields.get("istioHeaders"))
+                {
+                    Some(Value {
+                        kind: Some(value::Kind::StructValue(settings)),
+                    }) => found = Some(settings.clone()),
+                    Some(_) => {
+                        return Err(format!(
+                            "peer metadata: {key} istio_headers is not an object"
+                        ));
+                    }
+                    None => {}
+                }
+            }
+            Ok(found)
+        };
+        let upstream = methods("upstream_propagation")?;
+        let skip = |s: &Struct| {
+            s.fields
+                .get("skip_external_clusters")
+                .or_else(|| s.fields.get("skipExternalClusters"))
+                .and_then(|v| v.kind.as_ref())
+                == Some(&value::Kind::BoolValue(true))
+        };
+        Ok(Exchange {
+            downstream_discovery: methods("downstream_discovery")?.is_some(),
+            downstream_propagation: methods("downstream_propagation")?.is_some(),
+            upstream_discovery: methods("upstream_discovery")?.is_some(),
+            skip_external: upstream.as_ref().is_some_and(skip),
+            upstream_propagation: upstream.is_some(),
+        })
+    }
+}
+
+/// A proto field's JSON name (`upstream_propagation` → `upstreamPropagation`).
+fn snake_to_camel(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut upper = false;
+    for c in s.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_filter_configuration_says_which_way_metadata_goes() {
+        let config = |v: serde_json::Value| {
+            let s: Struct = isthmus_xds::json::from_json(v).unwrap();
+            Exchange::from_config(&s)
+        };
+        // Istio's outbound filter, in IN_MESH mode.
+        let outbound = config(serde_json::json!({
+            "upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
+            "upstream_propagation": [{"istio_headers": {"skip_external_clusters": true}}],
+        }))
+        .unwrap();
+        assert_eq!(
+            outbound,
+            Exchange {
+                upstream_discovery: true,
+                upstream_propagation: true,
+                skip_external: true,
+                ..Exchange::default()
+            }
+        );
+        // Istio's inbound filter, with JSON names.
+        let inbound = config(serde_json::json!({
+            "downstreamDiscovery": [{"istioHeaders": {}}],
+            "downstreamPropagation": [{"istioHeaders": {}}],
+        }))
+        .unwrap();
+        assert!(inbound.downstream_discovery && inbound.downstream_propagation);
+        assert!(!inbound.upstream_propagation);
+        // Discovery through the workload xDS alone finds nothing in a sidecar.
+        let xds_only =
+            config(serde_json::json!({"upstream_discovery": [{"workload_discovery": {}}]}));
+        assert_eq!(xds_only, Ok(Exchange::default()));
+        let bad = config(serde_json::json!({"upstream_propagation": {"istio_headers": {}}}));
+        assert_eq!(
+            bad,
+            Err("peer metadata: upstream_propagation is not a list".into())
+        );
+    }
 
     #[test]
     fn metadata_round_trips_and_rejects_garbage() {

@@ -2068,3 +2068,130 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
         assert_eq!(body, "attempt=2 expected=- path=/v2/hello original=-");
     });
 }
+
+/// Istio's peer metadata filter on an outbound connection manager, in `IN_MESH` mode or not.
+fn with_metadata_exchange(mut f: Filter, skip_external: bool) -> Filter {
+    use isthmus_xds::typed_struct::{
+        METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, TypedStruct,
+    };
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        unreachable!("hcm() is typed")
+    };
+    let mut h = <HttpConnectionManager as prost::Message>::decode(any.value.as_slice()).unwrap();
+    let config = serde_json::json!({
+        "upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}],
+        "upstream_propagation": [{"istio_headers": {"skip_external_clusters": skip_external}}],
+    });
+    h.http_filters.insert(
+        0,
+        HttpFilter {
+            name: METADATA_EXCHANGE_FILTER.into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                TypedStruct {
+                    type_url: PEER_METADATA_TYPE_URL.into(),
+                    value: isthmus_xds::json::from_json(config).ok(),
+                },
+            ))),
+            ..Default::default()
+        },
+    );
+    f.config_type = Some(filter::ConfigType::TypedConfig(pack_any(h)));
+    f
+}
+
+#[test]
+fn peer_metadata_goes_where_the_filter_says_and_not_outside_the_mesh() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        // Says whether this workload's metadata came, and answers with its own.
+        let up = http1_upstream(
+            || {},
+            |req: http::Request<hyper::body::Incoming>| async move {
+                let came = req.headers().contains_key("x-envoy-peer-metadata")
+                    && req.headers().contains_key("x-envoy-peer-metadata-id");
+                let mut r = http::Response::new(Full::new(Bytes::from(format!("mx={came}"))));
+                r.headers_mut().insert(
+                    "x-envoy-peer-metadata",
+                    http::HeaderValue::from_static("dXBzdHJlYW0="),
+                );
+                r
+            },
+        )
+        .await;
+        h.fixed
+            .put(CLUSTER, "in", pack_any(static_cluster("in", &[up], false)));
+        // The same endpoint as a service outside the mesh, marked as Istio marks it.
+        let mut out = static_cluster("out", &[up], false);
+        out.metadata = Some(envoy_types::pb::envoy::config::core::v3::Metadata {
+            filter_metadata: [(
+                "istio".to_string(),
+                isthmus_xds::json::from_json(serde_json::json!({"external": true})).unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+            ..Default::default()
+        });
+        h.fixed.put(CLUSTER, "out", pack_any(out));
+        // Hosts `in` and `out` to their clusters, on three ports: without the filter (6080),
+        // with Istio's outbound filter (6081), and with it in IN_MESH mode (6082).
+        let host = |name: &str| VirtualHost {
+            name: name.into(),
+            domains: vec![name.into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(name.into())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        h.fixed.put(
+            ROUTE,
+            "mx",
+            pack_any(RouteConfiguration {
+                name: "mx".into(),
+                virtual_hosts: vec![host("in"), host("out")],
+                ..Default::default()
+            }),
+        );
+        for (port, filter) in [
+            (6080, hcm("mx")),
+            (6081, with_metadata_exchange(hcm("mx"), false)),
+            (6082, with_metadata_exchange(hcm("mx"), true)),
+        ] {
+            let name = format!("0.0.0.0_{port}");
+            h.fixed.put(
+                LISTENER,
+                &name,
+                pack_any(port_listener(&name, "0.0.0.0", port, filter)),
+            );
+        }
+        h.push();
+        // (body, whether the upstream's metadata reached the client).
+        let ask = |port: u16, host: &'static str| async move {
+            for _ in 0..300 {
+                if let Some((200, head, body)) =
+                    request("GET", &format!("10.96.0.10:{port}"), "/", host).await
+                {
+                    return (body, head.contains_key("x-envoy-peer-metadata"));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no answer on {port} for {host}");
+        };
+        // Istio's outbound filter: sent in the mesh and out of it; the answer's is read and
+        // kept back.
+        assert_eq!(ask(6081, "in").await, ("mx=true".into(), false));
+        assert_eq!(ask(6081, "out").await, ("mx=true".into(), false));
+        // IN_MESH: not to a service outside the mesh.
+        assert_eq!(ask(6082, "in").await, ("mx=true".into(), false));
+        assert_eq!(ask(6082, "out").await, ("mx=false".into(), false));
+        // No filter, no exchange: the headers pass as any other.
+        assert_eq!(ask(6080, "in").await, ("mx=false".into(), true));
+    });
+}

@@ -20,9 +20,17 @@ pub enum JsonError {
 
 fn pool() -> Result<&'static DescriptorPool, JsonError> {
     static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| JsonError::Descriptors(e.clone()))
+    POOL.get_or_init(|| {
+        let mut pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string())?;
+        // Envoy's descriptors name `TypedStruct` without defining it.
+        for package in ["udpa.type.v1", "xds.type.v3"] {
+            pool.add_file_descriptor_proto(crate::typed_struct::file_descriptor(package))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(pool)
+    })
+    .as_ref()
+    .map_err(|e| JsonError::Descriptors(e.clone()))
 }
 
 /// A message as JSON, for a message whose full protobuf name is `type_name`.

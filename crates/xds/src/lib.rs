@@ -5,6 +5,7 @@
 pub mod client;
 pub mod json;
 pub mod server;
+pub mod typed_struct;
 pub mod wire;
 
 pub use server::{AdsServer, Generator, ProxyState};

@@ -98,6 +98,10 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     pub outlier: Option<Outlier>,
     pub service: Option<Arc<ServiceRef>>,
+    /// Where peer metadata may not go: outside the mesh (Istio's `istio.external`, and the
+    /// passthrough cluster), skipped in `IN_MESH` mode; and never (`istio.disable_mx`).
+    pub external: bool,
+    pub no_metadata_exchange: bool,
     /// Circuit breakers: requests in flight (HTTP) and connections (TCP) allowed.
     pub max_requests: usize,
     pub max_connections: usize,
@@ -462,10 +466,21 @@ pub fn compile(
         }
     }
     let outlier = c.outlier_detection.as_ref().map(outlier);
-    let service = c
+    let istio = c
         .metadata
         .as_ref()
-        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|m| m.filter_metadata.get("istio"));
+    let flag = |key: &str| {
+        istio
+            .and_then(|s| s.fields.get(key))
+            .and_then(|v| v.kind.as_ref())
+            == Some(&value::Kind::BoolValue(true))
+    };
+    let (external, no_metadata_exchange) = (
+        flag("external") || c.name == "PassthroughCluster",
+        flag("disable_mx"),
+    );
+    let service = istio
         .and_then(|istio| match istio.fields.get("services")?.kind.as_ref()? {
             value::Kind::ListValue(l) => l.values.first().cloned(),
             _ => None,
@@ -509,6 +524,8 @@ pub fn compile(
                 .map_or(3, |v| v.value as usize),
         }),
         state: pools.cluster(&c.name),
+        external,
+        no_metadata_exchange,
         discovery,
         lb,
         plain,

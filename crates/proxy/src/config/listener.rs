@@ -26,10 +26,12 @@ use super::jwt::JwtAuthn;
 use super::rbac::{self, Rbac};
 use super::route::{self, RouteTable};
 use crate::access_log::AccessLog;
+use crate::peer::Exchange;
 use crate::stats::CounterCell;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
+use isthmus_xds::typed_struct::{PEER_METADATA_TYPE_URL, TypedStruct, is_typed_struct};
 
 pub(crate) const KIND: &str = "listener";
 
@@ -178,6 +180,8 @@ impl ServerHeader {
 #[derive(Debug)]
 pub struct Hcm {
     pub stat_prefix: String,
+    /// What Istio's peer metadata filter does here (nothing without it).
+    pub exchange: Exchange,
     /// The counters a request may touch, found by name once.
     pub counters: HcmCounters,
     /// A connection without traffic for this long is closed, gracefully (None: never).
@@ -473,6 +477,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut rbac_filters = Vec::new();
     let mut jwt = None;
     let mut fault = None;
+    let mut exchange = Exchange::default();
     for f in &hcm.http_filters {
         let (type_url, value) = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(any)) => (any.type_url.as_str(), &any.value),
@@ -493,6 +498,11 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
             let c = JwtAuthentication::decode(value.as_slice())
                 .map_err(|e| format!("jwt_authn: {e}"))?;
             jwt = Some(super::jwt::compile(&c)?);
+        } else if is_typed_struct(type_url)
+            && let Ok(typed) = TypedStruct::decode(value.as_slice())
+            && typed.type_url == PEER_METADATA_TYPE_URL
+        {
+            exchange = Exchange::from_config(&typed.value.unwrap_or_default())?;
         } else if type_url.ends_with(".http.rbac.v3.RBAC") {
             let r = HttpRbac::decode(value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
             if let Some(rules) = &r.rules {
@@ -543,6 +553,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     };
     Ok(Hcm {
         stat_prefix: hcm.stat_prefix,
+        exchange,
         counters: HcmCounters::default(),
         idle_timeout: crate::idle::timeout(
             hcm.common_http_protocol_options
