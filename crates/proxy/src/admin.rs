@@ -133,14 +133,19 @@ fn percent_decode(s: &str) -> String {
 }
 
 impl AdminState {
-    fn state_name(&self) -> &'static str {
+    /// Envoy's server state: its name, and its number in the `server.state` gauge.
+    fn state(&self) -> (&'static str, u64) {
         if *self.shared.draining.borrow() {
-            "DRAINING"
+            ("DRAINING", 1)
         } else if *self.ready.borrow() {
-            "LIVE"
+            ("LIVE", 0)
         } else {
-            "PRE_INITIALIZING"
+            ("PRE_INITIALIZING", 2)
         }
+    }
+
+    fn state_name(&self) -> &'static str {
+        self.state().0
     }
 
     /// Envoy's stats that are read where they live: the server's state, the configuration's
@@ -148,11 +153,7 @@ impl AdminState {
     /// endpoints.
     fn read_stats(&self) -> Vec<ReadStat> {
         let cfg = self.shared.config();
-        let state = match self.state_name() {
-            "LIVE" => 0,
-            "DRAINING" => 1,
-            _ => 2,
-        };
+        let (_, state) = self.state();
         let gauge = |name: &str, v: u64| (name.to_string(), v, Kind::Gauge);
         let mut read = vec![
             gauge("server.live", u64::from(state != 1)),

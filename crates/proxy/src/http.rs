@@ -57,12 +57,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let hcm_prefix = hcm.stat_prefix.clone();
-    shared
+    let _counted = shared
         .stats
-        .inc(format_args!("http.{hcm_prefix}.downstream_cx_total"));
-    let _active = shared
-        .stats
-        .hold(format_args!("http.{hcm_prefix}.downstream_cx_active"));
+        .downstream_connection(format_args!("http.{hcm_prefix}"));
     let idle_timeout = hcm.idle_timeout;
     let conn_info = info.clone();
     let svc = {

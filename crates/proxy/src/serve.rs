@@ -159,12 +159,9 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         bound
     };
     let lname = stat_name(&listener);
-    shared
+    let _counted = shared
         .stats
-        .inc(format_args!("listener.{lname}.downstream_cx_total"));
-    let _active = shared
-        .stats
-        .hold(format_args!("listener.{lname}.downstream_cx_active"));
+        .downstream_connection(format_args!("listener.{lname}"));
     let mut facts = ConnectionFacts {
         destination: Some(destination),
         source: Some(source),

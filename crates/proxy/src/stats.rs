@@ -373,10 +373,11 @@ impl Stats {
         slot(&self.counters, name)
     }
 
-    /// Raises the gauge `name` (`listener.<address>.downstream_cx_active`) while the returned
-    /// guard lives.
-    pub fn hold(&self, name: impl std::fmt::Display) -> Held {
-        let gauge = slot(&self.gauges, name);
+    /// A downstream connection of `scope` (`listener.<address>`, `http.<prefix>`): counted in
+    /// its `downstream_cx_total`, and in its `downstream_cx_active` while the guard lives.
+    pub fn downstream_connection(&self, scope: impl std::fmt::Display) -> Held {
+        self.inc(format_args!("{scope}.downstream_cx_total"));
+        let gauge = slot(&self.gauges, format_args!("{scope}.downstream_cx_active"));
         gauge.fetch_add(1, Ordering::Relaxed);
         Held(gauge)
     }
@@ -462,7 +463,7 @@ fn slot(slots: &Slots, name: impl std::fmt::Display) -> Arc<AtomicU64> {
     })
 }
 
-/// A gauge raised by [`Stats::hold`], lowered again when dropped.
+/// A gauge raised by [`Stats::downstream_connection`], lowered again when dropped.
 #[derive(Debug)]
 pub struct Held(Arc<AtomicU64>);
 

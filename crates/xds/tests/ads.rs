@@ -471,16 +471,21 @@ async fn large_delta_answers_come_in_bounded_parts_and_a_nack_of_any_part_counts
     assert!(cds.acked_version.is_empty(), "{cds:?}");
 }
 
+/// A channel to the test server's client port.
+async fn connect(h: &Harness) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     use isthmus_xds::client::{XdsState, run};
     let h = start().await;
     big_clusters(&h.mesh);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&h).await;
     let (out, _rx) = watch::channel(Arc::new(0usize));
     let node = node().unwrap();
     let mut state = XdsState::default();
@@ -527,11 +532,7 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
     use isthmus_xds::client::{XdsState, run};
     let h = start().await;
     big_clusters(&h.mesh);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", h.client_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&h).await;
     let (out, _rx) = watch::channel(Arc::new(0usize));
     let mut state = XdsState::default();
     // A proxy that cannot run what it gets refuses every part.
