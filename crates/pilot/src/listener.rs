@@ -631,6 +631,9 @@ fn metadata_exchange(headers: &ProxyHeaders, inbound: bool) -> HttpFilter {
     HttpFilter {
         name: METADATA_EXCHANGE_FILTER.into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(typed))),
+        // A sidecar older than this filter runs the listener without it rather than refusing
+        // it: control planes are upgraded before their sidecars.
+        is_optional: true,
         ..Default::default()
     }
 }
