@@ -33,14 +33,15 @@ use envoy_types::pb::google::protobuf::{
     Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
 };
 use envoy_types::util::pack_any;
-use isthmus_config::MeshConfig;
 use isthmus_config::istio::networking::{ClientTlsSettings, HttpSettings, Subset, TrafficPolicy};
+use isthmus_config::resource::DestinationRule;
+use isthmus_config::{Entry, MeshConfig};
 use isthmus_registry::{Protocol, Resolution, Service};
 
 use crate::context::{InboundMode, PushContext};
 use crate::names::{
     BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_BIND_V4, INBOUND_PASSTHROUGH_CLUSTER,
-    PASSTHROUGH_CLUSTER, inbound_cluster, outbound_cluster,
+    PASSTHROUGH_CLUSTER, config_path, inbound_cluster, outbound_cluster,
 };
 use crate::proxy::{InterceptionMode, Proxy};
 
@@ -61,6 +62,8 @@ pub(crate) struct Outbound<'a> {
     pub port: u16,
     pub subset: Option<&'a Subset>,
     pub policy: Option<&'a TrafficPolicy>,
+    /// The DestinationRule that applies; `policy` is its (or its subset's) traffic policy.
+    pub rule: Option<&'a Entry<DestinationRule>>,
 }
 
 impl Outbound<'_> {
@@ -79,9 +82,8 @@ pub(crate) fn outbound_clusters<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<
     let mut out = Vec::new();
     for imported in ctx.services_for(proxy) {
         let svc = imported.svc;
-        let dr_spec = ctx
-            .destination_rule(&proxy.namespace, svc)
-            .map(|d| &d.object.spec);
+        let rule = ctx.destination_rule(&proxy.namespace, svc);
+        let dr_spec = rule.map(|d| &d.object.spec);
         let base = dr_spec.and_then(|d| d.traffic_policy.as_ref());
         let subsets = dr_spec.map(|d| d.subsets.as_slice()).unwrap_or_default();
         for port in imported.ports {
@@ -90,6 +92,7 @@ pub(crate) fn outbound_clusters<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<
                 port: port.port,
                 subset: None,
                 policy: base,
+                rule,
             });
             for subset in subsets {
                 let policy = subset.traffic_policy.as_ref().or(base);
@@ -98,6 +101,7 @@ pub(crate) fn outbound_clusters<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<
                     port: port.port,
                     subset: Some(subset),
                     policy,
+                    rule,
                 });
             }
         }
@@ -155,14 +159,15 @@ pub struct OutboundInputs<'a> {
 
 impl OutboundInputs<'_> {
     /// Names the inputs within their push context: the addresses of its service, subset and
-    /// policy there, and the port. Equal keys of one push context build equal clusters.
+    /// DestinationRule there (which make the policy), and the port. Equal keys of one push
+    /// context build equal clusters.
     pub fn key(&self) -> (usize, u16, usize, usize) {
         let o = &self.outbound;
         (
             std::ptr::from_ref(o.svc) as usize,
             o.port,
             o.subset.map_or(0, |s| std::ptr::from_ref(s) as usize),
-            o.policy.map_or(0, |p| std::ptr::from_ref(p) as usize),
+            o.rule.map_or(0, |r| std::ptr::from_ref(r) as usize),
         )
     }
 
@@ -234,16 +239,20 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
         metadata: Some(service_metadata(svc, subset)),
         ..Default::default()
     };
-    // A service outside the mesh: Istio marks its cluster (not its subsets' ones), and a
-    // sidecar in `IN_MESH` metadata exchange sends it no peer metadata.
-    if svc.mesh_external
-        && o.subset.is_none()
-        && let Some(istio) = c
-            .metadata
-            .as_mut()
-            .and_then(|m| m.filter_metadata.get_mut("istio"))
+    if let Some(istio) = c
+        .metadata
+        .as_mut()
+        .and_then(|m| m.filter_metadata.get_mut("istio"))
     {
-        istio.fields.insert("external".into(), boolean(true));
+        // A service outside the mesh: Istio marks its cluster (not its subsets' ones), and a
+        // sidecar in `IN_MESH` metadata exchange sends it no peer metadata.
+        if svc.mesh_external && o.subset.is_none() {
+            istio.fields.insert("external".into(), boolean(true));
+        }
+        if let Some(rule) = o.rule {
+            let path = config_path("destination-rule", rule.namespace(), rule.name());
+            istio.fields.insert("config".into(), string(&path));
+        }
     }
     let discovery = discovery(svc);
     if discovery == Discovery::OriginalDst {

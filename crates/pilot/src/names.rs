@@ -23,6 +23,13 @@ pub fn inbound_cluster(port: u16) -> String {
     format!("inbound|{port}||")
 }
 
+/// `filter_metadata.istio.config` of what an Istio config built: its API path as Istio writes
+/// it (in `v1alpha3`, its internal version), which istioctl shows as `<name>.<namespace>` in
+/// its DESTINATION RULE and VIRTUAL SERVICE columns.
+pub fn config_path(resource: &str, namespace: &str, name: &str) -> String {
+    format!("/apis/networking.istio.io/v1alpha3/namespaces/{namespace}/{resource}/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -10,7 +10,9 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::{DataSource, RuntimeFractionalPercent, data_source};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, Metadata, RuntimeFractionalPercent, data_source,
+};
 use envoy_types::pb::envoy::config::route::v3::route_action::{
     self, ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
 };
@@ -22,15 +24,15 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
-use isthmus_config::istio::networking::{
-    Destination, HttpMatchRequest, HttpRoute, StringMatch, VirtualServiceSpec,
-};
+use isthmus_config::Entry;
+use isthmus_config::istio::networking::{Destination, HttpMatchRequest, HttpRoute, StringMatch};
+use isthmus_config::resource::VirtualService;
 use isthmus_registry::Service;
 use isthmus_registry::host::{host_matches, resolve_config_host, virtual_host_domains};
 
 use crate::cluster::duration as pb;
 use crate::context::PushContext;
-use crate::names::{PASSTHROUGH_CLUSTER, outbound_cluster};
+use crate::names::{PASSTHROUGH_CLUSTER, config_path, outbound_cluster};
 use crate::proxy::Proxy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::util::pack_any;
@@ -68,12 +70,19 @@ fn route_config(
     let attempt_count = ctx.proxy_headers(proxy).attempt_count;
     for svc in svcs {
         let routes = match virtual_service_for(ctx, proxy, svc) {
-            Some(vs) => vs
-                .http
-                .iter()
-                .filter(|r| applies_to_sidecar(r, port))
-                .map(|r| http_route(ctx, proxy, r, port, &svc.namespace))
-                .collect(),
+            Some(vs) => {
+                let config = config_metadata(vs);
+                vs.object
+                    .spec
+                    .http
+                    .iter()
+                    .filter(|r| applies_to_sidecar(r, port))
+                    .map(|r| Route {
+                        metadata: Some(config.clone()),
+                        ..http_route(ctx, proxy, r, port, vs.namespace())
+                    })
+                    .collect()
+            }
             None => vec![default_route(
                 &outbound_cluster(port, "", &svc.hostname),
                 hash_policy(
@@ -157,7 +166,7 @@ fn virtual_service_for<'a>(
     ctx: &'a PushContext,
     proxy: &Proxy,
     svc: &Service,
-) -> Option<&'a VirtualServiceSpec> {
+) -> Option<&'a Entry<VirtualService>> {
     ctx.snapshot
         .virtual_services
         .iter()
@@ -177,8 +186,21 @@ fn virtual_service_for<'a>(
                     host_matches(&h, &svc.hostname)
                 })
         })
-        .map(|vs| &vs.object.spec)
+        .map(|vs| &**vs)
         .next()
+}
+
+/// `filter_metadata.istio.config` naming the VirtualService a route comes from, as Istio marks
+/// it.
+fn config_metadata(vs: &Entry<VirtualService>) -> Metadata {
+    let path = config_path("virtual-service", vs.namespace(), vs.name());
+    Metadata {
+        filter_metadata: crate::maps::map_of([(
+            "istio".to_string(),
+            crate::cluster::strukt([("config", crate::cluster::string(&path))]),
+        )]),
+        ..Default::default()
+    }
 }
 
 /// Routes with a `port` match for another port, or bound to gateways only, do not apply.

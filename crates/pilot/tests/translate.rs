@@ -781,3 +781,65 @@ spec:
         serde_json::json!([{"istio_headers": {"skip_external_clusters": true}}])
     );
 }
+
+#[test]
+fn routes_and_clusters_name_the_istio_config_they_come_from() {
+    // A VirtualService of namespace `data` for bookinfo's productpage: its short destination
+    // `reviews` is data's reviews, as Istio resolves a rule's short names in its own namespace.
+    let ctx = context_with(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: data}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: canary, namespace: data}\nspec:\n  hosts: [productpage.bookinfo.svc.cluster.local]\n  http:\n  - route:\n    - destination: {host: reviews}\n",
+    );
+    let p = proxy("10.1.0.9", "x", "bookinfo");
+    let routes: Vec<_> = isthmus_pilot::route::routes(&ctx, &p, &["9080".to_string()])
+        .iter()
+        .map(|r| to_json(r).unwrap())
+        .collect();
+    let vhost = |name: &str| {
+        routes[0]["virtual_hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no virtual host {name}"))
+    };
+    let pp = vhost("productpage.bookinfo.svc.cluster.local:9080");
+    assert_eq!(
+        pp["routes"][0]["route"]["cluster"],
+        "outbound|9080||reviews.data.svc.cluster.local"
+    );
+    assert_eq!(
+        pp["routes"][0]["metadata"]["filter_metadata"]["istio"]["config"],
+        "/apis/networking.istio.io/v1alpha3/namespaces/data/virtual-service/canary"
+    );
+    // bookinfo's own VirtualService for reviews marks each of its routes.
+    let reviews = vhost("reviews.bookinfo.svc.cluster.local:9080");
+    for r in reviews["routes"].as_array().unwrap() {
+        assert_eq!(
+            r["metadata"]["filter_metadata"]["istio"]["config"],
+            "/apis/networking.istio.io/v1alpha3/namespaces/bookinfo/virtual-service/reviews"
+        );
+    }
+    // Clusters name their DestinationRule, subsets included; others name none.
+    let clusters: Vec<_> = isthmus_pilot::cluster::clusters(&ctx, &p)
+        .iter()
+        .map(|c| to_json(c).unwrap())
+        .collect();
+    let config = |name: &str| {
+        let c = clusters
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no cluster {name}"));
+        c["metadata"]["filter_metadata"]["istio"]["config"].clone()
+    };
+    let dr = "/apis/networking.istio.io/v1alpha3/namespaces/bookinfo/destination-rule/reviews";
+    assert_eq!(
+        config("outbound|9080||reviews.bookinfo.svc.cluster.local"),
+        dr
+    );
+    assert_eq!(
+        config("outbound|9080|v1|reviews.bookinfo.svc.cluster.local"),
+        dr
+    );
+    assert!(config("outbound|9080||productpage.bookinfo.svc.cluster.local").is_null());
+}
