@@ -276,5 +276,5 @@ fn config_dump(state: &State, id: &str) -> Result<Value, String> {
             .collect(),
         ..Default::default()
     };
-    Ok(json::config_dump(&dump, Vec::new()))
+    Ok(json::config_dump(&dump, None, Vec::new()))
 }

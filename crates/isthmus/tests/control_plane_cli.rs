@@ -161,7 +161,7 @@ async fn proxy_status_shows_a_connected_proxy() {
         .unwrap();
     let listeners = String::from_utf8_lossy(&listeners.stdout);
     assert!(
-        listeners.contains("15001") && listeners.contains("Cluster: PassthroughCluster"),
+        listeners.contains("15001") && listeners.contains("     PassthroughCluster"),
         "{listeners}"
     );
     assert!(listeners.contains("Route: 9080"), "{listeners}");

@@ -465,6 +465,24 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     let (ok, out) = cli(&["proxy-config", "cluster", "client"]);
     assert!(ok && out.contains("server.e2e.svc.cluster.local"), "{out}");
+    // The bootstrap's clusters too, as istioctl lists them.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("xds-grpc ") && l.contains("STATIC")),
+        "{out}"
+    );
+    let (ok, out) = cli(&["proxy-config", "listeners", "client"]);
+    assert!(
+        ok && out.lines().any(|l| l.contains(" 15090 ")
+            && l.ends_with("Inline Route: /stats/prometheus*")),
+        "{out}"
+    );
+    let (ok, out) = cli(&["proxy-config", "bootstrap", "client"]);
+    let bootstrap: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    assert!(
+        ok && bootstrap["bootstrap"]["node"]["metadata"]["NAMESPACE"] == "e2e",
+        "{out}"
+    );
     // Endpoints with the health and outlier check the client's proxy reports itself.
     let (ok, out) = cli(&["proxy-config", "endpoints", "client"]);
     assert!(

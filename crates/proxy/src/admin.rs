@@ -37,7 +37,8 @@ pub struct AdminState {
     pub started: Instant,
     pub quit: watch::Sender<bool>,
     pub log_level: Option<LogLevelSetter>,
-    pub node: Value,
+    /// The `BootstrapConfigDump` of this proxy (what `/config_dump` begins with).
+    pub bootstrap: Value,
     /// The app's metrics to merge on 15020: `http://127.0.0.1:<port><path>`.
     pub app_metrics: Option<(u16, String)>,
     /// Scrapes of the app's metrics, and those that failed.
@@ -265,7 +266,7 @@ impl AdminState {
                 "version": concat!("isthmus/", env!("CARGO_PKG_VERSION")),
                 "state": self.state_name(),
                 "uptime_current_epoch": format!("{}s", self.started.elapsed().as_secs()),
-                "node": self.node,
+                "node": self.bootstrap["bootstrap"]["node"],
             })),
             "/ready" => {
                 let s = self.state_name();
@@ -309,7 +310,7 @@ impl AdminState {
     fn config_dump(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
         let cfg = self.shared.config();
         let secrets = self.secrets_dump();
-        let dump = isthmus_xds::json::config_dump(&cfg.xds, vec![secrets]);
+        let dump = isthmus_xds::json::config_dump(&cfg.xds, Some(&self.bootstrap), vec![secrets]);
         let mut items: Vec<Value> = match q.get("resource").filter(|r| !r.is_empty()) {
             None => dump["configs"].as_array().cloned().unwrap_or_default(),
             Some(field) => {
@@ -631,6 +632,9 @@ fn item_type(dump_type: &str, field: &str) -> String {
         "dynamic_route_configs" => "DynamicRouteConfig",
         "dynamic_endpoint_configs" => "DynamicEndpointConfig",
         "dynamic_active_secrets" => "DynamicSecret",
+        "static_clusters" => "StaticCluster",
+        "static_listeners" => "StaticListener",
+        "static_route_configs" => "StaticRouteConfig",
         _ => "Item",
     };
     format!("{dump_type}.{inner}")

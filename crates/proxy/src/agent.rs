@@ -329,7 +329,11 @@ pub async fn run(
         started,
         quit: quit_tx,
         log_level,
-        node: serde_json::json!({"id": node.id, "cluster": node.cluster}),
+        bootstrap: crate::bootstrap::config_dump(
+            &opts,
+            isthmus_xds::json::to_json(&node).unwrap_or_default(),
+            std::time::SystemTime::now(),
+        ),
         app_metrics: opts.app_metrics.clone(),
         app_scrapes: Default::default(),
         app_scrape_failures: Default::default(),

@@ -41,7 +41,8 @@ pub struct MatcherError {
 pub struct Inclusions {
     prefixes: Vec<String>,
     suffixes: Vec<String>,
-    regexps: Vec<Regex>,
+    /// As written, and compiled to match whole names.
+    regexps: Vec<(String, Regex)>,
 }
 
 impl Default for Inclusions {
@@ -50,7 +51,10 @@ impl Default for Inclusions {
         Inclusions {
             prefixes: PREFIXES.map(String::from).to_vec(),
             suffixes: SUFFIXES.map(String::from).to_vec(),
-            regexps: REGEXPS.iter().filter_map(|re| whole(re).ok()).collect(),
+            regexps: REGEXPS
+                .iter()
+                .filter_map(|re| Some((re.to_string(), whole(re).ok()?)))
+                .collect(),
         }
     }
 }
@@ -79,7 +83,7 @@ impl Inclusions {
                 regex: re.clone(),
                 source: Box::new(e),
             })?;
-            inclusions.regexps.push(compiled);
+            inclusions.regexps.push((re.clone(), compiled));
         }
         Ok(inclusions)
     }
@@ -87,7 +91,31 @@ impl Inclusions {
     pub fn includes(&self, name: &str) -> bool {
         self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
             || self.suffixes.iter().any(|s| name.ends_with(s.as_str()))
-            || self.regexps.iter().any(|r| r.is_match(name))
+            || self.regexps.iter().any(|(_, r)| r.is_match(name))
+    }
+
+    /// Envoy's bootstrap `stats_config` of these inclusions and Istio's tags.
+    pub fn stats_config(&self) -> serde_json::Value {
+        let patterns: Vec<serde_json::Value> = (self.prefixes.iter())
+            .map(|p| serde_json::json!({ "prefix": p }))
+            .chain(
+                self.suffixes
+                    .iter()
+                    .map(|s| serde_json::json!({ "suffix": s })),
+            )
+            .chain(
+                (self.regexps.iter())
+                    .map(|(re, _)| serde_json::json!({ "safe_regex": { "regex": re } })),
+            )
+            .collect();
+        let tags: Vec<serde_json::Value> = (TAGS.iter())
+            .map(|(name, re)| serde_json::json!({ "tag_name": name, "regex": re.as_str() }))
+            .collect();
+        serde_json::json!({
+            "stats_tags": tags,
+            "use_all_default_tags": false,
+            "stats_matcher": { "inclusion_list": { "patterns": patterns } },
+        })
     }
 }
 

@@ -853,6 +853,43 @@ fn admin_endpoints_answer_like_envoys() {
         assert_eq!(http_get_host("10.96.0.10:80", "svc").await.0, 200);
         let (_, info) = admin("GET", "/server_info").await;
         assert!(info.contains("\"state\": \"LIVE\""), "{info}");
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["node"]["metadata"]["NAME"], "client", "{info}");
+        // The dump begins with the bootstrap: the node, the control plane as `xds-grpc`, and
+        // the Prometheus and health listeners this proxy serves, as Istio's bootstrap has them.
+        let (_, dump) = admin("GET", "/config_dump").await;
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        let bootstrap = &dump["configs"][0];
+        assert_eq!(
+            bootstrap["@type"],
+            "type.googleapis.com/envoy.admin.v3.BootstrapConfigDump"
+        );
+        assert_eq!(
+            bootstrap["bootstrap"]["node"]["id"],
+            "sidecar~127.0.0.1~client.default~default.svc.cluster.local"
+        );
+        assert_eq!(
+            bootstrap["bootstrap"]["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]
+                ["cluster_name"],
+            "xds-grpc"
+        );
+        let (_, fixed) = admin(
+            "GET",
+            "/config_dump?resource=static_listeners&mask=listener.name",
+        )
+        .await;
+        assert!(
+            fixed.contains("0.0.0.0_15090") && fixed.contains("0.0.0.0_15021"),
+            "{fixed}"
+        );
+        let (_, fixed) = admin("GET", "/config_dump?resource=static_clusters").await;
+        assert!(
+            fixed.contains("\"xds-grpc\"") && fixed.contains("\"port_value\": 15010"),
+            "{fixed}"
+        );
+        // Listeners' inline routes are listed as static route configurations.
+        let (_, inline) = admin("GET", "/config_dump?resource=static_route_configs").await;
+        assert!(inline.contains("/stats/prometheus"), "{inline}");
         let (_, clusters) = admin("GET", "/clusters").await;
         assert!(
             clusters.contains(&format!("a::{a}::rq_total::1")),

@@ -43,11 +43,15 @@ pub fn encoded_to_json(type_name: &str, bytes: &[u8]) -> Result<serde_json::Valu
         message,
     };
     let msg = DynamicMessage::decode(desc, bytes).map_err(|e| convert(e.to_string()))?;
-    let options = SerializeOptions::new()
-        .use_proto_field_name(true)
-        .skip_default_fields(true);
-    msg.serialize_with_options(serde_json::value::Serializer, &options)
+    msg.serialize_with_options(serde_json::value::Serializer, &dump_options())
         .map_err(|e| convert(e.to_string()))
+}
+
+/// Envoy's config dump style: proto field names, defaults left out.
+fn dump_options() -> SerializeOptions {
+    SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true)
 }
 
 /// Any prost-generated Envoy message as JSON.
@@ -73,6 +77,21 @@ pub fn from_json<M: prost::Message + prost::Name + Default>(
         .map_err(|e| convert(e.to_string()))
 }
 
+/// `v` as protobuf's JSON of the message `type_name` renders it, defaults left out: an error
+/// for a field the message does not have or of the wrong shape.
+pub fn normalize(type_name: &str, v: serde_json::Value) -> Result<serde_json::Value, JsonError> {
+    let desc = pool()?
+        .get_message_by_name(type_name)
+        .ok_or_else(|| JsonError::UnknownType(type_name.to_string()))?;
+    let convert = |message: String| JsonError::Convert {
+        type_name: type_name.to_string(),
+        message,
+    };
+    let msg = DynamicMessage::deserialize(desc, v).map_err(|e| convert(e.to_string()))?;
+    msg.serialize_with_options(serde_json::value::Serializer, &dump_options())
+        .map_err(|e| convert(e.to_string()))
+}
+
 /// A resource a proxy received, as JSON.
 fn received_to_json<T: crate::client::XdsResource>(
     r: &crate::client::Received<T>,
@@ -80,10 +99,46 @@ fn received_to_json<T: crate::client::XdsResource>(
     encoded_to_json(&T::full_name(), r.body())
 }
 
-/// Envoy's `/config_dump` of an xDS state: clusters, endpoints, listeners, routes (Envoy's
-/// order), then `extra` sections (secrets).
+/// `v` with `"@type"` naming its message, as Envoy prints an `Any`.
+fn typed(mut v: serde_json::Value, type_url: &str) -> serde_json::Value {
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("@type".into(), type_url.into());
+    }
+    v
+}
+
+const ROUTE_CONFIGURATION: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// The route configurations that listeners' connection managers hold inline: Envoy dumps
+/// them as static route configs.
+fn inline_route_configs<'a>(
+    listeners: impl Iterator<Item = &'a serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    for l in listeners {
+        let chains = l["filter_chains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(l.get("default_filter_chain"));
+        for chain in chains {
+            for f in chain["filters"].as_array().into_iter().flatten() {
+                let rc = &f["typed_config"]["route_config"];
+                if rc.is_object() {
+                    out.push(typed(rc.clone(), ROUTE_CONFIGURATION));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Envoy's `/config_dump` of an xDS state: the `bootstrap` (a `BootstrapConfigDump`, for a
+/// proxy) with its static listeners and clusters, then clusters, endpoints, listeners, routes
+/// (Envoy's order), then `extra` sections (secrets).
 pub fn config_dump(
     state: &crate::client::XdsState,
+    bootstrap: Option<&serde_json::Value>,
     extra: Vec<serde_json::Value>,
 ) -> serde_json::Value {
     use crate::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
@@ -93,34 +148,80 @@ pub fn config_dump(
         .clusters
         .values()
         .filter_map(|c| received_to_json(c).ok())
-        .map(|c| json!({"version_info": version(CLUSTER), "cluster": c}))
+        .map(|c| json!({"version_info": version(CLUSTER), "cluster": typed(c, CLUSTER)}))
         .collect();
     let endpoints: Vec<_> = state
         .endpoints
         .values()
         .filter_map(|e| received_to_json(e).ok())
-        .map(|e| json!({"version_info": version(ENDPOINT), "endpoint_config": e}))
+        .map(|e| json!({"version_info": version(ENDPOINT), "endpoint_config": typed(e, ENDPOINT)}))
         .collect();
-    let listeners: Vec<_> = state
+    let listeners: Vec<(&String, serde_json::Value)> = state
         .listeners
         .iter()
         .filter_map(|(name, l)| Some((name, received_to_json(l).ok()?)))
-        .map(|(name, l)| {
-            json!({"name": name, "active_state": {"version_info": version(LISTENER), "listener": l}})
-        })
         .collect();
     let routes: Vec<_> = state
         .routes
         .values()
         .filter_map(|r| received_to_json(r).ok())
-        .map(|r| json!({"version_info": version(ROUTE), "route_config": r}))
+        .map(|r| json!({"version_info": version(ROUTE), "route_config": typed(r, ROUTE)}))
         .collect();
-    let mut configs = vec![
-        json!({"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump", "dynamic_active_clusters": clusters}),
+    let fixed = |kind: &str| {
+        bootstrap
+            .and_then(|b| b["bootstrap"]["static_resources"][kind].as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (static_listeners, static_clusters) = (fixed("listeners"), fixed("clusters"));
+    // `{field: v, last_updated}`, as Envoy lists a static resource.
+    let loaded = |field: &str, v: serde_json::Value| {
+        let mut entry = json!({ field: v });
+        if let Some(at) = bootstrap.and_then(|b| b.get("last_updated")) {
+            entry["last_updated"] = at.clone();
+        }
+        entry
+    };
+    let inline = inline_route_configs(
+        static_listeners
+            .iter()
+            .chain(listeners.iter().map(|(_, l)| l)),
+    );
+    let mut configs = Vec::new();
+    configs.extend(bootstrap.cloned());
+    configs.extend([
+        json!({
+            "@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+            "static_clusters": static_clusters
+                .into_iter()
+                .map(|c| loaded("cluster", typed(c, CLUSTER)))
+                .collect::<Vec<_>>(),
+            "dynamic_active_clusters": clusters,
+        }),
         json!({"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump", "dynamic_endpoint_configs": endpoints}),
-        json!({"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump", "dynamic_listeners": listeners}),
-        json!({"@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump", "dynamic_route_configs": routes}),
-    ];
+        json!({
+            "@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+            "static_listeners": static_listeners
+                .into_iter()
+                .map(|l| loaded("listener", typed(l, LISTENER)))
+                .collect::<Vec<_>>(),
+            "dynamic_listeners": listeners
+                .into_iter()
+                .map(|(name, l)| json!({
+                    "name": name,
+                    "active_state": {"version_info": version(LISTENER), "listener": typed(l, LISTENER)},
+                }))
+                .collect::<Vec<_>>(),
+        }),
+        json!({
+            "@type": "type.googleapis.com/envoy.admin.v3.RoutesConfigDump",
+            "static_route_configs": inline
+                .into_iter()
+                .map(|r| loaded("route_config", r))
+                .collect::<Vec<_>>(),
+            "dynamic_route_configs": routes,
+        }),
+    ]);
     configs.extend(extra);
     json!({ "configs": configs })
 }
@@ -140,5 +241,19 @@ mod tests {
             v["name"],
             "outbound|9080||reviews.default.svc.cluster.local"
         );
+    }
+
+    #[test]
+    fn normalize_renders_envoys_json_and_refuses_a_field_the_message_lacks() {
+        let c = serde_json::json!({"name": "xds-grpc", "type": "STATIC", "connect_timeout": "5s", "per_connection_buffer_limit_bytes": 0, "lb_policy": "ROUND_ROBIN"});
+        let v = super::normalize("envoy.config.cluster.v3.Cluster", c).unwrap();
+        // Defaults are left out; `type`, set in its oneof, is not a default.
+        assert_eq!(
+            v,
+            serde_json::json!({"name": "xds-grpc", "type": "STATIC", "connect_timeout": "5s", "per_connection_buffer_limit_bytes": 0})
+        );
+        let bad = serde_json::json!({"name": "x", "conect_timeout": "5s"});
+        let err = super::normalize("envoy.config.cluster.v3.Cluster", bad).unwrap_err();
+        assert!(err.to_string().contains("conect_timeout"), "{err}");
     }
 }

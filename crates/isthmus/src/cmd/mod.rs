@@ -1,6 +1,7 @@
 //! Subcommands.
 
 pub mod analyze;
+mod config_tables;
 pub mod control_plane;
 pub mod demo;
 pub mod echo;
