@@ -11,7 +11,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(
     name = "isthmus",
-    version,
+    version = isthmus::VERSION,
     about = "A service mesh that speaks Istio's APIs",
     propagate_version = true
 )]

@@ -473,8 +473,9 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     let (ok, out) = cli(&["proxy-config", "listeners", "client"]);
     assert!(
-        ok && out.lines().any(|l| l.contains(" 15090 ")
-            && l.ends_with("Inline Route: /stats/prometheus*")),
+        ok && out
+            .lines()
+            .any(|l| l.contains(" 15090 ") && l.ends_with("Inline Route: /stats/prometheus*")),
         "{out}"
     );
     let (ok, out) = cli(&["proxy-config", "bootstrap", "client"]);

@@ -362,16 +362,44 @@ fn proxy_config_env(pc: &Map<String, Value>) -> Vec<(String, String)> {
     env
 }
 
-/// How a pod's sidecar is started: `isthmus-proxy` where it was installed beside `binary` (the
-/// same proxy, with none of the other subcommands' code to map into every pod), else
-/// `binary proxy`.
-fn sidecar_command(binary: &Path) -> Vec<String> {
+/// How a pod's sidecar is started: `isthmus-proxy` where it was installed beside `binary` from
+/// the same build (the same proxy, with none of the other subcommands' code to map into every
+/// pod), else `binary proxy`.
+async fn sidecar_command(binary: &Path) -> Vec<String> {
     let alone = binary.with_file_name("isthmus-proxy");
     if alone.is_file() {
-        vec![alone.display().to_string()]
-    } else {
-        vec![binary.display().to_string(), "proxy".into()]
+        let (ours, theirs) = tokio::join!(build_of(binary), build_of(&alone));
+        if ours.is_some() && ours == theirs {
+            return vec![alone.display().to_string()];
+        }
+        // An older sidecar may refuse what this control plane sends.
+        tracing::warn!(
+            "{} is not from the build of {} ({} against {}): sidecars run `{} proxy`",
+            alone.display(),
+            binary.display(),
+            theirs.as_deref().unwrap_or("no version"),
+            ours.as_deref().unwrap_or("no version"),
+            binary.display(),
+        );
     }
+    vec![binary.display().to_string(), "proxy".into()]
+}
+
+/// What `binary --version` prints after its name: the version and the build's fingerprint.
+async fn build_of(binary: &Path) -> Option<String> {
+    let run = Command::new(binary)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let (_, version) = text.trim().split_once(' ')?;
+    out.status.success().then(|| version.to_string())
 }
 
 async fn start(
@@ -382,7 +410,7 @@ async fn start(
 ) -> Result<(), RuntimeError> {
     let dir = &p.opts.state_dir;
     let bin = p.opts.binary.display().to_string();
-    let sidecar = sidecar_command(&p.opts.binary);
+    let sidecar = sidecar_command(&p.opts.binary).await;
     // The CA and its token key exist before anyone needs them.
     let ca_dir = dir.join("ca");
     let authority = isthmus_ca::Authority::load_or_create(&ca_dir, Default::default())?;
@@ -942,16 +970,26 @@ mod tests {
         assert_eq!(env.last().map(|e| e.0.as_str()), Some("PROXY_CONFIG"));
     }
 
-    #[test]
-    fn sidecars_run_the_proxy_binary_installed_beside_isthmus_else_the_subcommand() {
+    #[tokio::test]
+    async fn sidecars_run_the_proxy_binary_of_the_same_build_beside_isthmus_else_the_subcommand() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let isthmus = dir.path().join("isthmus");
-        std::fs::write(&isthmus, b"").unwrap();
-        let subcommand = sidecar_command(&isthmus);
-        let alone = dir.path().join("isthmus-proxy");
-        std::fs::write(&alone, b"").unwrap();
-        let installed = sidecar_command(&isthmus);
-        assert_eq!(subcommand, [isthmus.display().to_string(), "proxy".into()]);
-        assert_eq!(installed, [alone.display().to_string()]);
+        let script = |name: &str, version: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{name} {version}'\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let isthmus = script("isthmus", "0.1.0 (build 1)");
+        let subcommand = vec![isthmus.display().to_string(), "proxy".to_string()];
+        assert_eq!(sidecar_command(&isthmus).await, subcommand);
+        let alone = script("isthmus-proxy", "0.1.0 (build 1)");
+        assert_eq!(
+            sidecar_command(&isthmus).await,
+            [alone.display().to_string()]
+        );
+        // One left over from another build is passed over.
+        script("isthmus-proxy", "0.1.0 (build 2)");
+        assert_eq!(sidecar_command(&isthmus).await, subcommand);
     }
 }

@@ -7,7 +7,7 @@ use isthmus::{cmd, exit};
 #[derive(Debug, Parser)]
 #[command(
     name = "isthmus-proxy",
-    version,
+    version = isthmus::VERSION,
     about = "The isthmus sidecar proxy (Envoy and pilot-agent of an `istio-proxy` container)"
 )]
 struct Cli {
