@@ -39,6 +39,9 @@ pub struct AdminState {
     pub log_level: Option<LogLevelSetter>,
     /// The `BootstrapConfigDump` of this proxy (what `/config_dump` begins with).
     pub bootstrap: Value,
+    /// The xDS client's sessions and the updates they took, shared with it.
+    pub xds_link: Arc<isthmus_xds::client::Link>,
+    pub xds_updates: Arc<isthmus_xds::client::UpdateCounts>,
     /// The app's metrics to merge on 15020: `http://127.0.0.1:<port><path>`.
     pub app_metrics: Option<(u16, String)>,
     /// Scrapes of the app's metrics, and those that failed.
@@ -174,7 +177,7 @@ impl AdminState {
             ("cluster_manager.cds", isthmus_xds::server::CLUSTER),
             ("listener_manager.lds", isthmus_xds::server::LISTENER),
         ] {
-            let n = cfg.xds.updates.get(type_url);
+            let n = self.xds_updates.get(type_url);
             read.push((format!("{prefix}.update_success"), n.success, Kind::Counter));
             read.push((
                 format!("{prefix}.update_rejected"),
@@ -182,6 +185,29 @@ impl AdminState {
                 Kind::Counter,
             ));
         }
+        // The control plane, as Envoy's `xds-grpc` cluster (one connection, one stream).
+        let link = &self.xds_link;
+        let connected = u64::from(link.connected());
+        read.extend([
+            gauge("control_plane.connected_state", connected),
+            gauge("cluster.xds-grpc.upstream_cx_active", connected),
+            gauge("cluster.xds-grpc.upstream_rq_active", connected),
+            (
+                "cluster.xds-grpc.upstream_cx_total".into(),
+                link.attempts(),
+                Kind::Counter,
+            ),
+            (
+                "cluster.xds-grpc.upstream_cx_connect_fail".into(),
+                link.connect_failures(),
+                Kind::Counter,
+            ),
+            (
+                "cluster.xds-grpc.upstream_rq_total".into(),
+                link.streams(),
+                Kind::Counter,
+            ),
+        ]);
         for (name, c) in cfg.clusters.iter() {
             let (mut cx, mut rq, mut healthy) = (0, 0, 0);
             for e in &c.endpoints {

@@ -323,6 +323,7 @@ pub async fn run(
         connections: Default::default(),
     });
     let node = opts.node();
+    let xds_state = XdsState::default();
     let state = Arc::new(AdminState {
         shared: shared.clone(),
         ready: ready_rx.clone(),
@@ -334,6 +335,8 @@ pub async fn run(
             isthmus_xds::json::to_json(&node).unwrap_or_default(),
             std::time::SystemTime::now(),
         ),
+        xds_link: xds_state.link.clone(),
+        xds_updates: xds_state.updates.clone(),
         app_metrics: opts.app_metrics.clone(),
         app_scrapes: Default::default(),
         app_scrape_failures: Default::default(),
@@ -346,6 +349,7 @@ pub async fn run(
     let xds = tokio::spawn(follow_control_plane(
         connect,
         node,
+        xds_state,
         pools,
         config_tx,
         shared.clone(),
@@ -448,11 +452,11 @@ async fn fetch_with_retry(
 async fn follow_control_plane(
     connect: impl Fn() -> Result<tonic::transport::Channel, AgentError>,
     node: Node,
+    mut state: XdsState,
     pools: Arc<Pools>,
     out: watch::Sender<Arc<Config>>,
     shared: Arc<Shared>,
 ) {
-    let mut state = XdsState::default();
     let mut backoff = Duration::from_millis(100);
     // Delta first; a control plane without it gets state of the world from then on.
     let mut sotw = false;

@@ -946,6 +946,10 @@ fn admin_endpoints_answer_like_envoys() {
             "cluster.a.membership_total: 1\n",
             "cluster.a.membership_healthy: 1\n",
             "cluster_manager.cds.update_rejected: 0\n",
+            // The control plane's session, as Envoy's `xds-grpc` cluster.
+            "control_plane.connected_state: 1\n",
+            "cluster.xds-grpc.upstream_cx_active: 1\n",
+            "cluster.xds-grpc.upstream_cx_connect_fail: 0\n",
         ] {
             assert!(stats.contains(line), "{line}: {stats}");
         }
@@ -958,6 +962,7 @@ fn admin_endpoints_answer_like_envoys() {
         assert!(count("cluster_manager.cds.update_success") >= 1, "{stats}");
         assert!(count("listener_manager.lds.update_success") >= 1, "{stats}");
         assert!(count("cluster_manager.active_clusters") >= 5, "{stats}");
+        assert!(count("cluster.xds-grpc.upstream_rq_total") >= 1, "{stats}");
         // The same in Envoy's JSON form.
         let (_, body) = admin("GET", "/stats?format=json&filter=^server\\.").await;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -991,6 +996,8 @@ fn admin_endpoints_answer_like_envoys() {
             "envoy_cluster_upstream_rq{cluster_name=\"a\",response_code_class=\"2xx\"} 1\n",
             "# TYPE envoy_cluster_upstream_cx_active gauge\nenvoy_cluster_upstream_cx_active{cluster_name=\"a\"} 1\n",
             "# TYPE envoy_server_live gauge\nenvoy_server_live 1\n",
+            // Istio's list keeps the control plane's cluster.
+            "envoy_cluster_upstream_cx_active{cluster_name=\"xds-grpc\"} 1\n",
             "# TYPE envoy_cluster_manager_cds_update_rejected counter\nenvoy_cluster_manager_cds_update_rejected 0\n",
         ] {
             assert!(prom.contains(line), "{line}: {prom}");

@@ -4,8 +4,11 @@
 //! good resource stays in force), and publish every accepted state on a watch channel.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -45,6 +48,69 @@ pub struct XdsState {
     /// Responses accepted and rejected per type. Every copy of the state shares them: they
     /// count the proxy's sessions, not one version.
     pub updates: Arc<UpdateCounts>,
+    /// The connection to the control plane, shared the same way.
+    pub link: Arc<Link>,
+}
+
+/// The sessions with the control plane, as Envoy counts its `xds-grpc` cluster's connections
+/// and streams and its `control_plane.connected_state`.
+#[derive(Debug, Default)]
+pub struct Link {
+    attempts: AtomicU64,
+    connect_failures: AtomicU64,
+    streams: AtomicU64,
+    connected: AtomicBool,
+}
+
+impl Link {
+    /// Sessions started; each connects anew.
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(Relaxed)
+    }
+    /// Sessions whose stream never opened because the control plane was out of reach.
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Relaxed)
+    }
+    /// Streams the control plane opened.
+    pub fn streams(&self) -> u64 {
+        self.streams.load(Relaxed)
+    }
+    /// Whether a stream is open now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Relaxed)
+    }
+
+    /// Counts a session's start and opens its stream with `call`, marking the link connected
+    /// until the returned guard is dropped.
+    async fn open<R>(
+        self: &Arc<Self>,
+        call: impl Future<Output = Result<R, tonic::Status>>,
+    ) -> Result<(R, Connected), tonic::Status> {
+        self.attempts.fetch_add(1, Relaxed);
+        match call.await {
+            Ok(r) => {
+                self.streams.fetch_add(1, Relaxed);
+                self.connected.store(true, Relaxed);
+                Ok((r, Connected(self.clone())))
+            }
+            Err(status) => {
+                // tonic's status for a connection that could not be made.
+                if status.code() == tonic::Code::Unavailable {
+                    self.connect_failures.fetch_add(1, Relaxed);
+                }
+                Err(status)
+            }
+        }
+    }
+}
+
+/// An open stream: the link is connected while this lives.
+struct Connected(Arc<Link>);
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.0.connected.store(false, Relaxed);
+    }
 }
 
 /// Envoy's `update_success` and `update_rejected`, per type URL.
@@ -135,13 +201,15 @@ where
             })
             .await;
     }
-    let mut responses = crate::wire::call::<_, DeltaDiscoveryResponse, _>(
-        &mut channel,
-        crate::server::DELTA_PATH,
-        ReceiverStream::new(rx),
-        crate::server::MAX_RESPONSE_BYTES,
-    )
-    .await?;
+    let link = state.link.clone();
+    let (mut responses, _connected) = link
+        .open(crate::wire::call::<_, DeltaDiscoveryResponse, _>(
+            &mut channel,
+            crate::server::DELTA_PATH,
+            ReceiverStream::new(rx),
+            crate::server::MAX_RESPONSE_BYTES,
+        ))
+        .await?;
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     while let Some(first) = responses.message().await? {
         // Responses that have already arrived (the parts of one large update) are applied
@@ -568,13 +636,15 @@ where
             })
             .await;
     }
-    let mut responses = crate::wire::call::<_, DiscoveryResponse, _>(
-        &mut channel,
-        crate::server::SOTW_PATH,
-        ReceiverStream::new(rx),
-        crate::server::MAX_RESPONSE_BYTES,
-    )
-    .await?;
+    let link = state.link.clone();
+    let (mut responses, _connected) = link
+        .open(crate::wire::call::<_, DiscoveryResponse, _>(
+            &mut channel,
+            crate::server::SOTW_PATH,
+            ReceiverStream::new(rx),
+            crate::server::MAX_RESPONSE_BYTES,
+        ))
+        .await?;
     // Per type: the names subscribed (empty: wildcard), the last accepted version and nonce.
     let mut names: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     let mut accepted: BTreeMap<String, String> = BTreeMap::new();

@@ -552,7 +552,11 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
         channel,
         node().unwrap(),
         &mut state,
-        |s| Ok(s.clusters.len()),
+        |s| {
+            // Connected while the stream is open.
+            assert!(s.link.connected());
+            Ok(s.clusters.len())
+        },
         &out,
     );
     let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
@@ -562,4 +566,24 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
         taken.success >= 4 && taken.rejected == refused.rejected,
         "{taken:?}"
     );
+    // Two sessions, two streams, no longer connected once the second ended.
+    let link = state.link.clone();
+    assert_eq!((link.attempts(), link.streams()), (2, 2));
+    assert!(!link.connected());
+    // A control plane out of reach: a session that never opens its stream.
+    let nowhere = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+    let failed = run(
+        nowhere,
+        node().unwrap(),
+        &mut state,
+        |s| Ok(s.clusters.len()),
+        &out,
+    )
+    .await;
+    assert!(failed.is_err());
+    assert_eq!(
+        (link.attempts(), link.streams(), link.connect_failures()),
+        (3, 2, 1)
+    );
+    assert!(!link.connected());
 }
