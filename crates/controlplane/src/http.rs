@@ -167,6 +167,8 @@ pub fn syncz(state: &State) -> Value {
                     .collect();
                 json!({
                     "proxy": p.node_id,
+                    "cluster_id": p.cluster_id,
+                    "istio_version": p.proxy_version,
                     "delta": p.delta,
                     "control_plane_version": version,
                     "cluster_sent": sent(CLUSTER), "cluster_acked": acked(CLUSTER),

@@ -75,3 +75,14 @@ fn main() {
     };
     exit::finish(result)
 }
+
+#[cfg(test)]
+mod tests {
+    /// clap's own checks of every subcommand's flags (names used twice, bad defaults), which
+    /// otherwise fail only when that subcommand is run.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

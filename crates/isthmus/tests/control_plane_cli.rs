@@ -81,8 +81,20 @@ async fn proxy_status_shows_a_connected_proxy() {
         .await
         .unwrap()
         .into_inner();
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
     let node = Node {
         id: "sidecar~10.1.0.5~sleep-0.default~default.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: [
+                ("CLUSTER_ID".to_string(), text("east")),
+                ("ISTIO_VERSION".to_string(), text("1.24.2")),
+            ]
+            .into_iter()
+            .collect(),
+        }),
         ..Default::default()
     };
     tx.send(DiscoveryRequest {
@@ -128,6 +140,9 @@ async fn proxy_status_shows_a_connected_proxy() {
         .collect();
     assert_eq!(cols[2], "SYNCED", "{table}");
     assert_eq!(cols[3], "NOT SENT", "{table}");
+    // The proxy's cluster and version, as its node reported them.
+    assert_eq!(cols[1], "east", "{table}");
+    assert_eq!(cols.last(), Some(&"1.24.2"), "{table}");
 
     let clusters = Command::new(BIN)
         .args([

@@ -403,9 +403,11 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     // And who answered, from the peer metadata of the answers.
     assert!(own.contains("destination_workload=\"server\""), "{own}");
     assert!(own.contains("[0 body] envoy_server_live 1\n"), "{own}");
-    // The server asked for nothing more than Istio's list.
+    // The server asked for nothing more than Istio's list, which has the control plane's
+    // cluster and no other.
     assert!(
-        !metrics.contains("envoy_cluster_upstream_rq_total"),
+        !metrics.contains("envoy_cluster_upstream_rq_total{cluster_name=\"outbound")
+            && metrics.contains("envoy_cluster_upstream_rq_total{cluster_name=\"xds-grpc\"} "),
         "{metrics}"
     );
     // The agent's port 15020 tells how long the workload certificate has left.

@@ -37,8 +37,8 @@ pub struct AdminState {
     pub started: Instant,
     pub quit: watch::Sender<bool>,
     pub log_level: Option<LogLevelSetter>,
-    /// The `BootstrapConfigDump` of this proxy (what `/config_dump` begins with).
-    pub bootstrap: Value,
+    /// What `/config_dump` begins with.
+    pub bootstrap: crate::bootstrap::Bootstrap,
     /// The xDS client's sessions and the updates they took, shared with it.
     pub xds_link: Arc<isthmus_xds::client::Link>,
     pub xds_updates: Arc<isthmus_xds::client::UpdateCounts>,
@@ -292,7 +292,7 @@ impl AdminState {
                 "version": concat!("isthmus/", env!("CARGO_PKG_VERSION")),
                 "state": self.state_name(),
                 "uptime_current_epoch": format!("{}s", self.started.elapsed().as_secs()),
-                "node": self.bootstrap["bootstrap"]["node"],
+                "node": self.bootstrap.node_json(),
             })),
             "/ready" => {
                 let s = self.state_name();
@@ -336,7 +336,11 @@ impl AdminState {
     fn config_dump(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
         let cfg = self.shared.config();
         let secrets = self.secrets_dump();
-        let dump = isthmus_xds::json::config_dump(&cfg.xds, Some(&self.bootstrap), vec![secrets]);
+        let bootstrap = self.bootstrap.config_dump();
+        let dump = isthmus_xds::json::config_dump(&cfg.xds, Some(&bootstrap), vec![secrets]);
+        // The descriptors go back; the dump is rare, the memory they hold is not.
+        isthmus_xds::json::unload();
+        release_free_memory();
         let mut items: Vec<Value> = match q.get("resource").filter(|r| !r.is_empty()) {
             None => dump["configs"].as_array().cloned().unwrap_or_default(),
             Some(field) => {
@@ -633,6 +637,16 @@ impl AdminState {
                 }
             })
         })
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them otherwise, in every
+/// arena that took part).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases memory that is already free.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

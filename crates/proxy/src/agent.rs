@@ -330,11 +330,11 @@ pub async fn run(
         started,
         quit: quit_tx,
         log_level,
-        bootstrap: crate::bootstrap::config_dump(
-            &opts,
-            isthmus_xds::json::to_json(&node).unwrap_or_default(),
-            std::time::SystemTime::now(),
-        ),
+        bootstrap: crate::bootstrap::Bootstrap {
+            opts: opts.clone(),
+            node: node.clone(),
+            at: std::time::SystemTime::now(),
+        },
         xds_link: xds_state.link.clone(),
         xds_updates: xds_state.updates.clone(),
         app_metrics: opts.app_metrics.clone(),

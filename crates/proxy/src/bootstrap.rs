@@ -6,6 +6,8 @@
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value::Kind};
 use serde_json::{Value, json};
 
 use crate::agent::Options;
@@ -96,8 +98,55 @@ fn xds_cluster(opts: &Options) -> Option<Value> {
     Some(c)
 }
 
+/// What the bootstrap is made of, kept to build it when a config dump asks: the rendering
+/// needs Envoy's descriptors, which a sidecar does not keep loaded.
+#[derive(Debug)]
+pub struct Bootstrap {
+    pub opts: Options,
+    pub node: Node,
+    pub at: SystemTime,
+}
+
+impl Bootstrap {
+    /// The node as Envoy's admin prints it (`/server_info`, the bootstrap).
+    pub fn node_json(&self) -> Value {
+        let n = &self.node;
+        json!({
+            "id": n.id,
+            "cluster": n.cluster,
+            "metadata": n.metadata.as_ref().map_or(json!({}), struct_json),
+        })
+    }
+
+    /// Envoy's `BootstrapConfigDump`.
+    pub fn config_dump(&self) -> Value {
+        config_dump(&self.opts, self.node_json(), self.at)
+    }
+}
+
+fn struct_json(s: &Struct) -> Value {
+    Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), value_json(v)))
+            .collect(),
+    )
+}
+
+/// protobuf's JSON of a `google.protobuf.Value`.
+fn value_json(v: &PbValue) -> Value {
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::StructValue(s)) => struct_json(s),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(value_json).collect()),
+    }
+}
+
 /// Envoy's `BootstrapConfigDump` of a proxy started with `opts`, presenting `node`.
-pub fn config_dump(opts: &Options, node: Value, at: SystemTime) -> Value {
+fn config_dump(opts: &Options, node: Value, at: SystemTime) -> Value {
     let ports = &opts.ports;
     let mut clusters = vec![
         static_cluster("prometheus_stats", "STATIC", "127.0.0.1", ports.admin),
@@ -168,16 +217,38 @@ mod tests {
             proxy_config: None,
             stats_inclusions: Default::default(),
         };
+        let text = |s: &str| PbValue {
+            kind: Some(Kind::StringValue(s.into())),
+        };
+        let labels = Struct {
+            fields: [("app".to_string(), text("a"))].into_iter().collect(),
+        };
+        let node = Node {
+            id: "sidecar~10.1.0.5~a.b~b.svc.cluster.local".into(),
+            metadata: Some(Struct {
+                fields: [(
+                    "LABELS".to_string(),
+                    PbValue {
+                        kind: Some(Kind::StructValue(labels)),
+                    },
+                )]
+                .into_iter()
+                .collect(),
+            }),
+            ..Default::default()
+        };
+        let bootstrap = Bootstrap {
+            opts,
+            node,
+            at: SystemTime::UNIX_EPOCH,
+        };
         // Every field survives Envoy's schema: none is misnamed.
-        let dump = config_dump(
-            &opts,
-            json!({"id": "sidecar~10.1.0.5~a.b~b.svc.cluster.local"}),
-            SystemTime::UNIX_EPOCH,
-        );
+        let dump = bootstrap.config_dump();
         let raw = isthmus_xds::json::normalize(BOOTSTRAP, dump["bootstrap"].clone());
         assert!(raw.is_ok(), "{raw:?}");
         let b = &dump["bootstrap"];
         assert_eq!(b["node"]["id"], "sidecar~10.1.0.5~a.b~b.svc.cluster.local");
+        assert_eq!(b["node"]["metadata"]["LABELS"]["app"], "a");
         let clusters = b["static_resources"]["clusters"].as_array().unwrap();
         let xds = clusters.iter().find(|c| c["name"] == XDS_CLUSTER).unwrap();
         assert_eq!(

@@ -10,7 +10,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod agent;
-mod bootstrap;
+pub mod bootstrap;
 pub mod config;
 pub mod envoy_stats;
 mod http;

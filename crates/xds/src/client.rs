@@ -4,7 +4,6 @@
 //! good resource stays in force), and publish every accepted state on a watch channel.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -80,13 +79,25 @@ impl Link {
         self.connected.load(Relaxed)
     }
 
-    /// Counts a session's start and opens its stream with `call`, marking the link connected
-    /// until the returned guard is dropped.
-    async fn open<R>(
+    /// Counts a session's start and opens its stream at `path`, sending `requests`; the link
+    /// is connected until the returned guard is dropped.
+    async fn open<Req, Resp>(
         self: &Arc<Self>,
-        call: impl Future<Output = Result<R, tonic::Status>>,
-    ) -> Result<(R, Connected), tonic::Status> {
+        channel: &mut tonic::transport::Channel,
+        path: &'static str,
+        requests: mpsc::Receiver<Req>,
+    ) -> Result<(crate::wire::Messages<Resp>, Connected), tonic::Status>
+    where
+        Req: prost::Message + Send + 'static,
+        Resp: prost::Message + Default,
+    {
         self.attempts.fetch_add(1, Relaxed);
+        let call = crate::wire::call::<_, Resp, _>(
+            channel,
+            path,
+            ReceiverStream::new(requests),
+            crate::server::MAX_RESPONSE_BYTES,
+        );
         match call.await {
             Ok(r) => {
                 self.streams.fetch_add(1, Relaxed);
@@ -203,12 +214,7 @@ where
     }
     let link = state.link.clone();
     let (mut responses, _connected) = link
-        .open(crate::wire::call::<_, DeltaDiscoveryResponse, _>(
-            &mut channel,
-            crate::server::DELTA_PATH,
-            ReceiverStream::new(rx),
-            crate::server::MAX_RESPONSE_BYTES,
-        ))
+        .open::<_, DeltaDiscoveryResponse>(&mut channel, crate::server::DELTA_PATH, rx)
         .await?;
     let mut subscribed: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
     while let Some(first) = responses.message().await? {
@@ -638,12 +644,7 @@ where
     }
     let link = state.link.clone();
     let (mut responses, _connected) = link
-        .open(crate::wire::call::<_, DiscoveryResponse, _>(
-            &mut channel,
-            crate::server::SOTW_PATH,
-            ReceiverStream::new(rx),
-            crate::server::MAX_RESPONSE_BYTES,
-        ))
+        .open::<_, DiscoveryResponse>(&mut channel, crate::server::SOTW_PATH, rx)
         .await?;
     // Per type: the names subscribed (empty: wildcard), the last accepted version and nonce.
     let mut names: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();

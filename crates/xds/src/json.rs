@@ -1,9 +1,9 @@
 //! Envoy resources as JSON, the way Envoy's admin `config_dump` prints them (proto field names,
 //! `Any` expanded with its `@type`). Used by config dumps, `proxy-config` and golden tests.
 
-use std::sync::OnceLock;
+use std::sync::Mutex;
 
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, SerializeOptions};
 
 /// Envoy's v3 descriptors (see `data/README.md`).
 static DESCRIPTORS: &[u8] = include_bytes!("../data/envoy-descriptors.bin");
@@ -18,9 +18,16 @@ pub enum JsonError {
     Convert { type_name: String, message: String },
 }
 
-fn pool() -> Result<&'static DescriptorPool, JsonError> {
-    static POOL: OnceLock<Result<DescriptorPool, String>> = OnceLock::new();
-    POOL.get_or_init(|| {
+/// The decoded descriptors, kept once loaded until [`unload`]. Decoded, they take some 45 MB:
+/// a sidecar, which needs them only to answer a config dump, lets them go after each.
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
+
+fn pool() -> Result<DescriptorPool, JsonError> {
+    let mut cached = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(pool) = cached.as_ref() {
+        return Ok(pool.clone());
+    }
+    let decode = || -> Result<DescriptorPool, String> {
         let mut pool = DescriptorPool::decode(DESCRIPTORS).map_err(|e| e.to_string())?;
         // Envoy's descriptors name `TypedStruct` without defining it.
         for package in ["udpa.type.v1", "xds.type.v3"] {
@@ -28,30 +35,47 @@ fn pool() -> Result<&'static DescriptorPool, JsonError> {
                 .map_err(|e| e.to_string())?;
         }
         Ok(pool)
-    })
-    .as_ref()
-    .map_err(|e| JsonError::Descriptors(e.clone()))
+    };
+    let pool = decode().map_err(JsonError::Descriptors)?;
+    *cached = Some(pool.clone());
+    Ok(pool)
+}
+
+/// Drops the cached descriptors; they are freed once the last conversion using them ends,
+/// and decoded again when next needed.
+pub fn unload() {
+    POOL.lock().unwrap_or_else(|p| p.into_inner()).take();
+}
+
+/// The descriptor of the message `type_name`.
+fn descriptor(type_name: &str) -> Result<MessageDescriptor, JsonError> {
+    pool()?
+        .get_message_by_name(type_name)
+        .ok_or_else(|| JsonError::UnknownType(type_name.to_string()))
+}
+
+/// How a failure to convert a `type_name` is reported.
+fn convert(type_name: &str) -> impl Fn(String) -> JsonError + '_ {
+    move |message| JsonError::Convert {
+        type_name: type_name.to_string(),
+        message,
+    }
+}
+
+/// `msg` as Envoy's config dumps print it: proto field names, defaults left out.
+fn render(msg: &DynamicMessage, type_name: &str) -> Result<serde_json::Value, JsonError> {
+    let options = SerializeOptions::new()
+        .use_proto_field_name(true)
+        .skip_default_fields(true);
+    msg.serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| convert(type_name)(e.to_string()))
 }
 
 /// A message as JSON, for a message whose full protobuf name is `type_name`.
 pub fn encoded_to_json(type_name: &str, bytes: &[u8]) -> Result<serde_json::Value, JsonError> {
-    let desc = pool()?
-        .get_message_by_name(type_name)
-        .ok_or_else(|| JsonError::UnknownType(type_name.to_string()))?;
-    let convert = |message: String| JsonError::Convert {
-        type_name: type_name.to_string(),
-        message,
-    };
-    let msg = DynamicMessage::decode(desc, bytes).map_err(|e| convert(e.to_string()))?;
-    msg.serialize_with_options(serde_json::value::Serializer, &dump_options())
-        .map_err(|e| convert(e.to_string()))
-}
-
-/// Envoy's config dump style: proto field names, defaults left out.
-fn dump_options() -> SerializeOptions {
-    SerializeOptions::new()
-        .use_proto_field_name(true)
-        .skip_default_fields(true)
+    let msg = DynamicMessage::decode(descriptor(type_name)?, bytes)
+        .map_err(|e| convert(type_name)(e.to_string()))?;
+    render(&msg, type_name)
 }
 
 /// Any prost-generated Envoy message as JSON.
@@ -64,32 +88,18 @@ pub fn from_json<M: prost::Message + prost::Name + Default>(
     v: serde_json::Value,
 ) -> Result<M, JsonError> {
     let type_name = M::full_name();
-    let desc = pool()?
-        .get_message_by_name(&type_name)
-        .ok_or_else(|| JsonError::UnknownType(type_name.clone()))?;
-    let convert = |message: String| JsonError::Convert {
-        type_name: type_name.clone(),
-        message,
-    };
-    DynamicMessage::deserialize(desc, v)
-        .map_err(|e| convert(e.to_string()))?
+    DynamicMessage::deserialize(descriptor(&type_name)?, v)
+        .map_err(|e| convert(&type_name)(e.to_string()))?
         .transcode_to::<M>()
-        .map_err(|e| convert(e.to_string()))
+        .map_err(|e| convert(&type_name)(e.to_string()))
 }
 
 /// `v` as protobuf's JSON of the message `type_name` renders it, defaults left out: an error
 /// for a field the message does not have or of the wrong shape.
 pub fn normalize(type_name: &str, v: serde_json::Value) -> Result<serde_json::Value, JsonError> {
-    let desc = pool()?
-        .get_message_by_name(type_name)
-        .ok_or_else(|| JsonError::UnknownType(type_name.to_string()))?;
-    let convert = |message: String| JsonError::Convert {
-        type_name: type_name.to_string(),
-        message,
-    };
-    let msg = DynamicMessage::deserialize(desc, v).map_err(|e| convert(e.to_string()))?;
-    msg.serialize_with_options(serde_json::value::Serializer, &dump_options())
-        .map_err(|e| convert(e.to_string()))
+    let msg = DynamicMessage::deserialize(descriptor(type_name)?, v)
+        .map_err(|e| convert(type_name)(e.to_string()))?;
+    render(&msg, type_name)
 }
 
 /// A resource a proxy received, as JSON.
@@ -255,5 +265,16 @@ mod tests {
         let bad = serde_json::json!({"name": "x", "conect_timeout": "5s"});
         let err = super::normalize("envoy.config.cluster.v3.Cluster", bad).unwrap_err();
         assert!(err.to_string().contains("conect_timeout"), "{err}");
+    }
+
+    #[test]
+    fn descriptors_unloaded_are_decoded_again_when_needed() {
+        let c = envoy_types::pb::envoy::config::cluster::v3::Cluster {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let before = super::to_json(&c).unwrap();
+        super::unload();
+        assert_eq!(super::to_json(&c).unwrap(), before);
     }
 }

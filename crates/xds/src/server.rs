@@ -162,6 +162,9 @@ const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProxyState {
     pub node_id: String,
+    /// The node's `CLUSTER_ID` and `ISTIO_VERSION` metadata.
+    pub cluster_id: String,
+    pub proxy_version: String,
     pub delta: bool,
     /// Per type: the version sent last, the version acknowledged last, the last NACK.
     pub types: BTreeMap<String, TypeState>,
@@ -729,9 +732,23 @@ impl<G: Generator> Conn<G> {
             && let Some(n) = node
         {
             let id = n.id.clone();
+            let meta = |key: &str| {
+                let v = n.metadata.as_ref()?.fields.get(key)?;
+                match &v.kind {
+                    Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                }
+            };
+            let (cluster_id, version) = (meta("CLUSTER_ID"), meta("ISTIO_VERSION"));
             self.proxy = Some(self.generator.proxy(&n));
             self.node = Some(n);
-            self.state(|s| s.node_id = id);
+            self.state(|s| {
+                s.node_id = id;
+                s.cluster_id = cluster_id.unwrap_or_default();
+                s.proxy_version = version.unwrap_or_default();
+            });
         }
     }
 

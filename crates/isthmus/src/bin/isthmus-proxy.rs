@@ -19,3 +19,12 @@ fn main() {
     let cli: Cli = exit::parse_args();
     exit::finish(cmd::proxy::run(cli.args))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

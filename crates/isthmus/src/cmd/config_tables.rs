@@ -98,7 +98,7 @@ fn chains(l: &Value) -> impl Iterator<Item = &Value> {
 
 /// HTTP, TCP, HTTP+TCP or UNKNOWN, by the filters of the listener's chains (a TCP proxy to
 /// the BlackHoleCluster does not count).
-fn listener_type(l: &Value) -> &'static str {
+pub(crate) fn listener_type(l: &Value) -> &'static str {
     let filters: Vec<&Value> = chains(l)
         .flat_map(|c| c["filters"].as_array().into_iter().flatten())
         .collect();

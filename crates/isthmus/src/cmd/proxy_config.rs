@@ -46,7 +46,101 @@ pub struct ProxyConfigArgs {
     #[arg(long = "control-plane", env = "ISTHMUS_CONTROL_PLANE")]
     control_plane: Option<String>,
     #[command(flatten)]
+    filters: Filters,
+    #[command(flatten)]
     mesh: MeshArgs,
+}
+
+/// istioctl's filters: each applies to the sections it names, and keeps what matches all.
+#[derive(Debug, Default, Args)]
+pub struct Filters {
+    /// Clusters whose name contains this host.
+    #[arg(long)]
+    fqdn: Option<String>,
+    /// Clusters of this port, listeners on it, endpoints at it.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Clusters of this subset.
+    #[arg(long)]
+    subset: Option<String>,
+    /// Clusters of this direction (`inbound`, `outbound`).
+    #[arg(long)]
+    direction: Option<String>,
+    /// Listeners on this address, endpoints at it.
+    #[arg(long)]
+    address: Option<String>,
+    /// Listeners of this type (`HTTP`, `TCP`, `HTTP+TCP`).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// The route configuration of this name (istioctl's `--name`; ours names the mesh).
+    #[arg(long = "route-name")]
+    route_name: Option<String>,
+    /// Endpoints of this cluster.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Endpoints of this health status (`HEALTHY`, `UNHEALTHY`, …).
+    #[arg(long)]
+    status: Option<String>,
+}
+
+impl Filters {
+    fn cluster(&self, c: &Value) -> bool {
+        let name = c["name"].as_str().unwrap_or("");
+        let has = |part: &Option<String>| part.as_deref().is_none_or(|p| name.contains(p));
+        has(&self.fqdn)
+            && has(&self.subset)
+            && has(&self.direction)
+            && self.port.is_none_or(|p| name.contains(&format!("|{p}|")))
+    }
+
+    fn listener(&self, l: &Value) -> bool {
+        let sa = &l["address"]["socket_address"];
+        let address = sa["address"].as_str().unwrap_or("");
+        self.address
+            .as_deref()
+            .is_none_or(|a| a.eq_ignore_ascii_case(address))
+            && self
+                .port
+                .is_none_or(|p| sa["port_value"].as_u64() == Some(u64::from(p)))
+            && self
+                .kind
+                .as_deref()
+                .is_none_or(|t| t.eq_ignore_ascii_case(tables::listener_type(l)))
+    }
+
+    fn route(&self, r: &Value) -> bool {
+        self.route_name.as_deref().is_none_or(|n| r["name"] == n)
+    }
+
+    /// An endpoint assignment with only the endpoints that pass, or none.
+    fn endpoints(&self, a: &Value) -> Option<Value> {
+        if self
+            .cluster
+            .as_deref()
+            .is_some_and(|c| a["cluster_name"] != c)
+        {
+            return None;
+        }
+        let mut a = a.clone();
+        for locality in a["endpoints"].as_array_mut().into_iter().flatten() {
+            if let Some(list) = locality["lb_endpoints"].as_array_mut() {
+                list.retain(|e| {
+                    let sa = &e["endpoint"]["address"]["socket_address"];
+                    self.address.as_deref().is_none_or(|x| sa["address"] == x)
+                        && self
+                            .port
+                            .is_none_or(|p| sa["port_value"].as_u64() == Some(u64::from(p)))
+                        && self.status.as_deref().is_none_or(|st| {
+                            e["health_status"]
+                                .as_str()
+                                .unwrap_or("UNKNOWN")
+                                .eq_ignore_ascii_case(st)
+                        })
+                });
+            }
+        }
+        Some(a)
+    }
 }
 
 /// A proxy's config dump: from its admin port when it is a pod of the local runtime, else
@@ -145,6 +239,11 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
         &["endpoint_config"],
     );
     let secrets = items(&dump, "SecretsConfigDump", "dynamic_active_secrets", &[]);
+    let f = &a.filters;
+    let clusters: Vec<Value> = clusters.into_iter().filter(|c| f.cluster(c)).collect();
+    let listeners: Vec<Value> = listeners.into_iter().filter(|l| f.listener(l)).collect();
+    let routes: Vec<Value> = routes.into_iter().filter(|r| f.route(r)).collect();
+    let endpoints: Vec<Value> = endpoints.iter().filter_map(|e| f.endpoints(e)).collect();
     let (json, table) = match a.section {
         Section::Cluster => (Value::Array(clusters.clone()), tables::clusters(&clusters)),
         Section::Listener => (
@@ -202,4 +301,57 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
         Output::Short => print!("{table}"),
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn filters_keep_what_matches_every_flag_given() {
+        let f = Filters {
+            fqdn: Some("reviews.bookinfo".into()),
+            port: Some(9080),
+            direction: Some("outbound".into()),
+            ..Default::default()
+        };
+        let keeps = |name: &str| f.cluster(&json!({ "name": name }));
+        assert!(keeps("outbound|9080|v1|reviews.bookinfo.svc.cluster.local"));
+        assert!(!keeps("outbound|9081||reviews.bookinfo.svc.cluster.local"));
+        assert!(!keeps("inbound|9080||"));
+        assert!(!keeps("outbound|9080||ratings.bookinfo.svc.cluster.local"));
+
+        let http = json!({
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 9080}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager"}]}],
+        });
+        let by_type = |t: &str| Filters {
+            kind: Some(t.into()),
+            port: Some(9080),
+            ..Default::default()
+        };
+        assert!(by_type("http").listener(&http));
+        assert!(!by_type("TCP").listener(&http));
+
+        let ep = |ip: &str, status: &str| json!({"endpoint": {"address": {"socket_address": {"address": ip, "port_value": 8080}}}, "health_status": status});
+        let assignment = json!({
+            "cluster_name": "outbound|8080||server.e2e.svc.cluster.local",
+            "endpoints": [{"lb_endpoints": [ep("10.0.0.1", "HEALTHY"), ep("10.0.0.2", "UNHEALTHY")]}],
+        });
+        let unhealthy = Filters {
+            status: Some("unhealthy".into()),
+            ..Default::default()
+        };
+        let kept = unhealthy.endpoints(&assignment).unwrap();
+        assert_eq!(
+            kept["endpoints"][0]["lb_endpoints"],
+            json!([ep("10.0.0.2", "UNHEALTHY")])
+        );
+        let other = Filters {
+            cluster: Some("inbound|8080||".into()),
+            ..Default::default()
+        };
+        assert!(other.endpoints(&assignment).is_none());
+    }
 }

@@ -154,14 +154,15 @@ fn table(rows: &[&Value]) -> String {
     for p in rows {
         lines.push(vec![
             pod_name(p).to_string(),
-            "Kubernetes".into(),
+            p["cluster_id"].as_str().unwrap_or("").to_string(),
             status(p, "CDS", "cluster"),
             status(p, "LDS", "listener"),
             status(p, "EDS", "endpoint"),
             status(p, "RDS", "route"),
             "IGNORED".into(),
             "isthmus".into(),
-            env!("CARGO_PKG_VERSION").into(),
+            // The proxy's own version, as its node reported it.
+            p["istio_version"].as_str().unwrap_or("").to_string(),
         ]);
     }
     render_table(&lines)
