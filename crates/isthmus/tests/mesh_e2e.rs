@@ -480,6 +480,13 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
             .any(|l| l.contains(" 15090 ") && l.ends_with("Inline Route: /stats/prometheus*")),
         "{out}"
     );
+    // The sidecar's log level, as `istioctl proxy-config log` reads and sets it.
+    let (ok, out) = cli(&["proxy-config", "log", "client", "--level", "debug"]);
+    assert!(ok && out.ends_with("active loggers:\n  all: debug\n"), "{out}");
+    let (ok, out) = cli(&["proxy-config", "log", "client", "-r"]);
+    assert!(ok && out.ends_with("all: warning\n"), "{out}");
+    let (ok, out) = cli(&["proxy-config", "log", "client"]);
+    assert!(ok && out.ends_with("all: warning\n"), "{out}");
     let (ok, out) = cli(&["proxy-config", "bootstrap", "client"]);
     let bootstrap: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert!(

@@ -26,9 +26,24 @@ use crate::envoy_stats::Kind;
 use crate::stats::ReadStat;
 use crate::upstream::Address;
 
-/// Changes the log filter at run time (`POST /logging?level=`); receives a `tracing` level
-/// name (`trace`, `debug`, `info`, `warn`, `error`, `off`).
-pub type LogLevelSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+/// Sets the log filter to a `tracing` level name (`trace`, `debug`, `info`, `warn`, `error`,
+/// `off`).
+pub type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The log filter, changed at run time by `POST /logging?level=`.
+pub struct LogLevel {
+    /// What it is now: the level last set, or the filter the proxy started with.
+    pub current: std::sync::Mutex<String>,
+    pub set: SetLevel,
+}
+
+impl std::fmt::Debug for LogLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogLevel")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What the admin pages read.
 pub struct AdminState {
@@ -36,7 +51,7 @@ pub struct AdminState {
     pub ready: watch::Receiver<bool>,
     pub started: Instant,
     pub quit: watch::Sender<bool>,
-    pub log_level: Option<LogLevelSetter>,
+    pub log_level: Option<LogLevel>,
     /// What `/config_dump` begins with.
     pub bootstrap: crate::bootstrap::Bootstrap,
     /// The xDS client's sessions and the updates they took, shared with it.
@@ -303,18 +318,7 @@ impl AdminState {
                 };
                 text(code, format!("{s}\n"))
             }
-            "/logging" if post => match (q.get("level").map(|l| envoy_level(l)), &self.log_level) {
-                (Some(Ok(level)), Some(set)) => match set(level) {
-                    Ok(()) => text(StatusCode::OK, format!("active loggers:\n  all: {level}\n")),
-                    Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                },
-                (Some(Err(e)), _) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-                (None, _) => text(
-                    StatusCode::BAD_REQUEST,
-                    "usage: POST /logging?level=<trace|debug|info|warning|error|off>\n",
-                ),
-                (_, None) => text(StatusCode::NOT_IMPLEMENTED, "log level is fixed\n"),
-            },
+            "/logging" if post => self.logging(&q),
             "/quitquitquit" if post => {
                 self.quit.send_replace(true);
                 text(StatusCode::OK, "OK\n")
@@ -329,6 +333,31 @@ impl AdminState {
             ),
             _ => text(StatusCode::NOT_FOUND, "invalid path\n"),
         }
+    }
+
+    /// `POST /logging`: with `level=`, sets it for every logger; without parameters, lists it.
+    fn logging(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
+        let Some(log) = &self.log_level else {
+            return text(StatusCode::NOT_IMPLEMENTED, "log level is fixed\n");
+        };
+        let mut current = log.current.lock().unwrap_or_else(|p| p.into_inner());
+        match q.get("level") {
+            Some(given) => match envoy_level(given).and_then(|level| (log.set)(level)) {
+                Ok(()) => *current = given.clone(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            },
+            None if q.is_empty() => {}
+            None => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "usage: POST /logging?level=<trace|debug|info|warning|error|off> (one level for every logger)\n",
+                );
+            }
+        }
+        text(
+            StatusCode::OK,
+            format!("active loggers:\n  all: {current}\n"),
+        )
     }
 
     /// `/config_dump`, with Envoy's `resource=` (one repeated field of the dumps, flattened)

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::admin::{AdminState, LogLevelSetter};
+use crate::admin::{AdminState, LogLevel};
 use crate::config::Config;
 use crate::envoy_stats::Inclusions;
 use crate::identity::{CaClient, Identity};
@@ -231,7 +231,7 @@ fn channel(
 /// Runs the proxy until `shutdown` completes or `/quitquitquit` is posted, then drains.
 pub async fn run(
     opts: Options,
-    log_level: Option<LogLevelSetter>,
+    log_level: Option<LogLevel>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();

@@ -435,10 +435,13 @@ impl Harness {
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();
-        let setter: isthmus_proxy::admin::LogLevelSetter = Arc::new(move |l: &str| {
-            seen.lock().unwrap().push(l.to_string());
-            Ok(())
-        });
+        let setter = isthmus_proxy::admin::LogLevel {
+            current: std::sync::Mutex::new("info".into()),
+            set: Box::new(move |l: &str| {
+                seen.lock().unwrap().push(l.to_string());
+                Ok(())
+            }),
+        };
         let proxy = tokio::spawn(isthmus_proxy::agent::run(opts, Some(setter), async {
             let _ = quit_rx.await;
         }));
@@ -1042,6 +1045,12 @@ fn admin_endpoints_answer_like_envoys() {
         assert_eq!(admin("POST", "/logging?level=loud").await.0, 400);
         assert_eq!(admin("POST", "/logging?level=warning").await.0, 200);
         assert_eq!(*h.levels.lock().unwrap(), vec!["debug", "warn"]);
+        // Without parameters it lists the level in force, in Envoy's name for it.
+        assert_eq!(
+            admin("POST", "/logging").await,
+            (200, "active loggers:\n  all: warning\n".to_string())
+        );
+        assert_eq!(admin("POST", "/logging?rbac=debug").await.0, 400);
         let (status, dump) = admin(
             "GET",
             "/config_dump?resource=dynamic_active_clusters&mask=cluster.name",

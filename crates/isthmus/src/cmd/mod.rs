@@ -31,8 +31,8 @@ pub(crate) fn read_yaml<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BODY: usize = 64 << 20;
 
-/// GET `path` from `addr` (host:port), bounded in time and size.
-pub(crate) async fn http_get(addr: &str, path: &str) -> Result<bytes::Bytes> {
+/// `method` on `path` at `addr` (host:port), bounded in time and size.
+async fn http_request(method: hyper::Method, addr: &str, path: &str) -> Result<bytes::Bytes> {
     let work = async {
         let tcp = tokio::net::TcpStream::connect(addr)
             .await
@@ -41,7 +41,9 @@ pub(crate) async fn http_get(addr: &str, path: &str) -> Result<bytes::Bytes> {
             hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(TokioIo::new(tcp))
                 .await?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(path)
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, addr)
             .body(Empty::new())?;
         let resp = sender.send_request(req).await?;
@@ -124,6 +126,16 @@ pub(crate) fn require_root_and_tools() -> Result<()> {
 /// GET from an address inside a network namespace (a pod's admin port, the local runtime's
 /// control plane): a thread enters the namespace and runs the request there.
 pub(crate) fn http_get_in(netns: Option<&str>, addr: &str, path: &str) -> Result<bytes::Bytes> {
+    http_in(netns, hyper::Method::GET, addr, path)
+}
+
+/// [`http_get_in`] with another method.
+pub(crate) fn http_in(
+    netns: Option<&str>,
+    method: hyper::Method,
+    addr: &str,
+    path: &str,
+) -> Result<bytes::Bytes> {
     let (netns, addr, path) = (
         netns.map(str::to_string),
         addr.to_string(),
@@ -137,7 +149,7 @@ pub(crate) fn http_get_in(netns: Option<&str>, addr: &str, path: &str) -> Result
             .enable_all()
             .build()
             .context("starting the runtime")?
-            .block_on(http_get(&addr, &path))
+            .block_on(http_request(method, &addr, &path))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("request thread panicked"))?

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -100,17 +99,26 @@ pub struct ProxyArgs {
 }
 
 pub fn run(a: ProxyArgs) -> Result<i32> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, initial) = match EnvFilter::try_from_default_env() {
+        Ok(f) => {
+            let given = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+            (f, given)
+        }
+        Err(_) => (EnvFilter::new("info"), "info".to_string()),
+    };
     let (filter, handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
-    let set_level: isthmus_proxy::admin::LogLevelSetter = Arc::new(move |level: &str| {
-        handle
-            .reload(EnvFilter::new(level))
-            .map_err(|e| e.to_string())
-    });
+    let set_level = isthmus_proxy::admin::LogLevel {
+        current: std::sync::Mutex::new(initial),
+        set: Box::new(move |level: &str| {
+            handle
+                .reload(EnvFilter::new(level))
+                .map_err(|e| e.to_string())
+        }),
+    };
 
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     if let Some(j) = &a.labels_json {

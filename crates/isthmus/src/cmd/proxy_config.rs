@@ -7,9 +7,10 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 
 use crate::cmd::config_tables as tables;
-use crate::cmd::http_get_in;
 use crate::cmd::local::{MeshArgs, find_pod};
+use crate::cmd::{http_get_in, http_in};
 use crate::exit;
+use hyper::Method;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Section {
@@ -24,6 +25,8 @@ pub enum Section {
     #[value(alias = "secrets")]
     Secret,
     Bootstrap,
+    /// The proxy's log level; `--level` or `--reset` changes it.
+    Log,
     All,
 }
 
@@ -47,6 +50,13 @@ pub struct ProxyConfigArgs {
     control_plane: Option<String>,
     #[command(flatten)]
     filters: Filters,
+    /// `log`: the level to set for every logger (`trace`, `debug`, `info`, `warning`,
+    /// `error`, `off`).
+    #[arg(long)]
+    level: Option<String>,
+    /// `log`: back to Istio's default level, `warning`.
+    #[arg(short = 'r', long, conflicts_with = "level")]
+    reset: bool,
     #[command(flatten)]
     mesh: MeshArgs,
 }
@@ -209,7 +219,38 @@ fn both(dump: &Value, suffix: &str, dynamic: &str, field: &[&str], fixed: &str) 
     all
 }
 
+/// `proxy-config log`: the level in force, or set to `level`, from the pod's admin port.
+fn log(a: &ProxyConfigArgs) -> Result<i32> {
+    let level = if a.reset {
+        Some("warning")
+    } else {
+        a.level.as_deref()
+    };
+    let path = match level {
+        Some(l) => format!("/logging?level={l}"),
+        None => "/logging".to_string(),
+    };
+    let Some(st) =
+        isthmus_local::runtime::read_status(&a.mesh.dir()).filter(|_| a.control_plane.is_none())
+    else {
+        anyhow::bail!("log levels are read from the admin port of a pod of the local runtime");
+    };
+    let pod = find_pod(&st, &a.proxy)?;
+    let body = http_in(Some(&pod.netns), Method::POST, "127.0.0.1:15000", &path)
+        .with_context(|| format!("the log level of {}/{}", pod.namespace, pod.name))?;
+    print!(
+        "{}.{}:\n{}",
+        pod.name,
+        pod.namespace,
+        String::from_utf8_lossy(&body)
+    );
+    Ok(exit::OK)
+}
+
 pub fn run(a: ProxyConfigArgs) -> Result<i32> {
+    if a.section == Section::Log {
+        return log(&a);
+    }
     let (dump, _) = dump_of(&a.proxy, a.control_plane.as_deref(), &a.mesh)?;
     let clusters = both(
         &dump,
@@ -285,6 +326,8 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
             let text = serde_json::to_string_pretty(&bootstrap)? + "\n";
             (bootstrap, text)
         }
+        // Answered by `log` before the dump is read.
+        Section::Log => (Value::Null, String::new()),
         Section::All => (
             dump.clone(),
             [
