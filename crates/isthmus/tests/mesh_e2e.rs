@@ -482,7 +482,10 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     // The sidecar's log level, as `istioctl proxy-config log` reads and sets it.
     let (ok, out) = cli(&["proxy-config", "log", "client", "--level", "debug"]);
-    assert!(ok && out.ends_with("active loggers:\n  all: debug\n"), "{out}");
+    assert!(
+        ok && out.ends_with("active loggers:\n  all: debug\n"),
+        "{out}"
+    );
     let (ok, out) = cli(&["proxy-config", "log", "client", "-r"]);
     assert!(ok && out.ends_with("all: warning\n"), "{out}");
     let (ok, out) = cli(&["proxy-config", "log", "client"]);
