@@ -313,16 +313,21 @@ pub async fn run(
     let (drain_tx, drain_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
     let (quit_tx, mut quit_rx) = watch::channel(false);
+    let node = opts.node();
     let shared = Arc::new(Shared {
         config: config_rx.clone(),
         pools: pools.clone(),
+        spans: crate::trace::Reporter::start(config_rx.clone(), stats.clone()),
+        span_endpoint: Arc::new(crate::trace::Endpoint {
+            service_name: node.cluster.clone(),
+            ip: opts.ips.first().copied(),
+        }),
         stats,
         me,
         peers: Default::default(),
         draining: drain_rx,
         connections: Default::default(),
     });
-    let node = opts.node();
     let xds_state = XdsState::default();
     let state = Arc::new(AdminState {
         shared: shared.clone(),

@@ -29,6 +29,7 @@ use crate::config::{Cluster, DynamicMetadata};
 use crate::peer;
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
+use crate::trace::{Outcome, Span};
 use crate::upstream::{self, Address, Body, EndpointState, Slot};
 
 // Header names the data path uses on every request, as `HeaderName`s: a `&str` is parsed
@@ -186,6 +187,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// A request's protocol as Envoy's `%PROTOCOL%` and trace tags write it.
+pub(crate) fn protocol_name(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "HTTP/1.1",
+    }
+}
+
 fn request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -263,6 +274,23 @@ async fn handle(
     let upgrade = is_upgrade(req.version(), req.headers());
     let down_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // As Envoy's connection manager: the request id first, then the span, which records it.
+    if hcm.generate_request_id && !parts.headers.contains_key(REQUEST_ID) {
+        parts.headers.insert(REQUEST_ID, request_id());
+    }
+    let mut span = hcm.tracing.as_ref().map(|t| {
+        t.start(
+            &parts,
+            crate::trace::SpanStart {
+                inbound: info.inbound(),
+                tls: info.peer.is_some(),
+                peer: info.source,
+                node_id: shared.me.node_id.to_str().unwrap_or_default(),
+                local: &shared.span_endpoint,
+                reporter: &shared.spans,
+            },
+        )
+    });
     let mut metadata = DynamicMetadata::new();
     if let Some(jwt) = &hcm.jwt {
         if let Err(failure) = jwt.verify(&mut parts, &mut metadata) {
@@ -271,7 +299,12 @@ async fn handle(
                 format_args!("http.{}.jwt_authn.denied", hcm.stat_prefix),
             );
             tracing::debug!(reason = failure.text(), "JWT rejected");
-            let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
+            let pending = Pending::local(
+                start,
+                upgrade,
+                LogCtx::new(hcm, &parts, info, ""),
+                span.take(),
+            );
             refuse(shared, info, caller(hcm, &parts, shared), pending, 401, "-");
             return jwt_reply(&parts, failure);
         }
@@ -294,7 +327,12 @@ async fn handle(
             counters
                 .rbac_denied
                 .inc(stats, format_args!("http.{}.rbac.denied", hcm.stat_prefix));
-            let pending = Pending::local(start, upgrade, LogCtx::new(hcm, &parts, info, ""));
+            let pending = Pending::local(
+                start,
+                upgrade,
+                LogCtx::new(hcm, &parts, info, ""),
+                span.take(),
+            );
             refuse(
                 shared,
                 info,
@@ -316,16 +354,25 @@ async fn handle(
     });
     let Some((vh, route)) = selected else {
         stats.inc(format_args!("http.{}.no_route", hcm.stat_prefix));
+        end_span(span, 404, "NR");
         return local_reply(404, "");
     };
+    if let (Some(s), Some(op)) = (span.as_mut(), &route.operation) {
+        s.set_operation(op);
+    }
     match &route.action {
         Action::Direct { status, body } => {
+            end_span(span, *status, "-");
             let mut r = local_reply(*status, body);
             route.headers.apply_response(r.headers_mut());
             vh.headers.apply_response(r.headers_mut());
             r
         }
-        Action::Redirect(rd) => redirect(rd, &parts, host),
+        Action::Redirect(rd) => {
+            let r = redirect(rd, &parts, host);
+            end_span(span, r.status().as_u16(), "-");
+            r
+        }
         Action::Forward(fwd) => {
             let log = LogCtx::new(hcm, &parts, info, &route.name);
             // Fault injection: delay, then maybe answer in the upstream's place.
@@ -350,7 +397,7 @@ async fn handle(
                         shared,
                         info,
                         caller(hcm, &parts, shared),
-                        Pending::local(start, upgrade, log),
+                        Pending::local(start, upgrade, log, span.take()),
                         status,
                         "FI",
                     );
@@ -358,6 +405,9 @@ async fn handle(
                 }
             }
             prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
+            if let Some(s) = &span {
+                s.inject(&mut parts.headers);
+            }
             let request_bytes = Arc::new(AtomicU64::new(0));
             let body = Counted {
                 inner: body,
@@ -382,6 +432,7 @@ async fn handle(
                     request_bytes,
                     upgrade,
                     log,
+                    span,
                 },
             )
             .await;
@@ -446,9 +497,6 @@ fn prepare_request(
 ) {
     let h = &mut parts.headers;
     strip_hop_by_hop(h, upgrade);
-    if hcm.generate_request_id && !h.contains_key(REQUEST_ID) {
-        h.insert(REQUEST_ID, request_id());
-    }
     client_cert_header(h, hcm, info, shared);
     if !h.contains_key(FORWARDED_PROTO) {
         let proto = if info.peer.is_some() { "https" } else { "http" };
@@ -511,17 +559,31 @@ struct Pending {
     upgrade: bool,
     /// The request as the access logs will describe it (when any is configured).
     log: Option<LogCtx>,
+    span: Option<Span>,
 }
 
 impl Pending {
     /// A request answered before any body was read.
-    fn local(start: Instant, upgrade: bool, log: Option<LogCtx>) -> Pending {
+    fn local(start: Instant, upgrade: bool, log: Option<LogCtx>, span: Option<Span>) -> Pending {
         Pending {
             start,
             request_bytes: Arc::new(AtomicU64::new(0)),
             upgrade,
             log,
+            span,
         }
+    }
+}
+
+/// Ends the span of a request answered without an upstream or a body read.
+fn end_span(span: Option<Span>, status: u16, flags: &str) {
+    if let Some(s) = span {
+        s.finish(Outcome {
+            status,
+            flags,
+            request_bytes: 0,
+            response_bytes: 0,
+        });
     }
 }
 
@@ -554,13 +616,7 @@ impl LogCtx {
                     .path_and_query()
                     .map_or("/", |p| p.as_str())
                     .to_string(),
-                protocol: match parts.version {
-                    Version::HTTP_10 => "HTTP/1.0",
-                    Version::HTTP_2 => "HTTP/2",
-                    Version::HTTP_3 => "HTTP/3",
-                    _ => "HTTP/1.1",
-                }
-                .to_string(),
+                protocol: protocol_name(parts.version).to_string(),
                 authority: authority(parts).unwrap_or_default().to_string(),
                 user_agent: h("user-agent"),
                 request_id: h(REQUEST_ID.as_str()),
@@ -624,49 +680,70 @@ fn mirror(
     timeout: Option<std::time::Duration>,
     stats: &Arc<crate::stats::Stats>,
 ) {
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .version(parts.version);
+    if let Some(p) = path {
+        b = b.uri(p.clone());
+    }
+    if let Some(h) = b.headers_mut() {
+        *h = parts.headers.clone();
+        if let Some(host) = authority(parts).map(shadow_host)
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            h.insert(header::HOST, v);
+        }
+    }
+    let Ok(req) = b.body(body) else {
+        return;
+    };
+    stats.inc(format_args!(
+        "cluster.{}.upstream_rq_mirrored",
+        cluster.name
+    ));
+    let (cluster, stats) = (cluster.clone(), stats.clone());
+    let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
+    tokio::spawn(async move {
+        send_to_cluster(&cluster, req, limit, &stats).await;
+    });
+}
+
+/// One request of the proxy's own (a mirror's copy, a span report) to an endpoint of
+/// `cluster` over its pool, the answer read whole within `limit`: its status, or None when it
+/// could not be sent or did not finish in time. `req` carries the path as its URI; its
+/// version chooses the pool as a downstream request's would.
+pub(crate) async fn send_to_cluster(
+    cluster: &Cluster,
+    req: Request<Bytes>,
+    limit: std::time::Duration,
+    stats: &Stats,
+) -> Option<u16> {
     let Ok(pick) = cluster.pick(None, &[], None) else {
         stats.inc(format_args!(
             "cluster.{}.upstream_cx_none_healthy",
             cluster.name
         ));
-        return;
+        return None;
     };
-    let Some(uri) = pick.authority.as_ref().and_then(|a| upstream::uri(a, path)) else {
-        return;
-    };
-    let mut headers = parts.headers.clone();
-    if let Some(host) = authority(parts).map(shadow_host)
-        && let Ok(v) = HeaderValue::from_str(&host)
-    {
-        headers.insert(header::HOST, v);
-    }
-    let mut b = Request::builder()
-        .method(parts.method.clone())
-        .uri(uri)
-        .version(Version::HTTP_11);
-    if let Some(h) = b.headers_mut() {
-        *h = headers;
-    }
-    let Ok(req) = b.body(Full::new(body).map_err(|never| match never {}).boxed()) else {
-        return;
-    };
+    let (mut head, body) = req.into_parts();
+    head.uri = pick
+        .authority
+        .as_ref()
+        .and_then(|a| upstream::uri(a, head.uri.path_and_query()))?;
+    let pool = pick.transport.http(head.version, false).clone();
+    head.version = Version::HTTP_11;
+    let req = Request::from_parts(
+        head,
+        Full::new(body).map_err(|never| match never {}).boxed(),
+    );
     cluster.count_request(stats);
-    stats.inc(format_args!(
-        "cluster.{}.upstream_rq_mirrored",
-        cluster.name
-    ));
-    let pool = pick.transport.http(parts.version, false).clone();
-    let to = pick.address.clone();
-    let state = pick.state.cloned();
-    let limit = timeout.unwrap_or(std::time::Duration::from_secs(15));
-    tokio::spawn(async move {
-        let send = async {
-            if let Ok(r) = pool.send(&to, state.as_ref(), req).await {
-                let _ = r.into_body().collect().await;
-            }
-        };
-        let _ = tokio::time::timeout(limit, send).await;
-    });
+    let send = async {
+        let r = pool.send(&pick.address, pick.state, req).await.ok()?;
+        let status = r.status().as_u16();
+        r.into_body().collect().await.ok()?;
+        Some(status)
+    };
+    tokio::time::timeout(limit, send).await.ok().flatten()
 }
 
 /// A count as a header value; the small ones most requests carry (attempt 1, a service time
@@ -778,6 +855,9 @@ async fn forward(
     let path = parts.uri.path_and_query().cloned();
     if let Some(l) = pending.log.as_mut() {
         l.entry.upstream_cluster = cluster.name.clone();
+    }
+    if let Some(s) = pending.span.as_mut() {
+        s.set_upstream_cluster(&cluster.name);
     }
     // Mirroring: requests whose body is in hand (none, or buffered) are copied; a streamed
     // body can be read only once, so those go unmirrored and are counted.
@@ -998,6 +1078,7 @@ async fn forward(
                         start: pending.start,
                         request_bytes: pending.request_bytes.clone(),
                         log: pending.log.take(),
+                        span: pending.span.take(),
                         _slot: slot.take(),
                         _active: active,
                     }),
@@ -1167,6 +1248,14 @@ fn finish_local(
     if let Some(log) = pending.log {
         log.write(status, flags, pending.start, received, 0);
     }
+    if let Some(span) = pending.span {
+        span.finish(Outcome {
+            status,
+            flags,
+            request_bytes: received,
+            response_bytes: 0,
+        });
+    }
     stats.record_request(RequestOutcome {
         reporter,
         parties,
@@ -1239,6 +1328,7 @@ struct Telemetry {
     start: Instant,
     request_bytes: Arc<AtomicU64>,
     log: Option<LogCtx>,
+    span: Option<Span>,
     /// The cluster's circuit-breaker slot, held until the response ends.
     _slot: Option<Slot>,
     _active: Option<ActiveGuard>,
@@ -1257,6 +1347,14 @@ impl Observed {
             let received = t.request_bytes.load(Ordering::Relaxed);
             if let Some(log) = t.log.take() {
                 log.write(t.status, "-", t.start, received, self.bytes);
+            }
+            if let Some(span) = t.span.take() {
+                span.finish(Outcome {
+                    status: t.status,
+                    flags: "-",
+                    request_bytes: received,
+                    response_bytes: self.bytes,
+                });
             }
             t.stats.record_request(RequestOutcome {
                 reporter: t.reporter,

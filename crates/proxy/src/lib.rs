@@ -4,7 +4,8 @@
 //! - [`config`] compiles accepted xDS into what the data path runs (and NACKs what it cannot).
 //! - [`serve`] accepts on 15001/15006 and picks listener and filter chain; [`tcp`] and
 //!   [`http`] are the two network filters; [`upstream`] makes and pools upstream connections.
-//! - [`identity`] holds the workload certificate; [`stats`] and [`peer`] are telemetry.
+//! - [`identity`] holds the workload certificate; [`stats`], [`peer`] and [`trace`] are
+//!   telemetry.
 //! - [`admin`] serves 15000, 15020, 15021 and 15090; [`agent`] starts and drains it all.
 
 pub mod access_log;
@@ -22,6 +23,7 @@ pub mod pool;
 mod serve;
 pub mod stats;
 mod tcp;
+pub mod trace;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -56,6 +58,9 @@ pub struct Shared {
     pub peers: Peers,
     pub draining: watch::Receiver<bool>,
     connections: Arc<AtomicUsize>,
+    /// Where sampled spans go, and the service they are reported as.
+    pub spans: trace::Reporter,
+    pub span_endpoint: Arc<trace::Endpoint>,
 }
 
 /// Counts a downstream connection while it lives (draining waits for them).

@@ -2248,3 +2248,178 @@ fn peer_metadata_goes_where_the_filter_says_and_not_outside_the_mesh() {
         assert_eq!(ask(6080, "in").await, ("mx=false".into(), true));
     });
 }
+
+/// `hcm("80")` tracing with Zipkin to cluster `zipkin`, `random` percent of new traces sampled.
+fn traced_hcm(random: f64) -> Filter {
+    use envoy_types::pb::envoy::config::trace::v3::{ZipkinConfig, tracing, zipkin_config};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
+    let mut f = hcm("80");
+    if let Some(filter::ConfigType::TypedConfig(any)) = f.config_type.as_mut() {
+        let mut m: HttpConnectionManager = prost::Message::decode(any.value.as_slice()).unwrap();
+        m.tracing = Some(Tracing {
+            random_sampling: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: random }),
+            provider: Some(tracing::Http {
+                name: "envoy.tracers.zipkin".into(),
+                config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(
+                    ZipkinConfig {
+                        collector_cluster: "zipkin".into(),
+                        collector_endpoint: "/api/v2/spans".into(),
+                        collector_hostname: "zipkin.istio-system.svc.cluster.local".into(),
+                        collector_endpoint_version:
+                            zipkin_config::CollectorEndpointVersion::HttpJson as i32,
+                        trace_id_128bit: true,
+                        shared_span_context: Some(BoolValue { value: false }),
+                        ..Default::default()
+                    },
+                ))),
+            }),
+            ..Default::default()
+        });
+        *any = pack_any(m);
+    }
+    f
+}
+
+#[test]
+fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let (collector, mut reports) = recorder().await;
+        // The upstream answers with the B3 headers it got.
+        let traced = http1_upstream(
+            || {},
+            |req: http::Request<hyper::body::Incoming>| async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_string()
+                };
+                let seen = [
+                    "x-b3-traceid",
+                    "x-b3-spanid",
+                    "x-b3-parentspanid",
+                    "x-b3-sampled",
+                ]
+                .map(h)
+                .join(" ");
+                http::Response::new(Full::new(Bytes::from(seen)))
+            },
+        )
+        .await;
+        h.fixed.put(
+            CLUSTER,
+            "zipkin",
+            pack_any(static_cluster("zipkin", &[collector], false)),
+        );
+        h.fixed.put(
+            CLUSTER,
+            "t",
+            pack_any(static_cluster("t", &[traced], false)),
+        );
+        let mut rc = routes(&[("t", 100)]);
+        rc.virtual_hosts[0].routes[0].decorator =
+            Some(envoy_types::pb::envoy::config::route::v3::Decorator {
+                operation: "svc.default.svc.cluster.local:80/*".into(),
+                ..Default::default()
+            });
+        h.fixed.put(ROUTE, "80", pack_any(rc));
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, traced_hcm(0.0))),
+        );
+        h.push();
+        let get = |headers: Vec<(&'static str, &'static str)>| async move {
+            let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+                .await
+                .unwrap();
+            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut b = http::Request::get("/reviews/1").header("host", "svc");
+            for (k, v) in headers {
+                b = b.header(k, v);
+            }
+            let r = send
+                .send_request(b.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            let body = r.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        };
+        // Wait for the traced listener: the upstream then sees B3 headers.
+        let mut seen = String::new();
+        for _ in 0..100 {
+            seen = get(vec![]).await;
+            if seen.starts_with(|c: char| c.is_ascii_hexdigit()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        // A new trace, sampled at 0%: a 128-bit trace id, no parent, not sampled.
+        let f: Vec<&str> = seen.split(' ').collect();
+        assert_eq!(f.len(), 4, "{seen}");
+        assert_eq!(f[0].len(), 32, "{seen}");
+        assert_eq!(f[1].len(), 16, "{seen}");
+        assert_eq!((f[2], f[3]), ("-", "0"), "{seen}");
+
+        // The caller's sampled trace continues: same trace id, the caller's span as parent.
+        let trace = "463ac35c9f6413ad48485a3953bb6124";
+        let caller = "a2fb4a1d1a96d312";
+        let mut span_ids = BTreeSet::new();
+        for _ in 0..5 {
+            let seen = get(vec![
+                ("x-b3-traceid", trace),
+                ("x-b3-spanid", caller),
+                ("x-b3-sampled", "1"),
+            ])
+            .await;
+            let f: Vec<&str> = seen.split(' ').collect();
+            assert_eq!((f[0], f[2], f[3]), (trace, caller, "1"), "{seen}");
+            assert_ne!(f[1], caller);
+            span_ids.insert(f[1].to_string());
+        }
+        // Five spans make a report (Envoy's min_flush_spans), to the collector's host.
+        let (host, body) = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .expect("a span report in time")
+            .unwrap();
+        assert_eq!(host, "zipkin.istio-system.svc.cluster.local");
+        let spans: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let spans = spans.as_array().unwrap();
+        assert_eq!(spans.len(), 5, "{spans:?}");
+        let reported: BTreeSet<String> = spans
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(reported, span_ids);
+        for s in spans {
+            assert_eq!(s["traceId"], trace);
+            assert_eq!(s["parentId"], caller);
+            assert_eq!(s["kind"], "CLIENT");
+            assert_eq!(s["name"], "svc.default.svc.cluster.local:80/*");
+            assert_eq!(s["localEndpoint"]["serviceName"], "client");
+            assert_eq!(s["tags"]["http.status_code"], "200");
+            assert_eq!(s["tags"]["http.url"], "http://svc/reviews/1");
+            assert_eq!(s["tags"]["upstream_cluster"], "t");
+            assert!(s["duration"].as_u64().unwrap() > 0);
+        }
+        // One sampled span alone goes out when the flush interval has passed.
+        get(vec![("x-b3-sampled", "1")]).await;
+        let (_, body) = tokio::time::timeout(Duration::from_secs(10), reports.recv())
+            .await
+            .expect("a timer-flushed report")
+            .unwrap();
+        let spans: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(spans.as_array().map(Vec::len), Some(1));
+        assert!(spans[0].get("parentId").is_none(), "{spans}");
+        // Unsampled requests were never reported.
+        assert!(reports.try_recv().is_err());
+        let (_, stats) = admin("GET", "/stats?filter=tracing.zipkin").await;
+        assert!(stats.contains("tracing.zipkin.spans_sent: 6"), "{stats}");
+        assert!(stats.contains("tracing.zipkin.reports_sent: 2"), "{stats}");
+    });
+}

@@ -198,6 +198,8 @@ pub struct Hcm {
     /// HTTP RBAC, decided per request before routing.
     pub rbac: Vec<Rbac>,
     pub access_logs: Vec<Arc<AccessLog>>,
+    /// Spans and B3 context, when the connection manager traces with a tracer this proxy runs.
+    pub tracing: Option<crate::trace::Tracing>,
     /// The fault filter's own configuration, for routes without one.
     pub fault: Option<route::Fault>,
     pub server: ServerHeader,
@@ -576,6 +578,12 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         jwt,
         rbac: rbac_filters,
         access_logs: access_logs(&hcm.access_log)?,
+        tracing: hcm
+            .tracing
+            .as_ref()
+            .map(crate::trace::Tracing::compile)
+            .transpose()?
+            .flatten(),
         fault,
         server,
         envoy_headers,

@@ -48,6 +48,8 @@ pub struct Route {
     pub headers: HeaderEdits,
     /// Fault injection for this route (the fault filter's per-route configuration).
     pub fault: Option<Fault>,
+    /// The decorator's operation: the name of the spans of its requests.
+    pub operation: Option<String>,
 }
 
 /// Envoy's HTTP fault filter: delay and/or abort a share of requests (parts per million).
@@ -614,6 +616,11 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
         matcher,
         action,
         fault,
+        operation: r
+            .decorator
+            .as_ref()
+            .map(|d| d.operation.clone())
+            .filter(|o| !o.is_empty()),
         headers: edits(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,
