@@ -52,6 +52,9 @@ pub struct Scope {
     pub locality: Option<Locality>,
     /// The pod's own `proxyHeaders`, which shape its listeners and routes.
     pub proxy_headers: Option<isthmus_config::mesh::ProxyHeaders>,
+    /// The outbound connection managers' `tracing`, encoded: with tracing on, it carries the
+    /// workload's own tags and the Telemetry selecting it.
+    pub tracing: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +280,8 @@ impl PushContext {
             sidecar: self
                 .sidecar_for(proxy)
                 .map(|s| (s.namespace().to_string(), s.name().to_string())),
+            tracing: crate::trace::hcm_tracing(self, proxy, crate::trace::Side::Client)
+                .map(|t| prost::Message::encode_to_vec(&t)),
         }
     }
 

@@ -15,6 +15,7 @@ pub mod maps;
 pub mod names;
 pub mod proxy;
 pub mod route;
+pub mod trace;
 
 pub use context::{InboundMode, MtlsMode, PushContext, Scope};
 pub use proxy::{NodeMetadata, Proxy};

@@ -42,6 +42,7 @@ use crate::names::{
     outbound_cluster,
 };
 use crate::proxy::{InterceptionMode, Proxy};
+use crate::trace::Side;
 use isthmus_xds::typed_struct::{METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, TypedStruct};
 
 /// Every listener of `proxy`, sorted by name.
@@ -57,19 +58,35 @@ pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
 pub fn shared_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     let mut out = outbound(ctx, proxy);
     out.push(virtual_outbound(ctx, proxy));
-    with_access_log(ctx, out)
+    with_telemetry(ctx, proxy, out, Side::Client)
 }
 
 /// The listeners of `proxy`'s own workload: `virtualInbound`.
 pub fn inbound_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
-    with_access_log(ctx, vec![virtual_inbound(ctx, proxy)])
+    with_telemetry(ctx, proxy, vec![virtual_inbound(ctx, proxy)], Side::Server)
 }
 
-fn with_access_log(ctx: &PushContext, mut listeners: Vec<Listener>) -> Vec<Listener> {
-    if let Some(log) = access_log(ctx) {
-        for l in &mut listeners {
-            add_access_log(l, &log);
-        }
+/// Access logs on every connection manager and TCP proxy; tracing on the connection managers.
+fn with_telemetry(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    mut listeners: Vec<Listener>,
+    side: Side,
+) -> Vec<Listener> {
+    let log = access_log(ctx);
+    let tracing = crate::trace::hcm_tracing(ctx, proxy, side);
+    if log.is_none() && tracing.is_none() {
+        return listeners;
+    }
+    for l in &mut listeners {
+        edit_filters(
+            l,
+            |hcm| {
+                hcm.access_log.extend(log.clone());
+                hcm.tracing.clone_from(&tracing);
+            },
+            |tp| tp.access_log.extend(log.clone()),
+        );
     }
     listeners
 }
@@ -147,8 +164,12 @@ fn access_log(ctx: &PushContext) -> Option<AccessLog> {
     })
 }
 
-/// Adds the access log to every HTTP connection manager and TCP proxy of a listener.
-fn add_access_log(l: &mut Listener, log: &AccessLog) {
+/// Changes every HTTP connection manager and TCP proxy of a listener.
+fn edit_filters(
+    l: &mut Listener,
+    mut http: impl FnMut(&mut HttpConnectionManager),
+    mut tcp: impl FnMut(&mut TcpProxy),
+) {
     use prost::Message;
     for chain in &mut l.filter_chains {
         for f in &mut chain.filters {
@@ -158,12 +179,12 @@ fn add_access_log(l: &mut Listener, log: &AccessLog) {
             if any.type_url.ends_with(".HttpConnectionManager")
                 && let Ok(mut hcm) = HttpConnectionManager::decode(any.value.as_slice())
             {
-                hcm.access_log.push(log.clone());
+                http(&mut hcm);
                 *any = pack_any(hcm);
             } else if any.type_url.ends_with(".TcpProxy")
                 && let Ok(mut tp) = TcpProxy::decode(any.value.as_slice())
             {
-                tp.access_log.push(log.clone());
+                tcp(&mut tp);
                 *any = pack_any(tp);
             }
         }
@@ -358,11 +379,17 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
         f
     };
     if let Some(workload) = ctx.workload_of(proxy) {
-        let mut ports: BTreeMap<u16, Protocol> = BTreeMap::new();
+        // Per target port: its protocol and, when a service declares it, the span name.
+        let mut ports: BTreeMap<u16, (Protocol, Option<String>)> = BTreeMap::new();
         for svc in ctx.registry.services_for_workload(workload) {
             for p in &svc.ports {
                 if let Some(target) = crate::endpoint::target_port(p, workload) {
-                    ports.entry(target).or_insert(p.protocol);
+                    ports.entry(target).or_insert_with(|| {
+                        (
+                            p.protocol,
+                            Some(crate::route::trace_operation(&svc.hostname, p.port)),
+                        )
+                    });
                 }
             }
         }
@@ -374,10 +401,10 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             if let Some(p) = ing.port.as_ref()
                 && let Ok(n) = u16::try_from(p.number)
             {
-                ports.insert(n, Protocol::parse(&p.protocol));
+                ports.insert(n, (Protocol::parse(&p.protocol), None));
             }
         }
-        for (port, protocol) in ports {
+        for (port, (protocol, operation)) in ports {
             let mode = ctx.mtls_mode(&workload.namespace, &workload.labels, port);
             let cluster = inbound_cluster(port);
             let http = || {
@@ -385,6 +412,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
                     &headers,
                     &cluster,
                     port,
+                    operation.clone(),
                     http_authz.clone(),
                 )]
             };
@@ -682,6 +710,7 @@ fn http_connection_manager_inline(
     headers: &ProxyHeaders,
     cluster: &str,
     port: u16,
+    operation: Option<String>,
     mut filters: Vec<HttpFilter>,
 ) -> Filter {
     filters.push(metadata_exchange(headers, true));
@@ -704,6 +733,7 @@ fn http_connection_manager_inline(
                     timeout: Some(duration(std::time::Duration::ZERO)),
                     ..Default::default()
                 })),
+                decorator: operation.map(crate::route::decorator),
                 ..Default::default()
             }],
             ..Default::default()

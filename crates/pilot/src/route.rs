@@ -18,9 +18,9 @@ use envoy_types::pb::envoy::config::route::v3::route_action::{
 };
 use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    query_parameter_matcher, redirect_action, route, route_match,
+    Decorator, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, query_parameter_matcher, redirect_action, route, route_match,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
@@ -77,24 +77,29 @@ fn route_config(
                     .http
                     .iter()
                     .filter(|r| applies_to_sidecar(r, port))
-                    .map(|r| Route {
-                        metadata: Some(config.clone()),
-                        ..http_route(ctx, proxy, r, port, vs.namespace())
+                    .map(|r| {
+                        let mut route = http_route(ctx, proxy, r, port, vs.namespace());
+                        route.decorator = Some(decorator(route_operation(&route, vs.name(), port)));
+                        route.metadata = Some(config.clone());
+                        route
                     })
                     .collect()
             }
-            None => vec![default_route(
-                &outbound_cluster(port, "", &svc.hostname),
-                hash_policy(
-                    ctx,
-                    proxy,
-                    &Destination {
-                        host: svc.hostname.clone(),
-                        ..Default::default()
-                    },
-                    &svc.namespace,
-                ),
-            )],
+            None => vec![Route {
+                decorator: Some(decorator(trace_operation(&svc.hostname, port))),
+                ..default_route(
+                    &outbound_cluster(port, "", &svc.hostname),
+                    hash_policy(
+                        ctx,
+                        proxy,
+                        &Destination {
+                            host: svc.hostname.clone(),
+                            ..Default::default()
+                        },
+                        &svc.namespace,
+                    ),
+                )
+            }],
         };
         if svc.headless && svc.is_kubernetes() && headless_wildcard.is_none() {
             headless_wildcard = Some(outbound_cluster(port, "", &svc.hostname));
@@ -188,6 +193,40 @@ fn virtual_service_for<'a>(
         })
         .map(|vs| &**vs)
         .next()
+}
+
+/// The span name of a service's requests on a port, as Istio's decorators write it.
+pub fn trace_operation(host: &str, port: u16) -> String {
+    format!("{host}:{port}/*")
+}
+
+pub fn decorator(operation: String) -> Decorator {
+    Decorator {
+        operation,
+        ..Default::default()
+    }
+}
+
+/// A VirtualService route's span name: its one destination's host (else the VirtualService's
+/// name), the port, and the path its match covers.
+fn route_operation(r: &Route, vs_name: &str, port: u16) -> String {
+    let path = match r.r#match.as_ref().and_then(|m| m.path_specifier.as_ref()) {
+        Some(route_match::PathSpecifier::Prefix(p)) => format!("{p}*"),
+        Some(route_match::PathSpecifier::Path(p)) => p.clone(),
+        Some(route_match::PathSpecifier::SafeRegex(r)) => r.regex.clone(),
+        _ => "/*".to_string(),
+    };
+    let host = match &r.action {
+        Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(ClusterSpecifier::Cluster(c)),
+            ..
+        })) => c
+            .rsplit('|')
+            .next()
+            .filter(|h| !h.is_empty() && c.starts_with("outbound|")),
+        _ => None,
+    };
+    format!("{}:{port}{path}", host.unwrap_or(vs_name))
 }
 
 /// `filter_metadata.istio.config` naming the VirtualService a route comes from, as Istio marks

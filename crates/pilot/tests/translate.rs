@@ -843,3 +843,119 @@ fn routes_and_clusters_name_the_istio_config_they_come_from() {
     );
     assert!(config("outbound|9080||productpage.bookinfo.svc.cluster.local").is_null());
 }
+
+const ZIPKIN_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: zipkin, namespace: istio-system}\nspec:\n  ports: [{name: http-query, port: 9411}]\n";
+
+/// The `tracing` of every HTTP connection manager of a proxy's listeners, by direction:
+/// (outbound, inbound), each listed once per connection manager.
+fn hcm_tracing(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut out = (Vec::new(), Vec::new());
+    for l in isthmus_pilot::listener::listeners(ctx, p) {
+        let l = to_json(&l).unwrap();
+        let inbound = l["name"] == "virtualInbound";
+        for chain in l["filter_chains"].as_array().into_iter().flatten() {
+            for f in chain["filters"].as_array().into_iter().flatten() {
+                if f["name"] == "envoy.filters.network.http_connection_manager" {
+                    let t = f["typed_config"]["tracing"].clone();
+                    if inbound { &mut out.1 } else { &mut out.0 }.push(t);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn tag<'a>(t: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let tags = t["custom_tags"].as_array().unwrap();
+    let found = tags.iter().find(|c| c["tag"] == name);
+    &found.unwrap_or_else(|| panic!("no tag {name} in {tags:?}"))["literal"]["value"]
+}
+
+#[test]
+fn tracing_follows_telemetry_resources_and_the_mesh_config() {
+    let mesh: MeshConfig = serde_json::from_value(serde_json::json!({
+        "extensionProviders": [{"name": "zipkin", "zipkin": {
+            "service": "zipkin.istio-system.svc.cluster.local", "port": 9411}}],
+    }))
+    .unwrap();
+    let telemetry = "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  tracing:\n  - providers: [{name: zipkin}]\n    randomSamplingPercentage: 10\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: reviews, namespace: bookinfo}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  tracing:\n  - randomSamplingPercentage: 50\n    customTags: {team: {literal: {value: books}}}\n";
+    let ctx = context_with_mesh(&format!("{ZIPKIN_SERVICE}{telemetry}"), mesh.clone());
+    let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let (out, inb) = hcm_tracing(&ctx, &productpage);
+    assert!(!out.is_empty() && !inb.is_empty());
+    for t in out.iter().chain(&inb) {
+        let z = &t["provider"]["typed_config"];
+        assert_eq!(t["provider"]["name"], "envoy.tracers.zipkin");
+        assert_eq!(
+            z["@type"],
+            "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"
+        );
+        assert_eq!(
+            z["collector_cluster"],
+            "outbound|9411||zipkin.istio-system.svc.cluster.local"
+        );
+        assert_eq!(z["collector_endpoint"], "/api/v2/spans");
+        assert_eq!(z["collector_endpoint_version"], "HTTP_JSON");
+        assert_eq!(z["trace_id_128bit"], true);
+        assert_eq!(t["random_sampling"]["value"], 10.0);
+        assert_eq!(t["client_sampling"]["value"], 100.0);
+        assert_eq!(tag(t, "istio.canonical_service"), "productpage");
+        assert_eq!(tag(t, "istio.canonical_revision"), "v1");
+        assert_eq!(tag(t, "istio.namespace"), "bookinfo");
+    }
+    // Inbound routes name the spans after the service and port.
+    let v = golden("productpage", &context(), &productpage);
+    let text = v["listeners"].to_string();
+    assert!(text.contains("\"operation\":\"productpage.bookinfo.svc.cluster.local:9080/*\""));
+    // The workload's Telemetry overrides the sampling and adds its tag; the provider stays.
+    let reviews = proxy("10.1.0.11", "reviews-v1-0", "bookinfo");
+    let (out, _) = hcm_tracing(&ctx, &reviews);
+    assert_eq!(out[0]["random_sampling"]["value"], 50.0);
+    assert_eq!(tag(&out[0], "team"), "books");
+    assert_eq!(tag(&out[0], "istio.canonical_service"), "reviews");
+    // Proxies of one namespace with different tracing tags do not share outbound config.
+    assert_ne!(ctx.scope(&productpage), ctx.scope(&reviews));
+
+    // Client side only: outbound traced, inbound not.
+    let client_only = telemetry.replace(
+        "  - providers: [{name: zipkin}]\n",
+        "  - providers: [{name: zipkin}]\n    match: {mode: CLIENT}\n",
+    );
+    let ctx = context_with_mesh(&format!("{ZIPKIN_SERVICE}{client_only}"), mesh.clone());
+    let (out, inb) = hcm_tracing(&ctx, &productpage);
+    assert!(out.iter().all(|t| t.is_object()), "{out:?}");
+    assert!(inb.iter().all(serde_json::Value::is_null), "{inb:?}");
+    // Span reporting disabled for the namespace: no tracing.
+    let disabled = format!(
+        "{telemetry}---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: quiet, namespace: bookinfo}}\nspec:\n  tracing:\n  - disableSpanReporting: true\n"
+    );
+    let ctx = context_with_mesh(&format!("{ZIPKIN_SERVICE}{disabled}"), mesh.clone());
+    let (out, inb) = hcm_tracing(&ctx, &productpage);
+    assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+    // A provider whose service is not in the mesh: untraced, not broken.
+    let ctx = context_with_mesh(telemetry, mesh);
+    let (out, _) = hcm_tracing(&ctx, &productpage);
+    assert!(out.iter().all(serde_json::Value::is_null));
+
+    // No Telemetry: Istio's older mesh settings, `enableTracing` with a Zipkin address.
+    let legacy: MeshConfig = serde_json::from_value(serde_json::json!({
+        "enableTracing": true,
+        "defaultConfig": {"tracing": {"sampling": 100, "zipkin": {"address": "zipkin.istio-system:9411"}}},
+    }))
+    .unwrap();
+    let ctx = context_with_mesh(ZIPKIN_SERVICE, legacy.clone());
+    let (out, _) = hcm_tracing(&ctx, &productpage);
+    assert_eq!(out[0]["random_sampling"]["value"], 100.0);
+    assert_eq!(
+        out[0]["provider"]["typed_config"]["collector_cluster"],
+        "outbound|9411||zipkin.istio-system.svc.cluster.local"
+    );
+    let mut off = legacy;
+    off.enable_tracing = Some(false);
+    let ctx = context_with_mesh(ZIPKIN_SERVICE, off);
+    let (out, _) = hcm_tracing(&ctx, &productpage);
+    assert!(out.iter().all(serde_json::Value::is_null));
+    // And none of it by default.
+    let (out, inb) = hcm_tracing(&context(), &productpage);
+    assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+}
