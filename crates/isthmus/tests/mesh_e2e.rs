@@ -1294,3 +1294,121 @@ spec:
     assert!(ok, "{out}");
     assert!(out.contains("IP=127.0.0.6\n"), "{out}");
 }
+
+const TRACING: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: tr, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: istio-system}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: zipkin, namespace: istio-system}
+spec:
+  selector: {app: zipkin}
+  ports: [{name: http-query, port: 9411}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: zipkin, namespace: istio-system, labels: {app: zipkin}}
+spec:
+  containers:
+  - name: zipkin
+    command: [isthmus, echo, --port, "9411"]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: zipkin}]
+    randomSamplingPercentage: 100
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: tr}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: tr, labels: {app: server}}
+spec:
+  containers:
+  - name: server
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: tr, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#;
+
+#[test]
+fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh_config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        mesh_config.path(),
+        "extensionProviders:\n- name: zipkin\n  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}\n",
+    )
+    .unwrap();
+    let mesh = Mesh::up(
+        "tr",
+        TRACING,
+        &["--meshConfig", mesh_config.path().to_str().unwrap()],
+    );
+    let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
+    assert!(ok && out.contains("5 succeeded"), "{out}");
+    // The app behind the server's sidecar sees one trace, sampled, whose parent is the
+    // client sidecar's span and whose span is the server sidecar's.
+    let header = |i: usize, name: &str| {
+        let prefix = format!("[{i} body] RequestHeader={name}:");
+        out.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_string()
+    };
+    for i in 0..5 {
+        assert_eq!(header(i, "x-b3-traceid").len(), 32, "{out}");
+        assert_eq!(header(i, "x-b3-sampled"), "1", "{out}");
+        assert_ne!(header(i, "x-b3-spanid"), header(i, "x-b3-parentspanid"));
+    }
+    assert_ne!(header(0, "x-b3-traceid"), header(1, "x-b3-traceid"));
+    // Each sidecar sent its five spans to the collector in one report (Envoy's
+    // min_flush_spans).
+    for pod in ["client", "server"] {
+        let mut stats = String::new();
+        for _ in 0..50 {
+            stats = mesh
+                .get(
+                    pod,
+                    "http://127.0.0.1:15000/stats?filter=tracing.zipkin",
+                    &[],
+                )
+                .1;
+            if stats.contains("tracing.zipkin.spans_sent: 5") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            stats.contains("tracing.zipkin.reports_sent: 1"),
+            "{pod}: {stats}"
+        );
+        assert!(
+            stats.contains("tracing.zipkin.spans_sent: 5"),
+            "{pod}: {stats}"
+        );
+    }
+}
