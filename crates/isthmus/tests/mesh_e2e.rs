@@ -480,16 +480,40 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
             .any(|l| l.contains(" 15090 ") && l.ends_with("Inline Route: /stats/prometheus*")),
         "{out}"
     );
-    // The sidecar's log level, as `istioctl proxy-config log` reads and sets it.
+    // The sidecar's log levels, as `istioctl proxy-config log` reads and sets them: all,
+    // then some loggers, then back to Istio's default.
     let (ok, out) = cli(&["proxy-config", "log", "client", "--level", "debug"]);
     assert!(
-        ok && out.ends_with("active loggers:\n  all: debug\n"),
+        ok && out.contains("active loggers:\n  admin: debug\n"),
         "{out}"
     );
+    let (ok, out) = cli(&[
+        "proxy-config",
+        "log",
+        "client",
+        "--level",
+        "info,http:debug,rbac:trace",
+    ]);
+    for want in ["  admin: info\n", "  http: debug\n", "  rbac: trace\n"] {
+        assert!(ok && out.contains(want), "{want}: {out}");
+    }
+    let refused = Command::new(BIN)
+        .args(["proxy-config", "log", "client", "--level", "nosuch:debug"])
+        .args(mesh.args())
+        .output()
+        .expect("run isthmus");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("unknown logger \"nosuch\""),
+        "{err}"
+    );
     let (ok, out) = cli(&["proxy-config", "log", "client", "-r"]);
-    assert!(ok && out.ends_with("all: warning\n"), "{out}");
+    assert!(
+        ok && out.lines().skip(2).all(|l| l.ends_with(": warning")),
+        "{out}"
+    );
     let (ok, out) = cli(&["proxy-config", "log", "client"]);
-    assert!(ok && out.ends_with("all: warning\n"), "{out}");
+    assert!(ok && out.contains("  rbac: warning\n"), "{out}");
     let (ok, out) = cli(&["proxy-config", "bootstrap", "client"]);
     let bootstrap: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
     assert!(

@@ -26,32 +26,13 @@ use crate::envoy_stats::Kind;
 use crate::stats::ReadStat;
 use crate::upstream::Address;
 
-/// Sets the log filter to a `tracing` level name (`trace`, `debug`, `info`, `warn`, `error`,
-/// `off`).
-pub type SetLevel = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
-
-/// The log filter, changed at run time by `POST /logging?level=`.
-pub struct LogLevel {
-    /// What it is now: the level last set, or the filter the proxy started with.
-    pub current: std::sync::Mutex<String>,
-    pub set: SetLevel,
-}
-
-impl std::fmt::Debug for LogLevel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogLevel")
-            .field("current", &self.current)
-            .finish_non_exhaustive()
-    }
-}
-
 /// What the admin pages read.
 pub struct AdminState {
     pub shared: Arc<Shared>,
     pub ready: watch::Receiver<bool>,
     pub started: Instant,
     pub quit: watch::Sender<bool>,
-    pub log_level: Option<LogLevel>,
+    pub log_levels: Option<crate::log_level::LogLevels>,
     /// What `/config_dump` begins with.
     pub bootstrap: crate::bootstrap::Bootstrap,
     /// The xDS client's sessions and the updates they took, shared with it.
@@ -335,29 +316,20 @@ impl AdminState {
         }
     }
 
-    /// `POST /logging`: with `level=`, sets it for every logger; without parameters, lists it.
+    /// `POST /logging`: sets levels per logger or for all; without parameters, lists them.
     fn logging(&self, q: &HashMap<String, String>) -> Response<Full<Bytes>> {
-        let Some(log) = &self.log_level else {
+        let Some(log) = &self.log_levels else {
             return text(StatusCode::NOT_IMPLEMENTED, "log level is fixed\n");
         };
-        let mut current = log.current.lock().unwrap_or_else(|p| p.into_inner());
-        match q.get("level") {
-            Some(given) => match envoy_level(given).and_then(|level| (log.set)(level)) {
-                Ok(()) => *current = given.clone(),
-                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
-            },
-            None if q.is_empty() => {}
-            None => {
-                return text(
-                    StatusCode::BAD_REQUEST,
-                    "usage: POST /logging?level=<trace|debug|info|warning|error|off> (one level for every logger)\n",
-                );
-            }
+        match log.post(q) {
+            Ok(list) => text(StatusCode::OK, list),
+            Err(e) => text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{e}\nusage: POST /logging?level=<level> (every logger), ?<logger>=<level>, or ?paths=<logger>:<level>,...\n"
+                ),
+            ),
         }
-        text(
-            StatusCode::OK,
-            format!("active loggers:\n  all: {current}\n"),
-        )
     }
 
     /// `/config_dump`, with Envoy's `resource=` (one repeated field of the dumps, flattened)
@@ -677,19 +649,6 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Envoy's log level names as `tracing` levels.
-fn envoy_level(level: &str) -> Result<&'static str, String> {
-    Ok(match level {
-        "trace" => "trace",
-        "debug" => "debug",
-        "info" => "info",
-        "warning" | "warn" => "warn",
-        "error" | "critical" => "error",
-        "off" => "off",
-        other => return Err(format!("unknown log level {other:?}")),
-    })
 }
 
 /// The dump item type for a `resource=` field (`dynamic_active_clusters` →

@@ -18,10 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::admin::{AdminState, LogLevel};
+use crate::admin::AdminState;
 use crate::config::Config;
 use crate::envoy_stats::Inclusions;
 use crate::identity::{CaClient, Identity};
+use crate::log_level::LogLevels;
 use crate::peer::Workload;
 use crate::stats::Stats;
 use crate::upstream::Pools;
@@ -231,7 +232,7 @@ fn channel(
 /// Runs the proxy until `shutdown` completes or `/quitquitquit` is posted, then drains.
 pub async fn run(
     opts: Options,
-    log_level: Option<LogLevel>,
+    log_levels: Option<LogLevels>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let started = Instant::now();
@@ -334,7 +335,7 @@ pub async fn run(
         ready: ready_rx.clone(),
         started,
         quit: quit_tx,
-        log_level,
+        log_levels,
         bootstrap: crate::bootstrap::Bootstrap {
             opts: opts.clone(),
             node: node.clone(),

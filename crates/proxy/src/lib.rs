@@ -18,6 +18,7 @@ mod http;
 pub mod identity;
 mod idle;
 mod inspect;
+pub mod log_level;
 pub mod peer;
 pub mod pool;
 mod serve;

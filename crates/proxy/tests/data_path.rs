@@ -435,13 +435,13 @@ impl Harness {
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();
-        let setter = isthmus_proxy::admin::LogLevel {
-            current: std::sync::Mutex::new("info".into()),
-            set: Box::new(move |l: &str| {
+        let setter = isthmus_proxy::log_level::LogLevels::new(
+            "info",
+            Box::new(move |l: &str| {
                 seen.lock().unwrap().push(l.to_string());
                 Ok(())
             }),
-        };
+        );
         let proxy = tokio::spawn(isthmus_proxy::agent::run(opts, Some(setter), async {
             let _ = quit_rx.await;
         }));
@@ -1045,12 +1045,22 @@ fn admin_endpoints_answer_like_envoys() {
         assert_eq!(admin("POST", "/logging?level=loud").await.0, 400);
         assert_eq!(admin("POST", "/logging?level=warning").await.0, 200);
         assert_eq!(*h.levels.lock().unwrap(), vec!["debug", "warn"]);
-        // Without parameters it lists the level in force, in Envoy's name for it.
-        assert_eq!(
-            admin("POST", "/logging").await,
-            (200, "active loggers:\n  all: warning\n".to_string())
+        // One logger: the filter of its modules changes, the list shows it.
+        let (status, list) = admin("POST", "/logging?rbac=debug").await;
+        assert_eq!(status, 200);
+        assert!(
+            list.starts_with("active loggers:\n  admin: warning\n"),
+            "{list}"
         );
-        assert_eq!(admin("POST", "/logging?rbac=debug").await.0, 400);
+        assert!(list.contains("\n  rbac: debug\n"), "{list}");
+        assert_eq!(
+            h.levels.lock().unwrap().last().unwrap(),
+            "warn,isthmus_proxy::config::rbac=debug"
+        );
+        assert_eq!(admin("POST", "/logging?router9=debug").await.0, 400);
+        // Without parameters it lists the levels in force, in Envoy's names for them.
+        let (status, again) = admin("POST", "/logging").await;
+        assert_eq!((status, &again), (200, &list));
         let (status, dump) = admin(
             "GET",
             "/config_dump?resource=dynamic_active_clusters&mask=cluster.name",

@@ -47,8 +47,19 @@ async fn http_request(method: hyper::Method, addr: &str, path: &str) -> Result<b
             .header(hyper::header::HOST, addr)
             .body(Empty::new())?;
         let resp = sender.send_request(req).await?;
-        if !resp.status().is_success() {
-            bail!("{path}: {}", resp.status());
+        let status = resp.status();
+        if !status.is_success() {
+            // The first line of the answer says why, where the server says.
+            let body = http_body_util::Limited::new(resp.into_body(), 4096)
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let text = String::from_utf8_lossy(&body);
+            match text.lines().next().map(str::trim).filter(|l| !l.is_empty()) {
+                Some(why) => bail!("{path}: {status}: {why}"),
+                None => bail!("{path}: {status}"),
+            }
         }
         let body = http_body_util::Limited::new(resp.into_body(), MAX_BODY)
             .collect()

@@ -111,14 +111,14 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
-    let set_level = isthmus_proxy::admin::LogLevel {
-        current: std::sync::Mutex::new(initial),
-        set: Box::new(move |level: &str| {
+    let set_level = isthmus_proxy::log_level::LogLevels::new(
+        &initial,
+        Box::new(move |directive: &str| {
             handle
-                .reload(EnvFilter::new(level))
+                .reload(EnvFilter::new(directive))
                 .map_err(|e| e.to_string())
         }),
-    };
+    );
 
     let mut labels: BTreeMap<String, String> = BTreeMap::new();
     if let Some(j) = &a.labels_json {

@@ -50,8 +50,9 @@ pub struct ProxyConfigArgs {
     control_plane: Option<String>,
     #[command(flatten)]
     filters: Filters,
-    /// `log`: the level to set for every logger (`trace`, `debug`, `info`, `warning`,
-    /// `error`, `off`).
+    /// `log`: levels to set, as istioctl takes them: `[<logger>:]<level>,…` (`debug` for
+    /// every logger, `http:debug,rbac:warning` for two; levels `trace`, `debug`, `info`,
+    /// `warning`, `error`, `off`).
     #[arg(long)]
     level: Option<String>,
     /// `log`: back to Istio's default level, `warning`.
@@ -219,16 +220,29 @@ fn both(dump: &Value, suffix: &str, dynamic: &str, field: &[&str], fixed: &str) 
     all
 }
 
-/// `proxy-config log`: the level in force, or set to `level`, from the pod's admin port.
+/// The admin requests for `--level`: one for a level of every logger, one for the loggers
+/// named (`paths=`), in that order; none to only list them.
+fn logging_paths(level: Option<&str>) -> Vec<String> {
+    let Some(level) = level else {
+        return vec!["/logging".to_string()];
+    };
+    let (named, all): (Vec<&str>, Vec<&str>) = level
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .partition(|p| p.contains(':'));
+    let mut paths: Vec<String> = all.iter().map(|l| format!("/logging?level={l}")).collect();
+    if !named.is_empty() {
+        paths.push(format!("/logging?paths={}", named.join(",")));
+    }
+    paths
+}
+
+/// `proxy-config log`: the levels in force, or set by `--level`, from the pod's admin port.
 fn log(a: &ProxyConfigArgs) -> Result<i32> {
     let level = if a.reset {
         Some("warning")
     } else {
         a.level.as_deref()
-    };
-    let path = match level {
-        Some(l) => format!("/logging?level={l}"),
-        None => "/logging".to_string(),
     };
     let Some(st) =
         isthmus_local::runtime::read_status(&a.mesh.dir()).filter(|_| a.control_plane.is_none())
@@ -236,8 +250,11 @@ fn log(a: &ProxyConfigArgs) -> Result<i32> {
         anyhow::bail!("log levels are read from the admin port of a pod of the local runtime");
     };
     let pod = find_pod(&st, &a.proxy)?;
-    let body = http_in(Some(&pod.netns), Method::POST, "127.0.0.1:15000", &path)
-        .with_context(|| format!("the log level of {}/{}", pod.namespace, pod.name))?;
+    let mut body = bytes::Bytes::new();
+    for path in logging_paths(level) {
+        body = http_in(Some(&pod.netns), Method::POST, "127.0.0.1:15000", &path)
+            .with_context(|| format!("the log levels of {}/{}", pod.namespace, pod.name))?;
+    }
     print!(
         "{}.{}:\n{}",
         pod.name,
@@ -350,6 +367,19 @@ pub fn run(a: ProxyConfigArgs) -> Result<i32> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn log_levels_become_envoys_logging_requests() {
+        assert_eq!(logging_paths(None), ["/logging"]);
+        assert_eq!(logging_paths(Some("debug")), ["/logging?level=debug"]);
+        assert_eq!(
+            logging_paths(Some("info,http:debug,rbac:warning")),
+            [
+                "/logging?level=info",
+                "/logging?paths=http:debug,rbac:warning"
+            ]
+        );
+    }
 
     #[test]
     fn filters_keep_what_matches_every_flag_given() {
