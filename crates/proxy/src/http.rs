@@ -709,15 +709,16 @@ fn mirror(
 }
 
 /// One request of the proxy's own (a mirror's copy, a span report) to an endpoint of
-/// `cluster` over its pool, the answer read whole within `limit`: its status, or None when it
-/// could not be sent or did not finish in time. `req` carries the path as its URI; its
-/// version chooses the pool as a downstream request's would.
+/// `cluster` over its pool, the answer read whole within `limit`: its status and its header
+/// fields with its trailers, or None when it could not be sent or did not finish in time.
+/// `req` carries the path as its URI; its version chooses the pool as a downstream request's
+/// would.
 pub(crate) async fn send_to_cluster(
     cluster: &Cluster,
     req: Request<Bytes>,
     limit: std::time::Duration,
     stats: &Stats,
-) -> Option<u16> {
+) -> Option<(u16, HeaderMap)> {
     let Ok(pick) = cluster.pick(None, &[], None) else {
         stats.inc(format_args!(
             "cluster.{}.upstream_cx_none_healthy",
@@ -739,9 +740,13 @@ pub(crate) async fn send_to_cluster(
     cluster.count_request(stats);
     let send = async {
         let r = pool.send(&pick.address, pick.state, req).await.ok()?;
-        let status = r.status().as_u16();
-        r.into_body().collect().await.ok()?;
-        Some(status)
+        let (head, body) = r.into_parts();
+        let body = body.collect().await.ok()?;
+        let mut fields = head.headers;
+        if let Some(t) = body.trailers() {
+            fields.extend(t.clone());
+        }
+        Some((head.status.as_u16(), fields))
     };
     tokio::time::timeout(limit, send).await.ok().flatten()
 }

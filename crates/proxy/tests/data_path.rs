@@ -2259,30 +2259,18 @@ fn peer_metadata_goes_where_the_filter_says_and_not_outside_the_mesh() {
     });
 }
 
-/// `hcm("80")` tracing with Zipkin to cluster `zipkin`, `random` percent of new traces sampled.
-fn traced_hcm(random: f64) -> Filter {
-    use envoy_types::pb::envoy::config::trace::v3::{ZipkinConfig, tracing, zipkin_config};
+/// `hcm("80")` tracing with `provider`, `random` percent of new traces sampled.
+fn traced_hcm_with(
+    random: f64,
+    provider: envoy_types::pb::envoy::config::trace::v3::tracing::Http,
+) -> Filter {
     use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
     let mut f = hcm("80");
     if let Some(filter::ConfigType::TypedConfig(any)) = f.config_type.as_mut() {
         let mut m: HttpConnectionManager = prost::Message::decode(any.value.as_slice()).unwrap();
         m.tracing = Some(Tracing {
             random_sampling: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: random }),
-            provider: Some(tracing::Http {
-                name: "envoy.tracers.zipkin".into(),
-                config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(
-                    ZipkinConfig {
-                        collector_cluster: "zipkin".into(),
-                        collector_endpoint: "/api/v2/spans".into(),
-                        collector_hostname: "zipkin.istio-system.svc.cluster.local".into(),
-                        collector_endpoint_version:
-                            zipkin_config::CollectorEndpointVersion::HttpJson as i32,
-                        trace_id_128bit: true,
-                        shared_span_context: Some(BoolValue { value: false }),
-                        ..Default::default()
-                    },
-                ))),
-            }),
+            provider: Some(provider),
             ..Default::default()
         });
         *any = pack_any(m);
@@ -2290,34 +2278,283 @@ fn traced_hcm(random: f64) -> Filter {
     f
 }
 
+/// `hcm("80")` tracing with Zipkin to cluster `zipkin`.
+fn traced_hcm(random: f64) -> Filter {
+    use envoy_types::pb::envoy::config::trace::v3::{ZipkinConfig, tracing, zipkin_config};
+    traced_hcm_with(
+        random,
+        tracing::Http {
+            name: "envoy.tracers.zipkin".into(),
+            config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(
+                ZipkinConfig {
+                    collector_cluster: "zipkin".into(),
+                    collector_endpoint: "/api/v2/spans".into(),
+                    collector_hostname: "zipkin.istio-system.svc.cluster.local".into(),
+                    collector_endpoint_version: zipkin_config::CollectorEndpointVersion::HttpJson
+                        as i32,
+                    trace_id_128bit: true,
+                    shared_span_context: Some(BoolValue { value: false }),
+                    ..Default::default()
+                },
+            ))),
+        },
+    )
+}
+
+/// `hcm("80")` tracing with OpenTelemetry to cluster `otel`: over gRPC, else OTLP/HTTP.
+fn otel_hcm(grpc: bool) -> Filter {
+    use envoy_types::pb::envoy::config::core::v3::{
+        GrpcService, HttpService, HttpUri, grpc_service, http_uri,
+    };
+    use envoy_types::pb::envoy::config::trace::v3::{OpenTelemetryConfig, tracing};
+    let config = OpenTelemetryConfig {
+        grpc_service: grpc.then(|| GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: "otel".into(),
+                    authority: "otel.observability.svc.cluster.local".into(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        http_service: (!grpc).then(|| HttpService {
+            http_uri: Some(HttpUri {
+                uri: "otel.observability.svc.cluster.local/v1/traces".into(),
+                http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster("otel".into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        service_name: "client.default".into(),
+        ..Default::default()
+    };
+    traced_hcm_with(
+        0.0,
+        tracing::Http {
+            name: "envoy.tracers.opentelemetry".into(),
+            config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(config))),
+        },
+    )
+}
+
+/// An HTTP/2 gRPC server that takes any call, reports its path and message, and answers OK.
+async fn grpc_recorder() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let _ = tx.send((path, body.slice(5..)));
+                            let frames = vec![
+                                Ok::<_, Infallible>(http_body::Frame::data(Bytes::from_static(&[
+                                    0, 0, 0, 0, 0,
+                                ]))),
+                                Ok(http_body::Frame::trailers({
+                                    let mut t = http::HeaderMap::new();
+                                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                                    t
+                                })),
+                            ];
+                            Ok::<_, Infallible>(
+                                http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .body(StreamBody::new(futures_stream(frames)))
+                                    .unwrap(),
+                            )
+                        }
+                    });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A GET to `svc` through the sidecar with `headers`: the upstream's answer.
+async fn traced_get(headers: Vec<(&'static str, String)>) -> String {
+    let s = tokio::net::TcpStream::connect("10.96.0.10:80")
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut b = http::Request::get("/reviews/1").header("host", "svc");
+    for (k, v) in headers {
+        b = b.header(k, v);
+    }
+    let r = send
+        .send_request(b.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let body = r.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// An upstream that answers with the trace headers it got (`-` for those absent).
+async fn context_echo() -> SocketAddr {
+    http1_upstream(
+        || {},
+        |req: http::Request<hyper::body::Incoming>| async move {
+            let h = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            let seen = [
+                "x-b3-traceid",
+                "x-b3-spanid",
+                "x-b3-parentspanid",
+                "x-b3-sampled",
+                "traceparent",
+            ]
+            .map(h)
+            .join(" ");
+            http::Response::new(Full::new(Bytes::from(seen)))
+        },
+    )
+    .await
+}
+
+#[test]
+fn opentelemetry_spans_reach_the_collector_over_grpc_and_over_http() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let (grpc, mut grpc_reports) = grpc_recorder().await;
+        let (http, mut http_reports) = recorder().await;
+        let traced = context_echo().await;
+        h.fixed.put(
+            CLUSTER,
+            "otel",
+            pack_any(static_cluster("otel", &[grpc], true)),
+        );
+        h.fixed.put(
+            CLUSTER,
+            "t",
+            pack_any(static_cluster("t", &[traced], false)),
+        );
+        h.fixed.put(ROUTE, "80", pack_any(routes(&[("t", 100)])));
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, otel_hcm(true))),
+        );
+        h.push();
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let parent = "00f067aa0ba902b7";
+        let tp = format!("00-{trace}-{parent}-01");
+        // Wait for the traced listener: the upstream then sees a traceparent of this proxy's.
+        for _ in 0..100 {
+            let seen = traced_get(vec![("traceparent", tp.clone())]).await;
+            if !seen.ends_with(&tp) && seen.contains(trace) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let decode = |body: &Bytes| ExportTraceServiceRequest::decode(body.as_ref()).unwrap();
+        // Drain what the wait sent; then five sampled requests make one report.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        while grpc_reports.try_recv().is_ok() {}
+        let mut seen_ids = BTreeSet::new();
+        for _ in 0..5 {
+            let seen = traced_get(vec![("traceparent", tp.clone())]).await;
+            let sent = seen.rsplit(' ').next().unwrap().to_string();
+            assert!(
+                sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
+                "{seen}"
+            );
+            // W3C only: no B3 headers are made.
+            assert!(seen.starts_with("- - - -"), "{seen}");
+            seen_ids.insert(sent[36..52].to_string());
+        }
+        // The spans of the wait may share the first report; the last of ours can wait for
+        // the flush interval.
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut ids = BTreeSet::new();
+        while !seen_ids.is_subset(&ids) {
+            let (path, body) = tokio::time::timeout(Duration::from_secs(10), grpc_reports.recv())
+                .await
+                .expect("an OTLP export in time")
+                .unwrap();
+            assert_eq!(
+                path,
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+            );
+            let req = decode(&body);
+            let scope = &req.resource_spans[0].scope_spans[0];
+            for s in scope
+                .spans
+                .iter()
+                .filter(|s| seen_ids.contains(&hex(&s.span_id)))
+            {
+                assert_eq!(hex(&s.trace_id), trace);
+                assert_eq!(hex(&s.parent_span_id), parent);
+                ids.insert(hex(&s.span_id));
+            }
+        }
+        assert_eq!(ids, seen_ids);
+
+        // The same over OTLP/HTTP, to the path and host of the service's URI.
+        h.fixed.put(
+            CLUSTER,
+            "otel",
+            pack_any(static_cluster("otel", &[http], false)),
+        );
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, otel_hcm(false))),
+        );
+        h.push();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..5 {
+            traced_get(vec![("traceparent", tp.clone())]).await;
+        }
+        let (host, body) = tokio::time::timeout(Duration::from_secs(10), http_reports.recv())
+            .await
+            .expect("an OTLP/HTTP export in time")
+            .unwrap();
+        assert_eq!(host, "otel.observability.svc.cluster.local");
+        let req = decode(&body);
+        let spans = &req.resource_spans[0].scope_spans[0].spans;
+        assert!(!spans.is_empty());
+        assert!(spans.iter().all(|s| hex(&s.trace_id) == trace));
+        let (_, stats) = admin("GET", "/stats?filter=tracing.opentelemetry").await;
+        assert!(
+            stats.contains("tracing.opentelemetry.grpc_reports_sent: "),
+            "{stats}"
+        );
+        assert!(
+            stats.contains("tracing.opentelemetry.http_reports_sent: "),
+            "{stats}"
+        );
+    });
+}
+
 #[test]
 fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
     in_netns(|| async {
         let (h, _) = harness().await;
         let (collector, mut reports) = recorder().await;
-        // The upstream answers with the B3 headers it got.
-        let traced = http1_upstream(
-            || {},
-            |req: http::Request<hyper::body::Incoming>| async move {
-                let h = |n: &str| {
-                    req.headers()
-                        .get(n)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_string()
-                };
-                let seen = [
-                    "x-b3-traceid",
-                    "x-b3-spanid",
-                    "x-b3-parentspanid",
-                    "x-b3-sampled",
-                ]
-                .map(h)
-                .join(" ");
-                http::Response::new(Full::new(Bytes::from(seen)))
-            },
-        )
-        .await;
+        let traced = context_echo().await;
         h.fixed.put(
             CLUSTER,
             "zipkin",
@@ -2341,29 +2578,10 @@ fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
             pack_any(port_listener("0.0.0.0_80", "0.0.0.0", 80, traced_hcm(0.0))),
         );
         h.push();
-        let get = |headers: Vec<(&'static str, &'static str)>| async move {
-            let s = tokio::net::TcpStream::connect("10.96.0.10:80")
-                .await
-                .unwrap();
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let mut b = http::Request::get("/reviews/1").header("host", "svc");
-            for (k, v) in headers {
-                b = b.header(k, v);
-            }
-            let r = send
-                .send_request(b.body(http_body_util::Empty::<Bytes>::new()).unwrap())
-                .await
-                .unwrap();
-            let body = r.into_body().collect().await.unwrap().to_bytes();
-            String::from_utf8_lossy(&body).into_owned()
-        };
         // Wait for the traced listener: the upstream then sees B3 headers.
         let mut seen = String::new();
         for _ in 0..100 {
-            seen = get(vec![]).await;
+            seen = traced_get(vec![]).await;
             if seen.starts_with(|c: char| c.is_ascii_hexdigit()) {
                 break;
             }
@@ -2371,7 +2589,8 @@ fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
         }
         // A new trace, sampled at 0%: a 128-bit trace id, no parent, not sampled.
         let f: Vec<&str> = seen.split(' ').collect();
-        assert_eq!(f.len(), 4, "{seen}");
+        assert_eq!(f.len(), 5, "{seen}");
+        assert_eq!(f[4], "-", "Zipkin propagates B3 only: {seen}");
         assert_eq!(f[0].len(), 32, "{seen}");
         assert_eq!(f[1].len(), 16, "{seen}");
         assert_eq!((f[2], f[3]), ("-", "0"), "{seen}");
@@ -2381,10 +2600,10 @@ fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
         let caller = "a2fb4a1d1a96d312";
         let mut span_ids = BTreeSet::new();
         for _ in 0..5 {
-            let seen = get(vec![
-                ("x-b3-traceid", trace),
-                ("x-b3-spanid", caller),
-                ("x-b3-sampled", "1"),
+            let seen = traced_get(vec![
+                ("x-b3-traceid", trace.to_string()),
+                ("x-b3-spanid", caller.to_string()),
+                ("x-b3-sampled", "1".to_string()),
             ])
             .await;
             let f: Vec<&str> = seen.split(' ').collect();
@@ -2418,7 +2637,7 @@ fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
             assert!(s["duration"].as_u64().unwrap() > 0);
         }
         // One sampled span alone goes out when the flush interval has passed.
-        get(vec![("x-b3-sampled", "1")]).await;
+        traced_get(vec![("x-b3-sampled", "1".to_string())]).await;
         let (_, body) = tokio::time::timeout(Duration::from_secs(10), reports.recv())
             .await
             .expect("a timer-flushed report")
