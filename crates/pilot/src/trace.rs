@@ -12,11 +12,16 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::trace::v3::{ZipkinConfig, tracing as pb_tracing, zipkin_config};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue as PbHeaderValue, HeaderValueOption as PbHeaderValueOption,
+};
+use envoy_types::pb::envoy::config::trace::v3::{
+    OpenTelemetryConfig, ZipkinConfig, tracing as pb_tracing, zipkin_config,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
 use envoy_types::pb::envoy::r#type::tracing::v3::{CustomTag, custom_tag};
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use envoy_types::util::pack_any;
 use isthmus_config::istio::telemetry::TelemetrySpec;
 use serde_json::Value;
@@ -28,6 +33,7 @@ use crate::proxy::Proxy;
 /// Istio's `PILOT_TRACE_SAMPLING` default: 1% of new traces.
 const DEFAULT_SAMPLING: f64 = 1.0;
 const ZIPKIN: &str = "envoy.tracers.zipkin";
+const OPENTELEMETRY: &str = "envoy.tracers.opentelemetry";
 
 /// Which side of a request a connection manager is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,84 +159,233 @@ fn legacy_sampling(ctx: &PushContext) -> f64 {
     }
 }
 
-/// A Zipkin collector: its service and port, and how spans are sent there.
-struct Zipkin {
-    service: String,
-    port: u16,
-    path: String,
-    trace_id_128bit: bool,
-    max_tag_length: Option<u32>,
+/// A tracing extension provider this control plane configures.
+enum Provider {
+    Zipkin {
+        path: String,
+        trace_id_128bit: bool,
+    },
+    /// OTLP over gRPC, or over HTTP when `http` is set.
+    OpenTelemetry {
+        http: Option<OtlpHttp>,
+        grpc_timeout: Option<PbDuration>,
+        grpc_metadata: Vec<PbHeaderValue>,
+    },
 }
 
-fn zipkin_provider(ctx: &PushContext, name: &str) -> Option<Zipkin> {
+struct OtlpHttp {
+    path: String,
+    timeout: Option<PbDuration>,
+    headers: Vec<PbHeaderValue>,
+}
+
+/// A provider and the collector service it sends to.
+struct Collector {
+    service: String,
+    port: u16,
+    max_tag_length: Option<u32>,
+    provider: Provider,
+}
+
+fn u32_of(v: Option<&Value>) -> Option<u32> {
+    v.and_then(Value::as_u64)
+        .and_then(|l| u32::try_from(l).ok())
+        .filter(|l| *l != 0)
+}
+
+/// A MeshConfig `Duration` (`"5s"`, `"0.5s"`).
+fn duration_of(v: Option<&Value>) -> Option<PbDuration> {
+    let secs: f64 = v?.as_str()?.strip_suffix('s')?.parse().ok()?;
+    Some(crate::cluster::duration(
+        std::time::Duration::try_from_secs_f64(secs).ok()?,
+    ))
+}
+
+/// Extension provider headers: `{name, value}` or `{name, envName}` (read where the control
+/// plane runs, as istiod does).
+fn headers_of(v: Option<&Value>) -> Vec<PbHeaderValue> {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|h| {
+            let key = h.get("name")?.as_str()?.to_string();
+            let value = match h.get("value").and_then(Value::as_str) {
+                Some(v) => v.to_string(),
+                None => std::env::var(h.get("envName")?.as_str()?).unwrap_or_default(),
+            };
+            Some(PbHeaderValue {
+                key,
+                value,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
+fn provider(ctx: &PushContext, name: &str) -> Option<Collector> {
     let p = ctx
         .mesh
         .extension_providers
         .iter()
         .find(|p| p.name == name)?;
-    let Some(z) = p.provider.get("zipkin") else {
-        tracing::warn!(provider = name, kind = ?p.kind(), "tracing provider is not zipkin; not traced");
-        return None;
+    let (kind, c) = (p.kind()?, p.provider.values().next()?);
+    let provider = match kind {
+        "zipkin" => Provider::Zipkin {
+            path: c
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("/api/v2/spans")
+                .to_string(),
+            trace_id_128bit: !c
+                .get("enable64bitTraceId")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        },
+        "opentelemetry" => {
+            let grpc = c.get("grpc");
+            Provider::OpenTelemetry {
+                http: c.get("http").map(|h| OtlpHttp {
+                    path: h
+                        .get("path")
+                        .and_then(Value::as_str)
+                        .unwrap_or("/v1/traces")
+                        .to_string(),
+                    timeout: duration_of(h.get("timeout")),
+                    headers: headers_of(h.get("headers")),
+                }),
+                grpc_timeout: duration_of(grpc.and_then(|g| g.get("timeout"))),
+                grpc_metadata: headers_of(grpc.and_then(|g| g.get("initialMetadata"))),
+            }
+        }
+        other => {
+            tracing::warn!(
+                provider = name,
+                kind = other,
+                "tracing provider kind is not supported; not traced"
+            );
+            return None;
+        }
     };
-    Some(Zipkin {
-        service: z.get("service")?.as_str()?.to_string(),
-        port: u16::try_from(z.get("port")?.as_u64()?).ok()?,
-        path: z
-            .get("path")
-            .and_then(Value::as_str)
-            .unwrap_or("/api/v2/spans")
-            .to_string(),
-        trace_id_128bit: !z
-            .get("enable64bitTraceId")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        max_tag_length: z
-            .get("maxTagLength")
-            .and_then(Value::as_u64)
-            .and_then(|l| u32::try_from(l).ok())
-            .filter(|l| *l != 0),
+    Some(Collector {
+        service: c.get("service")?.as_str()?.to_string(),
+        port: u16::try_from(c.get("port")?.as_u64()?).ok()?,
+        max_tag_length: u32_of(c.get("maxTagLength")),
+        provider,
     })
 }
 
 /// `defaultConfig.tracing.zipkin.address` (`host:port`) as a collector.
-fn legacy_zipkin(ctx: &PushContext) -> Option<Zipkin> {
+fn legacy_zipkin(ctx: &PushContext) -> Option<Collector> {
     let address = legacy(ctx)?.get("zipkin")?.get("address")?.as_str()?;
     let (host, port) = address.rsplit_once(':')?;
-    Some(Zipkin {
+    Some(Collector {
         service: host.to_string(),
         port: port.parse().ok()?,
-        path: "/api/v2/spans".into(),
-        trace_id_128bit: true,
         max_tag_length: None,
+        provider: Provider::Zipkin {
+            path: "/api/v2/spans".into(),
+            trace_id_128bit: true,
+        },
     })
 }
 
 /// The tracer's configuration, sent to the collector service's outbound cluster; None (with
 /// a warning) when the service is not in the registry, as istiod leaves such a proxy untraced.
-fn zipkin_tracer(ctx: &PushContext, z: &Zipkin) -> Option<pb_tracing::Http> {
-    let name = z
+fn tracer(ctx: &PushContext, proxy: &Proxy, c: Collector) -> Option<pb_tracing::Http> {
+    use envoy_types::pb::envoy::config::core::v3::{
+        GrpcService, HttpService, HttpUri, grpc_service, http_uri,
+    };
+    let name = c
         .service
         .rsplit_once('/')
-        .map_or(z.service.as_str(), |(_, h)| h);
+        .map_or(c.service.as_str(), |(_, h)| h);
     let Some(svc) = ctx.registry.resolve(name, ctx.root_namespace()) else {
-        tracing::warn!(service = %z.service, "tracing collector service not found; not traced");
+        tracing::warn!(service = %c.service, "tracing collector service not found; not traced");
         return None;
     };
-    Some(pb_tracing::Http {
-        name: ZIPKIN.into(),
-        config_type: Some(pb_tracing::http::ConfigType::TypedConfig(pack_any(
-            ZipkinConfig {
-                collector_cluster: outbound_cluster(z.port, "", &svc.hostname),
-                collector_endpoint: z.path.clone(),
-                collector_hostname: svc.hostname.clone(),
+    let cluster = outbound_cluster(c.port, "", &svc.hostname);
+    let host = svc.hostname.clone();
+    let (name, config) = match c.provider {
+        Provider::Zipkin {
+            path,
+            trace_id_128bit,
+        } => (
+            ZIPKIN,
+            pack_any(ZipkinConfig {
+                collector_cluster: cluster,
+                collector_endpoint: path,
+                collector_hostname: host,
                 collector_endpoint_version: zipkin_config::CollectorEndpointVersion::HttpJson
                     as i32,
-                trace_id_128bit: z.trace_id_128bit,
+                trace_id_128bit,
                 shared_span_context: Some(BoolValue { value: false }),
                 ..Default::default()
-            },
-        ))),
+            }),
+        ),
+        Provider::OpenTelemetry {
+            http,
+            grpc_timeout,
+            grpc_metadata,
+        } => {
+            let mut config = OpenTelemetryConfig {
+                // The span's service: the workload, as istiod names it by the node's cluster.
+                service_name: format!("{}.{}", canonical_service(ctx, proxy), proxy.namespace),
+                ..Default::default()
+            };
+            match http {
+                Some(h) => {
+                    config.http_service = Some(HttpService {
+                        http_uri: Some(HttpUri {
+                            uri: format!("{host}{}", h.path),
+                            http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(cluster)),
+                            timeout: h.timeout,
+                        }),
+                        request_headers_to_add: h
+                            .headers
+                            .into_iter()
+                            .map(|header| PbHeaderValueOption {
+                                header: Some(header),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    });
+                }
+                None => {
+                    config.grpc_service = Some(GrpcService {
+                        timeout: grpc_timeout,
+                        initial_metadata: grpc_metadata,
+                        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: cluster,
+                                authority: host,
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    });
+                }
+            }
+            (OPENTELEMETRY, pack_any(config))
+        }
+    };
+    Some(pb_tracing::Http {
+        name: name.into(),
+        config_type: Some(pb_tracing::http::ConfigType::TypedConfig(config)),
     })
+}
+
+/// The workload's canonical service, from its labels as Istio's injector derives it.
+fn canonical_service(ctx: &PushContext, proxy: &Proxy) -> String {
+    let labels = ctx.proxy_labels(proxy);
+    [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|k| labels.get(*k))
+    .map_or_else(|| "unknown".to_string(), String::clone)
 }
 
 /// Istio's tags on every span: the workload's canonical service and revision, mesh,
@@ -268,17 +423,7 @@ fn istio_tags(ctx: &PushContext, proxy: &Proxy) -> Vec<CustomTag> {
                 "latest",
             ),
         ),
-        (
-            "istio.canonical_service",
-            first(
-                &[
-                    "service.istio.io/canonical-name",
-                    "app.kubernetes.io/name",
-                    "app",
-                ],
-                "unknown",
-            ),
-        ),
+        ("istio.canonical_service", canonical_service(ctx, proxy)),
         ("istio.cluster_id", or(&proxy.cluster_id, "unknown")),
         ("istio.mesh_id", mesh_id),
         ("istio.namespace", or(&proxy.namespace, "default")),
@@ -329,13 +474,14 @@ pub fn hcm_tracing(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Traci
             if spec.disabled {
                 return None;
             }
-            let z = zipkin_provider(ctx, spec.provider.as_deref()?)?;
+            let c = provider(ctx, spec.provider.as_deref()?)?;
+            let max_tag_length = c.max_tag_length;
             (
-                zipkin_tracer(ctx, &z)?,
+                tracer(ctx, proxy, c)?,
                 spec.sampling.unwrap_or_else(|| legacy_sampling(ctx)),
                 spec.custom_tags,
                 spec.istio_tags.unwrap_or(true),
-                z.max_tag_length,
+                max_tag_length,
             )
         }
         None => {
@@ -349,7 +495,7 @@ pub fn hcm_tracing(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Traci
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
             (
-                zipkin_tracer(ctx, &legacy_zipkin(ctx)?)?,
+                tracer(ctx, proxy, legacy_zipkin(ctx)?)?,
                 legacy_sampling(ctx),
                 tags,
                 t.get("enableIstioTags")

@@ -959,3 +959,63 @@ fn tracing_follows_telemetry_resources_and_the_mesh_config() {
     let (out, inb) = hcm_tracing(&context(), &productpage);
     assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
 }
+
+#[test]
+fn opentelemetry_providers_export_over_grpc_or_http_to_the_collectors_cluster() {
+    let collector = "apiVersion: v1\nkind: Service\nmetadata: {name: otel-collector, namespace: observability}\nspec:\n  ports: [{name: grpc-otlp, port: 4317}, {name: http-otlp, port: 4318}]\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  tracing:\n  - providers: [{name: otel}]\n";
+    let mesh = |provider: serde_json::Value| -> MeshConfig {
+        serde_json::from_value(serde_json::json!({
+            "extensionProviders": [{"name": "otel", "opentelemetry": provider}],
+        }))
+        .unwrap()
+    };
+    let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let grpc = mesh(serde_json::json!({
+        "service": "otel-collector.observability.svc.cluster.local", "port": 4317,
+        "grpc": {"timeout": "3s", "initialMetadata": [{"name": "x-tenant", "value": "books"}]},
+    }));
+    let (out, inb) = hcm_tracing(&context_with_mesh(collector, grpc), &productpage);
+    for t in out.iter().chain(&inb) {
+        assert_eq!(t["provider"]["name"], "envoy.tracers.opentelemetry");
+        let c = &t["provider"]["typed_config"];
+        assert_eq!(
+            c["@type"],
+            "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+        );
+        assert_eq!(c["service_name"], "productpage.bookinfo");
+        let g = &c["grpc_service"];
+        assert_eq!(
+            g["envoy_grpc"]["cluster_name"],
+            "outbound|4317||otel-collector.observability.svc.cluster.local"
+        );
+        assert_eq!(
+            g["envoy_grpc"]["authority"],
+            "otel-collector.observability.svc.cluster.local"
+        );
+        assert_eq!(g["timeout"], "3s");
+        assert_eq!(g["initial_metadata"][0]["key"], "x-tenant");
+        assert_eq!(tag(t, "istio.canonical_service"), "productpage");
+    }
+    let http = mesh(serde_json::json!({
+        "service": "otel-collector.observability.svc.cluster.local", "port": 4318,
+        "http": {"path": "/v1/traces", "timeout": "2s"},
+    }));
+    let (out, _) = hcm_tracing(&context_with_mesh(collector, http), &productpage);
+    let h = &out[0]["provider"]["typed_config"]["http_service"];
+    assert_eq!(
+        h["http_uri"]["uri"],
+        "otel-collector.observability.svc.cluster.local/v1/traces"
+    );
+    assert_eq!(
+        h["http_uri"]["cluster"],
+        "outbound|4318||otel-collector.observability.svc.cluster.local"
+    );
+    assert_eq!(h["http_uri"]["timeout"], "2s");
+    // Kinds without tracing here (Datadog) leave the workload untraced.
+    let datadog: MeshConfig = serde_json::from_value(serde_json::json!({
+        "extensionProviders": [{"name": "otel", "datadog": {"service": "dd.observability.svc.cluster.local", "port": 8126}}],
+    }))
+    .unwrap();
+    let (out, _) = hcm_tracing(&context_with_mesh(collector, datadog), &productpage);
+    assert!(out.iter().all(serde_json::Value::is_null));
+}

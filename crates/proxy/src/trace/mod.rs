@@ -960,40 +960,59 @@ mod tests {
     fn the_control_planes_tracing_compiles_to_a_tracer_and_named_routes() {
         use crate::config::listener::{NetworkFilter, compile};
         let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: zipkin, namespace: istio-system}\nspec:\n  ports: [{name: http, port: 9411}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: ratings, namespace: default}\nspec:\n  selector: {app: ratings}\n  ports: [{name: http, port: 9080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: ratings-0, namespace: default, labels: {app: ratings}}\nspec: {containers: [{name: ratings}, {name: istio-proxy}]}\nstatus: {podIP: 10.200.0.20}\n---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  tracing:\n  - providers: [{name: zipkin}]\n";
-        let loaded = isthmus_config::Loader::default().load_str("t.yaml", yaml);
-        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
-        let mesh: isthmus_config::MeshConfig = serde_json::from_value(json!({
-            "extensionProviders": [{"name": "zipkin", "zipkin": {
-                "service": "zipkin.istio-system.svc.cluster.local", "port": 9411}}],
-        }))
-        .unwrap();
-        let ctx = isthmus_pilot::context::PushContext::new(
-            loaded.resources.into_iter().collect(),
-            mesh,
-            "cluster.local",
-            None,
-        );
+        let providers = [
+            (
+                json!({"zipkin": {"service": "zipkin.istio-system.svc.cluster.local", "port": 9411}}),
+                "outbound|9411||zipkin.istio-system.svc.cluster.local",
+                Format::ZipkinJson,
+            ),
+            (
+                json!({"opentelemetry": {"service": "zipkin.istio-system.svc.cluster.local", "port": 9411}}),
+                "outbound|9411||zipkin.istio-system.svc.cluster.local",
+                Format::OtlpGrpc,
+            ),
+            (
+                json!({"opentelemetry": {"service": "zipkin.istio-system.svc.cluster.local", "port": 9411, "http": {"path": "/v1/traces"}}}),
+                "outbound|9411||zipkin.istio-system.svc.cluster.local",
+                Format::OtlpHttp,
+            ),
+        ];
+        let mut ctx = None;
         let proxy = isthmus_pilot::proxy::Proxy::from_node(
             "sidecar~10.200.0.20~ratings-0.default~default.svc.cluster.local",
             &isthmus_pilot::proxy::NodeMetadata::default(),
         )
         .unwrap();
-        let mut traced = 0;
-        for l in isthmus_pilot::listener::listeners(&ctx, &proxy) {
-            let l = compile(&l).unwrap();
-            for c in l.chains.iter().chain(&l.default_chain) {
-                if let NetworkFilter::Http(hcm) = &c.filter {
-                    let t = hcm.tracing.as_ref().expect("a tracer");
-                    assert_eq!(
-                        t.collector.cluster,
-                        "outbound|9411||zipkin.istio-system.svc.cluster.local"
-                    );
-                    assert_eq!(t.random, 10_000, "Istio's default 1%");
-                    traced += 1;
+        for (provider, cluster, format) in providers {
+            let loaded = isthmus_config::Loader::default().load_str("t.yaml", yaml);
+            assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+            let mut entry = provider;
+            entry["name"] = json!("zipkin");
+            let mesh: isthmus_config::MeshConfig =
+                serde_json::from_value(json!({ "extensionProviders": [entry] })).unwrap();
+            let c = isthmus_pilot::context::PushContext::new(
+                loaded.resources.into_iter().collect(),
+                mesh,
+                "cluster.local",
+                None,
+            );
+            let mut traced = 0;
+            for l in isthmus_pilot::listener::listeners(&c, &proxy) {
+                let l = compile(&l).unwrap();
+                for chain in l.chains.iter().chain(&l.default_chain) {
+                    if let NetworkFilter::Http(hcm) = &chain.filter {
+                        let t = hcm.tracing.as_ref().expect("a tracer");
+                        assert_eq!(t.collector.cluster, cluster);
+                        assert_eq!(t.collector.format, format);
+                        assert_eq!(t.random, 10_000, "Istio's default 1%");
+                        traced += 1;
+                    }
                 }
             }
+            assert!(traced >= 2, "outbound and inbound connection managers");
+            ctx = Some(c);
         }
-        assert!(traced >= 2, "outbound and inbound connection managers");
+        let ctx = ctx.unwrap();
         let routes = isthmus_pilot::route::routes(&ctx, &proxy, &["9080".to_string()]);
         let table = crate::config::route::compile(&routes[0]).unwrap();
         let vh = table
