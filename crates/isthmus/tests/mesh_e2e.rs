@@ -1373,10 +1373,28 @@ spec:
   containers:
   - name: client
     command: [sleep, "3600"]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: errors, namespace: tr}
+spec:
+  accessLogging:
+  - providers: [{name: envoy}]
+    match: {mode: SERVER}
+    filter: {expression: "response.code >= 400"}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-path, namespace: tr}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/deny"]}}]}]
 "#;
 
 #[test]
 fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin() {
+    // Also: Telemetry access logs, server side, errors only.
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -1435,4 +1453,22 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
             "{pod}: {stats}"
         );
     }
+    // The server's sidecar logs the request its policy refused, and not those it passed.
+    let (ok, out) = mesh.get("client", "http://server:8080/deny", &[]);
+    assert!(!ok && out.contains("StatusCode=403"), "{out}");
+    let mut log = String::new();
+    for _ in 0..50 {
+        let out = Command::new(BIN)
+            .args(["logs", "server", "-c", "istio-proxy"])
+            .args(mesh.args())
+            .output()
+            .expect("isthmus logs");
+        log = String::from_utf8_lossy(&out.stdout).into_owned();
+        if log.contains("\"GET /deny HTTP/1.1\" 403") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(log.contains("\"GET /deny HTTP/1.1\" 403"), "{log}");
+    assert!(!log.contains("\"GET / HTTP/1.1\" 200"), "{log}");
 }

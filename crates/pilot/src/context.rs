@@ -52,9 +52,9 @@ pub struct Scope {
     pub locality: Option<Locality>,
     /// The pod's own `proxyHeaders`, which shape its listeners and routes.
     pub proxy_headers: Option<isthmus_config::mesh::ProxyHeaders>,
-    /// The outbound connection managers' `tracing`, encoded: with tracing on, it carries the
-    /// workload's own tags and the Telemetry selecting it.
-    pub tracing: Option<Vec<u8>>,
+    /// The outbound listeners' tracing and access logs, encoded: Telemetry resources that
+    /// select the workload, and tracing's per-workload tags, make them differ.
+    pub telemetry: Vec<u8>,
 }
 
 #[derive(Debug, Clone)]
@@ -280,8 +280,18 @@ impl PushContext {
             sidecar: self
                 .sidecar_for(proxy)
                 .map(|s| (s.namespace().to_string(), s.name().to_string())),
-            tracing: crate::trace::hcm_tracing(self, proxy, crate::trace::Side::Client)
-                .map(|t| prost::Message::encode_to_vec(&t)),
+            telemetry: {
+                use prost::Message;
+                let side = crate::telemetry::Side::Client;
+                let mut key = Vec::new();
+                if let Some(t) = crate::trace::hcm_tracing(self, proxy, side) {
+                    t.encode_length_delimited(&mut key).unwrap_or_default();
+                }
+                for log in crate::access_log::access_logs(self, proxy, side) {
+                    log.encode_length_delimited(&mut key).unwrap_or_default();
+                }
+                key
+            },
         }
     }
 

@@ -4,6 +4,7 @@
 //! RequestAuthentications into the inbound chains' JWT filter and `authz` AuthorizationPolicies
 //! into their RBAC filters.
 
+pub mod access_log;
 pub mod authn;
 pub mod authz;
 pub mod cluster;
@@ -15,6 +16,7 @@ pub mod maps;
 pub mod names;
 pub mod proxy;
 pub mod route;
+pub mod telemetry;
 pub mod trace;
 
 pub use context::{InboundMode, MtlsMode, PushContext, Scope};

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
 use envoy_types::pb::envoy::config::core::v3::{
     CidrRange, TrafficDirection, TransportSocket, transport_socket,
 };
@@ -42,7 +41,7 @@ use crate::names::{
     outbound_cluster,
 };
 use crate::proxy::{InterceptionMode, Proxy};
-use crate::trace::Side;
+use crate::telemetry::Side;
 use isthmus_xds::typed_struct::{METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, TypedStruct};
 
 /// Every listener of `proxy`, sorted by name.
@@ -73,95 +72,22 @@ fn with_telemetry(
     mut listeners: Vec<Listener>,
     side: Side,
 ) -> Vec<Listener> {
-    let log = access_log(ctx);
+    let logs = crate::access_log::access_logs(ctx, proxy, side);
     let tracing = crate::trace::hcm_tracing(ctx, proxy, side);
-    if log.is_none() && tracing.is_none() {
+    if logs.is_empty() && tracing.is_none() {
         return listeners;
     }
     for l in &mut listeners {
         edit_filters(
             l,
             |hcm| {
-                hcm.access_log.extend(log.clone());
+                hcm.access_log.extend(logs.iter().cloned());
                 hcm.tracing.clone_from(&tracing);
             },
-            |tp| tp.access_log.extend(log.clone()),
+            |tp| tp.access_log.extend(logs.iter().cloned()),
         );
     }
     listeners
-}
-
-/// Istio's default access log format (`EnvoyTextLogFormat`).
-const ISTIO_TEXT_LOG_FORMAT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
-
-/// Istio's default JSON access log fields.
-const ISTIO_JSON_LOG_FIELDS: &[(&str, &str)] = &[
-    ("start_time", "%START_TIME%"),
-    ("method", "%REQ(:METHOD)%"),
-    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
-    ("protocol", "%PROTOCOL%"),
-    ("response_code", "%RESPONSE_CODE%"),
-    ("response_flags", "%RESPONSE_FLAGS%"),
-    ("bytes_received", "%BYTES_RECEIVED%"),
-    ("bytes_sent", "%BYTES_SENT%"),
-    ("duration", "%DURATION%"),
-    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
-    ("user_agent", "%REQ(USER-AGENT)%"),
-    ("request_id", "%REQ(X-REQUEST-ID)%"),
-    ("authority", "%REQ(:AUTHORITY)%"),
-    ("upstream_host", "%UPSTREAM_HOST%"),
-    ("upstream_cluster", "%UPSTREAM_CLUSTER%"),
-    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
-    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
-    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
-    ("route_name", "%ROUTE_NAME%"),
-];
-
-/// MeshConfig `accessLogFile` (with `accessLogFormat` and `accessLogEncoding`) as Envoy's file
-/// access logger; None when access logs are off.
-fn access_log(ctx: &PushContext) -> Option<AccessLog> {
-    use envoy_types::pb::envoy::config::core::v3::{
-        DataSource, SubstitutionFormatString, data_source, substitution_format_string,
-    };
-    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
-        FileAccessLog, file_access_log,
-    };
-    let mesh = &ctx.mesh;
-    if mesh.access_log_file.is_empty() {
-        return None;
-    }
-    let format = if mesh.access_log_encoding.as_deref() == Some("JSON") {
-        substitution_format_string::Format::JsonFormat(crate::cluster::strukt(
-            ISTIO_JSON_LOG_FIELDS
-                .iter()
-                .map(|(k, v)| (*k, crate::cluster::string(v))),
-        ))
-    } else {
-        let text = if mesh.access_log_format.is_empty() {
-            ISTIO_TEXT_LOG_FORMAT.to_string()
-        } else {
-            mesh.access_log_format.clone()
-        };
-        substitution_format_string::Format::TextFormatSource(DataSource {
-            specifier: Some(data_source::Specifier::InlineString(text)),
-            ..Default::default()
-        })
-    };
-    Some(AccessLog {
-        name: "envoy.access_loggers.file".into(),
-        config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
-            FileAccessLog {
-                path: mesh.access_log_file.clone(),
-                access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
-                    SubstitutionFormatString {
-                        format: Some(format),
-                        ..Default::default()
-                    },
-                )),
-            },
-        ))),
-        ..Default::default()
-    })
 }
 
 /// Changes every HTTP connection manager and TCP proxy of a listener.

@@ -23,26 +23,17 @@ use envoy_types::pb::envoy::r#type::tracing::v3::{CustomTag, custom_tag};
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use envoy_types::util::pack_any;
-use isthmus_config::istio::telemetry::TelemetrySpec;
 use serde_json::Value;
 
-use crate::context::{PushContext, selector_matches};
+use crate::context::PushContext;
 use crate::names::outbound_cluster;
 use crate::proxy::Proxy;
+use crate::telemetry::Side;
 
 /// Istio's `PILOT_TRACE_SAMPLING` default: 1% of new traces.
 const DEFAULT_SAMPLING: f64 = 1.0;
 const ZIPKIN: &str = "envoy.tracers.zipkin";
 const OPENTELEMETRY: &str = "envoy.tracers.opentelemetry";
-
-/// Which side of a request a connection manager is on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// Outbound listeners: the caller's span.
-    Client,
-    /// Inbound: the called workload's span.
-    Server,
-}
 
 /// What Telemetry resources say for one side, merged from root namespace to workload.
 #[derive(Debug, Default, Clone)]
@@ -52,45 +43,6 @@ struct Spec {
     disabled: bool,
     custom_tags: BTreeMap<String, Value>,
     istio_tags: Option<bool>,
-}
-
-/// The Telemetry resources that apply to `proxy`, root namespace first, then its namespace's
-/// selector-less one, then the oldest one selecting it.
-fn telemetries<'a>(
-    ctx: &'a PushContext,
-    proxy: &'a Proxy,
-) -> Vec<(&'a str, &'a str, &'a TelemetrySpec)> {
-    let labels = ctx.proxy_labels(proxy);
-    let all = &ctx.snapshot.telemetries;
-    let root = ctx.root_namespace();
-    let plain = |ns: &str| {
-        all.iter()
-            .find(|t| t.namespace() == ns && t.object.spec.selector.is_none())
-    };
-    let mut out = Vec::new();
-    out.extend(plain(root));
-    if proxy.namespace != root {
-        out.extend(plain(&proxy.namespace));
-    }
-    out.extend(all.iter().find(|t| {
-        t.namespace() == proxy.namespace
-            && t.object
-                .spec
-                .selector
-                .as_ref()
-                .is_some_and(|s| selector_matches(&s.match_labels, labels))
-    }));
-    out.into_iter()
-        .map(|t| (t.namespace(), t.name(), &t.object.spec))
-        .collect()
-}
-
-/// The Telemetry resource selecting `proxy`'s workload, if any: proxies of one scope share it.
-pub fn workload_telemetry(ctx: &PushContext, proxy: &Proxy) -> Option<(String, String)> {
-    telemetries(ctx, proxy)
-        .into_iter()
-        .find(|(_, _, t)| t.selector.is_some())
-        .map(|(ns, name, _)| (ns.to_string(), name.to_string()))
 }
 
 /// The merged Telemetry spec of one side; None when no Telemetry (nor the mesh's default
@@ -104,19 +56,9 @@ fn telemetry_spec(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Spec> 
             .and_then(|d| d.tracing.first().cloned()),
         ..Default::default()
     };
-    for (_, _, t) in telemetries(ctx, proxy) {
+    for t in crate::telemetry::applicable(ctx, proxy) {
         for tr in &t.tracing {
-            let mode = tr
-                .match_
-                .as_ref()
-                .and_then(|m| m.get("mode"))
-                .and_then(Value::as_str)
-                .unwrap_or("CLIENT_AND_SERVER");
-            let applies = match side {
-                Side::Client => mode != "SERVER",
-                Side::Server => mode != "CLIENT",
-            };
-            if !applies {
+            if !crate::telemetry::applies(tr.match_.as_ref(), side) {
                 continue;
             }
             if let Some(p) = tr.providers.first() {

@@ -1019,3 +1019,77 @@ fn opentelemetry_providers_export_over_grpc_or_http_to_the_collectors_cluster() 
     let (out, _) = hcm_tracing(&context_with_mesh(collector, datadog), &productpage);
     assert!(out.iter().all(serde_json::Value::is_null));
 }
+
+/// The access logs of every connection manager and TCP proxy of a proxy's listeners, by
+/// direction: (outbound, inbound), one list per filter.
+fn access_logs(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut out = (Vec::new(), Vec::new());
+    for l in isthmus_pilot::listener::listeners(ctx, p) {
+        let l = to_json(&l).unwrap();
+        let inbound = l["name"] == "virtualInbound";
+        for chain in l["filter_chains"].as_array().into_iter().flatten() {
+            for f in chain["filters"].as_array().into_iter().flatten() {
+                let logs = f["typed_config"]["access_log"].clone();
+                if inbound { &mut out.1 } else { &mut out.0 }.push(logs);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn access_logging_follows_telemetry_providers_match_filter_and_disabled() {
+    let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let on = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  accessLogging:\n  - providers: [{name: envoy}]\n";
+    let (out, inb) = access_logs(&context_with(on), &productpage);
+    assert!(!out.is_empty() && !inb.is_empty());
+    for logs in out.iter().chain(&inb) {
+        let log = &logs[0]["typed_config"];
+        assert_eq!(log["path"], "/dev/stdout", "{logs}");
+        assert!(
+            log["log_format"]["text_format_source"]["inline_string"]
+                .as_str()
+                .unwrap()
+                .starts_with("[%START_TIME%]")
+        );
+    }
+    // Errors only, on the server side only, as CEL filters and `match` say.
+    let errors = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  accessLogging:\n  - providers: [{name: envoy}]\n    match: {mode: SERVER}\n    filter: {expression: \"response.code >= 400 || response.duration > duration(\\\"1s\\\")\"}\n";
+    let (out, inb) = access_logs(&context_with(errors), &productpage);
+    assert!(out.iter().all(serde_json::Value::is_null), "{out:?}");
+    let filter = &inb[0][0]["filter"]["or_filter"]["filters"];
+    assert_eq!(filter[0]["status_code_filter"]["comparison"]["op"], "GE");
+    assert_eq!(
+        filter[0]["status_code_filter"]["comparison"]["value"]["default_value"],
+        400
+    );
+    assert_eq!(
+        filter[1]["duration_filter"]["comparison"]["value"]["default_value"],
+        1001
+    );
+    // A filter it cannot express logs every request rather than none.
+    let cel = errors.replace(">= 400 ||", "in [400, 500] ||");
+    let (_, inb) = access_logs(&context_with(&cel), &productpage);
+    assert!(inb[0][0]["filter"].is_null() && inb[0][0]["typed_config"].is_object());
+    // The namespace turns them off for its workloads.
+    let off = format!(
+        "{on}---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: quiet, namespace: bookinfo}}\nspec:\n  accessLogging:\n  - disabled: true\n"
+    );
+    let (out, inb) = access_logs(&context_with(&off), &productpage);
+    assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+    // An envoyFileAccessLog extension provider with JSON labels, as the mesh's default.
+    let mesh: MeshConfig = serde_json::from_value(serde_json::json!({
+        "extensionProviders": [{"name": "json-log", "envoyFileAccessLog": {
+            "path": "/dev/stderr",
+            "logFormat": {"labels": {"code": "%RESPONSE_CODE%", "path": "%REQ(:PATH)%"}}}}],
+        "defaultProviders": {"accessLogging": ["json-log"]},
+    }))
+    .unwrap();
+    let (out, _) = access_logs(&context_with_mesh("", mesh), &productpage);
+    let log = &out[0][0]["typed_config"];
+    assert_eq!(log["path"], "/dev/stderr");
+    assert_eq!(log["log_format"]["json_format"]["code"], "%RESPONSE_CODE%");
+    // None of it by default.
+    let (out, inb) = access_logs(&context(), &productpage);
+    assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+}

@@ -1,13 +1,17 @@
 //! Access logs: Envoy's file access logger with its format strings (`%START_TIME%`,
 //! `%REQ(:METHOD)%`, `%RESPONSE_FLAGS%`, …) in text or JSON, as Istio configures it from
-//! MeshConfig `accessLogFile`/`accessLogEncoding`.
+//! MeshConfig `accessLogFile`/`accessLogEncoding` and Telemetry `accessLogging`, and Envoy's
+//! filters of what is logged (status code, duration, and/or).
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog as PbAccessLog, access_log};
+use envoy_types::pb::envoy::config::accesslog::v3::{
+    AccessLog as PbAccessLog, AccessLogFilter, ComparisonFilter, access_log, access_log_filter,
+    comparison_filter,
+};
 use envoy_types::pb::envoy::config::core::v3::{data_source, substitution_format_string};
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
     FileAccessLog, file_access_log,
@@ -59,7 +63,74 @@ pub struct Entry {
 
 pub struct AccessLog {
     format: Format,
+    filter: Option<Filter>,
     out: Mutex<Box<dyn Write + Send>>,
+}
+
+/// Which requests are logged.
+#[derive(Debug)]
+enum Filter {
+    Status(comparison_filter::Op, u32),
+    /// Milliseconds.
+    Duration(comparison_filter::Op, u32),
+    All(Vec<Filter>),
+    Any(Vec<Filter>),
+    /// Not a health check: every request here (the proxy answers no health checks inline).
+    NotHealthCheck,
+}
+
+impl Filter {
+    fn compile(f: &AccessLogFilter) -> Result<Filter, String> {
+        use access_log_filter::FilterSpecifier as F;
+        let cmp = |c: Option<&ComparisonFilter>| -> Result<(comparison_filter::Op, u32), String> {
+            let c = c.ok_or("access log filter: comparison missing")?;
+            let op = comparison_filter::Op::try_from(c.op)
+                .map_err(|_| format!("access log filter: comparison op {} is unknown", c.op))?;
+            Ok((op, c.value.as_ref().map_or(0, |v| v.default_value)))
+        };
+        let list = |fs: &[AccessLogFilter]| -> Result<Vec<Filter>, String> {
+            fs.iter().map(Filter::compile).collect()
+        };
+        Ok(match &f.filter_specifier {
+            Some(F::StatusCodeFilter(s)) => {
+                let (op, v) = cmp(s.comparison.as_ref())?;
+                Filter::Status(op, v)
+            }
+            Some(F::DurationFilter(d)) => {
+                let (op, v) = cmp(d.comparison.as_ref())?;
+                Filter::Duration(op, v)
+            }
+            Some(F::AndFilter(a)) => Filter::All(list(&a.filters)?),
+            Some(F::OrFilter(o)) => Filter::Any(list(&o.filters)?),
+            Some(F::NotHealthCheckFilter(_)) => Filter::NotHealthCheck,
+            Some(other) => {
+                let name = format!("{other:?}");
+                let kind = name.split('(').next().unwrap_or("filter");
+                return Err(format!("access log filter {kind} is not supported"));
+            }
+            None => return Err("access log filter has no filter".into()),
+        })
+    }
+
+    fn matches(&self, e: &Entry) -> bool {
+        use comparison_filter::Op;
+        let compare = |op: &Op, have: u64, want: u32| {
+            let want = u64::from(want);
+            match op {
+                Op::Eq => have == want,
+                Op::Ge => have >= want,
+                Op::Le => have <= want,
+                Op::Ne => have != want,
+            }
+        };
+        match self {
+            Filter::Status(op, v) => compare(op, u64::from(e.status), *v),
+            Filter::Duration(op, v) => compare(op, e.duration_ms, *v),
+            Filter::All(fs) => fs.iter().all(|f| f.matches(e)),
+            Filter::Any(fs) => fs.iter().any(|f| f.matches(e)),
+            Filter::NotHealthCheck => true,
+        }
+    }
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -158,6 +229,7 @@ impl AccessLog {
         };
         Ok(AccessLog {
             format,
+            filter: a.filter.as_ref().map(Filter::compile).transpose()?,
             out: Mutex::new(out),
         })
     }
@@ -213,6 +285,9 @@ impl AccessLog {
     }
 
     pub fn write(&self, e: &Entry) {
+        if self.filter.as_ref().is_some_and(|f| !f.matches(e)) {
+            return;
+        }
         let line = match &self.format {
             Format::Text(t) => Self::render(t, e),
             Format::Json(fields) => {
@@ -232,6 +307,63 @@ impl AccessLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filters_keep_what_their_comparisons_say() {
+        use access_log_filter::FilterSpecifier as F;
+        use comparison_filter::Op;
+        use envoy_types::pb::envoy::config::accesslog::v3::{
+            AndFilter, DurationFilter, OrFilter, StatusCodeFilter,
+        };
+        use envoy_types::pb::envoy::config::core::v3::RuntimeUInt32;
+        let cmp = |op: Op, v: u32| {
+            Some(ComparisonFilter {
+                op: op as i32,
+                value: Some(RuntimeUInt32 {
+                    default_value: v,
+                    ..Default::default()
+                }),
+            })
+        };
+        let status = |op, v| AccessLogFilter {
+            filter_specifier: Some(F::StatusCodeFilter(StatusCodeFilter {
+                comparison: cmp(op, v),
+            })),
+        };
+        // response.code >= 500 || (response.code == 404 && response.duration >= 100ms)
+        let slow = AccessLogFilter {
+            filter_specifier: Some(F::DurationFilter(DurationFilter {
+                comparison: cmp(Op::Ge, 100),
+            })),
+        };
+        let f = Filter::compile(&AccessLogFilter {
+            filter_specifier: Some(F::OrFilter(OrFilter {
+                filters: vec![
+                    status(Op::Ge, 500),
+                    AccessLogFilter {
+                        filter_specifier: Some(F::AndFilter(AndFilter {
+                            filters: vec![status(Op::Eq, 404), slow],
+                        })),
+                    },
+                ],
+            })),
+        })
+        .unwrap();
+        let e = |status, duration_ms| Entry {
+            status,
+            duration_ms,
+            ..Default::default()
+        };
+        assert!(f.matches(&e(503, 1)));
+        assert!(f.matches(&e(404, 150)));
+        assert!(!f.matches(&e(404, 5)));
+        assert!(!f.matches(&e(200, 900)));
+        let header = AccessLogFilter {
+            filter_specifier: Some(F::HeaderFilter(Default::default())),
+        };
+        let err = Filter::compile(&header).unwrap_err();
+        assert_eq!(err, "access log filter HeaderFilter is not supported");
+    }
 
     #[test]
     fn renders_envoys_default_format() {
