@@ -106,6 +106,8 @@ enum Provider {
     Zipkin {
         path: String,
         trace_id_128bit: bool,
+        /// `traceContextOption: USE_B3_WITH_W3C_PROPAGATION`.
+        w3c: bool,
     },
     /// OTLP over gRPC, or over HTTP when `http` is set.
     OpenTelemetry {
@@ -182,6 +184,8 @@ fn provider(ctx: &PushContext, name: &str) -> Option<Collector> {
                 .get("enable64bitTraceId")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
+            w3c: c.get("traceContextOption").and_then(Value::as_str)
+                == Some("USE_B3_WITH_W3C_PROPAGATION"),
         },
         "opentelemetry" => {
             let grpc = c.get("grpc");
@@ -227,6 +231,7 @@ fn legacy_zipkin(ctx: &PushContext) -> Option<Collector> {
         provider: Provider::Zipkin {
             path: "/api/v2/spans".into(),
             trace_id_128bit: true,
+            w3c: false,
         },
     })
 }
@@ -251,6 +256,7 @@ fn tracer(ctx: &PushContext, proxy: &Proxy, c: Collector) -> Option<pb_tracing::
         Provider::Zipkin {
             path,
             trace_id_128bit,
+            w3c,
         } => (
             ZIPKIN,
             pack_any(ZipkinConfig {
@@ -261,6 +267,11 @@ fn tracer(ctx: &PushContext, proxy: &Proxy, c: Collector) -> Option<pb_tracing::
                     as i32,
                 trace_id_128bit,
                 shared_span_context: Some(BoolValue { value: false }),
+                trace_context_option: if w3c {
+                    zipkin_config::TraceContextOption::UseB3WithW3cPropagation as i32
+                } else {
+                    zipkin_config::TraceContextOption::UseB3 as i32
+                },
                 ..Default::default()
             }),
         ),

@@ -932,6 +932,20 @@ fn tracing_follows_telemetry_resources_and_the_mesh_config() {
     let ctx = context_with_mesh(&format!("{ZIPKIN_SERVICE}{disabled}"), mesh.clone());
     let (out, inb) = hcm_tracing(&ctx, &productpage);
     assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+    // Zipkin with W3C context too, as `traceContextOption` asks.
+    let mut w3c = mesh.clone();
+    w3c.extension_providers[0]
+        .provider
+        .get_mut("zipkin")
+        .unwrap()["traceContextOption"] = "USE_B3_WITH_W3C_PROPAGATION".into();
+    let (out, _) = hcm_tracing(
+        &context_with_mesh(&format!("{ZIPKIN_SERVICE}{telemetry}"), w3c),
+        &productpage,
+    );
+    assert_eq!(
+        out[0]["provider"]["typed_config"]["trace_context_option"],
+        "USE_B3_WITH_W3C_PROPAGATION"
+    );
     // A provider whose service is not in the mesh: untraced, not broken.
     let ctx = context_with_mesh(telemetry, mesh);
     let (out, _) = hcm_tracing(&ctx, &productpage);

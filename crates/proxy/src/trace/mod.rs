@@ -30,6 +30,7 @@ const PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 const SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 const FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const B3: HeaderName = HeaderName::from_static("b3");
 const CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 const FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
 
@@ -190,6 +191,68 @@ impl Collector {
 enum Propagation {
     B3,
     W3c,
+    /// B3 read first, W3C's `traceparent` else; both sent.
+    B3AndW3c,
+}
+
+/// A caller's trace and span, and its sampling decision: each when it sent one.
+type Context = (Option<(TraceId, Option<u64>)>, Option<bool>);
+
+fn b3_sampled(v: &[u8]) -> Option<bool> {
+    match v {
+        b"1" | b"true" | b"d" => Some(true),
+        b"0" | b"false" => Some(false),
+        _ => None,
+    }
+}
+
+/// B3's headers: `x-b3-traceid`, `x-b3-spanid`, `x-b3-sampled` (`x-b3-flags: 1`, debug, is
+/// sampled), else the single `b3: <trace>-<span>[-<sampled>[-<parent>]]` or `b3: <sampled>`.
+fn b3(h: &HeaderMap) -> Context {
+    let incoming = h
+        .get(TRACE_ID)
+        .and_then(|v| TraceId::parse(v.as_bytes()))
+        .map(|t| (t, h.get(SPAN_ID).and_then(|v| parse_id(v.as_bytes()))));
+    let sampled = match h.get(SAMPLED) {
+        Some(v) => b3_sampled(v.as_bytes()),
+        None => h.get(FLAGS).is_some_and(|f| f == "1").then_some(true),
+    };
+    if incoming.is_some() || sampled.is_some() {
+        return (incoming, sampled);
+    }
+    let Some(single) = h.get(B3).map(HeaderValue::as_bytes) else {
+        return (None, None);
+    };
+    let mut parts = single.split(|b| *b == b'-');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(s), None, None) => (None, b3_sampled(s)),
+        (Some(t), Some(s), sampled) => {
+            let ctx = TraceId::parse(t).zip(parse_id(s).map(Some));
+            (ctx, sampled.and_then(b3_sampled).filter(|_| ctx.is_some()))
+        }
+        _ => (None, None),
+    }
+}
+
+/// W3C's `traceparent: 00-<trace id>-<parent id>-<flags>`; the low bit of the flags is
+/// "sampled".
+fn w3c(h: &HeaderMap) -> Context {
+    let Some(tp) = h.get(TRACEPARENT).map(HeaderValue::as_bytes) else {
+        return (None, None);
+    };
+    let parsed = (tp.len() >= 55 && tp[2] == b'-' && tp[35] == b'-' && tp[52] == b'-')
+        .then(|| {
+            let trace = TraceId::parse(&tp[3..35])?;
+            let parent = parse_id(&tp[36..52])?;
+            let flags = std::str::from_utf8(&tp[53..55]).ok()?;
+            let flags = u8::from_str_radix(flags, 16).ok()?;
+            Some(((trace, Some(parent)), flags & 1 == 1))
+        })
+        .flatten();
+    match parsed {
+        Some((ctx, sampled)) => (Some(ctx), Some(sampled)),
+        None => (None, None),
+    }
 }
 
 #[derive(Debug)]
@@ -220,7 +283,7 @@ fn percent_ppm(p: Option<&envoy_types::pb::envoy::r#type::v3::Percent>) -> u32 {
 }
 
 /// Zipkin's settings that this proxy runs, else why not.
-fn zipkin(z: ZipkinConfig) -> Result<(Collector, bool), String> {
+fn zipkin(z: ZipkinConfig) -> Result<(Collector, bool, Propagation), String> {
     match zipkin_config::CollectorEndpointVersion::try_from(z.collector_endpoint_version) {
         Ok(zipkin_config::CollectorEndpointVersion::HttpJson) => {}
         _ => {
@@ -233,15 +296,22 @@ fn zipkin(z: ZipkinConfig) -> Result<(Collector, bool), String> {
     if z.shared_span_context.as_ref().is_some_and(|b| b.value) {
         return Err("shared_span_context is not supported".into());
     }
-    if z.trace_context_option != zipkin_config::TraceContextOption::UseB3 as i32 {
-        return Err("only B3 context propagation (USE_B3) is supported".into());
-    }
+    let propagation = match zipkin_config::TraceContextOption::try_from(z.trace_context_option) {
+        Ok(zipkin_config::TraceContextOption::UseB3) => Propagation::B3,
+        Ok(zipkin_config::TraceContextOption::UseB3WithW3cPropagation) => Propagation::B3AndW3c,
+        Err(_) => {
+            return Err(format!(
+                "trace_context_option {} is not known",
+                z.trace_context_option
+            ));
+        }
+    };
     #[allow(deprecated)]
     if z.split_spans_for_request {
         return Err("split_spans_for_request is not supported".into());
     }
     let bits128 = z.trace_id_128bit;
-    Ok((Collector::zipkin(z)?, bits128))
+    Ok((Collector::zipkin(z)?, bits128, propagation))
 }
 
 impl Tracing {
@@ -263,8 +333,7 @@ impl Tracing {
             || type_url.ends_with(".ZipkinConfig")
         {
             let z = ZipkinConfig::decode(bytes).map_err(|e| format!("zipkin tracer: {e}"))?;
-            let (c, bits128) = zipkin(z).map_err(|e| format!("zipkin tracer: {e}"))?;
-            (c, bits128, Propagation::B3)
+            zipkin(z).map_err(|e| format!("zipkin tracer: {e}"))?
         } else if provider.name == OPENTELEMETRY || type_url.ends_with(".OpenTelemetryConfig") {
             let o = OpenTelemetryConfig::decode(bytes)
                 .map_err(|e| format!("opentelemetry tracer: {e}"))?;
@@ -323,37 +392,17 @@ impl Tracing {
 
     /// The caller's context: its trace, its span (this one's parent), and its sampling
     /// decision, when it made one.
-    fn extract(&self, h: &HeaderMap) -> (Option<(TraceId, Option<u64>)>, Option<bool>) {
+    fn extract(&self, h: &HeaderMap) -> Context {
         match self.propagation {
-            Propagation::B3 => {
-                let incoming = h
-                    .get(TRACE_ID)
-                    .and_then(|v| TraceId::parse(v.as_bytes()))
-                    .map(|t| (t, h.get(SPAN_ID).and_then(|v| parse_id(v.as_bytes()))));
-                let sampled = match h.get(SAMPLED).map(HeaderValue::as_bytes) {
-                    Some(b"1" | b"true" | b"d") => Some(true),
-                    Some(b"0" | b"false") => Some(false),
-                    _ => h.get(FLAGS).is_some_and(|f| f == "1").then_some(true),
-                };
-                (incoming, sampled)
-            }
-            // `00-<trace id>-<parent id>-<flags>`; the low bit of the flags is "sampled".
-            Propagation::W3c => {
-                let Some(tp) = h.get(TRACEPARENT).map(HeaderValue::as_bytes) else {
-                    return (None, None);
-                };
-                let parsed = (tp.len() >= 55 && tp[2] == b'-' && tp[35] == b'-' && tp[52] == b'-')
-                    .then(|| {
-                        let trace = TraceId::parse(&tp[3..35])?;
-                        let parent = parse_id(&tp[36..52])?;
-                        let flags = std::str::from_utf8(&tp[53..55]).ok()?;
-                        let flags = u8::from_str_radix(flags, 16).ok()?;
-                        Some(((trace, Some(parent)), flags & 1 == 1))
-                    })
-                    .flatten();
-                match parsed {
-                    Some((ctx, sampled)) => (Some(ctx), Some(sampled)),
-                    None => (None, None),
+            Propagation::B3 => b3(h),
+            Propagation::W3c => w3c(h),
+            // B3 first, as Envoy's Zipkin tracer with `USE_B3_WITH_W3C_PROPAGATION`.
+            Propagation::B3AndW3c => {
+                let c = b3(h);
+                if c.0.is_some() || c.1.is_some() {
+                    c
+                } else {
+                    w3c(h)
                 }
             }
         }
@@ -596,31 +645,37 @@ impl Span {
 
     /// The context the upstream gets: the same trace, this span as its parent.
     pub fn inject(&self, h: &mut HeaderMap) {
-        match self.propagation {
-            Propagation::B3 => {
-                if let Ok(v) = HeaderValue::try_from(self.trace.hex()) {
-                    h.insert(TRACE_ID, v);
-                }
-                h.insert(SPAN_ID, id_header(self.id));
-                match self.parent {
-                    Some(p) => {
-                        h.insert(PARENT_SPAN_ID, id_header(p));
-                    }
-                    None => {
-                        h.remove(PARENT_SPAN_ID);
-                    }
-                }
-                h.insert(
-                    SAMPLED,
-                    HeaderValue::from_static(if self.sampled { "1" } else { "0" }),
-                );
+        if self.propagation != Propagation::W3c {
+            if let Ok(v) = HeaderValue::try_from(self.trace.hex()) {
+                h.insert(TRACE_ID, v);
             }
-            Propagation::W3c => {
-                let flags = if self.sampled { "01" } else { "00" };
-                let tp = format!("00-{}-{:016x}-{flags}", self.trace.hex(), self.id);
-                if let Ok(v) = HeaderValue::try_from(tp) {
-                    h.insert(TRACEPARENT, v);
+            h.insert(SPAN_ID, id_header(self.id));
+            match self.parent {
+                Some(p) => {
+                    h.insert(PARENT_SPAN_ID, id_header(p));
                 }
+                None => {
+                    h.remove(PARENT_SPAN_ID);
+                }
+            }
+            h.insert(
+                SAMPLED,
+                HeaderValue::from_static(if self.sampled { "1" } else { "0" }),
+            );
+            // The single header the caller may have used would say otherwise: it goes.
+            h.remove(B3);
+        }
+        if self.propagation != Propagation::B3 {
+            let flags = if self.sampled { "01" } else { "00" };
+            // W3C trace ids are 128 bits: a 64-bit one is padded.
+            let trace = format!(
+                "{:016x}{:016x}",
+                self.trace.high.unwrap_or(0),
+                self.trace.low
+            );
+            let tp = format!("00-{trace}-{:016x}-{flags}", self.id);
+            if let Ok(v) = HeaderValue::try_from(tp) {
+                h.insert(TRACEPARENT, v);
             }
         }
     }
@@ -815,6 +870,54 @@ mod tests {
         let always = Tracing::compile(&zipkin_tracing(100.0)).unwrap().unwrap();
         assert!(start(&always, &parts(&[]), &r).sampled);
         assert!(!start(&always, &parts(&[("x-b3-sampled", "0")]), &r).sampled);
+    }
+
+    #[test]
+    fn b3_single_header_and_b3_with_w3c_propagation() {
+        let (r, _rx) = reporter();
+        let t = Tracing::compile(&zipkin_tracing(0.0)).unwrap().unwrap();
+        let trace = "463ac35c9f6413ad48485a3953bb6124";
+        let caller = "a2fb4a1d1a96d312";
+        // The single `b3` header: context and decision; the multi headers replace it.
+        let span = start(&t, &parts(&[("b3", &format!("{trace}-{caller}-1"))]), &r);
+        assert!(span.sampled);
+        assert_eq!(span.parent, parse_id(caller.as_bytes()));
+        let mut h = HeaderMap::new();
+        h.insert(B3, HeaderValue::from_static("x"));
+        span.inject(&mut h);
+        assert_eq!(h["x-b3-traceid"], trace);
+        assert!(!h.contains_key("b3") && !h.contains_key("traceparent"));
+        assert!(!start(&t, &parts(&[("b3", "0")]), &r).sampled);
+        // Zipkin with W3C too: a `traceparent` is read when no B3 came, and both are sent.
+        let mut both = zipkin_tracing(0.0);
+        if let Some(pb_tracing::Http {
+            config_type: Some(pb_tracing::http::ConfigType::TypedConfig(any)),
+            ..
+        }) = both.provider.as_mut()
+        {
+            use prost::Message;
+            let mut z = ZipkinConfig::decode(any.value.as_slice()).unwrap();
+            z.trace_context_option =
+                zipkin_config::TraceContextOption::UseB3WithW3cPropagation as i32;
+            *any = pack_any(z);
+        }
+        let t = Tracing::compile(&both).unwrap().unwrap();
+        let span = start(
+            &t,
+            &parts(&[("traceparent", &format!("00-{trace}-{caller}-01"))]),
+            &r,
+        );
+        assert!(span.sampled);
+        let mut h = HeaderMap::new();
+        span.inject(&mut h);
+        assert_eq!(h["x-b3-traceid"], trace);
+        assert_eq!(h["x-b3-parentspanid"], caller);
+        let tp = h["traceparent"].to_str().unwrap();
+        assert!(
+            tp.starts_with(&format!("00-{trace}-")) && tp.ends_with("-01"),
+            "{tp}"
+        );
+        assert_eq!(&tp[36..52], h["x-b3-spanid"].to_str().unwrap());
     }
 
     #[test]
