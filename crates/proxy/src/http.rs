@@ -44,6 +44,7 @@ const ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count
 const UPSTREAM_SERVICE_TIME: HeaderName = HeaderName::from_static("x-envoy-upstream-service-time");
 const EXPECTED_TIMEOUT: HeaderName = HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
 const ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+const DECORATOR_OPERATION: HeaderName = HeaderName::from_static("x-envoy-decorator-operation");
 /// Fields that never cross a proxy, whatever `Connection` says.
 const HOP_BY_HOP: [HeaderName; 5] = [
     KEEP_ALIVE,
@@ -357,8 +358,15 @@ async fn handle(
         end_span(span, 404, "NR");
         return local_reply(404, "");
     };
-    if let (Some(s), Some(op)) = (span.as_mut(), &route.operation) {
-        s.set_operation(op);
+    // The span's name: on the way in, what the caller's proxy said; else the route's.
+    if let Some(s) = span.as_mut() {
+        let told = info
+            .inbound()
+            .then(|| parts.headers.get(DECORATOR_OPERATION)?.to_str().ok())
+            .flatten();
+        if let Some(op) = told.or(route.decorator.as_ref().map(|d| d.operation.as_str())) {
+            s.set_operation(op);
+        }
     }
     match &route.action {
         Action::Direct { status, body } => {
@@ -407,6 +415,13 @@ async fn handle(
             prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
             if let Some(s) = &span {
                 s.inject(&mut parts.headers);
+                // Envoy tells the upstream the operation it traced the request as.
+                if !info.inbound()
+                    && let Some(d) = route.decorator.as_ref().filter(|d| d.propagate)
+                    && let Ok(v) = HeaderValue::from_str(&d.operation)
+                {
+                    parts.headers.insert(DECORATOR_OPERATION, v);
+                }
             }
             let request_bytes = Arc::new(AtomicU64::new(0));
             let body = Counted {

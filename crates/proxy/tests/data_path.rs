@@ -2423,6 +2423,7 @@ async fn context_echo() -> SocketAddr {
                 "x-b3-parentspanid",
                 "x-b3-sampled",
                 "traceparent",
+                "x-envoy-decorator-operation",
             ]
             .map(h)
             .join(" ");
@@ -2464,7 +2465,8 @@ fn opentelemetry_spans_reach_the_collector_over_grpc_and_over_http() {
         // Wait for the traced listener: the upstream then sees a traceparent of this proxy's.
         for _ in 0..100 {
             let seen = traced_get(vec![("traceparent", tp.clone())]).await;
-            if !seen.ends_with(&tp) && seen.contains(trace) {
+            let sent = seen.split(' ').nth(4).unwrap_or_default();
+            if sent != tp && sent.contains(trace) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -2476,7 +2478,7 @@ fn opentelemetry_spans_reach_the_collector_over_grpc_and_over_http() {
         let mut seen_ids = BTreeSet::new();
         for _ in 0..5 {
             let seen = traced_get(vec![("traceparent", tp.clone())]).await;
-            let sent = seen.rsplit(' ').next().unwrap().to_string();
+            let sent = seen.split(' ').nth(4).unwrap().to_string();
             assert!(
                 sent.starts_with(&format!("00-{trace}-")) && sent.ends_with("-01"),
                 "{seen}"
@@ -2589,8 +2591,10 @@ fn traced_requests_carry_b3_context_and_sampled_spans_reach_the_collector() {
         }
         // A new trace, sampled at 0%: a 128-bit trace id, no parent, not sampled.
         let f: Vec<&str> = seen.split(' ').collect();
-        assert_eq!(f.len(), 5, "{seen}");
+        assert_eq!(f.len(), 6, "{seen}");
         assert_eq!(f[4], "-", "Zipkin propagates B3 only: {seen}");
+        // The upstream is told the operation the request was traced as.
+        assert_eq!(f[5], "svc.default.svc.cluster.local:80/*", "{seen}");
         assert_eq!(f[0].len(), 32, "{seen}");
         assert_eq!(f[1].len(), 16, "{seen}");
         assert_eq!((f[2], f[3]), ("-", "0"), "{seen}");

@@ -48,8 +48,15 @@ pub struct Route {
     pub headers: HeaderEdits,
     /// Fault injection for this route (the fault filter's per-route configuration).
     pub fault: Option<Fault>,
-    /// The decorator's operation: the name of the spans of its requests.
-    pub operation: Option<String>,
+    /// The decorator: the name of the spans of its requests.
+    pub decorator: Option<Decorator>,
+}
+
+/// A route's span name, and whether the upstream is told it (`x-envoy-decorator-operation`).
+#[derive(Debug, Clone)]
+pub struct Decorator {
+    pub operation: String,
+    pub propagate: bool,
 }
 
 /// Envoy's HTTP fault filter: delay and/or abort a share of requests (parts per million).
@@ -616,11 +623,14 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
         matcher,
         action,
         fault,
-        operation: r
+        decorator: r
             .decorator
             .as_ref()
-            .map(|d| d.operation.clone())
-            .filter(|o| !o.is_empty()),
+            .filter(|d| !d.operation.is_empty())
+            .map(|d| Decorator {
+                operation: d.operation.clone(),
+                propagate: d.propagate.as_ref().is_none_or(|p| p.value),
+            }),
         headers: edits(
             &r.request_headers_to_add,
             &r.request_headers_to_remove,

@@ -1123,7 +1123,11 @@ mod tests {
             .unwrap();
         let req = http::Request::get("/").body(()).unwrap().into_parts().0;
         assert_eq!(
-            vh.route(&req).unwrap().operation.as_deref(),
+            vh.route(&req)
+                .unwrap()
+                .decorator
+                .as_ref()
+                .map(|d| d.operation.as_str()),
             Some("ratings.default.svc.cluster.local:9080/*")
         );
     }
