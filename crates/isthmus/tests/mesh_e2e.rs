@@ -58,6 +58,28 @@ impl Mesh {
         mesh
     }
 
+    /// Up with MeshConfig `mesh_config` (YAML) given as `--meshConfig`, in a file that lives
+    /// as long as the mesh (its commands read it again).
+    fn up_with_mesh(tag: &str, yaml: &str, mesh_config: &str) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, yaml).expect("write yaml");
+        let config = dir.path().join("meshconfig.yaml");
+        std::fs::write(&config, mesh_config).expect("write mesh config");
+        let config = config.to_str().expect("utf-8 path").to_string();
+        Mesh::up_paths(tag, dir, &[file], &["--meshConfig", &config])
+    }
+
+    /// `isthmus logs POD -c istio-proxy`: the sidecar's output so far.
+    fn proxy_log(&self, pod: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["logs", pod, "-c", "istio-proxy"])
+            .args(self.args())
+            .output()
+            .expect("isthmus logs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn args(&self) -> Vec<String> {
         vec![
             "--name".into(),
@@ -710,16 +732,10 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
     // between sidecars mesh-wide; a default ProxyConfig as a cluster's mesh config has it
     // (istiod's address, which the local runtime replaces with its own), asking every sidecar
     // for its clusters' request counts.
-    let mesh_config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        mesh_config.path(),
-        "accessLogFile: /dev/stdout\nh2UpgradePolicy: UPGRADE\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  proxyStatsMatcher: {inclusionSuffixes: [upstream_rq_total]}\n",
-    )
-    .unwrap();
-    let mesh = Mesh::up(
+    let mesh = Mesh::up_with_mesh(
         "lo",
         LOCALHOST,
-        &["--meshConfig", mesh_config.path().to_str().unwrap()],
+        "accessLogFile: /dev/stdout\nh2UpgradePolicy: UPGRADE\ndefaultConfig:\n  discoveryAddress: istiod.istio-system.svc:15012\n  proxyStatsMatcher: {inclusionSuffixes: [upstream_rq_total]}\n",
     );
     // Seeds 000-001: bound only to 127.0.0.1, the app is not reachable from other pods…
     let (ok, out) = mesh.get("client", "http://lo:8080/", &[]);
@@ -744,29 +760,21 @@ fn inbound_traffic_goes_to_the_pod_ip_like_kubernetes() {
 
     // The access logs say what happened on each side: the server's sidecar could not reach
     // the loopback-only app (UF), the successful call went to the pod IP.
-    let proxy_log = |pod: &str| {
-        let out = Command::new(BIN)
-            .args(["logs", pod, "-c", "istio-proxy"])
-            .args(mesh.args())
-            .output()
-            .expect("isthmus logs");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let lo = proxy_log("lo");
+    let lo = mesh.proxy_log("lo");
     assert!(
         // Between sidecars the request is HTTP/2, as the mesh config says.
         lo.lines()
             .any(|l| l.contains("\"GET / HTTP/2\" 503 UF") && l.contains("inbound|8080||")),
         "{lo}"
     );
-    let podip = proxy_log("podip");
+    let podip = mesh.proxy_log("podip");
     assert!(
         podip
             .lines()
             .any(|l| l.contains("\"GET / HTTP/2\" 200 -") && l.contains("\"podip:8080\"")),
         "{podip}"
     );
-    let client = proxy_log("client");
+    let client = mesh.proxy_log("client");
     assert!(
         client
             .lines()
@@ -1139,13 +1147,7 @@ fn undeclared_ports_are_sniffed_and_server_first_ports_are_tcp() {
     assert!(!ok && out.contains("no answer within"), "{out}");
     drop(mesh);
     // …and with MeshConfig protocolDetectionTimeout the sidecar stalls, then goes TCP.
-    let mesh_config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(mesh_config.path(), "protocolDetectionTimeout: 500ms\n").unwrap();
-    let mesh = Mesh::up(
-        "st",
-        SNIFFING,
-        &["--meshConfig", mesh_config.path().to_str().unwrap()],
-    );
+    let mesh = Mesh::up_with_mesh("st", SNIFFING, "protocolDetectionTimeout: 500ms\n");
     let (ok, out) = mesh.get("client", "tcp-server-first://greet:7777", &[]);
     assert!(ok && out.contains("Hostname=greet"), "{out}");
 }
@@ -1399,16 +1401,10 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
         eprintln!("skipped: needs root");
         return;
     }
-    let mesh_config = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        mesh_config.path(),
-        "extensionProviders:\n- name: zipkin\n  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}\n",
-    )
-    .unwrap();
-    let mesh = Mesh::up(
+    let mesh = Mesh::up_with_mesh(
         "tr",
         TRACING,
-        &["--meshConfig", mesh_config.path().to_str().unwrap()],
+        "extensionProviders:\n- name: zipkin\n  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}\n",
     );
     let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
     assert!(ok && out.contains("5 succeeded"), "{out}");
@@ -1458,12 +1454,7 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
     assert!(!ok && out.contains("StatusCode=403"), "{out}");
     let mut log = String::new();
     for _ in 0..50 {
-        let out = Command::new(BIN)
-            .args(["logs", "server", "-c", "istio-proxy"])
-            .args(mesh.args())
-            .output()
-            .expect("isthmus logs");
-        log = String::from_utf8_lossy(&out.stdout).into_owned();
+        log = mesh.proxy_log("server");
         if log.contains("\"GET /deny HTTP/1.1\" 403") {
             break;
         }
