@@ -557,6 +557,8 @@ fn prepare_request(
     }
 }
 
+/// The most the proxy reads of the answer to a request of its own (a mirror, a span report).
+const ANSWER_MAX: usize = 64 * 1024;
 /// Request bodies up to this declared length are buffered before forwarding.
 const BUFFER_BODY_MAX: u64 = 16 * 1024;
 /// How long a buffered request body may take to arrive.
@@ -756,7 +758,8 @@ pub(crate) async fn send_to_cluster(
     let send = async {
         let r = pool.send(&pick.address, pick.state, req).await.ok()?;
         let (head, body) = r.into_parts();
-        let body = body.collect().await.ok()?;
+        // Only the status and trailers matter; a larger answer is a failure, not a buffer.
+        let body = Limited::new(body, ANSWER_MAX).collect().await.ok()?;
         let mut fields = head.headers;
         if let Some(t) = body.trailers() {
             fields.extend(t.clone());
