@@ -2,7 +2,8 @@
 //! shapes. `context` holds the mesh at one moment, `proxy` who asks; `cluster` (CDS) and
 //! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authn` turns
 //! RequestAuthentications into the inbound chains' JWT filter and `authz` AuthorizationPolicies
-//! into their RBAC filters.
+//! into their RBAC filters; `telemetry` finds the Telemetry resources of a proxy, from which
+//! `trace` and `access_log` configure its connection managers.
 
 pub mod access_log;
 pub mod authn;
