@@ -364,7 +364,19 @@ fn metadata(md: Option<&Struct>) -> Result<NodeMetadata, String> {
         },
         _ => None,
     };
+    let tracing = match md.fields.get("PROXY_CONFIG").and_then(|v| v.kind.as_ref()) {
+        Some(value::Kind::StructValue(pc)) => pc
+            .fields
+            .get("tracing")
+            .map(|v| {
+                isthmus_xds::json::to_json(v)
+                    .map_err(|e| format!("node metadata PROXY_CONFIG.tracing: {e}"))
+            })
+            .transpose()?,
+        _ => None,
+    };
     Ok(NodeMetadata {
+        tracing,
         namespace: string("NAMESPACE"),
         labels,
         instance_ips: string("INSTANCE_IPS")
@@ -493,6 +505,14 @@ spec:
         );
         let plain = proxy_of(&node("10.0.0.2", serde_json::json!({"concurrency": 2}))).unwrap();
         assert_eq!(plain.proxy_headers, None);
+        // Its tracing settings come the same way.
+        let traced = proxy_of(&node(
+            "10.0.0.4",
+            serde_json::json!({"tracing": {"sampling": 50.0}}),
+        ))
+        .unwrap();
+        assert_eq!(traced.tracing, Some(serde_json::json!({"sampling": 50.0})));
+        assert_eq!(plain.tracing, None);
         let server_name = |p: &Proxy| {
             let parts = generator
                 .generate(p, LISTENER, &Default::default())

@@ -40,6 +40,8 @@ pub struct Proxy {
     pub istio_version: String,
     /// The pod's own `proxyHeaders` (ProxyConfig), in place of the mesh's.
     pub proxy_headers: Option<ProxyHeaders>,
+    /// The pod's own ProxyConfig `tracing`, in place of the mesh's.
+    pub tracing: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,6 +63,9 @@ pub struct NodeMetadata {
     pub istio_version: Option<String>,
     pub name: Option<String>,
     pub proxy_headers: Option<ProxyHeaders>,
+    /// The pod's ProxyConfig `tracing` (sampling, custom tags, Zipkin address), in place of
+    /// the mesh's `defaultConfig.tracing`.
+    pub tracing: Option<serde_json::Value>,
 }
 
 impl Proxy {
@@ -119,6 +124,7 @@ impl Proxy {
             },
             istio_version: meta.istio_version.clone().unwrap_or_default(),
             proxy_headers: meta.proxy_headers.clone(),
+            tracing: meta.tracing.clone(),
         })
     }
 

@@ -80,8 +80,13 @@ fn telemetry_spec(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Spec> 
     spec.provider.is_some().then_some(spec)
 }
 
-/// `defaultConfig.tracing`, Istio's older tracing settings.
-fn legacy(ctx: &PushContext) -> Option<&Value> {
+/// ProxyConfig `tracing`, Istio's older tracing settings: the pod's own (its
+/// `proxy.istio.io/config`, which the injector merges with the mesh's), else the mesh's
+/// `defaultConfig.tracing`.
+fn legacy<'a>(ctx: &'a PushContext, proxy: &'a Proxy) -> Option<&'a Value> {
+    if let Some(own) = &proxy.tracing {
+        return Some(own);
+    }
     ctx.mesh
         .default_config
         .as_ref()
@@ -90,8 +95,8 @@ fn legacy(ctx: &PushContext) -> Option<&Value> {
 
 /// `defaultConfig.tracing.sampling`, else Istio's default; values above 100 mean 1, as in
 /// istiod.
-fn legacy_sampling(ctx: &PushContext) -> f64 {
-    match legacy(ctx)
+fn legacy_sampling(ctx: &PushContext, proxy: &Proxy) -> f64 {
+    match legacy(ctx, proxy)
         .and_then(|t| t.get("sampling"))
         .and_then(Value::as_f64)
     {
@@ -221,8 +226,11 @@ fn provider(ctx: &PushContext, name: &str) -> Option<Collector> {
 }
 
 /// `defaultConfig.tracing.zipkin.address` (`host:port`) as a collector.
-fn legacy_zipkin(ctx: &PushContext) -> Option<Collector> {
-    let address = legacy(ctx)?.get("zipkin")?.get("address")?.as_str()?;
+fn legacy_zipkin(ctx: &PushContext, proxy: &Proxy) -> Option<Collector> {
+    let address = legacy(ctx, proxy)?
+        .get("zipkin")?
+        .get("address")?
+        .as_str()?;
     let (host, port) = address.rsplit_once(':')?;
     Some(Collector {
         service: host.to_string(),
@@ -431,7 +439,7 @@ pub fn hcm_tracing(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Traci
             let max_tag_length = c.max_tag_length;
             (
                 tracer(ctx, proxy, c)?,
-                spec.sampling.unwrap_or_else(|| legacy_sampling(ctx)),
+                spec.sampling.unwrap_or_else(|| legacy_sampling(ctx, proxy)),
                 spec.custom_tags,
                 spec.istio_tags.unwrap_or(true),
                 max_tag_length,
@@ -441,15 +449,15 @@ pub fn hcm_tracing(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Traci
             if ctx.mesh.enable_tracing == Some(false) {
                 return None;
             }
-            let t = legacy(ctx)?;
+            let t = legacy(ctx, proxy)?;
             let tags = t
                 .get("customTags")
                 .and_then(Value::as_object)
                 .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
                 .unwrap_or_default();
             (
-                tracer(ctx, proxy, legacy_zipkin(ctx)?)?,
-                legacy_sampling(ctx),
+                tracer(ctx, proxy, legacy_zipkin(ctx, proxy)?)?,
+                legacy_sampling(ctx, proxy),
                 tags,
                 t.get("enableIstioTags")
                     .and_then(Value::as_bool)

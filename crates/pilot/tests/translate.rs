@@ -915,6 +915,29 @@ fn tracing_follows_telemetry_resources_and_the_mesh_config() {
     assert_eq!(tag(&out[0], "istio.canonical_service"), "reviews");
     // Proxies of one namespace with different tracing tags do not share outbound config.
     assert_ne!(ctx.scope(&productpage), ctx.scope(&reviews));
+    // A pod's own ProxyConfig sampling (`proxy.istio.io/config`, in its node metadata) stands
+    // where no Telemetry sets one.
+    let meta = NodeMetadata {
+        tracing: Some(serde_json::json!({"sampling": 50.0})),
+        ..Default::default()
+    };
+    let id = Proxy::node_id(
+        "10.1.0.10".parse().unwrap(),
+        "productpage-v1-0",
+        "bookinfo",
+        "cluster.local",
+    );
+    let own = Proxy::from_node(&id, &meta).unwrap();
+    let no_rate = telemetry.replace("    randomSamplingPercentage: 10\n", "");
+    let plain = context_with_mesh(&format!("{ZIPKIN_SERVICE}{no_rate}"), mesh.clone());
+    assert_eq!(
+        hcm_tracing(&plain, &own).0[0]["random_sampling"]["value"],
+        50.0
+    );
+    assert_eq!(
+        hcm_tracing(&plain, &productpage).0[0]["random_sampling"]["value"],
+        1.0
+    );
 
     // Client side only: outbound traced, inbound not.
     let client_only = telemetry.replace(
