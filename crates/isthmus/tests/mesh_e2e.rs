@@ -1463,3 +1463,98 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
     assert!(log.contains("\"GET /deny HTTP/1.1\" 403"), "{log}");
     assert!(!log.contains("\"GET / HTTP/1.1\" 200"), "{log}");
 }
+
+const OTEL: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ot, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: observability}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: otel-collector, namespace: observability}
+spec:
+  selector: {app: otel}
+  ports: [{name: grpc-otlp, port: 4317}, {name: http-otlp, port: 4318}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: otel, namespace: observability, labels: {app: otel}}
+spec:
+  containers:
+  - name: otel
+    command: [isthmus, echo, --port, "4318", --grpc-port, "4317"]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 100
+---
+apiVersion: v1
+kind: Service
+metadata: {name: server, namespace: ot}
+spec:
+  selector: {app: server}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: server, namespace: ot, labels: {app: server}}
+spec:
+  containers:
+  - name: server
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: ot, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#;
+
+#[test]
+fn opentelemetry_traces_carry_traceparent_and_spans_reach_the_collector_over_otlp_http() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh = Mesh::up_with_mesh(
+        "ot",
+        OTEL,
+        "extensionProviders:\n- name: otel\n  opentelemetry:\n    service: otel-collector.observability.svc.cluster.local\n    port: 4318\n    http: {path: /v1/traces, timeout: 2s}\n",
+    );
+    let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
+    assert!(ok && out.contains("5 succeeded"), "{out}");
+    // W3C context, sampled, and no B3.
+    assert!(
+        out.contains("RequestHeader=traceparent:00-") && out.contains("-01\n"),
+        "{out}"
+    );
+    assert!(!out.contains("x-b3-traceid"), "{out}");
+    let mut stats = String::new();
+    for _ in 0..50 {
+        stats = mesh
+            .get("client", "http://127.0.0.1:15000/stats?filter=tracing", &[])
+            .1;
+        if stats.contains("tracing.opentelemetry.spans_sent: 5") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        stats.contains("tracing.opentelemetry.http_reports_sent: 1"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("tracing.opentelemetry.spans_sent: 5"),
+        "{stats}"
+    );
+}
