@@ -80,6 +80,20 @@ impl Mesh {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The sidecar's `/stats?filter=`, read again for up to 5 s until it shows `want`.
+    fn stats_until(&self, pod: &str, filter: &str, want: &str) -> String {
+        let url = format!("http://127.0.0.1:15000/stats?filter={filter}");
+        let mut stats = String::new();
+        for _ in 0..50 {
+            stats = self.get(pod, &url, &[]).1;
+            if stats.contains(want) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        stats
+    }
+
     fn args(&self) -> Vec<String> {
         vec![
             "--name".into(),
@@ -1321,11 +1335,41 @@ spec:
     assert!(out.contains("IP=127.0.0.6\n"), "{out}");
 }
 
-const TRACING: &str = r#"
-apiVersion: v1
+/// A namespace `ns` with injection, an echo `server` behind a Service, and a `client` pod:
+/// the apps of the tracing tests.
+fn traced_apps(ns: &str) -> String {
+    format!(
+        r#"apiVersion: v1
 kind: Namespace
-metadata: {name: tr, labels: {istio-injection: enabled}}
+metadata: {{name: {ns}, labels: {{istio-injection: enabled}}}}
 ---
+apiVersion: v1
+kind: Service
+metadata: {{name: server, namespace: {ns}}}
+spec:
+  selector: {{app: server}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: server, namespace: {ns}, labels: {{app: server}}}}
+spec:
+  containers:
+  - name: server
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: {ns}, labels: {{app: client}}}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+"#
+    )
+}
+
+const TRACING: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: istio-system}
@@ -1352,29 +1396,6 @@ spec:
   tracing:
   - providers: [{name: zipkin}]
     randomSamplingPercentage: 100
----
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: tr}
-spec:
-  selector: {app: server}
-  ports: [{name: http, port: 8080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: tr, labels: {app: server}}
-spec:
-  containers:
-  - name: server
-    command: [isthmus, echo, --port, "8080"]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: tr, labels: {app: client}}
-spec:
-  containers:
-  - name: client
-    command: [sleep, "3600"]
 ---
 apiVersion: telemetry.istio.io/v1
 kind: Telemetry
@@ -1403,7 +1424,7 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
     }
     let mesh = Mesh::up_with_mesh(
         "tr",
-        TRACING,
+        &format!("{}---\n{TRACING}", traced_apps("tr")),
         "extensionProviders:\n- name: zipkin\n  zipkin: {service: zipkin.istio-system.svc.cluster.local, port: 9411}\n",
     );
     let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
@@ -1426,20 +1447,7 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
     // Each sidecar sent its five spans to the collector in one report (Envoy's
     // min_flush_spans).
     for pod in ["client", "server"] {
-        let mut stats = String::new();
-        for _ in 0..50 {
-            stats = mesh
-                .get(
-                    pod,
-                    "http://127.0.0.1:15000/stats?filter=tracing.zipkin",
-                    &[],
-                )
-                .1;
-            if stats.contains("tracing.zipkin.spans_sent: 5") {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
+        let stats = mesh.stats_until(pod, "tracing.zipkin", "tracing.zipkin.spans_sent: 5");
         assert!(
             stats.contains("tracing.zipkin.reports_sent: 1"),
             "{pod}: {stats}"
@@ -1467,10 +1475,6 @@ fn traced_requests_carry_b3_context_through_both_sidecars_and_spans_reach_zipkin
 const OTEL: &str = r#"
 apiVersion: v1
 kind: Namespace
-metadata: {name: ot, labels: {istio-injection: enabled}}
----
-apiVersion: v1
-kind: Namespace
 metadata: {name: observability}
 ---
 apiVersion: v1
@@ -1495,29 +1499,6 @@ spec:
   tracing:
   - providers: [{name: otel}]
     randomSamplingPercentage: 100
----
-apiVersion: v1
-kind: Service
-metadata: {name: server, namespace: ot}
-spec:
-  selector: {app: server}
-  ports: [{name: http, port: 8080}]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: server, namespace: ot, labels: {app: server}}
-spec:
-  containers:
-  - name: server
-    command: [isthmus, echo, --port, "8080"]
----
-apiVersion: v1
-kind: Pod
-metadata: {name: client, namespace: ot, labels: {app: client}}
-spec:
-  containers:
-  - name: client
-    command: [sleep, "3600"]
 "#;
 
 #[test]
@@ -1528,7 +1509,7 @@ fn opentelemetry_traces_carry_traceparent_and_spans_reach_the_collector_over_otl
     }
     let mesh = Mesh::up_with_mesh(
         "ot",
-        OTEL,
+        &format!("{}---\n{OTEL}", traced_apps("ot")),
         "extensionProviders:\n- name: otel\n  opentelemetry:\n    service: otel-collector.observability.svc.cluster.local\n    port: 4318\n    http: {path: /v1/traces, timeout: 2s}\n",
     );
     let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
@@ -1539,16 +1520,7 @@ fn opentelemetry_traces_carry_traceparent_and_spans_reach_the_collector_over_otl
         "{out}"
     );
     assert!(!out.contains("x-b3-traceid"), "{out}");
-    let mut stats = String::new();
-    for _ in 0..50 {
-        stats = mesh
-            .get("client", "http://127.0.0.1:15000/stats?filter=tracing", &[])
-            .1;
-        if stats.contains("tracing.opentelemetry.spans_sent: 5") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let stats = mesh.stats_until("client", "tracing", "tracing.opentelemetry.spans_sent: 5");
     assert!(
         stats.contains("tracing.opentelemetry.http_reports_sent: 1"),
         "{stats}"
