@@ -338,26 +338,29 @@ fn tracer(ctx: &PushContext, proxy: &Proxy, c: Collector) -> Option<pb_tracing::
 
 /// The workload's canonical service, from its labels as Istio's injector derives it.
 fn canonical_service(ctx: &PushContext, proxy: &Proxy) -> String {
+    first_label(
+        ctx,
+        proxy,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+        "unknown",
+    )
+}
+
+/// The first of `keys` among the workload's labels, else `default`.
+fn first_label(ctx: &PushContext, proxy: &Proxy, keys: &[&str], default: &str) -> String {
     let labels = ctx.proxy_labels(proxy);
-    [
-        "service.istio.io/canonical-name",
-        "app.kubernetes.io/name",
-        "app",
-    ]
-    .iter()
-    .find_map(|k| labels.get(*k))
-    .map_or_else(|| "unknown".to_string(), String::clone)
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map_or_else(|| default.to_string(), String::clone)
 }
 
 /// Istio's tags on every span: the workload's canonical service and revision, mesh,
 /// namespace and cluster.
 fn istio_tags(ctx: &PushContext, proxy: &Proxy) -> Vec<CustomTag> {
-    let labels = ctx.proxy_labels(proxy);
-    let first = |keys: &[&str], default: &str| {
-        keys.iter()
-            .find_map(|k| labels.get(*k))
-            .map_or_else(|| default.to_string(), String::clone)
-    };
     let mesh_id = ctx
         .mesh
         .default_config
@@ -375,7 +378,9 @@ fn istio_tags(ctx: &PushContext, proxy: &Proxy) -> Vec<CustomTag> {
     [
         (
             "istio.canonical_revision",
-            first(
+            first_label(
+                ctx,
+                proxy,
                 &[
                     "service.istio.io/canonical-revision",
                     "app.kubernetes.io/version",
@@ -462,10 +467,7 @@ pub fn hcm_tracing(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Traci
                 t.get("enableIstioTags")
                     .and_then(Value::as_bool)
                     .unwrap_or(true),
-                t.get("maxPathTagLength")
-                    .and_then(Value::as_u64)
-                    .and_then(|l| u32::try_from(l).ok())
-                    .filter(|l| *l != 0),
+                u32_of(t.get("maxPathTagLength")),
             )
         }
     };

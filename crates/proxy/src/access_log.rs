@@ -104,8 +104,17 @@ impl Filter {
             Some(F::OrFilter(o)) => Filter::Any(list(&o.filters)?),
             Some(F::NotHealthCheckFilter(_)) => Filter::NotHealthCheck,
             Some(other) => {
-                let name = format!("{other:?}");
-                let kind = name.split('(').next().unwrap_or("filter");
+                let kind = match other {
+                    F::TraceableFilter(_) => "TraceableFilter",
+                    F::RuntimeFilter(_) => "RuntimeFilter",
+                    F::HeaderFilter(_) => "HeaderFilter",
+                    F::ResponseFlagFilter(_) => "ResponseFlagFilter",
+                    F::GrpcStatusFilter(_) => "GrpcStatusFilter",
+                    F::ExtensionFilter(e) => e.name.as_str(),
+                    F::MetadataFilter(_) => "MetadataFilter",
+                    F::LogTypeFilter(_) => "LogTypeFilter",
+                    _ => "filter",
+                };
                 return Err(format!("access log filter {kind} is not supported"));
             }
             None => return Err("access log filter has no filter".into()),
