@@ -2203,6 +2203,58 @@ fn authorization_policy(ap: &AuthorizationPolicySpec, r: &mut Report) {
 // ---------------------------------------------------------------------------------------------
 // Telemetry
 
+/// Istio's metric names in a Telemetry `match.metric`.
+const ISTIO_METRICS: &[&str] = &[
+    "ALL_METRICS",
+    "REQUEST_COUNT",
+    "REQUEST_DURATION",
+    "REQUEST_SIZE",
+    "RESPONSE_SIZE",
+    "TCP_OPENED_CONNECTIONS",
+    "TCP_CLOSED_CONNECTIONS",
+    "TCP_SENT_BYTES",
+    "TCP_RECEIVED_BYTES",
+    "GRPC_REQUEST_MESSAGES",
+    "GRPC_RESPONSE_MESSAGES",
+];
+
+fn telemetry_metrics_override(
+    o: &crate::istio::telemetry::MetricsOverrides,
+    at: &str,
+    r: &mut Report,
+) {
+    if let Some(m) = &o.match_ {
+        if let Some(metric) = &m.metric
+            && !ISTIO_METRICS.contains(&metric.as_str())
+        {
+            r.err(format!(
+                "{at}: match.metric {metric:?} is not one of Istio's metrics"
+            ));
+        }
+        if let Some(mode) = &m.mode
+            && !["CLIENT_AND_SERVER", "CLIENT", "SERVER"].contains(&mode.as_str())
+        {
+            r.err(format!(
+                "{at}: match.mode {mode:?} is not CLIENT_AND_SERVER, CLIENT or SERVER"
+            ));
+        }
+    }
+    for (tag, t) in &o.tag_overrides {
+        match t.operation.as_deref().unwrap_or("UPSERT") {
+            "UPSERT" if t.value.is_empty() => r.err(format!(
+                "{at}: tagOverrides.{tag}: value must be set when operation is UPSERT"
+            )),
+            "REMOVE" if !t.value.is_empty() => r.err(format!(
+                "{at}: tagOverrides.{tag}: value may only be set when operation is UPSERT"
+            )),
+            "UPSERT" | "REMOVE" => {}
+            op => r.err(format!(
+                "{at}: tagOverrides.{tag}: operation {op:?} is not UPSERT or REMOVE"
+            )),
+        }
+    }
+}
+
 fn telemetry(t: &TelemetrySpec, r: &mut Report) {
     r.check(workload_selector(t.selector.as_ref()));
     let providers_ok = |ps: &[crate::istio::telemetry::ProviderRef]| {
@@ -2212,8 +2264,11 @@ fn telemetry(t: &TelemetrySpec, r: &mut Report) {
             Ok(())
         }
     };
-    for m in &t.metrics {
+    for (i, m) in t.metrics.iter().enumerate() {
         r.check(providers_ok(&m.providers));
+        for (j, o) in m.overrides.iter().enumerate() {
+            telemetry_metrics_override(o, &format!("metrics[{i}].overrides[{j}]"), r);
+        }
     }
     if t.tracing.len() > 1 {
         r.warn("multiple tracing is not currently supported");

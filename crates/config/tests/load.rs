@@ -134,3 +134,38 @@ fn unserved_version_is_an_error() {
     assert!(loaded.has_errors());
     assert!(loaded.diagnostics[0].message.contains("v1alpha3"));
 }
+
+#[test]
+fn telemetry_metric_overrides_are_typed_and_checked_as_istio_does() {
+    let text = r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: m, namespace: istio-system}
+spec:
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: REQUEST_COUNT, mode: SERVER}
+      tagOverrides:
+        request_host: {value: request.host}
+        request_protocol: {operation: REMOVE}
+    - match: {metric: REQUESTS}
+      tagOverrides:
+        a: {operation: UPSERT}
+        b: {operation: REMOVE, value: x}
+"#;
+    let loaded = Loader::default().load_str("t.yaml", text);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let report = isthmus_config::validate::validate(&loaded.resources[0].object);
+    assert_eq!(report.errors.len(), 3, "{report:?}");
+    assert!(report.errors[0].contains("metrics[0].overrides[1]: match.metric \"REQUESTS\""));
+    assert!(
+        report.errors[1].contains("tagOverrides.a: value must be set when operation is UPSERT")
+    );
+    assert!(
+        report.errors[2].contains("tagOverrides.b: value may only be set when operation is UPSERT")
+    );
+    let snap: Snapshot = loaded.resources.into_iter().collect();
+    let o = &snap.telemetries[0].object.spec.metrics[0].overrides[0];
+    assert!(o.tag_overrides["request_protocol"].removes());
+    assert_eq!(o.tag_overrides["request_host"].value, "request.host");
+}

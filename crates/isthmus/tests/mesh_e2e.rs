@@ -1501,15 +1501,34 @@ spec:
     randomSamplingPercentage: 100
 "#;
 
+/// Istio's metrics: none on the client side, and on the server's request count a label from
+/// the request in place of `request_protocol`, its durations dropped.
+const METRIC_OVERRIDES: &str = r#"
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: metrics, namespace: ot}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: ALL_METRICS, mode: CLIENT}
+      disabled: true
+    - match: {metric: REQUEST_COUNT, mode: SERVER}
+      tagOverrides:
+        request_host: {value: request.host}
+        request_protocol: {operation: REMOVE}
+    - match: {metric: REQUEST_DURATION, mode: SERVER}
+      disabled: true
+"#;
+
 #[test]
-fn opentelemetry_traces_carry_traceparent_and_spans_reach_the_collector_over_otlp_http() {
+fn opentelemetry_traces_reach_the_collector_and_telemetry_overrides_shape_istio_metrics() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
     }
     let mesh = Mesh::up_with_mesh(
         "ot",
-        &format!("{}---\n{OTEL}", traced_apps("ot")),
+        &format!("{}---\n{OTEL}---\n{METRIC_OVERRIDES}", traced_apps("ot")),
         "extensionProviders:\n- name: otel\n  opentelemetry:\n    service: otel-collector.observability.svc.cluster.local\n    port: 4318\n    http: {path: /v1/traces, timeout: 2s}\n",
     );
     let (ok, out) = mesh.get("client", "http://server:8080/", &["--count", "5"]);
@@ -1528,5 +1547,35 @@ fn opentelemetry_traces_carry_traceparent_and_spans_reach_the_collector_over_otl
     assert!(
         stats.contains("tracing.opentelemetry.spans_sent: 5"),
         "{stats}"
+    );
+    // The Telemetry's metric overrides, through the pilot to both sidecars.
+    let server = mesh.pod_ip("server");
+    let (_, metrics) = mesh.get(
+        "client",
+        &format!("http://{server}:15090/stats/prometheus"),
+        &[],
+    );
+    let requests: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("] istio_requests_total{"))
+        .collect();
+    assert_eq!(requests.len(), 1, "{metrics}");
+    assert!(
+        requests[0].contains("reporter=\"destination\"")
+            && requests[0].contains("request_host=\"server:8080\"")
+            && !requests[0].contains("request_protocol=")
+            && requests[0].ends_with(" 5"),
+        "{}",
+        requests[0]
+    );
+    assert!(
+        !metrics.contains("istio_request_duration_milliseconds_count{"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("istio_request_bytes_count{"), "{metrics}");
+    let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
+    assert!(
+        own.contains("envoy_") && !own.contains("istio_requests_total"),
+        "{own}"
     );
 }

@@ -785,13 +785,7 @@ fn service_metadata(svc: &Service, subset: &str) -> Metadata {
     if !subset.is_empty() {
         service.push(("subset", string(subset)));
     }
-    let services = Value {
-        kind: Some(value::Kind::ListValue(ListValue {
-            values: vec![Value {
-                kind: Some(value::Kind::StructValue(strukt(service))),
-            }],
-        })),
-    };
+    let services = list_value(vec![struct_value(strukt(service))]);
     Metadata {
         filter_metadata: crate::maps::map_of([("istio".into(), strukt([("services", services)]))]),
         ..Default::default()
@@ -807,6 +801,18 @@ pub(crate) fn boolean(b: bool) -> Value {
 pub(crate) fn string(s: &str) -> Value {
     Value {
         kind: Some(value::Kind::StringValue(s.to_string())),
+    }
+}
+
+pub(crate) fn struct_value(s: Struct) -> Value {
+    Value {
+        kind: Some(value::Kind::StructValue(s)),
+    }
+}
+
+pub(crate) fn list_value(values: Vec<Value>) -> Value {
+    Value {
+        kind: Some(value::Kind::ListValue(ListValue { values })),
     }
 }
 

@@ -52,7 +52,7 @@ pub struct Scope {
     pub locality: Option<Locality>,
     /// The pod's own `proxyHeaders`, which shape its listeners and routes.
     pub proxy_headers: Option<isthmus_config::mesh::ProxyHeaders>,
-    /// The outbound listeners' tracing and access logs, encoded: Telemetry resources that
+    /// The outbound listeners' tracing, access logs and stats filter, encoded: Telemetry resources that
     /// select the workload, and tracing's per-workload tags, make them differ.
     pub telemetry: Vec<u8>,
 }
@@ -289,6 +289,9 @@ impl PushContext {
                 }
                 for log in crate::access_log::access_logs(self, proxy, side) {
                     log.encode_length_delimited(&mut key).unwrap_or_default();
+                }
+                if let Some(s) = crate::metrics::stats_config(self, proxy, side) {
+                    s.encode_length_delimited(&mut key).unwrap_or_default();
                 }
                 key
             },

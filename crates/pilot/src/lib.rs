@@ -3,7 +3,7 @@
 //! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authn` turns
 //! RequestAuthentications into the inbound chains' JWT filter and `authz` AuthorizationPolicies
 //! into their RBAC filters; `telemetry` finds the Telemetry resources of a proxy, from which
-//! `trace` and `access_log` configure its connection managers.
+//! `trace`, `access_log` and `metrics` configure its connection managers and TCP proxies.
 
 pub mod access_log;
 pub mod authn;
@@ -14,6 +14,7 @@ pub mod endpoint;
 pub mod headers;
 pub mod listener;
 pub mod maps;
+pub mod metrics;
 pub mod names;
 pub mod proxy;
 pub mod route;

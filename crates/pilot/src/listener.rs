@@ -28,11 +28,13 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
-use envoy_types::pb::google::protobuf::{Any, BoolValue, ListValue, UInt32Value, Value, value};
+use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value, Value};
 use envoy_types::util::pack_any;
 use isthmus_registry::Protocol;
 
-use crate::cluster::{ads, boolean, duration, istio_common_tls, socket, strukt};
+use crate::cluster::{
+    ads, boolean, duration, istio_common_tls, list_value, socket, struct_value, strukt,
+};
 use crate::context::{MtlsMode, PushContext};
 use crate::headers::ProxyHeaders;
 use crate::names::{
@@ -42,7 +44,9 @@ use crate::names::{
 };
 use crate::proxy::{InterceptionMode, Proxy};
 use crate::telemetry::Side;
-use isthmus_xds::typed_struct::{METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, TypedStruct};
+use isthmus_xds::typed_struct::{
+    METADATA_EXCHANGE_FILTER, PEER_METADATA_TYPE_URL, STATS_FILTER, STATS_TYPE_URL, TypedStruct,
+};
 
 /// Every listener of `proxy`, sorted by name.
 pub fn listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
@@ -65,7 +69,8 @@ pub fn inbound_listeners(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     with_telemetry(ctx, proxy, vec![virtual_inbound(ctx, proxy)], Side::Server)
 }
 
-/// Access logs on every connection manager and TCP proxy; tracing on the connection managers.
+/// Access logs and Istio's stats filter on every connection manager and TCP proxy; tracing on
+/// the connection managers.
 fn with_telemetry(
     ctx: &PushContext,
     proxy: &Proxy,
@@ -74,18 +79,43 @@ fn with_telemetry(
 ) -> Vec<Listener> {
     let logs = crate::access_log::access_logs(ctx, proxy, side);
     let tracing = crate::trace::hcm_tracing(ctx, proxy, side);
-    if logs.is_empty() && tracing.is_none() {
-        return listeners;
-    }
+    let stats = crate::metrics::stats_config(ctx, proxy, side).map(|config| {
+        pack_any(TypedStruct {
+            type_url: STATS_TYPE_URL.into(),
+            value: Some(config),
+        })
+    });
     for l in &mut listeners {
         edit_filters(
             l,
             |hcm| {
                 hcm.access_log.extend(logs.iter().cloned());
                 hcm.tracing.clone_from(&tracing);
+                if let Some(config) = &stats {
+                    // Before the router, after the peer metadata that labels it.
+                    let at = hcm.http_filters.len().saturating_sub(1);
+                    hcm.http_filters.insert(
+                        at,
+                        HttpFilter {
+                            name: STATS_FILTER.into(),
+                            config_type: Some(http_filter::ConfigType::TypedConfig(config.clone())),
+                            ..Default::default()
+                        },
+                    );
+                }
             },
             |tp| tp.access_log.extend(logs.iter().cloned()),
         );
+        if let Some(config) = &stats {
+            for chain in &mut l.filter_chains {
+                if chain.filters.last().is_some_and(|f| {
+                    matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with(".TcpProxy"))
+                }) {
+                    let at = chain.filters.len() - 1;
+                    chain.filters.insert(at, network_filter(STATS_FILTER, config.clone()));
+                }
+            }
+        }
     }
     listeners
 }
@@ -552,12 +582,7 @@ fn router(headers: &ProxyHeaders) -> HttpFilter {
 /// `x-envoy-peer-metadata` and answers with this workload's; outbound sends this workload's
 /// (not to services outside the mesh, in `IN_MESH` mode) and reads the answer's.
 fn metadata_exchange(headers: &ProxyHeaders, inbound: bool) -> HttpFilter {
-    let object = |fields: Vec<(&str, Value)>| Value {
-        kind: Some(value::Kind::StructValue(strukt(fields))),
-    };
-    let list = |values: Vec<Value>| Value {
-        kind: Some(value::Kind::ListValue(ListValue { values })),
-    };
+    let object = |fields: Vec<(&str, Value)>| struct_value(strukt(fields));
     let istio_headers =
         |settings: Vec<(&str, Value)>| object(vec![("istio_headers", object(settings))]);
     let side = if inbound { "downstream" } else { "upstream" };
@@ -571,12 +596,15 @@ fn metadata_exchange(headers: &ProxyHeaders, inbound: bool) -> HttpFilter {
     let config = strukt([
         (
             discovery.as_str(),
-            list(vec![
+            list_value(vec![
                 istio_headers(Vec::new()),
                 object(vec![("workload_discovery", object(Vec::new()))]),
             ]),
         ),
-        (propagation.as_str(), list(vec![istio_headers(settings)])),
+        (
+            propagation.as_str(),
+            list_value(vec![istio_headers(settings)]),
+        ),
     ]);
     let typed = TypedStruct {
         type_url: PEER_METADATA_TYPE_URL.into(),

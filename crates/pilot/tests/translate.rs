@@ -245,8 +245,18 @@ fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
     );
     let tcp = find(&v, "10.96.1.30_5000");
     assert_eq!(
-        tcp["filter_chains"][0]["filters"][0]["typed_config"]["cluster"],
+        tcp["filter_chains"][0]["filters"][1]["typed_config"]["cluster"],
         "outbound|5000||nc.data.svc.cluster.local"
+    );
+    // Istio's stats filter before the TCP proxy, on both sides.
+    assert_eq!(tcp["filter_chains"][0]["filters"][0]["name"], "istio.stats");
+    assert!(
+        inbound["filter_chains"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["filters"][0]["name"] == "istio.stats"),
+        "{inbound}"
     );
 }
 
@@ -1066,6 +1076,9 @@ fn access_logs(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<ser
         let inbound = l["name"] == "virtualInbound";
         for chain in l["filter_chains"].as_array().into_iter().flatten() {
             for f in chain["filters"].as_array().into_iter().flatten() {
+                if f["name"] == "istio.stats" {
+                    continue;
+                }
                 let logs = f["typed_config"]["access_log"].clone();
                 if inbound { &mut out.1 } else { &mut out.0 }.push(logs);
             }
@@ -1129,4 +1142,114 @@ fn access_logging_follows_telemetry_providers_match_filter_and_disabled() {
     // None of it by default.
     let (out, inb) = access_logs(&context(), &productpage);
     assert!(out.iter().chain(&inb).all(serde_json::Value::is_null));
+}
+
+/// The `istio.stats` filters of a proxy's listeners by direction, (outbound, inbound): their
+/// `stats.PluginConfig`, one per connection manager or TCP proxy; and how many of those have
+/// none.
+type StatsFilters = (Vec<serde_json::Value>, Vec<serde_json::Value>, usize);
+
+fn stats_filters(ctx: &PushContext, p: &Proxy) -> StatsFilters {
+    let mut out = (Vec::new(), Vec::new(), 0);
+    for l in isthmus_pilot::listener::listeners(ctx, p) {
+        let l = to_json(&l).unwrap();
+        let inbound = l["name"] == "virtualInbound";
+        let mut found = |f: &serde_json::Value| {
+            if f["name"] == "istio.stats" {
+                let v = f["typed_config"]["value"].clone();
+                if inbound { &mut out.1 } else { &mut out.0 }.push(v);
+                true
+            } else {
+                false
+            }
+        };
+        for chain in l["filter_chains"].as_array().into_iter().flatten() {
+            let filters = chain["filters"].as_array().unwrap();
+            let terminal = filters.last().unwrap();
+            let with = if terminal["name"] == "envoy.filters.network.http_connection_manager" {
+                let http = terminal["typed_config"]["http_filters"].as_array().unwrap();
+                http.iter().filter(|f| found(f)).count()
+            } else {
+                filters.iter().filter(|f| found(f)).count()
+            };
+            if with == 0 {
+                out.2 += 1;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn metrics_follow_telemetry_overrides_per_metric_and_side() {
+    let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    // By default (MeshConfig's `prometheus`): every connection manager and TCP proxy reports,
+    // the inbound side not trusting the Host header.
+    let (out, inb, without) = stats_filters(&context(), &productpage);
+    assert_eq!(without, 0);
+    assert!(!out.is_empty() && !inb.is_empty());
+    assert!(out.iter().all(|c| *c == serde_json::json!({})), "{out:?}");
+    assert!(
+        inb.iter()
+            .all(|c| *c == serde_json::json!({"disable_host_header_fallback": true})),
+        "{inb:?}"
+    );
+    // Root namespace: no client-side metrics; the namespace: a label from the request and one
+    // fewer on the server's request count, request sizes dropped.
+    let telemetry = r#"apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics:
+  - providers: [{name: prometheus}]
+    overrides:
+    - match: {metric: ALL_METRICS, mode: CLIENT}
+      disabled: true
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: ns, namespace: bookinfo}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT, mode: SERVER}
+      tagOverrides:
+        request_host: {value: request.host}
+        request_protocol: {operation: REMOVE}
+    - match: {metric: REQUEST_SIZE, mode: SERVER}
+      disabled: true
+"#;
+    let (out, inb, _) = stats_filters(&context_with(telemetry), &productpage);
+    assert!(out.is_empty(), "client side disabled: {out:?}");
+    let want = serde_json::json!({
+        "disable_host_header_fallback": true,
+        "metrics": [
+            {"name": "request_bytes", "drop": true},
+            {"name": "requests_total", "dimensions": {"request_host": "request.host"},
+             "tags_to_remove": ["request_protocol"]},
+        ],
+    });
+    assert!(!inb.is_empty() && inb.iter().all(|c| *c == want), "{inb:?}");
+    // A provider that is not Prometheus's reports nothing here.
+    let stackdriver = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  metrics:\n  - providers: [{name: stackdriver}]\n";
+    let mesh: MeshConfig = serde_json::from_value(serde_json::json!({
+        "extensionProviders": [{"name": "stackdriver", "stackdriver": {}}],
+    }))
+    .unwrap();
+    let (out, inb, _) = stats_filters(&context_with_mesh(stackdriver, mesh), &productpage);
+    assert!(out.is_empty() && inb.is_empty());
+    // Every metric disabled on both sides, then a workload's Telemetry turning one back on.
+    let off = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: mesh-default, namespace: istio-system}\nspec:\n  metrics:\n  - overrides: [{match: {metric: ALL_METRICS}, disabled: true}]\n";
+    let (out, inb, _) = stats_filters(&context_with(off), &productpage);
+    assert!(out.is_empty() && inb.is_empty());
+    let back = format!(
+        "{off}---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: pp, namespace: bookinfo}}\nspec:\n  selector: {{matchLabels: {{app: productpage}}}}\n  metrics:\n  - overrides: [{{match: {{metric: REQUEST_DURATION}}, disabled: false}}]\n"
+    );
+    let (out, _, _) = stats_filters(&context_with(&back), &productpage);
+    assert!(!out.is_empty(), "turned back on for productpage");
+    assert!(
+        out.iter()
+            .all(|c| c["metrics"] == serde_json::json!([{"name": "request_duration_milliseconds"}])),
+        "{out:?}"
+    );
 }

@@ -124,7 +124,8 @@ impl Bootstrap {
     }
 }
 
-fn struct_json(s: &Struct) -> Value {
+/// protobuf's JSON of a `google.protobuf.Struct`.
+pub(crate) fn struct_json(s: &Struct) -> Value {
     Value::Object(
         s.fields
             .iter()

@@ -28,7 +28,7 @@ use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
 use crate::config::{Cluster, DynamicMetadata};
 use crate::peer;
 use crate::serve::ConnInfo;
-use crate::stats::{Parties, Reporter, RequestOutcome, Stats};
+use crate::stats::{Dimensions, Parties, Reporter, RequestOutcome, Stats};
 use crate::trace::{Outcome, Span};
 use crate::upstream::{self, Address, Body, EndpointState, Slot};
 
@@ -279,6 +279,11 @@ async fn handle(
     if hcm.generate_request_id && !parts.headers.contains_key(REQUEST_ID) {
         parts.headers.insert(REQUEST_ID, request_id());
     }
+    // The labels Istio's stats filter adds from the request, as the client sent it.
+    let mut dimensions = hcm.stats.as_ref().map(|config| Dimensions {
+        config: config.clone(),
+        values: config.values(Some(&parts), info.source, info.destination),
+    });
     let mut span = hcm.tracing.as_ref().map(|t| {
         t.start(
             &parts,
@@ -305,6 +310,7 @@ async fn handle(
                 upgrade,
                 LogCtx::new(hcm, &parts, info, ""),
                 span.take(),
+                dimensions.take(),
             );
             refuse(shared, info, caller(hcm, &parts, shared), pending, 401, "-");
             return jwt_reply(&parts, failure);
@@ -333,6 +339,7 @@ async fn handle(
                 upgrade,
                 LogCtx::new(hcm, &parts, info, ""),
                 span.take(),
+                dimensions.take(),
             );
             refuse(
                 shared,
@@ -405,7 +412,7 @@ async fn handle(
                         shared,
                         info,
                         caller(hcm, &parts, shared),
-                        Pending::local(start, upgrade, log, span.take()),
+                        Pending::local(start, upgrade, log, span.take(), dimensions.take()),
                         status,
                         "FI",
                     );
@@ -448,6 +455,7 @@ async fn handle(
                     upgrade,
                     log,
                     span,
+                    dimensions,
                 },
             )
             .await;
@@ -577,17 +585,26 @@ struct Pending {
     /// The request as the access logs will describe it (when any is configured).
     log: Option<LogCtx>,
     span: Option<Span>,
+    /// Istio's metrics of the request, when the connection manager has the stats filter.
+    dimensions: Option<Dimensions>,
 }
 
 impl Pending {
     /// A request answered before any body was read.
-    fn local(start: Instant, upgrade: bool, log: Option<LogCtx>, span: Option<Span>) -> Pending {
+    fn local(
+        start: Instant,
+        upgrade: bool,
+        log: Option<LogCtx>,
+        span: Option<Span>,
+        dimensions: Option<Dimensions>,
+    ) -> Pending {
         Pending {
             start,
             request_bytes: Arc::new(AtomicU64::new(0)),
             upgrade,
             log,
             span,
+            dimensions,
         }
     }
 }
@@ -1102,6 +1119,7 @@ async fn forward(
                         request_bytes: pending.request_bytes.clone(),
                         log: pending.log.take(),
                         span: pending.span.take(),
+                        dimensions: pending.dimensions.take(),
                         _slot: slot.take(),
                         _active: active,
                     }),
@@ -1279,17 +1297,20 @@ fn finish_local(
             response_bytes: 0,
         });
     }
-    stats.record_request(RequestOutcome {
-        reporter,
-        parties,
-        protocol,
-        status,
-        grpc_status: None,
-        flags,
-        duration_ms: pending.start.elapsed().as_secs_f64() * 1000.0,
-        request_bytes: pending.request_bytes.load(Ordering::Relaxed),
-        response_bytes: 0,
-    });
+    if let Some(dimensions) = &pending.dimensions {
+        stats.record_request(RequestOutcome {
+            reporter,
+            parties,
+            dimensions,
+            protocol,
+            status,
+            grpc_status: None,
+            flags,
+            duration_ms: pending.start.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: received,
+            response_bytes: 0,
+        });
+    }
 }
 
 /// Counts an endpoint's request in flight until the response ends.
@@ -1352,6 +1373,7 @@ struct Telemetry {
     request_bytes: Arc<AtomicU64>,
     log: Option<LogCtx>,
     span: Option<Span>,
+    dimensions: Option<Dimensions>,
     /// The cluster's circuit-breaker slot, held until the response ends.
     _slot: Option<Slot>,
     _active: Option<ActiveGuard>,
@@ -1379,17 +1401,20 @@ impl Observed {
                     response_bytes: self.bytes,
                 });
             }
-            t.stats.record_request(RequestOutcome {
-                reporter: t.reporter,
-                parties: &t.parties,
-                protocol: t.protocol,
-                status: t.status,
-                grpc_status: t.grpc_status,
-                flags: "-",
-                duration_ms: t.start.elapsed().as_secs_f64() * 1000.0,
-                request_bytes: t.request_bytes.load(Ordering::Relaxed),
-                response_bytes: self.bytes,
-            });
+            if let Some(dimensions) = &t.dimensions {
+                t.stats.record_request(RequestOutcome {
+                    reporter: t.reporter,
+                    parties: &t.parties,
+                    dimensions,
+                    protocol: t.protocol,
+                    status: t.status,
+                    grpc_status: t.grpc_status,
+                    flags: "-",
+                    duration_ms: t.start.elapsed().as_secs_f64() * 1000.0,
+                    request_bytes: received,
+                    response_bytes: self.bytes,
+                });
+            }
         }
     }
 }

@@ -272,6 +272,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             access_logs,
             hash_source_ip,
             idle_timeout,
+            stats,
         } => {
             let filter = crate::tcp::Filter {
                 cluster,
@@ -279,6 +280,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 hash_source_ip: *hash_source_ip,
                 idle_timeout: *idle_timeout,
                 logs: access_logs,
+                stats: stats.as_ref(),
             };
             crate::tcp::proxy(io, &filter, &info, shared).await;
         }

@@ -1,18 +1,19 @@
 //! Telemetry: Istio's standard metrics (Prometheus, on 15090) and Envoy-style counters for
 //! the admin `/stats` page.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::config::cluster::ServiceRef;
+use crate::config::istio_stats::{Expr, LABELS, Metric, StatsConfig};
 use crate::envoy_stats::{self, Inclusions, Kind};
 use crate::peer::Workload;
 
@@ -42,45 +43,8 @@ pub struct Parties {
     pub mutual_tls: bool,
 }
 
-/// Who talked to whom: the labels requests and TCP connections share.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PartyLabels {
-    reporter: String,
-    source_workload: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_workload: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_service: String,
-    destination_service_name: String,
-    destination_service_namespace: String,
-    destination_cluster: String,
-    connection_security_policy: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    #[prometheus(flatten)]
-    parties: PartyLabels,
-    request_protocol: String,
-    response_code: String,
-    grpc_response_status: String,
-    response_flags: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    #[prometheus(flatten)]
-    parties: PartyLabels,
-    request_protocol: String,
-    response_flags: String,
-}
+/// A series' labels: the standard ones its stats filter keeps, then the ones it adds.
+type Labels = Vec<(Cow<'static, str>, String)>;
 
 fn or_unknown(s: &str) -> String {
     if s.is_empty() {
@@ -129,6 +93,7 @@ struct SeriesKey {
     status: u16,
     grpc_status: Option<String>,
     flags: &'static str,
+    dimensions: Dimensions,
 }
 
 impl SeriesKey {
@@ -139,16 +104,34 @@ impl SeriesKey {
             && self.flags == o.flags
             && self.grpc_status == o.grpc_status
             && self.parties == *o.parties
+            && self.dimensions == *o.dimensions
     }
 }
 
-/// The four metrics one request updates, resolved from their label set once.
+/// A request's or connection's stats filter, with the values of the labels it adds that come
+/// from the request and its connection.
+#[derive(Debug, Clone)]
+pub struct Dimensions {
+    pub config: Arc<StatsConfig>,
+    pub values: Vec<String>,
+}
+
+impl PartialEq for Dimensions {
+    fn eq(&self, o: &Self) -> bool {
+        self.config.id == o.config.id
+            && self.values == o.values
+            && (Arc::ptr_eq(&self.config, &o.config) || self.config == o.config)
+    }
+}
+
+/// The metrics one request updates (those its stats filter keeps), resolved from their label
+/// sets once.
 #[derive(Clone)]
 struct Series {
-    requests: Counter,
-    duration: Histogram,
-    request_bytes: Histogram,
-    response_bytes: Histogram,
+    requests: Option<Counter>,
+    duration: Option<Histogram>,
+    request_bytes: Option<Histogram>,
+    response_bytes: Option<Histogram>,
 }
 
 /// Label sets remembered with their series (a proxy sees a bounded set of peers and codes;
@@ -157,19 +140,19 @@ const MAX_SERIES: usize = 4096;
 
 pub struct Stats {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    duration: Histograms<RequestLabels>,
-    request_bytes: Histograms<RequestLabels>,
-    response_bytes: Histograms<RequestLabels>,
-    tcp_opened: Family<TcpLabels, Counter>,
-    tcp_closed: Family<TcpLabels, Counter>,
-    tcp_sent: Family<TcpLabels, Counter>,
-    tcp_received: Family<TcpLabels, Counter>,
+    requests: Family<Labels, Counter>,
+    duration: Histograms<Labels>,
+    request_bytes: Histograms<Labels>,
+    response_bytes: Histograms<Labels>,
+    tcp_opened: Family<Labels, Counter>,
+    tcp_closed: Family<Labels, Counter>,
+    tcp_sent: Family<Labels, Counter>,
+    tcp_received: Family<Labels, Counter>,
     /// Envoy-style counters by full name (`cluster.<name>.upstream_rq_total`).
     counters: Slots,
     /// Envoy-style gauges of what lives now, by full name.
     gauges: Slots,
-    /// Request series by a hash of their key: spelling out and hashing the 21 labels of every
+    /// Request series by a hash of their key: spelling out and hashing the labels of every
     /// request cost more than the request's own routing.
     series: Mutex<HashMap<u64, (SeriesKey, Series), foldhash::fast::RandomState>>,
     hasher: foldhash::fast::RandomState,
@@ -187,6 +170,7 @@ impl std::fmt::Debug for Stats {
 pub struct RequestOutcome<'a> {
     pub reporter: Reporter,
     pub parties: &'a Parties,
+    pub dimensions: &'a Dimensions,
     pub protocol: &'static str,
     pub status: u16,
     pub grpc_status: Option<String>,
@@ -217,9 +201,9 @@ impl Stats {
         }
         let mut registry = Registry::default();
         let requests = Family::default();
-        let duration: Histograms<RequestLabels> = Family::new_with_constructor(durations);
-        let request_bytes: Histograms<RequestLabels> = Family::new_with_constructor(sizes);
-        let response_bytes: Histograms<RequestLabels> = Family::new_with_constructor(sizes);
+        let duration: Histograms<Labels> = Family::new_with_constructor(durations);
+        let request_bytes: Histograms<Labels> = Family::new_with_constructor(sizes);
+        let response_bytes: Histograms<Labels> = Family::new_with_constructor(sizes);
         let tcp_opened = Family::default();
         let tcp_closed = Family::default();
         let tcp_sent = Family::default();
@@ -276,10 +260,18 @@ impl Stats {
 
     pub fn record_request(&self, o: RequestOutcome<'_>) {
         let series = self.series_of(&o);
-        series.requests.inc();
-        series.duration.observe(o.duration_ms);
-        series.request_bytes.observe(o.request_bytes as f64);
-        series.response_bytes.observe(o.response_bytes as f64);
+        if let Some(c) = &series.requests {
+            c.inc();
+        }
+        if let Some(h) = &series.duration {
+            h.observe(o.duration_ms);
+        }
+        if let Some(h) = &series.request_bytes {
+            h.observe(o.request_bytes as f64);
+        }
+        if let Some(h) = &series.response_bytes {
+            h.observe(o.response_bytes as f64);
+        }
     }
 
     /// The series of a request's labels, from the cache when its key was seen before.
@@ -291,6 +283,8 @@ impl Stats {
             o.status,
             o.grpc_status.as_deref(),
             o.flags,
+            o.dimensions.config.id,
+            &o.dimensions.values,
         ));
         let mut cache = self.series.lock().unwrap_or_else(|p| p.into_inner());
         match cache.get(&hash) {
@@ -308,6 +302,7 @@ impl Stats {
                 status: o.status,
                 grpc_status: o.grpc_status.clone(),
                 flags: o.flags,
+                dimensions: o.dimensions.clone(),
             };
             cache.insert(hash, (key, series.clone()));
         }
@@ -315,47 +310,51 @@ impl Stats {
     }
 
     fn resolve(&self, o: &RequestOutcome<'_>) -> Series {
-        let l = RequestLabels {
-            parties: party_labels(o.reporter, o.parties),
-            request_protocol: o.protocol.to_string(),
-            response_code: o.status.to_string(),
-            grpc_response_status: o.grpc_status.clone().unwrap_or_default(),
-            response_flags: o.flags.to_string(),
-        };
+        let mut values = standard_values(o.reporter, o.parties, o.protocol, o.flags);
+        values.push(o.status.to_string());
+        values.push(o.grpc_status.clone().unwrap_or_default());
+        let status = Some(o.status);
+        let labels = |m: Metric| labels_of(m, &values, o.dimensions, status);
         Series {
-            requests: self.requests.get_or_create(&l).clone(),
-            duration: self.duration.get_or_create(&l).clone(),
-            request_bytes: self.request_bytes.get_or_create(&l).clone(),
-            response_bytes: self.response_bytes.get_or_create(&l).clone(),
+            requests: labels(Metric::Requests).map(|l| self.requests.get_or_create(&l).clone()),
+            duration: labels(Metric::Duration).map(|l| self.duration.get_or_create(&l).clone()),
+            request_bytes: labels(Metric::RequestBytes)
+                .map(|l| self.request_bytes.get_or_create(&l).clone()),
+            response_bytes: labels(Metric::ResponseBytes)
+                .map(|l| self.response_bytes.get_or_create(&l).clone()),
         }
     }
 
-    fn tcp_labels(reporter: Reporter, p: &Parties, flags: &str) -> TcpLabels {
-        TcpLabels {
-            parties: party_labels(reporter, p),
-            request_protocol: "tcp".into(),
-            response_flags: flags.to_string(),
+    /// A TCP connection opened, on a chain with the stats filter (`d`).
+    pub fn tcp_opened(&self, reporter: Reporter, p: &Parties, d: Option<&Dimensions>) {
+        let Some(d) = d else { return };
+        let values = standard_values(reporter, p, "tcp", "-");
+        if let Some(l) = labels_of(Metric::TcpOpened, &values, d, None) {
+            self.tcp_opened.get_or_create(&l).inc();
         }
-    }
-
-    pub fn tcp_opened(&self, reporter: Reporter, p: &Parties) {
-        self.tcp_opened
-            .get_or_create(&Self::tcp_labels(reporter, p, "-"))
-            .inc();
     }
 
     pub fn tcp_closed(
         &self,
         reporter: Reporter,
         p: &Parties,
+        d: Option<&Dimensions>,
         flags: &str,
         sent: u64,
         received: u64,
     ) {
-        let l = Self::tcp_labels(reporter, p, flags);
-        self.tcp_closed.get_or_create(&l).inc();
-        self.tcp_sent.get_or_create(&l).inc_by(sent);
-        self.tcp_received.get_or_create(&l).inc_by(received);
+        let Some(d) = d else { return };
+        let values = standard_values(reporter, p, "tcp", flags);
+        let counters = [
+            (Metric::TcpClosed, &self.tcp_closed, 1),
+            (Metric::TcpSent, &self.tcp_sent, sent),
+            (Metric::TcpReceived, &self.tcp_received, received),
+        ];
+        for (metric, family, n) in counters {
+            if let Some(l) = labels_of(metric, &values, d, None) {
+                family.get_or_create(&l).inc_by(n);
+            }
+        }
     }
 
     /// Adds to an Envoy-style counter.
@@ -473,34 +472,63 @@ impl Drop for Held {
     }
 }
 
-fn party_labels(reporter: Reporter, p: &Parties) -> PartyLabels {
-    PartyLabels {
-        reporter: reporter_name(reporter),
-        source_workload: or_unknown(&p.source.name),
-        source_workload_namespace: or_unknown(&p.source.namespace),
-        source_principal: or_unknown(&p.source_principal),
-        source_app: or_unknown(&p.source.app),
-        source_version: or_unknown(&p.source.version),
-        source_cluster: or_unknown(&p.source.cluster),
-        destination_workload: or_unknown(&p.destination.name),
-        destination_workload_namespace: or_unknown(&p.destination.namespace),
-        destination_principal: or_unknown(&p.destination_principal),
-        destination_app: or_unknown(&p.destination.app),
-        destination_version: or_unknown(&p.destination.version),
-        destination_service: or_unknown(&p.destination_service.host),
-        destination_service_name: or_unknown(&p.destination_service.name),
-        destination_service_namespace: or_unknown(&p.destination_service.namespace),
-        destination_cluster: or_unknown(&p.destination.cluster),
-        connection_security_policy: p.security(reporter),
-    }
+/// The values of [`LABELS`] up to the request-only ones, in order.
+fn standard_values(reporter: Reporter, p: &Parties, protocol: &str, flags: &str) -> Vec<String> {
+    let mut v = Vec::with_capacity(LABELS.len());
+    v.extend([
+        reporter_name(reporter).to_string(),
+        or_unknown(&p.source.name),
+        or_unknown(&p.source.namespace),
+        or_unknown(&p.source_principal),
+        or_unknown(&p.source.app),
+        or_unknown(&p.source.version),
+        or_unknown(&p.source.cluster),
+        or_unknown(&p.destination.name),
+        or_unknown(&p.destination.namespace),
+        or_unknown(&p.destination_principal),
+        or_unknown(&p.destination.app),
+        or_unknown(&p.destination.version),
+        or_unknown(&p.destination_service.host),
+        or_unknown(&p.destination_service.name),
+        or_unknown(&p.destination_service.namespace),
+        or_unknown(&p.destination.cluster),
+        p.security(reporter),
+        protocol.to_string(),
+        flags.to_string(),
+    ]);
+    v
 }
 
-fn reporter_name(r: Reporter) -> String {
+/// The labels of metric `m`, None when its stats filter drops it: `values` (of [`LABELS`], as
+/// many as the metric has) less the removed ones, then the added ones, of which the response
+/// code is `status`.
+fn labels_of(m: Metric, values: &[String], d: &Dimensions, status: Option<u16>) -> Option<Labels> {
+    let shape = d.config.shape(m);
+    if shape.drop {
+        return None;
+    }
+    let mut labels: Labels = LABELS
+        .iter()
+        .zip(values)
+        .enumerate()
+        .filter(|(i, _)| shape.removed & (1 << i) == 0)
+        .map(|(_, (k, v))| (Cow::Borrowed(*k), v.clone()))
+        .collect();
+    for (name, at) in &shape.added {
+        let value = match (&d.config.exprs[*at], status) {
+            (Expr::ResponseCode, Some(s)) => s.to_string(),
+            _ => d.values[*at].clone(),
+        };
+        labels.push((Cow::Owned(name.to_string()), value));
+    }
+    Some(labels)
+}
+
+fn reporter_name(r: Reporter) -> &'static str {
     match r {
         Reporter::Source => "source",
         Reporter::Destination => "destination",
     }
-    .to_string()
 }
 
 #[cfg(test)]
@@ -540,10 +568,15 @@ mod tests {
             mutual_tls: true,
             ..plain.clone()
         };
+        let dimensions = Dimensions {
+            config: Arc::default(),
+            values: Vec::new(),
+        };
         for (parties, status) in [(&plain, 200), (&plain, 200), (&plain, 503), (&mtls, 200)] {
             stats.record_request(RequestOutcome {
                 reporter: Reporter::Destination,
                 parties,
+                dimensions: &dimensions,
                 protocol: "http",
                 status,
                 grpc_status: None,

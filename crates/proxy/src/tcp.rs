@@ -7,9 +7,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
+use crate::config::istio_stats::StatsConfig;
 use crate::idle::{Activity, Watched};
 use crate::serve::ConnInfo;
-use crate::stats::Reporter;
+use crate::stats::{Dimensions, Reporter};
 
 /// A filter chain's `tcp_proxy`, as the connection uses it.
 pub struct Filter<'a> {
@@ -19,6 +20,7 @@ pub struct Filter<'a> {
     pub hash_source_ip: bool,
     pub idle_timeout: Option<Duration>,
     pub logs: &'a [Arc<AccessLog>],
+    pub stats: Option<&'a Arc<StatsConfig>>,
 }
 
 pub async fn proxy<S>(down: S, filter: &Filter<'_>, info: &Arc<ConnInfo>, shared: &Arc<Shared>)
@@ -74,6 +76,10 @@ where
         Reporter::Source
     };
     let parties = shared.parties(info, Some(cluster), None, None);
+    let dims = filter.stats.map(|config| Dimensions {
+        config: config.clone(),
+        values: config.values(None, info.source, info.destination),
+    });
     let pick = match cluster.pick(Some(info.destination), &[], hash) {
         Ok(p) => p,
         Err(_) => {
@@ -81,8 +87,8 @@ where
                 "cluster.{}.upstream_cx_none_healthy",
                 cluster.name
             ));
-            stats.tcp_opened(reporter, &parties);
-            stats.tcp_closed(reporter, &parties, "UH", 0, 0);
+            stats.tcp_opened(reporter, &parties, dims.as_ref());
+            stats.tcp_closed(reporter, &parties, dims.as_ref(), "UH", 0, 0);
             return ("UH", 0, 0);
         }
     };
@@ -96,12 +102,12 @@ where
             "cluster.{}.upstream_cx_overflow",
             cluster.name
         ));
-        stats.tcp_opened(reporter, &parties);
-        stats.tcp_closed(reporter, &parties, "UO", 0, 0);
+        stats.tcp_opened(reporter, &parties, dims.as_ref());
+        stats.tcp_closed(reporter, &parties, dims.as_ref(), "UO", 0, 0);
         return ("UO", 0, 0);
     };
     stats.inc(format_args!("cluster.{}.upstream_cx_total", cluster.name));
-    stats.tcp_opened(reporter, &parties);
+    stats.tcp_opened(reporter, &parties, dims.as_ref());
     let attempt = pick.state.map(crate::upstream::EndpointState::attempt);
     let mut up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
@@ -117,7 +123,7 @@ where
             if let Some(s) = pick.state {
                 cluster.record(s, None);
             }
-            stats.tcp_closed(reporter, &parties, "UF", 0, 0);
+            stats.tcp_closed(reporter, &parties, dims.as_ref(), "UF", 0, 0);
             return ("UF", 0, 0);
         }
     };
@@ -149,6 +155,6 @@ where
         format_args!("cluster.{}.upstream_cx_rx_bytes_total", cluster.name),
         sent,
     );
-    stats.tcp_closed(reporter, &parties, "-", sent, received);
+    stats.tcp_closed(reporter, &parties, dims.as_ref(), "-", sent, received);
     ("-", received, sent)
 }

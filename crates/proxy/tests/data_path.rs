@@ -73,7 +73,36 @@ fn tcp_proxy(cluster: &str) -> Filter {
     )
 }
 
+/// Istio's stats filter with this `stats.PluginConfig` (HTTP or network: the same shape).
+fn stats_filter(config: serde_json::Value) -> Any {
+    use isthmus_xds::typed_struct::{STATS_TYPE_URL, TypedStruct};
+    pack_any(TypedStruct {
+        type_url: STATS_TYPE_URL.into(),
+        value: Some(isthmus_xds::json::from_json(config).unwrap()),
+    })
+}
+
+/// A connection manager routing by RDS, with Istio's stats filter as the pilot puts it.
 fn hcm(route_config: &str) -> Filter {
+    hcm_with_stats(route_config, Some(serde_json::json!({})))
+}
+
+fn hcm_with_stats(route_config: &str, stats: Option<serde_json::Value>) -> Filter {
+    let mut http_filters: Vec<HttpFilter> = stats
+        .map(|config| HttpFilter {
+            name: "istio.stats".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(stats_filter(config))),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(),
+        ))),
+        ..Default::default()
+    });
     typed(
         "envoy.filters.network.http_connection_manager",
         pack_any(HttpConnectionManager {
@@ -82,14 +111,7 @@ fn hcm(route_config: &str) -> Filter {
                 route_config_name: route_config.into(),
                 ..Default::default()
             })),
-            http_filters: vec![HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default(
-                    ),
-                ))),
-                ..Default::default()
-            }],
+            http_filters,
             ..Default::default()
         }),
     )
@@ -847,6 +869,153 @@ async fn admin(method: &str, path: &str) -> (u16, String) {
         .await
         .expect("admin request");
     (status, body)
+}
+
+/// One HTTP/1.1 GET to the `svc` host on its own connection, with `x-tenant`: the raw answer.
+async fn tenant_get(addr: &str, tenant: &str) -> String {
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let req =
+        format!("GET /r HTTP/1.1\r\nHost: svc\r\nx-tenant: {tenant}\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    if s.write_all(req.as_bytes()).await.is_ok() {
+        let _ = s.read_to_string(&mut out).await;
+    }
+    out
+}
+
+#[test]
+fn the_stats_filter_decides_which_metrics_and_labels_requests_and_connections_report() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let overrides = serde_json::json!({"metrics": [
+            {"name": "requests_total", "dimensions": {
+                "request_host": "request.host",
+                "tenant": "request.headers['x-tenant']",
+                "response_code": "'overridden'",
+            }, "tags_to_remove": ["request_protocol"]},
+            {"name": "request_duration_milliseconds", "drop": true},
+        ]});
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_80",
+            pack_any(port_listener(
+                "0.0.0.0_80",
+                "0.0.0.0",
+                80,
+                hcm_with_stats("80", Some(overrides)),
+            )),
+        );
+        // Without the filter: no Istio metrics.
+        h.fixed.put(
+            LISTENER,
+            "0.0.0.0_81",
+            pack_any(port_listener(
+                "0.0.0.0_81",
+                "0.0.0.0",
+                81,
+                hcm_with_stats("80", None),
+            )),
+        );
+        let mut tcp = port_listener("10.96.0.20_5000", "10.96.0.20", 5000, tcp_proxy("tcp"));
+        tcp.filter_chains[0].filters.insert(
+            0,
+            typed(
+                "istio.stats",
+                stats_filter(serde_json::json!({"metrics": [{
+                    "dimensions": {"destination_port": "string(destination.port)"},
+                    "tags_to_remove": ["source_principal"],
+                }]})),
+            ),
+        );
+        h.fixed.put(LISTENER, "10.96.0.20_5000", pack_any(tcp));
+        h.push();
+        let mut answer = String::new();
+        for _ in 0..100 {
+            answer = tenant_get("10.96.0.10:81", "none").await;
+            if answer.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        for _ in 0..3 {
+            let answer = tenant_get("10.96.0.10:80", "acme").await;
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        }
+        let mut t = tokio::net::TcpStream::connect("10.96.0.20:5000")
+            .await
+            .unwrap();
+        t.write_all(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        t.read_to_string(&mut raw).await.unwrap();
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+        drop(t);
+
+        let mut prom = String::new();
+        for _ in 0..100 {
+            prom = http_get("127.0.0.1:15090", "/stats/prometheus").await.1;
+            if prom.contains("istio_tcp_connections_closed_total{") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let series = |metric: &str| -> Vec<&str> {
+            prom.lines()
+                .filter(|l| l.starts_with(&format!("{metric}{{")))
+                .collect()
+        };
+        // Only port 80's three requests, labelled as its overrides say.
+        let requests = series("istio_requests_total");
+        assert_eq!(requests.len(), 1, "{prom}");
+        let r = requests[0];
+        assert!(r.ends_with(" 3"), "{r}");
+        for label in [
+            "request_host=\"svc\"",
+            "tenant=\"acme\"",
+            "response_code=\"overridden\"",
+            "reporter=\"source\"",
+        ] {
+            assert!(r.contains(label), "{label}: {r}");
+        }
+        assert!(!r.contains("request_protocol="), "{r}");
+        assert_eq!(r.matches("response_code=").count(), 1, "{r}");
+        assert!(
+            series("istio_request_duration_milliseconds_count").is_empty(),
+            "{prom}"
+        );
+        // The other metrics keep their standard labels.
+        let sizes = series("istio_request_bytes_count");
+        assert_eq!(sizes.len(), 1, "{prom}");
+        assert!(
+            sizes[0].contains("request_protocol=\"http\"")
+                && sizes[0].contains("response_code=\"200\"")
+                && !sizes[0].contains("tenant=")
+                && sizes[0].ends_with(" 3"),
+            "{}",
+            sizes[0]
+        );
+        // The TCP chain's filter: every TCP metric, without the principal, with the port.
+        for metric in [
+            "istio_tcp_connections_opened_total",
+            "istio_tcp_connections_closed_total",
+            "istio_tcp_sent_bytes_total",
+            "istio_tcp_received_bytes_total",
+        ] {
+            let s = series(metric);
+            assert_eq!(s.len(), 1, "{metric}: {prom}");
+            assert!(
+                s[0].contains("destination_port=\"5000\"")
+                    && s[0].contains("request_protocol=\"tcp\"")
+                    && !s[0].contains("source_principal="),
+                "{}",
+                s[0]
+            );
+        }
+    });
 }
 
 #[test]
@@ -2099,12 +2268,13 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
             m.server_name = "istio-envoy".into();
             m.server_header_transformation =
                 http_connection_manager::ServerHeaderTransformation::AppendIfAbsent as i32;
-            m.http_filters[0].config_type = Some(http_filter::ConfigType::TypedConfig(pack_any(
-                envoy_types::pb::envoy::extensions::filters::http::router::v3::Router {
-                    suppress_envoy_headers: true,
-                    ..Default::default()
-                },
-            )));
+            m.http_filters.last_mut().unwrap().config_type =
+                Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    envoy_types::pb::envoy::extensions::filters::http::router::v3::Router {
+                        suppress_envoy_headers: true,
+                        ..Default::default()
+                    },
+                )));
             *any = pack_any(m);
         }
         h.fixed.put(

@@ -73,3 +73,8 @@ pub(crate) fn file_descriptor(package: &str) -> prost_types::FileDescriptorProto
 /// [`TypedStruct`] of this type.
 pub const PEER_METADATA_TYPE_URL: &str = "type.googleapis.com/io.istio.http.peer_metadata.Config";
 pub const METADATA_EXCHANGE_FILTER: &str = "istio.metadata_exchange";
+
+/// Istio's stats filter (`istio.stats`, HTTP and network): which of Istio's standard metrics a
+/// listener reports and with which labels, in a [`TypedStruct`] of this type.
+pub const STATS_TYPE_URL: &str = "type.googleapis.com/stats.PluginConfig";
+pub const STATS_FILTER: &str = "istio.stats";

@@ -55,9 +55,50 @@ pub struct Metrics {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub providers: Vec<ProviderRef>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub overrides: Vec<Value>,
+    pub overrides: Vec<MetricsOverrides>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reporting_interval: Option<Duration>,
+}
+
+/// One override of `metrics`: which metrics, on which side, and what changes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetricsOverrides {
+    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<MetricSelector>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tag_overrides: BTreeMap<String, TagOverride>,
+}
+
+/// Istio's metric (`REQUEST_COUNT`, ..., `ALL_METRICS`, the default) or a custom one, and the
+/// side (`CLIENT`, `SERVER`, `CLIENT_AND_SERVER`, the default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct MetricSelector {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom_metric: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+/// A label set to a CEL expression's value (`UPSERT`, the default) or taken off (`REMOVE`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TagOverride {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operation: Option<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub value: String,
+}
+
+impl TagOverride {
+    pub fn removes(&self) -> bool {
+        self.operation.as_deref() == Some("REMOVE")
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

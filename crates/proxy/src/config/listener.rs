@@ -31,7 +31,11 @@ use crate::stats::CounterCell;
 use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthentication;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
-use isthmus_xds::typed_struct::{PEER_METADATA_TYPE_URL, TypedStruct, is_typed_struct};
+use isthmus_xds::typed_struct::{
+    PEER_METADATA_TYPE_URL, STATS_TYPE_URL, TypedStruct, is_typed_struct,
+};
+
+use super::istio_stats::StatsConfig;
 
 pub(crate) const KIND: &str = "listener";
 
@@ -125,6 +129,8 @@ pub enum NetworkFilter {
         access_logs: Vec<Arc<AccessLog>>,
         /// No byte either way for this long closes the connection (None: never).
         idle_timeout: Option<Duration>,
+        /// Istio's metrics of the connection, when the chain has the stats filter.
+        stats: Option<Arc<StatsConfig>>,
     },
 }
 
@@ -198,6 +204,8 @@ pub struct Hcm {
     /// HTTP RBAC, decided per request before routing.
     pub rbac: Vec<Rbac>,
     pub access_logs: Vec<Arc<AccessLog>>,
+    /// Istio's metrics of each request, when the stats filter is among the HTTP filters.
+    pub stats: Option<Arc<StatsConfig>>,
     /// Spans and B3 context, when the connection manager traces with a tracer this proxy runs.
     pub tracing: Option<crate::trace::Tracing>,
     /// The fault filter's own configuration, for routes without one.
@@ -388,33 +396,34 @@ fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
             }
         },
     };
-    // Connection-level RBAC filters, then one terminal filter.
+    // Connection-level RBAC filters and Istio's stats filter, then one terminal filter.
     let Some((last, before)) = c.filters.split_last() else {
         return Err(format!("filter chain {name:?} has no network filter"));
     };
-    let rbac = before
-        .iter()
-        .map(|f| {
-            let any = typed(f)?;
-            if !any.type_url.ends_with(".network.rbac.v3.RBAC") {
-                return Err(format!(
-                    "network filter {:?} ({}) is not supported before the terminal filter",
-                    f.name, any.type_url
-                ));
-            }
-            let r = NetworkRbac::decode(any.value.as_slice()).map_err(|e| format!("rbac: {e}"))?;
-            r.rules
-                .as_ref()
-                .map(rbac::compile)
-                .transpose()
-                .map(|o| o.into_iter().collect::<Vec<_>>())
-        })
-        .collect::<Result<Vec<Vec<Rbac>>, String>>()
-        .map_err(|e| format!("filter chain {name:?}: {e}"))?
-        .into_iter()
-        .flatten()
-        .collect();
-    let filter = network_filter(last).map_err(|e| format!("filter chain {name:?}: {e}"))?;
+    let mut rbac = Vec::new();
+    let mut stats = None;
+    for f in before {
+        let any = typed(f).map_err(|e| format!("filter chain {name:?}: {e}"))?;
+        if let Some(config) = stats_filter(any) {
+            stats = Some(config.map_err(|e| format!("filter chain {name:?}: {e}"))?);
+            continue;
+        }
+        if !any.type_url.ends_with(".network.rbac.v3.RBAC") {
+            return Err(format!(
+                "filter chain {name:?}: network filter {:?} ({}) is not supported before the terminal filter",
+                f.name, any.type_url
+            ));
+        }
+        let r = NetworkRbac::decode(any.value.as_slice())
+            .map_err(|e| format!("filter chain {name:?}: rbac: {e}"))?;
+        if let Some(rules) = &r.rules {
+            rbac.push(rbac::compile(rules).map_err(|e| format!("filter chain {name:?}: {e}"))?);
+        }
+    }
+    let mut filter = network_filter(last).map_err(|e| format!("filter chain {name:?}: {e}"))?;
+    if let NetworkFilter::Tcp { stats: s, .. } = &mut filter {
+        *s = stats;
+    }
     Ok(FilterChain {
         name: name.clone(),
         matcher,
@@ -422,6 +431,16 @@ fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
         rbac,
         filter,
     })
+}
+
+/// Istio's stats filter's configuration, when `any` is one (HTTP or network).
+fn stats_filter(any: &Any) -> Option<Result<Arc<StatsConfig>, String>> {
+    if !is_typed_struct(&any.type_url) {
+        return None;
+    }
+    let typed = TypedStruct::decode(any.value.as_slice()).ok()?;
+    (typed.type_url == STATS_TYPE_URL)
+        .then(|| StatsConfig::compile(&typed.value.unwrap_or_default()).map(Arc::new))
 }
 
 fn typed(f: &Filter) -> Result<&Any, String> {
@@ -460,6 +479,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             hash_source_ip,
             access_logs: access_logs(&tp.access_log)?,
             idle_timeout: crate::idle::timeout(tp.idle_timeout.as_ref().map(pb_duration)),
+            stats: None,
         });
     }
     if any.type_url.ends_with(".HttpConnectionManager") {
@@ -480,12 +500,17 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut jwt = None;
     let mut fault = None;
     let mut exchange = Exchange::default();
+    let mut stats = None;
     for f in &hcm.http_filters {
         let (type_url, value) = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(any)) => (any.type_url.as_str(), &any.value),
             _ => ("", &Vec::new()),
         };
-        if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
+        if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type
+            && let Some(config) = stats_filter(any)
+        {
+            stats = Some(config?);
+        } else if type_url.ends_with(".router.v3.Router") || f.name == "envoy.filters.http.router" {
             has_router = true;
             if !value.is_empty() {
                 let r = Router::decode(value.as_slice()).map_err(|e| format!("router: {e}"))?;
@@ -578,6 +603,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
         jwt,
         rbac: rbac_filters,
         access_logs: access_logs(&hcm.access_log)?,
+        stats,
         tracing: hcm
             .tracing
             .as_ref()
@@ -754,6 +780,7 @@ mod tests {
                 hash_source_ip: false,
                 access_logs: Vec::new(),
                 idle_timeout: None,
+                stats: None,
             },
         })
     }
