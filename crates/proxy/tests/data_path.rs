@@ -673,14 +673,7 @@ fn http1_routing_headers_chunked_keepalive_and_upgrades() {
         assert_eq!(&buf, b"ping");
 
         // Opaque TCP on a TCP service port.
-        let mut t = tokio::net::TcpStream::connect("10.96.0.20:5000")
-            .await
-            .unwrap();
-        t.write_all(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut all = String::new();
-        t.read_to_string(&mut all).await.unwrap();
+        let all = tcp_service_get().await;
         assert!(all.contains("name=tcp"), "{all}");
     });
 }
@@ -871,6 +864,19 @@ async fn admin(method: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// HTTP/1.1 as opaque bytes through the TCP service `10.96.0.20:5000`: the raw answer.
+async fn tcp_service_get() -> String {
+    let mut t = tokio::net::TcpStream::connect("10.96.0.20:5000")
+        .await
+        .unwrap();
+    t.write_all(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut all = String::new();
+    t.read_to_string(&mut all).await.unwrap();
+    all
+}
+
 /// One HTTP/1.1 GET to the `svc` host on its own connection, with `x-tenant`: the raw answer.
 async fn tenant_get(addr: &str, tenant: &str) -> String {
     let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
@@ -944,16 +950,8 @@ fn the_stats_filter_decides_which_metrics_and_labels_requests_and_connections_re
             let answer = tenant_get("10.96.0.10:80", "acme").await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         }
-        let mut t = tokio::net::TcpStream::connect("10.96.0.20:5000")
-            .await
-            .unwrap();
-        t.write_all(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut raw = String::new();
-        t.read_to_string(&mut raw).await.unwrap();
+        let raw = tcp_service_get().await;
         assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-        drop(t);
 
         let mut prom = String::new();
         for _ in 0..100 {

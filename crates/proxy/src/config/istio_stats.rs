@@ -306,14 +306,15 @@ mod tests {
 
     #[test]
     fn overrides_drop_remove_and_add_labels_per_metric() {
+        let requests_total = serde_json::json!({"name": "requests_total", "dimensions": {
+            "request_host": "request.host",
+            "destination_port": "string(destination.port)",
+            "source_app": "'frontend'",
+        }, "tags_to_remove": ["grpc_response_status"]});
         let c = compile(serde_json::json!({
             "disable_host_header_fallback": true,
             "metrics": [
-                {"name": "requests_total", "dimensions": {
-                    "request_host": "request.host",
-                    "destination_port": "string(destination.port)",
-                    "source_app": "'frontend'",
-                }, "tags_to_remove": ["grpc_response_status"]},
+                requests_total,
                 {"name": "request_bytes", "drop": true},
                 {"tagsToRemove": ["response_flags"]},
                 {"name": "request_messages_total", "drop": true},
@@ -345,11 +346,7 @@ mod tests {
         assert!(c.shape(Metric::TcpOpened).added.is_empty());
         // The same configuration is the same series key; another is not.
         let again = compile(serde_json::json!({"metrics": [
-            {"name": "requests_total", "dimensions": {
-                "request_host": "request.host",
-                "destination_port": "string(destination.port)",
-                "source_app": "'frontend'",
-            }, "tags_to_remove": ["grpc_response_status"]},
+            requests_total,
             {"name": "request_bytes", "drop": true},
             {"tags_to_remove": ["response_flags"]},
         ]}))
