@@ -1,6 +1,7 @@
 //! Istio's standard metrics of a sidecar's listeners, as istiod configures them: Telemetry
 //! `metrics` (providers; overrides per metric and side that drop a metric or set and remove
-//! its labels) applied from the root namespace to the workload over MeshConfig
+//! its labels; `reportingInterval`, how often open TCP connections' bytes are counted)
+//! applied from the root namespace to the workload over MeshConfig
 //! `defaultProviders.metrics` (Istio's default: `prometheus`). Where metrics are reported, every
 //! connection manager and TCP proxy gets Istio's stats filter (`istio.stats`), with a
 //! `stats.PluginConfig` carrying the overrides.
@@ -78,6 +79,7 @@ pub fn stats_config(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Stru
     }
     let mut overrides: BTreeMap<&str, Override> = BTreeMap::new();
     let mut all_disabled = false;
+    let mut interval = None;
     let mut parent = defaults;
     for e in entries {
         let mut providers = names(e);
@@ -87,6 +89,9 @@ pub fn stats_config(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Stru
         parent.clone_from(&providers);
         if !providers.iter().any(|n| prometheus(n)) {
             continue;
+        }
+        if let Some(d) = &e.reporting_interval {
+            interval = Some(d.as_std()).filter(|d| !d.is_zero());
         }
         for o in &e.overrides {
             apply(o, side, &mut overrides, &mut all_disabled);
@@ -127,6 +132,11 @@ pub fn stats_config(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Stru
     // mesh, i.e. on the client side.
     if side == Side::Server {
         config.push(("disable_host_header_fallback", boolean(true)));
+    }
+    // How often a TCP connection's bytes are counted while it lasts.
+    let interval = interval.map(|d| format!("{}s", d.as_secs_f64()));
+    if let Some(d) = &interval {
+        config.push(("tcp_reporting_duration", string(d)));
     }
     if !metrics.is_empty() {
         config.push(("metrics", list_value(metrics)));

@@ -1211,7 +1211,8 @@ kind: Telemetry
 metadata: {name: ns, namespace: bookinfo}
 spec:
   metrics:
-  - overrides:
+  - reportingInterval: 500ms
+    overrides:
     - match: {metric: REQUEST_COUNT, mode: SERVER}
       tagOverrides:
         request_host: {value: request.host}
@@ -1223,6 +1224,7 @@ spec:
     assert!(out.is_empty(), "client side disabled: {out:?}");
     let want = serde_json::json!({
         "disable_host_header_fallback": true,
+        "tcp_reporting_duration": "0.5s",
         "metrics": [
             {"name": "request_bytes", "drop": true},
             {"name": "requests_total", "dimensions": {"request_host": "request.host"},

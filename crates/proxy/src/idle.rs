@@ -25,19 +25,40 @@ pub fn timeout(field: Option<Duration>) -> Option<Duration> {
     }
 }
 
-/// When a connection last moved a byte, in [`now_ms`] time.
+/// What a connection has moved: when it last moved a byte (in [`now_ms`] time), and how many
+/// each way, for whoever reports on it while it lasts.
 #[derive(Clone, Debug)]
-pub struct Activity(Arc<AtomicU64>);
+pub struct Activity(Arc<Moved>);
+
+#[derive(Debug)]
+struct Moved {
+    last: AtomicU64,
+    read: AtomicU64,
+    written: AtomicU64,
+}
 
 impl Default for Activity {
     fn default() -> Self {
-        Activity(Arc::new(AtomicU64::new(now_ms())))
+        Activity(Arc::new(Moved {
+            last: AtomicU64::new(now_ms()),
+            read: AtomicU64::new(0),
+            written: AtomicU64::new(0),
+        }))
     }
 }
 
 impl Activity {
-    fn touch(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
+    fn moved(&self, count: &AtomicU64, n: usize) {
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        self.0.last.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes (read, written) so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.0.read.load(Ordering::Relaxed),
+            self.0.written.load(Ordering::Relaxed),
+        )
     }
 
     /// Ends once no byte has moved for `timeout`; never without one.
@@ -47,7 +68,7 @@ impl Activity {
         };
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         loop {
-            let due = self.0.load(Ordering::Relaxed).saturating_add(limit);
+            let due = self.0.last.load(Ordering::Relaxed).saturating_add(limit);
             let now = now_ms();
             if now >= due {
                 return;
@@ -57,35 +78,22 @@ impl Activity {
     }
 }
 
-/// A stream whose reads and writes mark its [`Activity`], and count their bytes.
+/// A stream whose reads and writes count in its [`Activity`].
 pub struct Watched<S> {
     inner: S,
     activity: Activity,
-    read: u64,
-    written: u64,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, activity: Activity) -> Watched<S> {
-        Watched {
-            inner,
-            activity,
-            read: 0,
-            written: 0,
-        }
-    }
-
-    /// Bytes (read, written) so far, whatever ended the copy.
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.read, self.written)
+        Watched { inner, activity }
     }
 
     fn wrote(&mut self, r: &Poll<std::io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = r
             && *n > 0
         {
-            self.written += *n as u64;
-            self.activity.touch();
+            self.activity.moved(&self.activity.0.written, *n);
         }
     }
 }
@@ -101,8 +109,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
-            this.read += n as u64;
-            this.activity.touch();
+            this.activity.moved(&this.activity.0.read, n);
         }
         r
     }

@@ -334,6 +334,7 @@ impl Stats {
         }
     }
 
+    /// A TCP connection closed, with the bytes it moved since they were last reported.
     pub fn tcp_closed(
         &self,
         reporter: Reporter,
@@ -343,14 +344,42 @@ impl Stats {
         sent: u64,
         received: u64,
     ) {
+        self.tcp_counters(reporter, p, d, flags, [1, sent, received]);
+    }
+
+    /// Bytes an open TCP connection moved since they were last reported.
+    pub fn tcp_bytes(
+        &self,
+        reporter: Reporter,
+        p: &Parties,
+        d: Option<&Dimensions>,
+        sent: u64,
+        received: u64,
+    ) {
+        self.tcp_counters(reporter, p, d, "-", [0, sent, received]);
+    }
+
+    /// Adds `n` to the closed-connection, sent-bytes and received-bytes counters, those of
+    /// them the stats filter `d` keeps (none without one).
+    fn tcp_counters(
+        &self,
+        reporter: Reporter,
+        p: &Parties,
+        d: Option<&Dimensions>,
+        flags: &str,
+        n: [u64; 3],
+    ) {
         let Some(d) = d else { return };
         let values = standard_values(reporter, p, "tcp", flags);
         let counters = [
-            (Metric::TcpClosed, &self.tcp_closed, 1),
-            (Metric::TcpSent, &self.tcp_sent, sent),
-            (Metric::TcpReceived, &self.tcp_received, received),
+            (Metric::TcpClosed, &self.tcp_closed),
+            (Metric::TcpSent, &self.tcp_sent),
+            (Metric::TcpReceived, &self.tcp_received),
         ];
-        for (metric, family, n) in counters {
+        for ((metric, family), n) in counters.into_iter().zip(n) {
+            if n == 0 && metric == Metric::TcpClosed {
+                continue;
+            }
             if let Some(l) = labels_of(metric, &values, d, None) {
                 family.get_or_create(&l).inc_by(n);
             }

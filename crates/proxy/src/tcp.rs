@@ -134,16 +134,29 @@ where
     // Every byte, either way, crosses the downstream side: watching it is enough.
     let activity = Activity::default();
     let mut down = Watched::new(down, activity.clone());
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
-        () = activity.expired(filter.idle_timeout) => {
-            stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
-            tracing::debug!(source = %info.source, cluster = %cluster.name, "idle timeout");
+    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+    tokio::pin!(copy);
+    // Istio's metrics count a long connection's bytes as it goes, not only at its end.
+    let period = dims.as_ref().map(|d| d.config.tcp_reporting);
+    let mut reported = (0, 0);
+    loop {
+        tokio::select! {
+            _ = &mut copy => break,
+            () = activity.expired(filter.idle_timeout) => {
+                stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
+                tracing::debug!(source = %info.source, cluster = %cluster.name, "idle timeout");
+                break;
+            }
+            () = every(period) => {
+                let (received, sent) = activity.bytes();
+                stats.tcp_bytes(reporter, &parties, dims.as_ref(), sent - reported.1, received - reported.0);
+                reported = (received, sent);
+            }
         }
     }
     // Counted on the way, so that a copy cut short (an error, the idle timeout) reports
     // what it moved.
-    let (received, sent) = down.bytes();
+    let (received, sent) = activity.bytes();
     if let Some(s) = pick.state {
         s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -155,6 +168,21 @@ where
         format_args!("cluster.{}.upstream_cx_rx_bytes_total", cluster.name),
         sent,
     );
-    stats.tcp_closed(reporter, &parties, dims.as_ref(), "-", sent, received);
+    stats.tcp_closed(
+        reporter,
+        &parties,
+        dims.as_ref(),
+        "-",
+        sent - reported.1,
+        received - reported.0,
+    );
     ("-", received, sent)
+}
+
+/// Ends after `period`; never without one.
+async fn every(period: Option<Duration>) {
+    match period {
+        Some(p) => tokio::time::sleep(p).await,
+        None => std::future::pending().await,
+    }
 }

@@ -929,10 +929,13 @@ fn the_stats_filter_decides_which_metrics_and_labels_requests_and_connections_re
             0,
             typed(
                 "istio.stats",
-                stats_filter(serde_json::json!({"metrics": [{
-                    "dimensions": {"destination_port": "string(destination.port)"},
-                    "tags_to_remove": ["source_principal"],
-                }]})),
+                stats_filter(serde_json::json!({
+                    "tcp_reporting_duration": "0.2s",
+                    "metrics": [{
+                        "dimensions": {"destination_port": "string(destination.port)"},
+                        "tags_to_remove": ["source_principal"],
+                    }],
+                })),
             ),
         );
         h.fixed.put(LISTENER, "10.96.0.20_5000", pack_any(tcp));
@@ -950,13 +953,43 @@ fn the_stats_filter_decides_which_metrics_and_labels_requests_and_connections_re
             let answer = tenant_get("10.96.0.10:80", "acme").await;
             assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         }
-        let raw = tcp_service_get().await;
-        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-
+        // A long connection's bytes count while it lasts (here every 0.2 s).
+        let mut long = tokio::net::TcpStream::connect("10.96.0.20:5000")
+            .await
+            .unwrap();
+        let ask = b"GET / HTTP/1.1\r\nHost: raw\r\n\r\n";
+        long.write_all(ask).await.unwrap();
+        let mut head = [0u8; 12];
+        long.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
         let mut prom = String::new();
         for _ in 0..100 {
             prom = http_get("127.0.0.1:15090", "/stats/prometheus").await.1;
-            if prom.contains("istio_tcp_connections_closed_total{") {
+            if prom.contains("istio_tcp_received_bytes_total{") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let received = prom
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .unwrap_or_else(|| panic!("no bytes while open: {prom}"));
+        assert!(received.ends_with(&format!(" {}", ask.len())), "{received}");
+        assert!(
+            !prom.contains("istio_tcp_connections_closed_total{"),
+            "{prom}"
+        );
+        drop(long);
+        let raw = tcp_service_get().await;
+        assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+
+        for _ in 0..100 {
+            prom = http_get("127.0.0.1:15090", "/stats/prometheus").await.1;
+            // Both TCP connections closed.
+            if prom
+                .lines()
+                .any(|l| l.starts_with("istio_tcp_connections_closed_total{") && l.ends_with(" 2"))
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -1013,6 +1046,12 @@ fn the_stats_filter_decides_which_metrics_and_labels_requests_and_connections_re
                 s[0]
             );
         }
+        // Counted while open and at the close, each byte once: both requests, as sent.
+        let received = series("istio_tcp_received_bytes_total")[0];
+        let both = 2 * b"GET / HTTP/1.1\r\nHost: raw\r\n".len()
+            + "\r\n".len()
+            + "Connection: close\r\n\r\n".len();
+        assert!(received.ends_with(&format!(" {both}")), "{received}");
     });
 }
 

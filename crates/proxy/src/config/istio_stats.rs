@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::google::protobuf::Struct;
 use http::HeaderName;
@@ -192,14 +193,31 @@ pub struct Shape {
 }
 
 /// One listener's stats filter, compiled.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsConfig {
     pub shapes: [Shape; 8],
     /// The distinct expressions the added labels take their values from.
     pub exprs: Vec<Expr>,
+    /// How often an open TCP connection's bytes are counted (Istio's
+    /// `tcp_reporting_duration`, 15 s unless set).
+    pub tcp_reporting: Duration,
     /// A hash of the above: requests' series are found by it.
     pub id: u64,
 }
+
+impl Default for StatsConfig {
+    fn default() -> Self {
+        StatsConfig {
+            shapes: Default::default(),
+            exprs: Vec::new(),
+            tcp_reporting: TCP_REPORTING,
+            id: 0,
+        }
+    }
+}
+
+/// Istio's default `tcp_reporting_duration`.
+const TCP_REPORTING: Duration = Duration::from_secs(15);
 
 impl StatsConfig {
     pub fn shape(&self, m: Metric) -> &Shape {
@@ -268,12 +286,26 @@ impl StatsConfig {
                 }
             }
         }
+        let tcp_reporting = match &plugin.tcp_reporting_duration {
+            None => TCP_REPORTING,
+            Some(text) => text
+                .strip_suffix('s')
+                .and_then(|secs| secs.parse::<f64>().ok())
+                .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    format!(
+                        "istio.stats: tcp_reporting_duration {text:?} is not a positive duration"
+                    )
+                })?,
+        };
         let mut hasher = std::hash::DefaultHasher::new();
         shapes.hash(&mut hasher);
         exprs.hash(&mut hasher);
         Ok(StatsConfig {
             shapes,
             exprs,
+            tcp_reporting,
             id: hasher.finish(),
         })
     }
@@ -284,6 +316,8 @@ impl StatsConfig {
 #[serde(default)]
 struct PluginConfig {
     metrics: Vec<MetricConfig>,
+    #[serde(alias = "tcpReportingDuration")]
+    tcp_reporting_duration: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -353,6 +387,16 @@ mod tests {
         .unwrap();
         assert_eq!(again.id, c.id);
         assert_ne!(compile(serde_json::json!({})).unwrap().id, c.id);
+        // TCP bytes are counted every 15 s, or as often as the filter says.
+        assert_eq!(c.tcp_reporting, Duration::from_secs(15));
+        let every = |d: &str| {
+            compile(serde_json::json!({"tcpReportingDuration": d})).map(|c| c.tcp_reporting)
+        };
+        assert_eq!(every("0.2s"), Ok(Duration::from_millis(200)));
+        assert_eq!(
+            every("0s"),
+            Err("istio.stats: tcp_reporting_duration \"0s\" is not a positive duration".into())
+        );
     }
 
     #[test]
