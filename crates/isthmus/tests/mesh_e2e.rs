@@ -1563,6 +1563,10 @@ fn opentelemetry_traces_reach_the_collector_and_telemetry_overrides_shape_istio_
     assert!(
         requests[0].contains("reporter=\"destination\"")
             && requests[0].contains("request_host=\"server:8080\"")
+            // Istio's canonical labels, the caller's through its peer metadata.
+            && requests[0].contains("source_canonical_service=\"client\"")
+            && requests[0].contains("source_canonical_revision=\"latest\"")
+            && requests[0].contains("destination_canonical_service=\"server\"")
             && !requests[0].contains("request_protocol=")
             && requests[0].ends_with(" 5"),
         "{}",

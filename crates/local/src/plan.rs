@@ -281,13 +281,18 @@ pub fn plan(resources: &[Resource], domain: &str) -> Result<Plan, PlanError> {
         if sidecar {
             // What the injector adds, so that the registry sees a meshed pod.
             labels.insert("security.istio.io/tlsMode".into(), "istio".into());
-            let canonical = labels
-                .get("app")
-                .cloned()
+            // Istio's canonical service and revision, from the app's labels when it has them.
+            let first = |keys: [&str; 2]| keys.iter().find_map(|k| labels.get(*k).cloned());
+            let canonical = first(["app.kubernetes.io/name", "app"])
                 .unwrap_or_else(|| owner.rsplit(' ').next().unwrap_or(owner).to_string());
+            let revision =
+                first(["app.kubernetes.io/version", "version"]).unwrap_or_else(|| "latest".into());
             labels
                 .entry("service.istio.io/canonical-name".into())
                 .or_insert(canonical);
+            labels
+                .entry("service.istio.io/canonical-revision".into())
+                .or_insert(revision);
         }
         let mut object_spec = spec.clone();
         object_spec.service_account_name = Some(service_account.clone());

@@ -836,10 +836,18 @@ async fn forward(
     let source_peer = caller(hcm, &parts, shared);
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
         stats.inc(format_args!("http.{}.no_cluster", hcm.stat_prefix));
-        let parties = shared.parties(info, None, source_peer, None);
+        let parties = shared.parties(info, None, source_peer, None, None);
         finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
     };
+    // The Host names the destination service where the cluster does not (passthrough).
+    let fallback_host = pending
+        .dimensions
+        .as_ref()
+        .filter(|d| d.config.host_fallback)
+        .filter(|_| cluster.service.as_ref().is_none_or(|s| s.host.is_empty()))
+        .and_then(|_| authority(&parts))
+        .map(str::to_string);
     let mut parts = parts;
     // Peer metadata, as the connection manager's filter says: the caller's was read and goes
     // no further; this workload's goes to the upstream, unless that is outside the mesh.
@@ -932,7 +940,13 @@ async fn forward(
             "cluster.{}.upstream_rq_pending_overflow",
             cluster.name
         ));
-        let parties = shared.parties(info, Some(&cluster), source_peer, None);
+        let parties = shared.parties(
+            info,
+            Some(&cluster),
+            source_peer,
+            None,
+            fallback_host.as_deref(),
+        );
         finish_local(stats, reporter, &parties, protocol, 503, "UO", pending);
         let mut r = local_reply(
             503,
@@ -1098,7 +1112,13 @@ async fn forward(
                     resp.headers_mut()
                         .insert(peer::METADATA_ID, shared.me.node_id.clone());
                 }
-                let parties = shared.parties(info, Some(&cluster), source_peer, dest_peer);
+                let parties = shared.parties(
+                    info,
+                    Some(&cluster),
+                    source_peer,
+                    dest_peer,
+                    fallback_host.as_deref(),
+                );
                 let grpc_status = resp
                     .headers()
                     .get(GRPC_STATUS)
@@ -1190,7 +1210,13 @@ async fn forward(
         last.headers_mut()
             .insert(ATTEMPT_COUNT, number(u64::from(tried)));
     }
-    let parties = shared.parties(info, Some(&cluster), source_peer, None);
+    let parties = shared.parties(
+        info,
+        Some(&cluster),
+        source_peer,
+        None,
+        fallback_host.as_deref(),
+    );
     finish_local(
         stats,
         reporter,
@@ -1244,7 +1270,7 @@ fn refuse(
     } else {
         Reporter::Source
     };
-    let parties = shared.parties(info, None, source_peer, None);
+    let parties = shared.parties(info, None, source_peer, None, None);
     finish_local(
         &shared.stats,
         reporter,

@@ -89,15 +89,26 @@ impl Shared {
     }
 
     /// The labels of a request or connection: this workload on one side, the peer (from its
-    /// certificate and metadata headers) and the cluster's service on the other.
+    /// certificate and metadata headers) and the cluster's service on the other, or where the
+    /// cluster names no service host, the request's `host` (Istio's Host header fallback).
     fn parties(
         &self,
         info: &ConnInfo,
         cluster: Option<&Cluster>,
         source_peer: Option<Arc<Workload>>,
         destination_peer: Option<Arc<Workload>>,
+        host: Option<&str>,
     ) -> Parties {
-        let service = cluster.and_then(|c| c.service.clone()).unwrap_or_default();
+        let mut service = cluster.and_then(|c| c.service.clone()).unwrap_or_default();
+        if let Some(h) = host
+            && service.host.is_empty()
+        {
+            let s = Arc::make_mut(&mut service);
+            s.host = h.to_string();
+            if s.name.is_empty() {
+                s.name = h.to_string();
+            }
+        }
         if info.inbound() {
             let peer = info.peer.as_ref();
             let mut source = source_peer.unwrap_or_default();

@@ -27,11 +27,19 @@ pub struct Workload {
     pub namespace: String,
     pub app: String,
     pub version: String,
+    pub canonical_service: String,
+    pub canonical_revision: String,
     pub cluster: String,
 }
 
+/// The pod labels Istio's injector sets, from which Istio's canonical labels come.
+const CANONICAL_NAME: &str = "service.istio.io/canonical-name";
+const CANONICAL_REVISION: &str = "service.istio.io/canonical-revision";
+
 impl Workload {
-    /// From pod labels, as Istio derives the canonical name and revision.
+    /// From pod labels: `app` and `version` (or their `app.kubernetes.io/` forms), and the
+    /// canonical service and revision as Istio's injector derives them (the workload's name,
+    /// `latest`, when no label says).
     pub fn from_labels(
         name: &str,
         namespace: &str,
@@ -43,19 +51,20 @@ impl Workload {
                 .find_map(|k| labels.get(*k).cloned())
                 .unwrap_or_default()
         };
+        let or = |v: String, default: &str| if v.is_empty() { default.to_string() } else { v };
         Workload {
             name: name.to_string(),
             namespace: namespace.to_string(),
-            app: first(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ]),
-            version: first(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ]),
+            app: first(&["app", "app.kubernetes.io/name"]),
+            version: first(&["version", "app.kubernetes.io/version"]),
+            canonical_service: or(
+                first(&[CANONICAL_NAME, "app.kubernetes.io/name", "app"]),
+                name,
+            ),
+            canonical_revision: or(
+                first(&[CANONICAL_REVISION, "app.kubernetes.io/version", "version"]),
+                "latest",
+            ),
             cluster: cluster.to_string(),
         }
     }
@@ -68,6 +77,8 @@ impl Workload {
         let mut labels = BTreeMap::new();
         labels.insert("app".to_string(), s(&self.app));
         labels.insert("version".to_string(), s(&self.version));
+        labels.insert(CANONICAL_NAME.to_string(), s(&self.canonical_service));
+        labels.insert(CANONICAL_REVISION.to_string(), s(&self.canonical_revision));
         let mut fields = BTreeMap::new();
         fields.insert("WORKLOAD_NAME".to_string(), s(&self.name));
         fields.insert("NAMESPACE".to_string(), s(&self.namespace));
@@ -108,6 +119,8 @@ impl Workload {
             namespace: get(&s, "NAMESPACE"),
             app: get(&labels, "app"),
             version: get(&labels, "version"),
+            canonical_service: get(&labels, CANONICAL_NAME),
+            canonical_revision: get(&labels, CANONICAL_REVISION),
             cluster: get(&s, "CLUSTER_ID"),
         })
     }
@@ -276,13 +289,23 @@ mod tests {
 
     #[test]
     fn metadata_round_trips_and_rejects_garbage() {
-        let w = Workload {
-            name: "reviews-v1".into(),
-            namespace: "bookinfo".into(),
-            app: "reviews".into(),
-            version: "v1".into(),
-            cluster: "Kubernetes".into(),
-        };
+        let labels = [("app", "reviews"), ("version", "v1")]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into();
+        let w = Workload::from_labels("reviews-v1", "bookinfo", "Kubernetes", &labels);
+        // Istio's canonical labels, from `app` and `version` when the injector set none.
+        assert_eq!(
+            (w.canonical_service.as_str(), w.canonical_revision.as_str()),
+            ("reviews", "v1")
+        );
+        let bare = Workload::from_labels("job-7", "batch", "Kubernetes", &BTreeMap::new());
+        assert_eq!(
+            (
+                bare.canonical_service.as_str(),
+                bare.canonical_revision.as_str()
+            ),
+            ("job-7", "latest")
+        );
         assert_eq!(Workload::decode(w.encode().as_bytes()), Some(w));
         assert_eq!(Workload::decode(b"!!not base64"), None);
         assert_eq!(Workload::decode(&vec![b'A'; MAX_METADATA + 4]), None);

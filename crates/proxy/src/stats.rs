@@ -46,12 +46,18 @@ pub struct Parties {
 /// A series' labels: the standard ones its stats filter keeps, then the ones it adds.
 type Labels = Vec<(Cow<'static, str>, String)>;
 
+/// A label's value, `missing` when there is none.
+fn or(s: &str, missing: &str) -> String {
+    if s.is_empty() { missing } else { s }.to_string()
+}
+
 fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".to_string()
-    } else {
-        s.to_string()
-    }
+    or(s, "unknown")
+}
+
+/// A canonical revision: Istio's `latest` when none is known.
+fn revision(s: &str) -> String {
+    or(s, "latest")
 }
 
 impl Parties {
@@ -507,6 +513,8 @@ fn standard_values(reporter: Reporter, p: &Parties, protocol: &str, flags: &str)
     v.extend([
         reporter_name(reporter).to_string(),
         or_unknown(&p.source.name),
+        or_unknown(&p.source.canonical_service),
+        revision(&p.source.canonical_revision),
         or_unknown(&p.source.namespace),
         or_unknown(&p.source_principal),
         or_unknown(&p.source.app),
@@ -518,6 +526,8 @@ fn standard_values(reporter: Reporter, p: &Parties, protocol: &str, flags: &str)
         or_unknown(&p.destination.app),
         or_unknown(&p.destination.version),
         or_unknown(&p.destination_service.host),
+        or_unknown(&p.destination.canonical_service),
+        revision(&p.destination.canonical_revision),
         or_unknown(&p.destination_service.name),
         or_unknown(&p.destination_service.namespace),
         or_unknown(&p.destination.cluster),

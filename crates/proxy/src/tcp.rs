@@ -75,7 +75,7 @@ where
     } else {
         Reporter::Source
     };
-    let parties = shared.parties(info, Some(cluster), None, None);
+    let parties = shared.parties(info, Some(cluster), None, None, None);
     let dims = filter.stats.map(|config| Dimensions {
         config: config.clone(),
         values: config.values(None, info.source, info.destination),

@@ -78,6 +78,15 @@ pub struct Outlier {
     pub max_ejection_percent: u32,
 }
 
+/// Istio's clusters for traffic to no known service.
+const CATCH_ALL: [&str; 5] = [
+    "PassthroughCluster",
+    "BlackHoleCluster",
+    "InboundPassthroughCluster",
+    "InboundPassthroughClusterIpv4",
+    "InboundPassthroughClusterIpv6",
+];
+
 /// The services a cluster stands for (Istio's `istio` metadata), for metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ServiceRef {
@@ -486,12 +495,27 @@ pub fn compile(
             _ => None,
         })
         .and_then(|v| match v.kind {
-            Some(value::Kind::StructValue(s)) => Some(Arc::new(ServiceRef {
-                host: struct_str(&s, "host").unwrap_or_default().to_string(),
-                name: struct_str(&s, "name").unwrap_or_default().to_string(),
-                namespace: struct_str(&s, "namespace").unwrap_or_default().to_string(),
-            })),
+            Some(value::Kind::StructValue(s)) => {
+                let host = struct_str(&s, "host").unwrap_or_default();
+                Some(Arc::new(ServiceRef {
+                    host: host.to_string(),
+                    // Istio's: the host's first label when the metadata names none.
+                    name: struct_str(&s, "name")
+                        .unwrap_or_else(|| host.split('.').next().unwrap_or_default())
+                        .to_string(),
+                    namespace: struct_str(&s, "namespace").unwrap_or_default().to_string(),
+                }))
+            }
             _ => None,
+        })
+        // Istio's metrics name the destination of its catch-all clusters after them.
+        .or_else(|| {
+            CATCH_ALL.contains(&c.name.as_str()).then(|| {
+                Arc::new(ServiceRef {
+                    name: c.name.clone(),
+                    ..ServiceRef::default()
+                })
+            })
         });
     // Envoy's defaults are 1,024 of each; Istio sets them from the DestinationRule.
     let th = c
@@ -822,6 +846,40 @@ mod tests {
                 .expect("pick");
             assert!((1..=3).contains(&port(&p)));
         }
+    }
+
+    #[test]
+    fn metrics_name_the_service_from_metadata_or_the_catch_all_cluster() {
+        let pools = Pools::new(None, Arc::new(crate::stats::Stats::new()));
+        let named = |name: &str, metadata: Option<serde_json::Value>| {
+            let c = PbCluster {
+                name: name.into(),
+                cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::OriginalDst.into(),
+                )),
+                lb_policy: cluster::LbPolicy::ClusterProvided.into(),
+                metadata: metadata.map(|m| {
+                    isthmus_xds::json::from_json(
+                        serde_json::json!({"filter_metadata": {"istio": m}}),
+                    )
+                    .unwrap()
+                }),
+                ..Default::default()
+            };
+            compile(&c, None, &pools).expect("cluster").service
+        };
+        let passthrough = named("PassthroughCluster", None).expect("named");
+        assert_eq!(
+            (passthrough.name.as_str(), passthrough.host.as_str()),
+            ("PassthroughCluster", "")
+        );
+        assert_eq!(named("outbound|80||x", None), None);
+        let host_only = named(
+            "outbound|80||reviews.bookinfo.svc.cluster.local",
+            Some(serde_json::json!({"services": [{"host": "reviews.bookinfo.svc.cluster.local"}]})),
+        )
+        .expect("from metadata");
+        assert_eq!(host_only.name, "reviews");
     }
 
     #[test]

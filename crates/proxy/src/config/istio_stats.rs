@@ -46,9 +46,11 @@ const METRIC_NAMES: [&str; 8] = [
 
 /// The labels of Istio's standard metrics. TCP metrics have all but the two of
 /// [`HTTP_ONLY`].
-pub const LABELS: [&str; 21] = [
+pub const LABELS: [&str; 25] = [
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
     "source_app",
@@ -60,6 +62,8 @@ pub const LABELS: [&str; 21] = [
     "destination_app",
     "destination_version",
     "destination_service",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_service_name",
     "destination_service_namespace",
     "destination_cluster",
@@ -154,15 +158,7 @@ impl Expr {
             }),
             Expr::UrlPath => req.map(|r| r.uri.path().to_string()),
             Expr::Scheme => req.map(|r| r.uri.scheme_str().unwrap_or("http").to_string()),
-            Expr::Protocol => req.map(|r| {
-                match r.version {
-                    http::Version::HTTP_10 => "HTTP/1.0",
-                    http::Version::HTTP_2 => "HTTP/2",
-                    http::Version::HTTP_3 => "HTTP/3",
-                    _ => "HTTP/1.1",
-                }
-                .to_string()
-            }),
+            Expr::Protocol => req.map(|r| crate::http::protocol_name(r.version).to_string()),
             Expr::Header(name) => header(name),
             Expr::SourceAddress => Some(source.ip().to_string()),
             Expr::SourcePort => Some(source.port().to_string()),
@@ -198,8 +194,11 @@ pub struct StatsConfig {
     pub shapes: [Shape; 8],
     /// The distinct expressions the added labels take their values from.
     pub exprs: Vec<Expr>,
+    /// Where the cluster names no service, the request's Host does (Istio's, but for
+    /// `disable_host_header_fallback`, which the control plane sets on the server side).
+    pub host_fallback: bool,
     /// How often an open TCP connection's bytes are counted (Istio's
-    /// `tcp_reporting_duration`, 15 s unless set).
+    /// `tcp_reporting_duration`, 5 s unless set).
     pub tcp_reporting: Duration,
     /// A hash of the above: requests' series are found by it.
     pub id: u64,
@@ -210,6 +209,7 @@ impl Default for StatsConfig {
         StatsConfig {
             shapes: Default::default(),
             exprs: Vec::new(),
+            host_fallback: true,
             tcp_reporting: TCP_REPORTING,
             id: 0,
         }
@@ -217,7 +217,7 @@ impl Default for StatsConfig {
 }
 
 /// Istio's default `tcp_reporting_duration`.
-const TCP_REPORTING: Duration = Duration::from_secs(15);
+const TCP_REPORTING: Duration = Duration::from_secs(5);
 
 impl StatsConfig {
     pub fn shape(&self, m: Metric) -> &Shape {
@@ -305,6 +305,7 @@ impl StatsConfig {
         Ok(StatsConfig {
             shapes,
             exprs,
+            host_fallback: !plugin.disable_host_header_fallback,
             tcp_reporting,
             id: hasher.finish(),
         })
@@ -316,6 +317,8 @@ impl StatsConfig {
 #[serde(default)]
 struct PluginConfig {
     metrics: Vec<MetricConfig>,
+    #[serde(alias = "disableHostHeaderFallback")]
+    disable_host_header_fallback: bool,
     #[serde(alias = "tcpReportingDuration")]
     tcp_reporting_duration: Option<String>,
 }
@@ -387,8 +390,9 @@ mod tests {
         .unwrap();
         assert_eq!(again.id, c.id);
         assert_ne!(compile(serde_json::json!({})).unwrap().id, c.id);
-        // TCP bytes are counted every 15 s, or as often as the filter says.
-        assert_eq!(c.tcp_reporting, Duration::from_secs(15));
+        // TCP bytes are counted every 5 s, or as often as the filter says.
+        assert_eq!(c.tcp_reporting, Duration::from_secs(5));
+        assert!(!c.host_fallback);
         let every = |d: &str| {
             compile(serde_json::json!({"tcpReportingDuration": d})).map(|c| c.tcp_reporting)
         };
