@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -246,6 +247,15 @@ impl Stats {
             "Bytes received",
             tcp_received.clone(),
         );
+        // Istio's stats filter reports the proxy's version, which dashboards read.
+        let build: Family<Labels, Gauge> = Family::default();
+        build
+            .get_or_create(&vec![
+                (Cow::Borrowed("component"), "proxy".to_string()),
+                (Cow::Borrowed("tag"), env!("CARGO_PKG_VERSION").to_string()),
+            ])
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
         Stats {
             registry,
             requests,

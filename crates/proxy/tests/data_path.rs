@@ -1208,6 +1208,11 @@ fn admin_endpoints_answer_like_envoys() {
             prom.contains("istio_requests_total{reporter=\"source\""),
             "{prom}"
         );
+        let build = format!(
+            "# TYPE istio_build gauge\nistio_build{{component=\"proxy\",tag=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(prom.contains(&build), "{prom}");
         for line in [
             "# TYPE envoy_cluster_upstream_rq_total counter\nenvoy_cluster_upstream_rq_total{cluster_name=\"a\"} 1\n",
             "envoy_cluster_upstream_rq{cluster_name=\"a\",response_code_class=\"2xx\"} 1\n",
