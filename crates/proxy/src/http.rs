@@ -26,6 +26,7 @@ use crate::config::jwt::Failure;
 use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
 use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
 use crate::config::{Cluster, DynamicMetadata};
+use crate::grpc_frames::{GrpcFrames, is_grpc};
 use crate::peer;
 use crate::serve::ConnInfo;
 use crate::stats::{Dimensions, Parties, Reporter, RequestOutcome, Stats};
@@ -431,9 +432,15 @@ async fn handle(
                 }
             }
             let request_bytes = Arc::new(AtomicU64::new(0));
+            // gRPC's messages are counted where Istio's metrics are reported.
+            let request_messages = (dimensions.is_some() && is_grpc(&parts.headers))
+                .then(|| Arc::new(AtomicU64::new(0)));
             let body = Counted {
                 inner: body,
                 bytes: request_bytes.clone(),
+                messages: request_messages
+                    .clone()
+                    .map(|count| (GrpcFrames::default(), count)),
             };
             let router = RouterHeaders {
                 debug: hcm.envoy_headers,
@@ -452,6 +459,7 @@ async fn handle(
                 Pending {
                     start,
                     request_bytes,
+                    request_messages,
                     upgrade,
                     log,
                     span,
@@ -581,6 +589,8 @@ enum RequestBody {
 struct Pending {
     start: Instant,
     request_bytes: Arc<AtomicU64>,
+    /// gRPC messages of the request body, when they are counted.
+    request_messages: Option<Arc<AtomicU64>>,
     upgrade: bool,
     /// The request as the access logs will describe it (when any is configured).
     log: Option<LogCtx>,
@@ -601,6 +611,7 @@ impl Pending {
         Pending {
             start,
             request_bytes: Arc::new(AtomicU64::new(0)),
+            request_messages: None,
             upgrade,
             log,
             span,
@@ -823,11 +834,7 @@ async fn forward(
     } else {
         Reporter::Source
     };
-    let protocol = if parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"))
-    {
+    let protocol = if is_grpc(&parts.headers) {
         "grpc"
     } else {
         "http"
@@ -1128,6 +1135,10 @@ async fn forward(
                 let observed = Observed {
                     inner: body,
                     bytes: 0,
+                    messages: pending
+                        .request_messages
+                        .is_some()
+                        .then(|| (GrpcFrames::default(), 0)),
                     telemetry: Some(Telemetry {
                         stats: shared.stats.clone(),
                         reporter,
@@ -1140,6 +1151,7 @@ async fn forward(
                         log: pending.log.take(),
                         span: pending.span.take(),
                         dimensions: pending.dimensions.take(),
+                        request_messages: pending.request_messages.take(),
                         _slot: slot.take(),
                         _active: active,
                     }),
@@ -1335,6 +1347,7 @@ fn finish_local(
             duration_ms: pending.start.elapsed().as_secs_f64() * 1000.0,
             request_bytes: received,
             response_bytes: 0,
+            messages: (messages(pending.request_messages.as_ref()), 0),
         });
     }
 }
@@ -1355,10 +1368,16 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// A request body that counts its bytes.
+/// A request body that counts its bytes, and its gRPC messages when asked.
 struct Counted<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    messages: Option<(GrpcFrames, Arc<AtomicU64>)>,
+}
+
+/// The gRPC messages counted so far, 0 where they are not counted.
+fn messages(count: Option<&Arc<AtomicU64>>) -> u64 {
+    count.map_or(0, |c| c.load(Ordering::Relaxed))
 }
 
 impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Counted<B> {
@@ -1374,6 +1393,9 @@ impl<B: HttpBody<Data = Bytes> + Unpin> HttpBody for Counted<B> {
             && let Some(d) = f.data_ref()
         {
             self.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            if let Some((frames, count)) = &mut self.messages {
+                count.fetch_add(frames.feed(d), Ordering::Relaxed);
+            }
         }
         p
     }
@@ -1400,6 +1422,7 @@ struct Telemetry {
     log: Option<LogCtx>,
     span: Option<Span>,
     dimensions: Option<Dimensions>,
+    request_messages: Option<Arc<AtomicU64>>,
     /// The cluster's circuit-breaker slot, held until the response ends.
     _slot: Option<Slot>,
     _active: Option<ActiveGuard>,
@@ -1409,6 +1432,8 @@ struct Telemetry {
 struct Observed {
     inner: crate::pool::PooledBody,
     bytes: u64,
+    /// The response's gRPC messages, when they are counted.
+    messages: Option<(GrpcFrames, u64)>,
     telemetry: Option<Telemetry>,
 }
 
@@ -1439,6 +1464,10 @@ impl Observed {
                     duration_ms: t.start.elapsed().as_secs_f64() * 1000.0,
                     request_bytes: received,
                     response_bytes: self.bytes,
+                    messages: (
+                        messages(t.request_messages.as_ref()),
+                        self.messages.as_ref().map_or(0, |m| m.1),
+                    ),
                 });
             }
         }
@@ -1458,6 +1487,9 @@ impl HttpBody for Observed {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
+                    if let Some((frames, count)) = &mut self.messages {
+                        *count += frames.feed(d);
+                    }
                 } else if let Some(t) = f.trailers_ref()
                     && let Some(g) = t.get(GRPC_STATUS).and_then(|v| v.to_str().ok())
                     && let Some(tel) = self.telemetry.as_mut()

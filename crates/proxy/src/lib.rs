@@ -14,6 +14,7 @@ pub mod agent;
 pub mod bootstrap;
 pub mod config;
 pub mod envoy_stats;
+mod grpc_frames;
 mod http;
 pub mod identity;
 mod idle;

@@ -139,6 +139,9 @@ struct Series {
     duration: Option<Histogram>,
     request_bytes: Option<Histogram>,
     response_bytes: Option<Histogram>,
+    /// gRPC's messages each way (gRPC requests only).
+    request_messages: Option<Counter>,
+    response_messages: Option<Counter>,
 }
 
 /// Label sets remembered with their series (a proxy sees a bounded set of peers and codes;
@@ -151,6 +154,8 @@ pub struct Stats {
     duration: Histograms<Labels>,
     request_bytes: Histograms<Labels>,
     response_bytes: Histograms<Labels>,
+    request_messages: Family<Labels, Counter>,
+    response_messages: Family<Labels, Counter>,
     tcp_opened: Family<Labels, Counter>,
     tcp_closed: Family<Labels, Counter>,
     tcp_sent: Family<Labels, Counter>,
@@ -185,6 +190,8 @@ pub struct RequestOutcome<'a> {
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
+    /// gRPC messages (request, response), for a gRPC request.
+    pub messages: (u64, u64),
 }
 
 impl Default for Stats {
@@ -211,6 +218,8 @@ impl Stats {
         let duration: Histograms<Labels> = Family::new_with_constructor(durations);
         let request_bytes: Histograms<Labels> = Family::new_with_constructor(sizes);
         let response_bytes: Histograms<Labels> = Family::new_with_constructor(sizes);
+        let request_messages = Family::default();
+        let response_messages = Family::default();
         let tcp_opened = Family::default();
         let tcp_closed = Family::default();
         let tcp_sent = Family::default();
@@ -230,6 +239,16 @@ impl Stats {
             "istio_response_bytes",
             "Response body size",
             response_bytes.clone(),
+        );
+        registry.register(
+            "istio_request_messages",
+            "gRPC messages sent by the client",
+            request_messages.clone(),
+        );
+        registry.register(
+            "istio_response_messages",
+            "gRPC messages sent by the server",
+            response_messages.clone(),
         );
         registry.register(
             "istio_tcp_connections_opened",
@@ -262,6 +281,8 @@ impl Stats {
             duration,
             request_bytes,
             response_bytes,
+            request_messages,
+            response_messages,
             tcp_opened,
             tcp_closed,
             tcp_sent,
@@ -287,6 +308,12 @@ impl Stats {
         }
         if let Some(h) = &series.response_bytes {
             h.observe(o.response_bytes as f64);
+        }
+        if let Some(c) = &series.request_messages {
+            c.inc_by(o.messages.0);
+        }
+        if let Some(c) = &series.response_messages {
+            c.inc_by(o.messages.1);
         }
     }
 
@@ -338,6 +365,12 @@ impl Stats {
                 .map(|l| self.request_bytes.get_or_create(&l).clone()),
             response_bytes: labels(Metric::ResponseBytes)
                 .map(|l| self.response_bytes.get_or_create(&l).clone()),
+            request_messages: labels(Metric::RequestMessages)
+                .filter(|_| o.protocol == "grpc")
+                .map(|l| self.request_messages.get_or_create(&l).clone()),
+            response_messages: labels(Metric::ResponseMessages)
+                .filter(|_| o.protocol == "grpc")
+                .map(|l| self.response_messages.get_or_create(&l).clone()),
         }
     }
 
@@ -633,6 +666,7 @@ mod tests {
                 duration_ms: 1.0,
                 request_bytes: 10,
                 response_bytes: 20,
+                messages: (0, 0),
             });
         }
         let text = stats.prometheus_text(&[]);

@@ -325,6 +325,19 @@ async fn upstream(name: &'static str, delay: Duration, http2_only: bool) -> Sock
                             head.headers.get("x-custom"),
                             String::from_utf8_lossy(&body),
                         );
+                        // gRPC's callers get it as one message.
+                        let seen = if head
+                            .headers
+                            .get("content-type")
+                            .is_some_and(|c| c.as_bytes().starts_with(b"application/grpc"))
+                        {
+                            let mut framed = vec![0];
+                            framed.extend((seen.len() as u32).to_be_bytes());
+                            framed.extend(seen.into_bytes());
+                            framed
+                        } else {
+                            seen.into_bytes()
+                        };
                         // A body followed by trailers, as gRPC ends its responses.
                         let frames = vec![
                             Ok::<_, Infallible>(http_body::Frame::data(Bytes::from(seen))),
@@ -690,10 +703,11 @@ fn h2c_and_grpc_trailers_pass_through() {
                 .await
                 .unwrap();
         tokio::spawn(conn);
+        // Two empty messages.
         let req = http::Request::post("http://grpc/echo.Echo/Call")
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .body(Full::new(Bytes::from_static(&[0; 10])))
             .unwrap();
         let resp = send.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -703,6 +717,25 @@ fn h2c_and_grpc_trailers_pass_through() {
         let text = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
         // The upstream is HTTP/2 only: the cluster's protocol options were followed.
         assert!(text.contains("name=h2 version=HTTP/2.0"), "{text}");
+        // Istio's gRPC metrics: the messages each way, and the call's status.
+        let (_, prom) = http_get("127.0.0.1:15090", "/stats/prometheus").await;
+        let line = |metric: &str| {
+            prom.lines()
+                .find(|l| l.starts_with(&format!("{metric}{{")))
+                .unwrap_or_else(|| panic!("no {metric}: {prom}"))
+                .to_string()
+        };
+        let sent = line("istio_request_messages_total");
+        assert!(
+            sent.contains("request_protocol=\"grpc\"")
+                && sent.contains("grpc_response_status=\"0\"")
+                && sent.ends_with(" 2"),
+            "{sent}"
+        );
+        assert!(
+            line("istio_response_messages_total").ends_with(" 1"),
+            "{prom}"
+        );
     });
 }
 

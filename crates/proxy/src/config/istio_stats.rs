@@ -30,10 +30,12 @@ pub enum Metric {
     TcpClosed,
     TcpSent,
     TcpReceived,
+    RequestMessages,
+    ResponseMessages,
 }
 
 /// The stats filter's names of the metrics (`istio_` + this is the Prometheus name).
-const METRIC_NAMES: [&str; 8] = [
+const METRIC_NAMES: [&str; 10] = [
     "requests_total",
     "request_duration_milliseconds",
     "request_bytes",
@@ -42,6 +44,8 @@ const METRIC_NAMES: [&str; 8] = [
     "tcp_connections_closed_total",
     "tcp_sent_bytes_total",
     "tcp_received_bytes_total",
+    "request_messages_total",
+    "response_messages_total",
 ];
 
 /// The labels of Istio's standard metrics. TCP metrics have all but the two of
@@ -191,7 +195,7 @@ pub struct Shape {
 /// One listener's stats filter, compiled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatsConfig {
-    pub shapes: [Shape; 8],
+    pub shapes: [Shape; 10],
     /// The distinct expressions the added labels take their values from.
     pub exprs: Vec<Expr>,
     /// Where the cluster names no service, the request's Host does (Istio's, but for
@@ -241,13 +245,13 @@ impl StatsConfig {
             .collect()
     }
 
-    /// From the filter's `TypedStruct` value. Metric names this proxy does not report (gRPC
-    /// message counts, custom metrics) are accepted and have no effect.
+    /// From the filter's `TypedStruct` value. Metric names this proxy does not report (custom
+    /// metrics) are accepted and have no effect.
     pub fn compile(config: &Struct) -> Result<StatsConfig, String> {
         let json = crate::bootstrap::struct_json(config);
         let plugin: PluginConfig =
             serde_json::from_value(json).map_err(|e| format!("istio.stats: {e}"))?;
-        let mut shapes: [Shape; 8] = Default::default();
+        let mut shapes: [Shape; 10] = Default::default();
         let mut exprs: Vec<Expr> = Vec::new();
         for m in &plugin.metrics {
             let targets: Vec<usize> = if m.name.is_empty() {
@@ -354,7 +358,7 @@ mod tests {
                 requests_total,
                 {"name": "request_bytes", "drop": true},
                 {"tagsToRemove": ["response_flags"]},
-                {"name": "request_messages_total", "drop": true},
+                {"name": "custom_total", "drop": true},
             ],
         }))
         .unwrap();
