@@ -855,6 +855,15 @@ async fn forward(
         .filter(|_| cluster.service.as_ref().is_none_or(|s| s.host.is_empty()))
         .and_then(|_| authority(&parts))
         .map(str::to_string);
+    let parties_of = |source, destination| {
+        shared.parties(
+            info,
+            Some(&cluster),
+            source,
+            destination,
+            fallback_host.as_deref(),
+        )
+    };
     let mut parts = parts;
     // Peer metadata, as the connection manager's filter says: the caller's was read and goes
     // no further; this workload's goes to the upstream, unless that is outside the mesh.
@@ -947,13 +956,7 @@ async fn forward(
             "cluster.{}.upstream_rq_pending_overflow",
             cluster.name
         ));
-        let parties = shared.parties(
-            info,
-            Some(&cluster),
-            source_peer,
-            None,
-            fallback_host.as_deref(),
-        );
+        let parties = parties_of(source_peer, None);
         finish_local(stats, reporter, &parties, protocol, 503, "UO", pending);
         let mut r = local_reply(
             503,
@@ -1119,13 +1122,7 @@ async fn forward(
                     resp.headers_mut()
                         .insert(peer::METADATA_ID, shared.me.node_id.clone());
                 }
-                let parties = shared.parties(
-                    info,
-                    Some(&cluster),
-                    source_peer,
-                    dest_peer,
-                    fallback_host.as_deref(),
-                );
+                let parties = parties_of(source_peer, dest_peer);
                 let grpc_status = resp
                     .headers()
                     .get(GRPC_STATUS)
@@ -1222,13 +1219,7 @@ async fn forward(
         last.headers_mut()
             .insert(ATTEMPT_COUNT, number(u64::from(tried)));
     }
-    let parties = shared.parties(
-        info,
-        Some(&cluster),
-        source_peer,
-        None,
-        fallback_host.as_deref(),
-    );
+    let parties = parties_of(source_peer, None);
     finish_local(
         stats,
         reporter,
