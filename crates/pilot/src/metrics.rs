@@ -128,8 +128,8 @@ pub fn stats_config(ctx: &PushContext, proxy: &Proxy, side: Side) -> Option<Stru
         })
         .collect();
     let mut config = Vec::new();
-    // Istio's: the Host header names the destination service only where the caller is in the
-    // mesh, i.e. on the client side.
+    // Istio's: only the client side names an unknown destination service by the Host header;
+    // on the server side the caller chose it, and the inbound cluster names the service.
     if side == Side::Server {
         config.push(("disable_host_header_fallback", boolean(true)));
     }
