@@ -856,19 +856,29 @@ fn routes_and_clusters_name_the_istio_config_they_come_from() {
 
 const ZIPKIN_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: zipkin, namespace: istio-system}\nspec:\n  ports: [{name: http-query, port: 9411}]\n";
 
-/// The `tracing` of every HTTP connection manager of a proxy's listeners, by direction:
-/// (outbound, inbound), each listed once per connection manager.
-fn hcm_tracing(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
-    let mut out = (Vec::new(), Vec::new());
+/// The network filters of every filter chain of a proxy's listeners, each chain's with
+/// whether it is inbound.
+fn chains(ctx: &PushContext, p: &Proxy) -> Vec<(bool, Vec<serde_json::Value>)> {
+    let mut out = Vec::new();
     for l in isthmus_pilot::listener::listeners(ctx, p) {
         let l = to_json(&l).unwrap();
         let inbound = l["name"] == "virtualInbound";
         for chain in l["filter_chains"].as_array().into_iter().flatten() {
-            for f in chain["filters"].as_array().into_iter().flatten() {
-                if f["name"] == "envoy.filters.network.http_connection_manager" {
-                    let t = f["typed_config"]["tracing"].clone();
-                    if inbound { &mut out.1 } else { &mut out.0 }.push(t);
-                }
+            out.push((inbound, chain["filters"].as_array().unwrap().clone()));
+        }
+    }
+    out
+}
+
+/// The `tracing` of every HTTP connection manager of a proxy's listeners, by direction:
+/// (outbound, inbound), each listed once per connection manager.
+fn hcm_tracing(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let mut out = (Vec::new(), Vec::new());
+    for (inbound, filters) in chains(ctx, p) {
+        for f in filters {
+            if f["name"] == "envoy.filters.network.http_connection_manager" {
+                let t = f["typed_config"]["tracing"].clone();
+                if inbound { &mut out.1 } else { &mut out.0 }.push(t);
             }
         }
     }
@@ -1071,17 +1081,10 @@ fn opentelemetry_providers_export_over_grpc_or_http_to_the_collectors_cluster() 
 /// direction: (outbound, inbound), one list per filter.
 fn access_logs(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let mut out = (Vec::new(), Vec::new());
-    for l in isthmus_pilot::listener::listeners(ctx, p) {
-        let l = to_json(&l).unwrap();
-        let inbound = l["name"] == "virtualInbound";
-        for chain in l["filter_chains"].as_array().into_iter().flatten() {
-            for f in chain["filters"].as_array().into_iter().flatten() {
-                if f["name"] == "istio.stats" {
-                    continue;
-                }
-                let logs = f["typed_config"]["access_log"].clone();
-                if inbound { &mut out.1 } else { &mut out.0 }.push(logs);
-            }
+    for (inbound, filters) in chains(ctx, p) {
+        for f in filters.iter().filter(|f| f["name"] != "istio.stats") {
+            let logs = f["typed_config"]["access_log"].clone();
+            if inbound { &mut out.1 } else { &mut out.0 }.push(logs);
         }
     }
     out
@@ -1151,31 +1154,23 @@ type StatsFilters = (Vec<serde_json::Value>, Vec<serde_json::Value>, usize);
 
 fn stats_filters(ctx: &PushContext, p: &Proxy) -> StatsFilters {
     let mut out = (Vec::new(), Vec::new(), 0);
-    for l in isthmus_pilot::listener::listeners(ctx, p) {
-        let l = to_json(&l).unwrap();
-        let inbound = l["name"] == "virtualInbound";
-        let mut found = |f: &serde_json::Value| {
-            if f["name"] == "istio.stats" {
-                let v = f["typed_config"]["value"].clone();
-                if inbound { &mut out.1 } else { &mut out.0 }.push(v);
-                true
-            } else {
-                false
-            }
+    for (inbound, filters) in chains(ctx, p) {
+        let terminal = filters.last().unwrap();
+        // An HTTP chain's filter is among the connection manager's HTTP filters.
+        let candidates = if terminal["name"] == "envoy.filters.network.http_connection_manager" {
+            terminal["typed_config"]["http_filters"].as_array().unwrap()
+        } else {
+            &filters
         };
-        for chain in l["filter_chains"].as_array().into_iter().flatten() {
-            let filters = chain["filters"].as_array().unwrap();
-            let terminal = filters.last().unwrap();
-            let with = if terminal["name"] == "envoy.filters.network.http_connection_manager" {
-                let http = terminal["typed_config"]["http_filters"].as_array().unwrap();
-                http.iter().filter(|f| found(f)).count()
-            } else {
-                filters.iter().filter(|f| found(f)).count()
-            };
-            if with == 0 {
-                out.2 += 1;
-            }
+        let found: Vec<serde_json::Value> = candidates
+            .iter()
+            .filter(|f| f["name"] == "istio.stats")
+            .map(|f| f["typed_config"]["value"].clone())
+            .collect();
+        if found.is_empty() {
+            out.2 += 1;
         }
+        if inbound { &mut out.1 } else { &mut out.0 }.extend(found);
     }
     out
 }

@@ -298,6 +298,24 @@ async fn handle(
             },
         )
     });
+    // A policy's refusal, before routing: recorded, logged and traced as the proxy's answer.
+    let mut deny = |parts: &Parts, status: u16, flags: &'static str| {
+        let pending = Pending::local(
+            start,
+            upgrade,
+            LogCtx::new(hcm, parts, info, ""),
+            span.take(),
+            dimensions.take(),
+        );
+        refuse(
+            shared,
+            info,
+            caller(hcm, parts, shared),
+            pending,
+            status,
+            flags,
+        );
+    };
     let mut metadata = DynamicMetadata::new();
     if let Some(jwt) = &hcm.jwt {
         if let Err(failure) = jwt.verify(&mut parts, &mut metadata) {
@@ -306,14 +324,7 @@ async fn handle(
                 format_args!("http.{}.jwt_authn.denied", hcm.stat_prefix),
             );
             tracing::debug!(reason = failure.text(), "JWT rejected");
-            let pending = Pending::local(
-                start,
-                upgrade,
-                LogCtx::new(hcm, &parts, info, ""),
-                span.take(),
-                dimensions.take(),
-            );
-            refuse(shared, info, caller(hcm, &parts, shared), pending, 401, "-");
+            deny(&parts, 401, "-");
             return jwt_reply(&parts, failure);
         }
         counters.jwt_allowed.inc(
@@ -335,21 +346,7 @@ async fn handle(
             counters
                 .rbac_denied
                 .inc(stats, format_args!("http.{}.rbac.denied", hcm.stat_prefix));
-            let pending = Pending::local(
-                start,
-                upgrade,
-                LogCtx::new(hcm, &parts, info, ""),
-                span.take(),
-                dimensions.take(),
-            );
-            refuse(
-                shared,
-                info,
-                caller(hcm, &parts, shared),
-                pending,
-                403,
-                "RBAC",
-            );
+            deny(&parts, 403, "RBAC");
             return local_reply(403, "RBAC: access denied");
         }
         counters
