@@ -436,8 +436,16 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no upstream_rq_total for the server in {own}"));
     assert!(sent >= 3, "{own}");
-    // And who answered, from the peer metadata of the answers.
+    // And who answered, from the peer metadata of the answers; both principals from the
+    // upstream mTLS connection, as Istio's client side reads them.
     assert!(own.contains("destination_workload=\"server\""), "{own}");
+    assert!(
+        own.lines()
+            .any(|l| l.contains("istio_requests_total{reporter=\"source\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/e2e/sa/client\"")
+                && l.contains("destination_principal=\"spiffe://cluster.local/ns/e2e/sa/server\"")),
+        "{own}"
+    );
     assert!(own.contains("[0 body] envoy_server_live 1\n"), "{own}");
     // The server asked for nothing more than Istio's list, which has the control plane's
     // cluster and no other.
@@ -579,6 +587,16 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     let (ok, out) = mesh.get("client", "tcp://tcpsrv:7000", &[]);
     assert!(ok, "{out}");
+    // The client side names the server of a TCP connection by its certificate.
+    let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
+    assert!(
+        own.lines().any(
+            |l| l.contains("istio_tcp_connections_opened_total{reporter=\"source\"")
+                && l.contains("destination_principal=\"spiffe://cluster.local/ns/e2e/sa/default\"")
+                && l.contains("destination_workload_namespace=\"e2e\"")
+        ),
+        "{own}"
+    );
     let (ok, out) = mesh.get("rogue", "tcp://tcpsrv:7000", &[]);
     assert!(!ok, "a denied TCP connection was served: {out}");
 

@@ -27,6 +27,7 @@ use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
 use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
 use crate::config::{Cluster, DynamicMetadata};
 use crate::grpc_frames::{GrpcFrames, is_grpc};
+use crate::identity::PeerCert;
 use crate::peer;
 use crate::serve::ConnInfo;
 use crate::stats::{Dimensions, Parties, Reporter, RequestOutcome, Stats};
@@ -781,7 +782,7 @@ pub(crate) async fn send_to_cluster(
     );
     cluster.count_request(stats);
     let send = async {
-        let r = pool.send(&pick.address, pick.state, req).await.ok()?;
+        let (r, _) = pool.send(&pick.address, pick.state, req).await.ok()?;
         let (head, body) = r.into_parts();
         // Only the status and trailers matter; a larger answer is a failure, not a buffer.
         let body = Limited::new(body, ANSWER_MAX).collect().await.ok()?;
@@ -840,7 +841,7 @@ async fn forward(
     let source_peer = caller(hcm, &parts, shared);
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
         stats.inc(format_args!("http.{}.no_cluster", hcm.stat_prefix));
-        let parties = shared.parties(info, None, source_peer, None, None);
+        let parties = shared.parties(info, None, source_peer, None, None, None);
         finish_local(stats, reporter, &parties, protocol, 503, "NC", pending);
         return local_reply(503, "");
     };
@@ -852,12 +853,13 @@ async fn forward(
         .filter(|_| cluster.service.as_ref().is_none_or(|s| s.host.is_empty()))
         .and_then(|_| authority(&parts))
         .map(str::to_string);
-    let parties_of = |source, destination| {
+    let parties_of = |source, destination, upstream: Option<&PeerCert>| {
         shared.parties(
             info,
             Some(&cluster),
             source,
             destination,
+            upstream,
             fallback_host.as_deref(),
         )
     };
@@ -953,7 +955,7 @@ async fn forward(
             "cluster.{}.upstream_rq_pending_overflow",
             cluster.name
         ));
-        let parties = parties_of(source_peer, None);
+        let parties = parties_of(source_peer, None, None);
         finish_local(stats, reporter, &parties, protocol, 503, "UO", pending);
         let mut r = local_reply(
             503,
@@ -1075,7 +1077,7 @@ async fn forward(
         };
         let more = attempt + 1 < attempts;
         match result {
-            Ok(Ok(mut resp)) => {
+            Ok(Ok((mut resp, upstream_peer))) => {
                 let status = resp.status().as_u16();
                 if let Some(s) = pick.state {
                     cluster.record(s, Some(status));
@@ -1119,7 +1121,7 @@ async fn forward(
                     resp.headers_mut()
                         .insert(peer::METADATA_ID, shared.me.node_id.clone());
                 }
-                let parties = parties_of(source_peer, dest_peer);
+                let parties = parties_of(source_peer, dest_peer, upstream_peer.as_deref());
                 let grpc_status = resp
                     .headers()
                     .get(GRPC_STATUS)
@@ -1216,7 +1218,7 @@ async fn forward(
         last.headers_mut()
             .insert(ATTEMPT_COUNT, number(u64::from(tried)));
     }
-    let parties = parties_of(source_peer, None);
+    let parties = parties_of(source_peer, None, None);
     finish_local(
         stats,
         reporter,
@@ -1270,7 +1272,7 @@ fn refuse(
     } else {
         Reporter::Source
     };
-    let parties = shared.parties(info, None, source_peer, None, None);
+    let parties = shared.parties(info, None, source_peer, None, None, None);
     finish_local(
         &shared.stats,
         reporter,

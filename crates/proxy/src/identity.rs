@@ -23,6 +23,35 @@ pub enum IdentityError {
     Unusable(String),
 }
 
+/// The certificate the peer of an mTLS connection presented: the client's where this proxy
+/// terminates it, the server's where this proxy makes it.
+#[derive(Debug, Clone)]
+pub struct PeerCert {
+    pub identity: Option<SpiffeId>,
+    /// The identity spelled out (`spiffe://…`, empty without one), as metrics label it: once
+    /// per connection rather than on each of its requests.
+    pub principal: Arc<str>,
+    /// SHA-256 of the leaf, hex (the `Hash=` of `x-forwarded-client-cert`).
+    pub hash: String,
+}
+
+impl PeerCert {
+    /// The leaf of a handshake's peer certificates, None without one.
+    pub fn of(certs: Option<&[rustls::pki_types::CertificateDer<'_>]>) -> Option<PeerCert> {
+        let leaf = certs?.first()?;
+        let identity = isthmus_ca::tls::peer_identity(leaf).ok();
+        let digest = ring::digest::digest(&ring::digest::SHA256, leaf);
+        Some(PeerCert {
+            principal: identity
+                .as_ref()
+                .map(|i| i.to_string().into())
+                .unwrap_or_default(),
+            identity,
+            hash: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+        })
+    }
+}
+
 /// Where the certificate comes from.
 #[derive(Clone)]
 pub struct CaClient {

@@ -35,6 +35,7 @@ use ::http::HeaderValue;
 use tokio::sync::watch;
 
 use crate::config::{Cluster, Config};
+use crate::identity::PeerCert;
 use crate::peer::{Peers, Workload};
 use crate::serve::ConnInfo;
 use crate::stats::{Parties, Stats};
@@ -92,12 +93,15 @@ impl Shared {
     /// The labels of a request or connection: this workload on one side, the peer (from its
     /// certificate and metadata headers) and the cluster's service on the other, or where the
     /// cluster names no service host, the request's `host` (Istio's Host header fallback).
+    /// Outbound, the principals are those of the upstream connection (`upstream`, None on
+    /// plaintext), as Istio's stats filter reads them.
     fn parties(
         &self,
         info: &ConnInfo,
         cluster: Option<&Cluster>,
         source_peer: Option<Arc<Workload>>,
         destination_peer: Option<Arc<Workload>>,
+        upstream: Option<&PeerCert>,
         host: Option<&str>,
     ) -> Parties {
         let mut service = cluster.and_then(|c| c.service.clone()).unwrap_or_default();
@@ -112,14 +116,8 @@ impl Shared {
         }
         if info.inbound() {
             let peer = info.peer.as_ref();
-            let mut source = source_peer.unwrap_or_default();
-            if source.namespace.is_empty()
-                && let Some(id) = peer.and_then(|p| p.identity.as_ref())
-            {
-                Arc::make_mut(&mut source).namespace = id.namespace.clone();
-            }
             Parties {
-                source,
+                source: certified(source_peer.unwrap_or_default(), peer),
                 source_principal: peer.map(|p| p.principal.clone()).unwrap_or_default(),
                 destination: self.me.workload.clone(),
                 destination_principal: if peer.is_some() {
@@ -133,12 +131,27 @@ impl Shared {
         } else {
             Parties {
                 source: self.me.workload.clone(),
-                source_principal: self.me.principal_uri.clone(),
-                destination: destination_peer.unwrap_or_default(),
-                destination_principal: Arc::default(),
+                source_principal: if upstream.is_some() {
+                    self.me.principal_uri.clone()
+                } else {
+                    Arc::default()
+                },
+                destination: certified(destination_peer.unwrap_or_default(), upstream),
+                destination_principal: upstream.map(|p| p.principal.clone()).unwrap_or_default(),
                 destination_service: service,
                 mutual_tls: false,
             }
         }
     }
+}
+
+/// A peer's workload in the namespace its certificate names, which Istio trusts over what its
+/// metadata says.
+fn certified(mut workload: Arc<Workload>, cert: Option<&PeerCert>) -> Arc<Workload> {
+    if let Some(id) = cert.and_then(|c| c.identity.as_ref())
+        && workload.namespace != id.namespace
+    {
+        Arc::make_mut(&mut workload).namespace = id.namespace.clone();
+    }
+    workload
 }

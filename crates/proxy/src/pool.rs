@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::identity::PeerCert;
 use crate::upstream::{
     Address, Body, ConnectError, ConnectionStats, Connector, EndpointState, UpstreamHttp,
 };
@@ -85,6 +86,7 @@ struct Idle {
 
 struct Shared {
     tx: http2::SendRequest<Body>,
+    peer: Peer,
     uses: u32,
     used: Instant,
 }
@@ -93,11 +95,15 @@ struct Shared {
 struct Http1Conn {
     tx: http1::SendRequest<Body>,
     uses: u32,
+    peer: Peer,
 }
+
+/// The server's certificate on an mTLS connection, None on plaintext.
+pub type Peer = Option<Arc<PeerCert>>;
 
 enum Checked {
     Http1(Http1Conn),
-    Http2(http2::SendRequest<Body>),
+    Http2(http2::SendRequest<Body>, Peer),
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +113,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Endpoint {
     /// The shared HTTP/2 connection, counted as used; it leaves the pool with its last
     /// allowed request.
-    fn http2(&mut self, now: Instant, pool: &HttpPool) -> Option<http2::SendRequest<Body>> {
+    fn http2(&mut self, now: Instant, pool: &HttpPool) -> Option<Checked> {
         if !self
             .http2
             .as_ref()
@@ -119,12 +125,12 @@ impl Endpoint {
         let s = self.http2.as_mut()?;
         s.uses += 1;
         s.used = now;
-        let tx = s.tx.clone();
+        let checked = Checked::Http2(s.tx.clone(), s.peer.clone());
         if pool.max_requests.is_some_and(|max| s.uses >= max) {
             pool.counters.inc("upstream_cx_max_requests");
             self.http2 = None;
         }
-        Some(tx)
+        Some(checked)
     }
 
     /// An idle HTTP/1.1 connection ready for a request. Closed and expired ones are dropped;
@@ -164,27 +170,31 @@ impl HttpPool {
     /// Sends `req` (its URI absolute, `http://<endpoint><path>`) to the endpoint at `to`, on
     /// a pooled connection or a new one. A request that a reused connection closed on before
     /// taking it is sent again on another, as the connection was not the request's to fail.
+    /// The response comes with the certificate of the server that sent it.
     pub async fn send(
         self: &Arc<Self>,
         to: &Address,
         state: Option<&Arc<EndpointState>>,
         mut req: Request<Body>,
-    ) -> Result<Response<PooledBody>, PoolError> {
+    ) -> Result<(Response<PooledBody>, Peer), PoolError> {
         let uri = req.uri().clone();
         loop {
             let (checked, reused) = self.checkout(to, state).await?;
             let mut err = match checked {
-                Checked::Http2(mut tx) => {
+                Checked::Http2(mut tx, peer) => {
                     host_as_authority(&mut req);
                     match tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(resp.map(PooledBody::unpooled)),
+                        Ok(resp) => return Ok((resp.map(PooledBody::unpooled), peer)),
                         Err(e) => e,
                     }
                 }
                 Checked::Http1(mut conn) => {
                     to_origin_form(&mut req);
                     match conn.tx.try_send_request(req).await {
-                        Ok(resp) => return Ok(self.after_response(to, conn, resp)),
+                        Ok(resp) => {
+                            let peer = conn.peer.clone();
+                            return Ok((self.after_response(to, conn, resp), peer));
+                        }
                         Err(e) => e,
                     }
                 }
@@ -217,8 +227,8 @@ impl HttpPool {
                     endpoints.entry(to.clone()).or_default()
                 }
             };
-            if let Some(tx) = ep.http2(now, self) {
-                return Ok((Checked::Http2(tx), true));
+            if let Some(checked) = ep.http2(now, self) {
+                return Ok((checked, true));
             }
             if self.version == UpstreamHttp::Http1 || ep.http1_only {
                 if let Some(conn) = ep.http1(now, self) {
@@ -237,8 +247,8 @@ impl HttpPool {
             // Made, or failed, while this request waited: take it, or fail with it.
             let mut endpoints = lock(&self.endpoints);
             let ep = endpoints.entry(to.clone()).or_default();
-            if let Some(tx) = ep.http2(Instant::now(), self) {
-                return Ok((Checked::Http2(tx), true));
+            if let Some(checked) = ep.http2(Instant::now(), self) {
+                return Ok((checked, true));
             }
             if let Some((at, why)) = &ep.failed
                 && *at >= now
@@ -291,6 +301,7 @@ impl HttpPool {
         };
         // Counted open as long as the connection's task runs.
         let open = attempt.map(|a| a.made());
+        let peer = conn.peer();
         let http2 = match self.version {
             UpstreamHttp::Http2 => true,
             UpstreamHttp::Alpn => conn.negotiated_alpn() == Some(b"h2"),
@@ -322,11 +333,12 @@ impl HttpPool {
                 let mut endpoints = lock(&self.endpoints);
                 endpoints.entry(to.clone()).or_default().http2 = Some(Shared {
                     tx: tx.clone(),
+                    peer: peer.clone(),
                     uses: 1,
                     used: Instant::now(),
                 });
             }
-            Ok((Checked::Http2(tx), false))
+            Ok((Checked::Http2(tx, peer), false))
         } else {
             let (tx, task) = http1::Builder::new()
                 .handshake(io)
@@ -339,7 +351,7 @@ impl HttpPool {
                 drop(open);
             });
             // A new connection takes its first request before it reports ready.
-            Ok((Checked::Http1(Http1Conn { tx, uses: 1 }), false))
+            Ok((Checked::Http1(Http1Conn { tx, uses: 1, peer }), false))
         }
     }
 
@@ -636,7 +648,7 @@ mod tests {
     }
 
     async fn get(pool: &Arc<HttpPool>, to: &Address, path: &str) -> Response<PooledBody> {
-        pool.send(to, None, request(to, path)).await.unwrap()
+        pool.send(to, None, request(to, path)).await.unwrap().0
     }
 
     async fn text(resp: Response<PooledBody>) -> String {
@@ -736,7 +748,7 @@ mod tests {
         let state = Arc::new(EndpointState::default());
         for _ in 0..3 {
             let req = request(&up.addr, "/");
-            let resp = pool.send(&up.addr, Some(&state), req).await.unwrap();
+            let resp = pool.send(&up.addr, Some(&state), req).await.unwrap().0;
             let _ = text(resp).await;
         }
         assert_eq!(state.cx_total.load(Ordering::SeqCst), 1);
@@ -862,7 +874,8 @@ mod tests {
                 t.http(Version::HTTP_11, false)
                     .send(&up.addr, None, req)
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .0,
             )
             .await
         };

@@ -5,28 +5,17 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_ca::identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::either::Either;
 
 use crate::Shared;
 use crate::config::listener::{ConnectionFacts, Direction};
 use crate::config::{Listener, NetworkFilter};
+use crate::identity::PeerCert;
 use crate::upstream::{OriginalSource, Transport, TransportSpec};
 
 /// Bound on a TLS handshake from a peer.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The client certificate of an mTLS connection.
-#[derive(Debug, Clone)]
-pub struct PeerCert {
-    pub identity: Option<SpiffeId>,
-    /// The identity spelled out (`spiffe://…`, empty without one), as metrics label it: once
-    /// per connection rather than on each of its requests.
-    pub principal: Arc<str>,
-    /// SHA-256 of the leaf, hex (the `Hash=` of `x-forwarded-client-cert`).
-    pub hash: String,
-}
 
 /// What the filters know about their connection.
 #[derive(Debug)]
@@ -210,22 +199,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 }
                 Err(_) => return,
             };
-            let peer = tls_stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|leaf| {
-                    let identity = isthmus_ca::tls::peer_identity(leaf).ok();
-                    PeerCert {
-                        principal: identity
-                            .as_ref()
-                            .map(|i| i.to_string().into())
-                            .unwrap_or_default(),
-                        identity,
-                        hash: hex(ring::digest::digest(&ring::digest::SHA256, leaf).as_ref()),
-                    }
-                });
+            let peer = PeerCert::of(tls_stream.get_ref().1.peer_certificates());
             (
                 Either::Right(tokio::io::BufWriter::with_capacity(
                     crate::upstream::TLS_WRITE_BUFFER,
@@ -293,8 +267,4 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
 /// Envoy names listener stats by address: `0.0.0.0_15006`.
 pub fn stat_name(l: &Listener) -> String {
     format!("{}_{}", l.address.ip(), l.address.port())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

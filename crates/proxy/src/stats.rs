@@ -550,8 +550,23 @@ impl Drop for Held {
     }
 }
 
-/// The values of [`LABELS`] up to the request-only ones, in order.
+/// The values of [`LABELS`] up to the request-only ones, in order. As Istio's stats filter:
+/// inbound, the service is in this workload's namespace, and a request to no service is to
+/// the workload's canonical service; outbound, a service of unknown namespace is in the
+/// peer's.
 fn standard_values(reporter: Reporter, p: &Parties, protocol: &str, flags: &str) -> Vec<String> {
+    let inbound = reporter == Reporter::Destination;
+    let service = |s: &str, otherwise: &str| or_unknown(if s.is_empty() { otherwise } else { s });
+    let service_default = if inbound {
+        &*p.destination.canonical_service
+    } else {
+        ""
+    };
+    let service_namespace = if inbound {
+        ""
+    } else {
+        &*p.destination_service.namespace
+    };
     let mut v = Vec::with_capacity(LABELS.len());
     v.extend([
         reporter_name(reporter).to_string(),
@@ -568,11 +583,11 @@ fn standard_values(reporter: Reporter, p: &Parties, protocol: &str, flags: &str)
         or_unknown(&p.destination_principal),
         or_unknown(&p.destination.app),
         or_unknown(&p.destination.version),
-        or_unknown(&p.destination_service.host),
+        service(&p.destination_service.host, service_default),
         or_unknown(&p.destination.canonical_service),
         revision(&p.destination.canonical_revision),
-        or_unknown(&p.destination_service.name),
-        or_unknown(&p.destination_service.namespace),
+        service(&p.destination_service.name, service_default),
+        service(service_namespace, &p.destination.namespace),
         or_unknown(&p.destination.cluster),
         p.security(reporter),
         protocol.to_string(),
@@ -686,5 +701,47 @@ mod tests {
             .filter(|l| l.starts_with("istio_request_duration_milliseconds_count{"))
             .count();
         assert_eq!(durations, 3, "{text}");
+    }
+
+    /// Inbound, a request to no service is to the workload's canonical service in its
+    /// namespace; outbound, a service's namespace is its own, else the peer's.
+    #[test]
+    fn the_destination_service_falls_back_as_istios_filter_does() {
+        let workload = |name: &str, namespace: &str| {
+            Arc::new(Workload {
+                name: name.into(),
+                namespace: namespace.into(),
+                canonical_service: name.into(),
+                ..Workload::default()
+            })
+        };
+        let value = |reporter, p: &Parties, label: &str| {
+            let at = LABELS.iter().position(|l| *l == label).unwrap();
+            standard_values(reporter, p, "http", "-")[at].clone()
+        };
+        let inbound = Parties {
+            destination: workload("ratings", "shop"),
+            ..Parties::default()
+        };
+        for label in ["destination_service", "destination_service_name"] {
+            assert_eq!(value(Reporter::Destination, &inbound, label), "ratings");
+            assert_eq!(value(Reporter::Source, &inbound, label), "unknown");
+        }
+        let service = |namespace: &str| {
+            Arc::new(ServiceRef {
+                host: "ratings.shop.svc.cluster.local".into(),
+                name: "ratings".into(),
+                namespace: namespace.into(),
+            })
+        };
+        let ns = "destination_service_namespace";
+        let to = |namespace| Parties {
+            destination: workload("ratings", "peer"),
+            destination_service: service(namespace),
+            ..Parties::default()
+        };
+        assert_eq!(value(Reporter::Source, &to("shop"), ns), "shop");
+        assert_eq!(value(Reporter::Source, &to(""), ns), "peer");
+        assert_eq!(value(Reporter::Destination, &to("shop"), ns), "peer");
     }
 }

@@ -75,7 +75,9 @@ where
     } else {
         Reporter::Source
     };
-    let parties = shared.parties(info, Some(cluster), None, None, None);
+    // Outbound, the upstream connection's certificates complete the labels once it is made.
+    let parties_with = |upstream| shared.parties(info, Some(cluster), None, None, upstream, None);
+    let parties = parties_with(None);
     let dims = filter.stats.map(|config| Dimensions {
         config: config.clone(),
         values: config.values(None, info.source, info.destination),
@@ -107,7 +109,6 @@ where
         return ("UO", 0, 0);
     };
     stats.inc(format_args!("cluster.{}.upstream_cx_total", cluster.name));
-    stats.tcp_opened(reporter, &parties, dims.as_ref());
     let attempt = pick.state.map(crate::upstream::EndpointState::attempt);
     let mut up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
@@ -123,10 +124,13 @@ where
             if let Some(s) = pick.state {
                 cluster.record(s, None);
             }
+            stats.tcp_opened(reporter, &parties, dims.as_ref());
             stats.tcp_closed(reporter, &parties, dims.as_ref(), "UF", 0, 0);
             return ("UF", 0, 0);
         }
     };
+    let parties = parties_with(up.peer().as_deref());
+    stats.tcp_opened(reporter, &parties, dims.as_ref());
     let _open = attempt.map(|a| a.made());
     if let Some(s) = pick.state {
         s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -21,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
-use crate::identity::Identity;
+use crate::identity::{Identity, PeerCert};
 use crate::pool::HttpPool;
 use crate::stats::Stats;
 
@@ -386,6 +386,8 @@ pub struct TlsConn {
     defer_flushes: bool,
     /// The pending flush has let the runtime's other ready tasks run once.
     flush_deferred: bool,
+    /// The server's certificate, for the metrics of what the connection carries.
+    peer: Option<Arc<PeerCert>>,
 }
 
 impl TlsConn {
@@ -393,10 +395,12 @@ impl TlsConn {
         // HTTP/1.1 writes a request's head and body together and then flushes: nothing would
         // come to gather, and a deferral would only cost a turn of the runtime.
         let defer_flushes = io.get_ref().1.alpn_protocol() == Some(b"h2");
+        let peer = PeerCert::of(io.get_ref().1.peer_certificates()).map(Arc::new);
         TlsConn {
             io: BufWriter::with_capacity(TLS_WRITE_BUFFER, io),
             defer_flushes,
             flush_deferred: false,
+            peer,
         }
     }
 }
@@ -409,8 +413,12 @@ impl Conn {
         }
     }
 
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Conn::Tls(_))
+    /// The server's certificate on mTLS, None on plaintext.
+    pub fn peer(&self) -> Option<Arc<PeerCert>> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(t) => t.peer.clone(),
+        }
     }
 }
 
@@ -811,7 +819,8 @@ mod tests {
     }
 
     /// A session made by a cluster's plain-TLS connection resumes on its HTTP one: one store
-    /// and one verifier serve every TLS configuration of the cluster.
+    /// and one verifier serve every TLS configuration of the cluster. Both connections know
+    /// the server's identity.
     #[tokio::test]
     async fn a_clusters_tls_variants_resume_each_others_sessions() {
         let dir = tempfile::tempdir().unwrap();
@@ -851,10 +860,17 @@ mod tests {
         http.alpn_protocols = alpn(&["h2", "http/1.1"], &["istio".to_string()]);
         for config in [tls.raw.clone(), Arc::new(http)] {
             let tcp = TcpStream::connect(addr).await.unwrap();
-            let mut conn = tokio_rustls::TlsConnector::from(config)
-                .connect(tls.sni.clone(), tcp)
-                .await
-                .unwrap();
+            let mut conn = Conn::Tls(Box::new(TlsConn::new(
+                tokio_rustls::TlsConnector::from(config)
+                    .connect(tls.sni.clone(), tcp)
+                    .await
+                    .unwrap(),
+            )));
+            // Known on the resumed session too, where the server sends no certificate.
+            assert_eq!(
+                conn.peer().map(|p| p.principal.to_string()).as_deref(),
+                Some("spiffe://cluster.local/ns/default/sa/server")
+            );
             let mut got = Vec::new();
             conn.read_to_end(&mut got).await.unwrap();
             assert_eq!(got, b"x");
