@@ -227,26 +227,44 @@ pub fn split_cidrs(list: &str) -> (NetworkRange, NetworkRange, Vec<String>) {
     (v4, v6, bad)
 }
 
+/// What a resolv.conf says: the nameservers, in order, and the search domains.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvConf {
+    pub nameservers: Vec<IpAddr>,
+    pub search: Vec<String>,
+}
+
+impl ResolvConf {
+    /// Unknown lines and addresses that do not parse are left out; the last `search` wins,
+    /// as in the C library.
+    pub fn parse(text: &str) -> ResolvConf {
+        let mut out = ResolvConf::default();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            match words.next() {
+                // A zone index (`fe80::1%eth0`) is not part of the address.
+                Some("nameserver") => out.nameservers.extend(
+                    words
+                        .next()
+                        .and_then(|a| a.split('%').next())
+                        .and_then(|a| a.parse::<IpAddr>().ok()),
+                ),
+                Some("search") => out.search = words.map(str::to_string).collect(),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
 /// The `nameserver` addresses of a resolv.conf, by family.
 pub fn resolv_conf_servers(text: &str) -> (Vec<String>, Vec<String>) {
-    let (mut v4, mut v6) = (Vec::new(), Vec::new());
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        // A zone index (`fe80::1%eth0`) is not part of the address iptables matches.
-        match words
-            .next()
-            .and_then(|a| a.split('%').next())
-            .and_then(|a| a.parse::<IpAddr>().ok())
-        {
-            Some(IpAddr::V4(a)) => v4.push(a.to_string()),
-            Some(IpAddr::V6(a)) => v6.push(a.to_string()),
-            None => {}
-        }
-    }
-    (v4, v6)
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = ResolvConf::parse(text)
+        .nameservers
+        .into_iter()
+        .partition(IpAddr::is_ipv4);
+    let text = |ips: Vec<IpAddr>| ips.iter().map(ToString::to_string).collect();
+    (text(v4), text(v6))
 }
 
 #[cfg(test)]
@@ -271,6 +289,8 @@ mod tests {
         );
         assert_eq!(v4, vec!["10.96.0.10"]);
         assert_eq!(v6, vec!["fe80::1"]);
+        let conf = ResolvConf::parse("search a b\nsearch x.svc.cluster.local svc.cluster.local\n");
+        assert_eq!(conf.search, ["x.svc.cluster.local", "svc.cluster.local"]);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use envoy_types::pb::google::protobuf::{Struct, value};
 use envoy_types::util::pack_any;
 use isthmus_pilot::{NodeMetadata, Proxy, PushContext, Scope};
 use isthmus_xds::Generator;
+use isthmus_xds::nds::NAME_TABLE;
 use isthmus_xds::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Resources, Versioned};
 
 /// The push context being served, swapped whole on every accepted change.
@@ -316,6 +317,15 @@ impl Generator for PilotGenerator {
                 self.inbound(&ctx, proxy).listeners,
             ],
             ROUTE => vec![self.shared(&ctx, proxy).routes],
+            // Built when asked: only the proxies whose agents answer DNS subscribe. Unnamed, as
+            // Istio's.
+            NAME_TABLE => {
+                let table = isthmus_pilot::nds::name_table(&ctx, proxy);
+                vec![Arc::new(Resources::from([(
+                    String::new(),
+                    packed("", table),
+                )]))]
+            }
             // Secrets come with the proxy's SDS.
             _ => Vec::new(),
         })

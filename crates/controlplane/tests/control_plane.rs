@@ -350,9 +350,25 @@ async fn client_follows_the_mesh(sotw: bool) {
     tokio::spawn(async move {
         let mut state = isthmus_xds::client::XdsState::default();
         if sotw {
-            isthmus_xds::client::run_sotw(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+            isthmus_xds::client::run_sotw(
+                channel,
+                node,
+                &isthmus_xds::client::WILDCARDS,
+                &mut state,
+                |s| Ok(s.clone()),
+                &tx,
+            )
+            .await
         } else {
-            isthmus_xds::client::run(channel, node, &mut state, |s| Ok(s.clone()), &tx).await
+            isthmus_xds::client::run(
+                channel,
+                node,
+                &isthmus_xds::client::WILDCARDS,
+                &mut state,
+                |s| Ok(s.clone()),
+                &tx,
+            )
+            .await
         }
     });
     let wait =

@@ -498,8 +498,9 @@ async fn start(
                 .or_else(|| pc.get("interceptionMode").and_then(Value::as_str))
                 == Some("TPROXY");
             let mode = if tproxy { "TPROXY" } else { "REDIRECT" };
-            // istio-init: capture first, as root.
-            net::run(&[
+            // istio-init: capture first, as root; DNS too when the agent answers it (the
+            // ProxyConfig's `ISTIO_META_DNS_CAPTURE`, as Istio's injector reads it).
+            let mut capture = vec![
                 "ip",
                 "netns",
                 "exec",
@@ -522,7 +523,16 @@ async fn start(
                 "*",
                 "-d",
                 "15090,15021,15020",
-            ])?;
+            ];
+            let dns_capture = pc
+                .get("proxyMetadata")
+                .and_then(|m| m.get("ISTIO_META_DNS_CAPTURE"))
+                .and_then(Value::as_str)
+                == Some("true");
+            if dns_capture {
+                capture.push("--redirect-dns");
+            }
+            net::run(&capture)?;
             let token = pdir.join("token");
             std::fs::write(
                 &token,

@@ -3,7 +3,8 @@
 //! `endpoint` (EDS), `listener` (LDS) and `route` (RDS) build the resources; `authn` turns
 //! RequestAuthentications into the inbound chains' JWT filter and `authz` AuthorizationPolicies
 //! into their RBAC filters; `telemetry` finds the Telemetry resources of a proxy, from which
-//! `trace`, `access_log` and `metrics` configure its connection managers and TCP proxies.
+//! `trace`, `access_log` and `metrics` configure its connection managers and TCP proxies;
+//! `nds` is the name table its agent answers DNS from.
 
 pub mod access_log;
 pub mod authn;
@@ -16,6 +17,7 @@ pub mod listener;
 pub mod maps;
 pub mod metrics;
 pub mod names;
+pub mod nds;
 pub mod proxy;
 pub mod route;
 pub mod telemetry;

@@ -43,6 +43,8 @@ pub struct AdminState {
     /// Scrapes of the app's metrics, and those that failed.
     pub app_scrapes: AtomicU64,
     pub app_scrape_failures: AtomicU64,
+    /// The DNS proxy's counters, when it runs.
+    pub dns: Option<Arc<crate::dns::DnsStats>>,
 }
 
 type Handler = Arc<
@@ -571,7 +573,8 @@ impl AdminState {
     }
 
     /// The agent's own metrics (Istio's `istio_agent_*`): its scrapes of the app's metrics,
-    /// and the time left on the workload certificate, negative once expired.
+    /// its DNS proxy's queries, and the time left on the workload certificate, negative once
+    /// expired.
     fn agent_metrics(&self) -> String {
         let mut out = format!(
             "# HELP istio_agent_scrapes_total The total number of scrapes.\n\
@@ -583,6 +586,26 @@ impl AdminState {
             self.app_scrapes.load(Relaxed),
             self.app_scrape_failures.load(Relaxed),
         );
+        if let Some(dns) = &self.dns {
+            for (name, help, value) in [
+                ("dns_requests_total", "Total number of DNS requests.", &dns.requests),
+                (
+                    "dns_upstream_requests_total",
+                    "Total number of DNS requests forwarded to upstream.",
+                    &dns.upstream_requests,
+                ),
+                (
+                    "dns_upstream_failures_total",
+                    "Total number of DNS failures.",
+                    &dns.upstream_failures,
+                ),
+            ] {
+                out.push_str(&format!(
+                    "# HELP istio_agent_{name} {help}\n# TYPE istio_agent_{name} counter\nistio_agent_{name} {}\n",
+                    value.load(Relaxed)
+                ));
+            }
+        }
         let Some(identity) = self.shared.pools.identity() else {
             return out;
         };

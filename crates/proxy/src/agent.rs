@@ -13,8 +13,9 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::{Struct, Value as PbValue, value};
 use isthmus_ca::identity::SpiffeId;
 use isthmus_xds::client::XdsState;
+use isthmus_xds::nds::NAME_TABLE;
 use isthmus_xds::server::{CLUSTER, LISTENER};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
@@ -41,6 +42,7 @@ pub struct Ports {
     pub agent: u16,
     pub health: u16,
     pub prometheus: u16,
+    pub dns: u16,
 }
 
 impl Default for Ports {
@@ -52,6 +54,7 @@ impl Default for Ports {
             agent: 15020,
             health: 15021,
             prometheus: 15090,
+            dns: 15053,
         }
     }
 }
@@ -86,6 +89,10 @@ pub struct Options {
     pub proxy_config: Option<Struct>,
     /// Which Envoy stats Prometheus gets (Istio's list and the pod's `proxyStatsMatcher`).
     pub stats_inclusions: Inclusions,
+    /// Answer the pod's DNS on 127.0.0.1 (Istio's `ISTIO_META_DNS_CAPTURE`), forwarding what
+    /// the name table does not know to the nameservers of `resolv_conf`.
+    pub dns_capture: bool,
+    pub resolv_conf: PathBuf,
 }
 
 impl Options {
@@ -120,6 +127,9 @@ impl Options {
             s(if self.tproxy { "TPROXY" } else { "REDIRECT" }),
         );
         fields.insert("ISTIO_VERSION".into(), s(env!("CARGO_PKG_VERSION")));
+        if self.dns_capture {
+            fields.insert("DNS_CAPTURE".into(), s("true"));
+        }
         if let Some(pc) = &self.proxy_config {
             fields.insert(
                 "PROXY_CONFIG".into(),
@@ -199,6 +209,37 @@ async fn bind(
     TcpListener::from_std(socket.into()).map_err(err)
 }
 
+/// The pod's resolv.conf, and the DNS proxy's sockets: UDP and TCP on 127.0.0.1, and on ::1
+/// too when a nameserver is IPv6 (as Istio's agent binds them).
+async fn bind_dns(
+    opts: &Options,
+) -> Result<(isthmus_capture::config::ResolvConf, Vec<(UdpSocket, TcpListener)>), AgentError> {
+    let resolv = match std::fs::read_to_string(&opts.resolv_conf) {
+        Ok(text) => isthmus_capture::config::ResolvConf::parse(&text),
+        Err(e) => {
+            tracing::warn!(path = %opts.resolv_conf.display(), error = %e, "no nameservers to forward DNS to");
+            Default::default()
+        }
+    };
+    let mut loopbacks = vec![IpAddr::V4(Ipv4Addr::LOCALHOST)];
+    if resolv.nameservers.iter().any(IpAddr::is_ipv6) {
+        loopbacks.push(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST));
+    }
+    let mut sockets = Vec::new();
+    for ip in loopbacks {
+        let addr = SocketAddr::new(ip, opts.ports.dns);
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| AgentError::Bind {
+                what: "DNS (UDP)",
+                addr,
+                source,
+            })?;
+        sockets.push((udp, bind("DNS (TCP)", addr, false).await?));
+    }
+    Ok((resolv, sockets))
+}
+
 /// A lazy channel to the control plane: TLS when `roots` are given, presenting `client` (the
 /// workload certificate chain and key, PEM) when given.
 fn channel(
@@ -249,6 +290,11 @@ pub async fn run(
     let agent = bind("agent", any(opts.ports.agent), false).await?;
     let health = bind("health", any(opts.ports.health), false).await?;
     let prometheus = bind("prometheus", any(opts.ports.prometheus), false).await?;
+    let dns = if opts.dns_capture {
+        Some(bind_dns(&opts).await?)
+    } else {
+        None
+    };
 
     let roots = opts
         .root_cert
@@ -346,29 +392,52 @@ pub async fn run(
         app_metrics: opts.app_metrics.clone(),
         app_scrapes: Default::default(),
         app_scrape_failures: Default::default(),
+        dns: dns.as_ref().map(|_| Arc::new(crate::dns::DnsStats::default())),
     });
+    if let (Some((resolv, sockets)), Some(counters)) = (dns, &state.dns) {
+        let resolver = crate::dns::Resolver::start(
+            config_rx.clone(),
+            opts.namespace.clone(),
+            opts.domain.clone(),
+            resolv,
+            counters.clone(),
+        );
+        for (udp, tcp) in sockets {
+            tokio::spawn(resolver.clone().serve_udp(udp));
+            tokio::spawn(resolver.clone().serve_tcp(tcp));
+        }
+    }
     tokio::spawn(crate::admin::serve(admin, state.admin_handler()));
     tokio::spawn(crate::admin::serve(health, state.health_handler()));
     tokio::spawn(crate::admin::serve(agent, state.agent_handler()));
     tokio::spawn(crate::admin::serve(prometheus, state.prometheus_handler()));
 
+    let mut wildcards = isthmus_xds::client::WILDCARDS.to_vec();
+    if opts.dns_capture {
+        wildcards.push(NAME_TABLE);
+    }
     let xds = tokio::spawn(follow_control_plane(
         connect,
         node,
+        wildcards,
         xds_state,
         pools,
         config_tx,
         shared.clone(),
     ));
     // Ready once the first full configuration is in (the certificate came before): clusters
-    // and listeners with the endpoints and routes they name, as Envoy warms them. A control
-    // plane that never sends some of those still gets a proxy serving what it has, after
-    // WARMING_LIMIT.
+    // and listeners with the endpoints and routes they name, as Envoy warms them, and the
+    // name table the DNS proxy answers from. A control plane that never sends some of those
+    // still gets a proxy serving what it has, after WARMING_LIMIT.
     {
         let mut rx = config_rx.clone();
         let ready_tx = ready_tx.clone();
+        let dns = opts.dns_capture;
+        let warmed = move |c: &Arc<Config>| {
+            c.xds.warmed() && (!dns || c.xds.versions.contains_key(NAME_TABLE))
+        };
         tokio::spawn(async move {
-            let warmed = tokio::time::timeout(WARMING_LIMIT, rx.wait_for(|c| c.xds.warmed()))
+            let warmed = tokio::time::timeout(WARMING_LIMIT, rx.wait_for(warmed))
                 .await
                 .map(|done| done.is_ok());
             let ready = match warmed {
@@ -458,6 +527,7 @@ async fn fetch_with_retry(
 async fn follow_control_plane(
     connect: impl Fn() -> Result<tonic::transport::Channel, AgentError>,
     node: Node,
+    wildcards: Vec<&'static str>,
     mut state: XdsState,
     pools: Arc<Pools>,
     out: watch::Sender<Arc<Config>>,
@@ -479,9 +549,9 @@ async fn follow_control_plane(
             }
         };
         let result = if sotw {
-            isthmus_xds::client::run_sotw(ch.clone(), node.clone(), &mut state, compile, &out).await
+            isthmus_xds::client::run_sotw(ch.clone(), node.clone(), &wildcards, &mut state, compile, &out).await
         } else {
-            isthmus_xds::client::run(ch.clone(), node.clone(), &mut state, compile, &out).await
+            isthmus_xds::client::run(ch.clone(), node.clone(), &wildcards, &mut state, compile, &out).await
         };
         shared.stats.inc("control_plane.disconnects");
         match result {

@@ -217,6 +217,8 @@ mod tests {
             app_metrics: None,
             proxy_config: None,
             stats_inclusions: Default::default(),
+            dns_capture: false,
+            resolv_conf: "/etc/resolv.conf".into(),
         };
         let text = |s: &str| PbValue {
             kind: Some(Kind::StringValue(s.into())),

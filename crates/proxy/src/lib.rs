@@ -6,13 +6,15 @@
 //!   [`http`] are the two network filters; [`upstream`] makes and pools upstream connections.
 //! - [`identity`] holds the workload certificate; [`stats`], [`peer`] and [`trace`] are
 //!   telemetry.
-//! - [`admin`] serves 15000, 15020, 15021 and 15090; [`agent`] starts and drains it all.
+//! - [`admin`] serves 15000, 15020, 15021 and 15090; [`dns`] answers DNS on 15053; [`agent`]
+//!   starts and drains it all.
 
 pub mod access_log;
 pub mod admin;
 pub mod agent;
 pub mod bootstrap;
 pub mod config;
+pub mod dns;
 pub mod envoy_stats;
 mod grpc_frames;
 mod http;

@@ -467,6 +467,8 @@ impl Harness {
                 &[],
             )
             .unwrap(),
+            dns_capture: false,
+            resolv_conf: "/etc/resolv.conf".into(),
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();

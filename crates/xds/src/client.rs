@@ -1,5 +1,5 @@
 //! The proxy's side of ADS, delta (`run`) or state of the world (`run_sotw`): subscribe to
-//! clusters and listeners, follow them to the endpoints and route configurations they name,
+//! clusters and listeners (and Istio's name table when the agent answers DNS), follow them to the endpoints and route configurations they name,
 //! keep the latest of each, ACK what decodes and compiles and NACK what does not (the previous
 //! good resource stays in force), and publish every accepted state on a watch channel.
 
@@ -28,7 +28,11 @@ use prost::bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::nds::{NAME_TABLE, NameTable};
 use crate::server::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+
+/// What a proxy subscribes to by wildcard: every cluster and listener.
+pub const WILDCARDS: [&str; 2] = [CLUSTER, LISTENER];
 
 /// Everything the proxy has accepted, by name. Resources are shared: an update applies to a
 /// copy of the state, and the compiled configuration keeps one for `/config_dump`, without
@@ -39,6 +43,8 @@ pub struct XdsState {
     pub endpoints: BTreeMap<String, Arc<Received<ClusterLoadAssignment>>>,
     pub listeners: BTreeMap<String, Arc<Received<Listener>>>,
     pub routes: BTreeMap<String, Arc<Received<RouteConfiguration>>>,
+    /// Istio's name table, for the agent's DNS proxy (one, by Istio's control plane unnamed).
+    pub name_tables: BTreeMap<String, Arc<Received<NameTable>>>,
     /// Last accepted system version per type.
     pub versions: BTreeMap<String, String>,
     /// Per type, each resource's version as delta xDS sent it: what a new session resumes from
@@ -185,9 +191,11 @@ pub enum ClientError {
 /// configuration while the new one arrives, however many responses that takes. Every
 /// accepted state is compiled by `compile`; a response whose state does not compile is NACKed
 /// with the error as detail and leaves `state` as it was. Compiled states go to `out`.
+/// `wildcards` are the types subscribed whole ([`WILDCARDS`], and [`NAME_TABLE`] for DNS).
 pub async fn run<T, F>(
     mut channel: tonic::transport::Channel,
     node: Node,
+    wildcards: &[&'static str],
     state: &mut XdsState,
     mut compile: F,
     out: &watch::Sender<Arc<T>>,
@@ -196,7 +204,7 @@ where
     F: FnMut(&XdsState) -> Result<T, String>,
 {
     let (tx, rx) = mpsc::channel(16);
-    for type_url in [CLUSTER, LISTENER] {
+    for &type_url in wildcards {
         let _ = tx
             .send(DeltaDiscoveryRequest {
                 node: Some(node.clone()),
@@ -394,6 +402,13 @@ impl XdsResource for RouteConfiguration {
     }
 }
 
+impl XdsResource for NameTable {
+    /// Istio's control plane names it nothing.
+    fn own_name(&self) -> String {
+        String::new()
+    }
+}
+
 /// A resource as the control plane sent it, kept encoded: the generated structs are several
 /// times the size of the bytes (a `Cluster` alone is over 3 KB before any field is set), and a
 /// proxy needs them only to compile or dump its configuration, when they are decoded again.
@@ -540,6 +555,12 @@ fn apply(
             merge(&mut state.routes, new, removed, replace);
             Ok(None)
         }
+        NAME_TABLE => {
+            let new = decode::<NameTable>(type_url, resources)?;
+            remember(state);
+            merge(&mut state.name_tables, new, removed, replace);
+            Ok(None)
+        }
         other => Err(format!("unexpected type {other}")),
     }
 }
@@ -625,6 +646,7 @@ fn tally(state: &XdsState, updates: &[Update<'_>], nacks: &[Option<String>]) {
 pub async fn run_sotw<T, F>(
     mut channel: tonic::transport::Channel,
     node: Node,
+    wildcards: &[&'static str],
     state: &mut XdsState,
     mut compile: F,
     out: &watch::Sender<Arc<T>>,
@@ -633,7 +655,7 @@ where
     F: FnMut(&XdsState) -> Result<T, String>,
 {
     let (tx, rx) = mpsc::channel(16);
-    for type_url in [CLUSTER, LISTENER] {
+    for &type_url in wildcards {
         let _ = tx
             .send(DiscoveryRequest {
                 node: Some(node.clone()),

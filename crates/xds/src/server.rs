@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::http;
 use tonic::{Request, Response, Status};
 
+use crate::nds::NAME_TABLE;
 use crate::wire::{DeltaOut, EncodedRuns, Messages, resource_len};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -31,12 +32,13 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// Push order: a cluster exists before its endpoints, listeners before the routes they name.
-pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
+/// Push order: a cluster exists before its endpoints, listeners before the routes they name;
+/// the agent's name table last, as Istio pushes it.
+pub const PUSH_ORDER: [&str; 6] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, NAME_TABLE];
 
 /// Types whose empty subscription means "everything" (wildcard).
 fn wildcard_type(type_url: &str) -> bool {
-    matches!(type_url, CLUSTER | LISTENER)
+    matches!(type_url, CLUSTER | LISTENER | NAME_TABLE)
 }
 
 /// A resource with its name and content version, computed once when it is built so that

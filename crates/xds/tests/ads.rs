@@ -381,7 +381,15 @@ async fn the_client_nacks_a_response_that_does_not_decode() {
     let (tx, _rx) = watch::channel(Default::default());
     tokio::spawn(async move {
         let mut state = isthmus_xds::client::XdsState::default();
-        isthmus_xds::client::run(channel, node().unwrap(), &mut state, |s| Ok(s.clone()), &tx).await
+        isthmus_xds::client::run(
+            channel,
+            node().unwrap(),
+            &isthmus_xds::client::WILDCARDS,
+            &mut state,
+            |s| Ok(s.clone()),
+            &tx,
+        )
+        .await
     });
     let nacked = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
@@ -493,6 +501,7 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     let session = run(
         channel.clone(),
         node.clone(),
+        &isthmus_xds::client::WILDCARDS,
         &mut state,
         |s| Ok(s.clusters.len()),
         &out,
@@ -508,6 +517,7 @@ async fn a_resumed_session_keeps_every_resource_while_the_new_one_arrives() {
     let session = run(
         channel,
         node,
+        &isthmus_xds::client::WILDCARDS,
         &mut state,
         |s| {
             seen.push(s.clusters.len());
@@ -539,6 +549,7 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
     let session = run(
         channel.clone(),
         node().unwrap(),
+        &isthmus_xds::client::WILDCARDS,
         &mut state,
         |_| Err::<usize, _>("refused".to_string()),
         &out,
@@ -551,6 +562,7 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
     let session = run(
         channel,
         node().unwrap(),
+        &isthmus_xds::client::WILDCARDS,
         &mut state,
         |s| {
             // Connected while the stream is open.
@@ -575,6 +587,7 @@ async fn a_session_counts_the_updates_it_takes_and_refuses() {
     let failed = run(
         nowhere,
         node().unwrap(),
+        &isthmus_xds::client::WILDCARDS,
         &mut state,
         |s| Ok(s.clusters.len()),
         &out,

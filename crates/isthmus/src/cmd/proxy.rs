@@ -96,6 +96,13 @@ pub struct ProxyArgs {
     /// Worker threads (Istio's ProxyConfig `concurrency`; 0: one per core). Default 1.
     #[arg(long)]
     concurrency: Option<usize>,
+    /// Answer the pod's DNS on 127.0.0.1:15053 from the control plane's name table, as
+    /// Istio's agent does with DNS capture (`--redirect-dns` sends the queries there).
+    #[arg(long = "dns-capture", env = "ISTIO_META_DNS_CAPTURE")]
+    dns_capture: bool,
+    /// Where the nameservers for other names, and the search domains, are.
+    #[arg(long = "resolv-conf", default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 pub fn run(a: ProxyArgs) -> Result<i32> {
@@ -199,6 +206,8 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
             .transpose()
             .context("PROXY_CONFIG cannot travel in the node metadata")?,
         stats_inclusions,
+        dns_capture: a.dns_capture,
+        resolv_conf: a.resolv_conf,
     };
     // Istio's ProxyConfig `concurrency`: worker threads (0: one per core). One by default: a
     // sidecar serves one pod, and a single thread spends no CPU on cross-thread wake-ups.
