@@ -347,13 +347,16 @@ async fn client_follows_the_mesh(sotw: bool) {
         ..Default::default()
     };
     let (tx, mut rx) = tokio::sync::watch::channel(Default::default());
+    // And the agent's name table, as a proxy with DNS capture asks for it.
+    let mut wildcards = isthmus_xds::client::WILDCARDS.to_vec();
+    wildcards.push(isthmus_xds::nds::NAME_TABLE);
     tokio::spawn(async move {
         let mut state = isthmus_xds::client::XdsState::default();
         if sotw {
             isthmus_xds::client::run_sotw(
                 channel,
                 node,
-                &isthmus_xds::client::WILDCARDS,
+                &wildcards,
                 &mut state,
                 |s| Ok(s.clone()),
                 &tx,
@@ -363,7 +366,7 @@ async fn client_follows_the_mesh(sotw: bool) {
             isthmus_xds::client::run(
                 channel,
                 node,
-                &isthmus_xds::client::WILDCARDS,
+                &wildcards,
                 &mut state,
                 |s| Ok(s.clone()),
                 &tx,
@@ -387,9 +390,15 @@ async fn client_follows_the_mesh(sotw: bool) {
         s.endpoints
             .contains_key("outbound|9080||reviews.default.svc.cluster.local")
             && s.routes.contains_key("9080")
+            && !s.name_tables.is_empty()
     })
     .await;
     assert!(state.listeners.contains_key("virtualInbound"));
+    let names = state.name_tables.values().next().unwrap().decode().unwrap();
+    assert_eq!(
+        names.table["reviews.default.svc.cluster.local"].shortname,
+        "reviews"
+    );
     let eps = state.endpoints["outbound|9080||reviews.default.svc.cluster.local"]
         .decode()
         .unwrap();

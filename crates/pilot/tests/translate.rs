@@ -1250,3 +1250,54 @@ spec:
         "{out:?}"
     );
 }
+
+/// The agent's name table: services by their address with what the agent needs for short
+/// names, a headless service by its pods and each pod by its own name, ServiceEntries by
+/// their addresses (none without); what a Sidecar leaves out is not in it.
+#[test]
+fn the_name_table_holds_what_the_proxy_may_reach_by_address() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: bookinfo}\nspec:\n  hosts: [api.example.test]\n  addresses: [240.240.0.1]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: plain, namespace: bookinfo}\nspec:\n  hosts: [plain.example.test]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: data}\nspec:\n  egress:\n  - hosts: [./*]\n",
+    );
+    let table =
+        isthmus_pilot::nds::name_table(&ctx, &proxy("10.1.0.10", "productpage-v1-0", "bookinfo"))
+            .table;
+    let reviews = &table["reviews.bookinfo.svc.cluster.local"];
+    assert_eq!(
+        (
+            reviews.ips.len(),
+            reviews.registry.as_str(),
+            reviews.shortname.as_str(),
+            reviews.namespace.as_str()
+        ),
+        (1, "Kubernetes", "reviews", "bookinfo")
+    );
+    assert_eq!(table["db.data.svc.cluster.local"].ips, ["10.1.1.20"]);
+    let pod = &table["db-0.db.data.svc.cluster.local"];
+    assert_eq!(
+        (pod.ips.as_slice(), pod.shortname.as_str()),
+        (&["10.1.1.20".to_string()][..], "db-0.db")
+    );
+    let api = &table["api.example.test"];
+    assert_eq!(
+        (
+            api.ips.as_slice(),
+            api.registry.as_str(),
+            api.shortname.as_str()
+        ),
+        (&["240.240.0.1".to_string()][..], "External", "")
+    );
+    assert!(!table.contains_key("plain.example.test"), "{table:?}");
+
+    // The data namespace's Sidecar imports its own namespace only (nc-0 has one of its own).
+    let scoped = isthmus_pilot::nds::name_table(&ctx, &proxy("10.1.1.20", "db-0", "data")).table;
+    let hosts: Vec<&String> = scoped.keys().collect();
+    assert!(
+        hosts.iter().all(|h| h.ends_with(".data.svc.cluster.local")),
+        "{hosts:?}"
+    );
+    assert!(
+        scoped.contains_key("nc.data.svc.cluster.local"),
+        "{hosts:?}"
+    );
+}

@@ -588,7 +588,11 @@ impl AdminState {
         );
         if let Some(dns) = &self.dns {
             for (name, help, value) in [
-                ("dns_requests_total", "Total number of DNS requests.", &dns.requests),
+                (
+                    "dns_requests_total",
+                    "Total number of DNS requests.",
+                    &dns.requests,
+                ),
                 (
                     "dns_upstream_requests_total",
                     "Total number of DNS requests forwarded to upstream.",

@@ -213,7 +213,13 @@ async fn bind(
 /// too when a nameserver is IPv6 (as Istio's agent binds them).
 async fn bind_dns(
     opts: &Options,
-) -> Result<(isthmus_capture::config::ResolvConf, Vec<(UdpSocket, TcpListener)>), AgentError> {
+) -> Result<
+    (
+        isthmus_capture::config::ResolvConf,
+        Vec<(UdpSocket, TcpListener)>,
+    ),
+    AgentError,
+> {
     let resolv = match std::fs::read_to_string(&opts.resolv_conf) {
         Ok(text) => isthmus_capture::config::ResolvConf::parse(&text),
         Err(e) => {
@@ -392,14 +398,21 @@ pub async fn run(
         app_metrics: opts.app_metrics.clone(),
         app_scrapes: Default::default(),
         app_scrape_failures: Default::default(),
-        dns: dns.as_ref().map(|_| Arc::new(crate::dns::DnsStats::default())),
+        dns: dns
+            .as_ref()
+            .map(|_| Arc::new(crate::dns::DnsStats::default())),
     });
     if let (Some((resolv, sockets)), Some(counters)) = (dns, &state.dns) {
         let resolver = crate::dns::Resolver::start(
             config_rx.clone(),
             opts.namespace.clone(),
             opts.domain.clone(),
-            resolv,
+            resolv.search,
+            resolv
+                .nameservers
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, 53))
+                .collect(),
             counters.clone(),
         );
         for (udp, tcp) in sockets {
@@ -549,9 +562,25 @@ async fn follow_control_plane(
             }
         };
         let result = if sotw {
-            isthmus_xds::client::run_sotw(ch.clone(), node.clone(), &wildcards, &mut state, compile, &out).await
+            isthmus_xds::client::run_sotw(
+                ch.clone(),
+                node.clone(),
+                &wildcards,
+                &mut state,
+                compile,
+                &out,
+            )
+            .await
         } else {
-            isthmus_xds::client::run(ch.clone(), node.clone(), &wildcards, &mut state, compile, &out).await
+            isthmus_xds::client::run(
+                ch.clone(),
+                node.clone(),
+                &wildcards,
+                &mut state,
+                compile,
+                &out,
+            )
+            .await
         };
         shared.stats.inc("control_plane.disconnects");
         match result {

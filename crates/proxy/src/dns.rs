@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use isthmus_capture::config::ResolvConf;
 use isthmus_xds::nds::NameTable;
 use simple_dns::rdata::{A, AAAA, CNAME, RData};
 use simple_dns::{CLASS, Name, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
@@ -47,14 +46,14 @@ enum Entry {
 
 /// The names of a name table as DNS asks for them (lower case, with the final dot).
 #[derive(Debug, Default)]
-pub struct Table {
+struct Table {
     names: HashMap<String, Entry>,
 }
 
 impl Table {
     /// The table for a proxy in `namespace` of cluster domain `domain` (`cluster.local`),
     /// whose resolver searches `search`, as Istio's agent builds it.
-    pub fn build(nt: &NameTable, namespace: &str, domain: &str, search: &[String]) -> Table {
+    fn build(nt: &NameTable, namespace: &str, domain: &str, search: &[String]) -> Table {
         let svc_domain = format!(".svc.{domain}");
         let mut names = HashMap::new();
         for (host, info) in &nt.table {
@@ -90,7 +89,7 @@ impl Table {
             // + `.ns.svc.cluster.local`): a CNAME back to the host spares the rest of the
             // search and the upstream queries it would make.
             if let Some(first) = search.first() {
-                for h in &hosts {
+                for h in hosts.iter().filter(|h| !h.starts_with("*.")) {
                     let expanded = fqdn(&format!("{h}{}", first.trim_end_matches('.')));
                     names
                         .entry(expanded)
@@ -120,12 +119,8 @@ impl Table {
         None
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
     }
 }
 
@@ -139,7 +134,7 @@ fn fqdn(host: &str) -> String {
 
 /// What to do with a query.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Reply {
+enum Reply {
     /// Send this answer.
     Local(Vec<u8>),
     /// Not a name of the table: ask the nameservers.
@@ -148,7 +143,7 @@ pub enum Reply {
 
 /// The answer to `query` from `table` (None before the control plane sent one: the query
 /// fails, as Istio's agent answers before it has synced), at most `max` bytes long.
-pub fn answer(table: Option<&Table>, query: &[u8], max: usize) -> Reply {
+fn answer(table: Option<&Table>, query: &[u8], max: usize) -> Reply {
     let Ok(q) = Packet::parse(query) else {
         return Reply::Local(failure(query, RCODE::FormatError));
     };
@@ -192,11 +187,7 @@ pub fn answer(table: Option<&Table>, query: &[u8], max: usize) -> Reply {
     // A known name without addresses of the type asked is NOERROR with no answer, not
     // NXDOMAIN, which clients asking for A and AAAA at once would take for both.
     let mut records: Vec<RData> = match wants {
-        TYPE::A => addresses
-            .0
-            .iter()
-            .map(|a| RData::A(A::from(*a)))
-            .collect(),
+        TYPE::A => addresses.0.iter().map(|a| RData::A(A::from(*a))).collect(),
         _ => addresses
             .1
             .iter()
@@ -233,7 +224,9 @@ pub fn answer(table: Option<&Table>, query: &[u8], max: usize) -> Reply {
 /// A reply to `query` with `rcode` and nothing else: its question when it parses, only its
 /// id when not (a query too short for one gets an id of 0).
 fn failure(query: &[u8], rcode: RCODE) -> Vec<u8> {
-    let id = query.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    let id = query
+        .get(..2)
+        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
     let mut reply = Packet::new_reply(id);
     if let Ok(q) = Packet::parse(query) {
         reply.questions.extend(q.questions.into_iter().take(1));
@@ -269,20 +262,27 @@ pub struct Resolver {
 
 impl Resolver {
     /// A resolver whose table follows the configuration's name table, rebuilt when a new one
-    /// arrives.
+    /// arrives, for a pod in `namespace` of cluster domain `domain`; names the table does not
+    /// know go to `nameservers`.
     pub fn start(
         mut config: watch::Receiver<Arc<Config>>,
         namespace: String,
         domain: String,
-        resolv: ResolvConf,
+        search: Vec<String>,
+        nameservers: Vec<SocketAddr>,
         stats: Arc<DnsStats>,
     ) -> Arc<Resolver> {
         let (tx, rx) = watch::channel(None);
-        let search = resolv.search.clone();
         tokio::spawn(async move {
             let mut last = None;
             loop {
-                let nt = config.borrow_and_update().xds.name_tables.values().next().cloned();
+                let nt = config
+                    .borrow_and_update()
+                    .xds
+                    .name_tables
+                    .values()
+                    .next()
+                    .cloned();
                 if let Some(nt) = nt
                     && last.as_ref().is_none_or(|l| !Arc::ptr_eq(l, &nt))
                 {
@@ -303,19 +303,10 @@ impl Resolver {
         });
         Arc::new(Resolver {
             table: rx,
-            nameservers: resolv
-                .nameservers
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, 53))
-                .collect(),
+            nameservers,
             stats,
             in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
         })
-    }
-
-    /// Whether the control plane's name table is in.
-    pub fn ready(&self) -> bool {
-        self.table.borrow().is_some()
     }
 
     /// The answer to `query`, from the table or the nameservers (over TCP when `tcp`).
@@ -456,4 +447,277 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> std::io::Result<()>
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(msg);
     stream.write_all(&out).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_xds::nds::NameInfo;
+
+    fn table() -> Table {
+        let info = |ips: &[&str], registry: &str, short: &str, ns: &str| NameInfo {
+            ips: ips.iter().map(|s| s.to_string()).collect(),
+            registry: registry.into(),
+            shortname: short.into(),
+            namespace: ns.into(),
+            alt_hosts: Vec::new(),
+        };
+        let mut nt = NameTable::default();
+        for (host, i) in [
+            (
+                "reviews.shop.svc.cluster.local",
+                info(&["10.96.0.7"], "Kubernetes", "reviews", "shop"),
+            ),
+            (
+                "ratings.other.svc.cluster.local",
+                info(&["10.96.0.8", "fd00::8"], "Kubernetes", "ratings", "other"),
+            ),
+            (
+                "db.shop.svc.cluster.local",
+                info(
+                    &["10.1.0.1", "10.1.0.2", "10.1.0.3"],
+                    "Kubernetes",
+                    "db",
+                    "shop",
+                ),
+            ),
+            (
+                "api.example.test",
+                info(&["240.240.0.1"], "External", "", ""),
+            ),
+            ("*.wild.test", info(&["240.240.0.2"], "External", "", "")),
+        ] {
+            nt.table.insert(host.into(), i);
+        }
+        Table::build(
+            &nt,
+            "shop",
+            "cluster.local",
+            &["shop.svc.cluster.local".into(), "svc.cluster.local".into()],
+        )
+    }
+
+    fn query(name: &str, qtype: TYPE) -> Vec<u8> {
+        let mut q = Packet::new_query(0x1234);
+        q.set_flags(PacketFlag::RECURSION_DESIRED);
+        q.questions.push(simple_dns::Question::new(
+            Name::new_unchecked(name),
+            QTYPE::TYPE(qtype),
+            simple_dns::QCLASS::CLASS(CLASS::IN),
+            false,
+        ));
+        q.build_bytes_vec().unwrap()
+    }
+
+    /// The answer's code and records as text (`A 10.0.0.1`, `CNAME x`).
+    fn ask(t: Option<&Table>, name: &str, qtype: TYPE, max: usize) -> (RCODE, Vec<String>, bool) {
+        let Reply::Local(bytes) = answer(t, &query(name, qtype), max) else {
+            return (RCODE::NoError, vec!["forward".into()], false);
+        };
+        let p = Packet::parse(&bytes).unwrap();
+        assert_eq!(p.id(), 0x1234);
+        let records = p
+            .answers
+            .iter()
+            .map(|r| match &r.rdata {
+                RData::A(a) => format!("{} A {}", r.name, Ipv4Addr::from(a.address)),
+                RData::AAAA(a) => format!("{} AAAA {}", r.name, Ipv6Addr::from(a.address)),
+                RData::CNAME(c) => format!("{} CNAME {}", r.name, c.0),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        (p.rcode(), records, p.has_flags(PacketFlag::TRUNCATION))
+    }
+
+    #[test]
+    fn services_answer_by_every_name_a_pod_of_the_namespace_uses() {
+        let t = table();
+        for name in [
+            "reviews.shop.svc.cluster.local",
+            "reviews.shop.svc",
+            "reviews.shop",
+            "reviews",
+            "REVIEWS.Shop",
+        ] {
+            let (code, records, _) = ask(Some(&t), name, TYPE::A, UDP_MIN);
+            assert_eq!(code, RCODE::NoError, "{name}");
+            assert_eq!(records, [format!("{name} A 10.96.0.7")], "{name}");
+        }
+        // Another namespace's service has no one-label name here.
+        assert_eq!(ask(Some(&t), "ratings", TYPE::A, UDP_MIN).1, ["forward"]);
+        assert_eq!(
+            ask(Some(&t), "ratings.other", TYPE::AAAA, UDP_MIN).1,
+            ["ratings.other AAAA fd00::8"]
+        );
+        // A known name without an address of the type asked: no answer, but no NXDOMAIN.
+        let (code, records, _) = ask(Some(&t), "reviews", TYPE::AAAA, UDP_MIN);
+        assert_eq!((code, records.len()), (RCODE::NoError, 0));
+        // The first search domain appended to a host: a CNAME to it, with its address.
+        assert_eq!(
+            ask(
+                Some(&t),
+                "api.example.test.shop.svc.cluster.local",
+                TYPE::A,
+                UDP_MIN
+            )
+            .1,
+            [
+                "api.example.test.shop.svc.cluster.local CNAME api.example.test",
+                "api.example.test A 240.240.0.1"
+            ]
+        );
+        // Wildcard hosts cover their subdomains, answered under the name asked.
+        assert_eq!(
+            ask(Some(&t), "a.b.wild.test", TYPE::A, UDP_MIN).1,
+            ["a.b.wild.test A 240.240.0.2"]
+        );
+    }
+
+    #[test]
+    fn other_names_and_types_go_upstream_and_bad_queries_fail() {
+        let t = table();
+        assert_eq!(
+            ask(Some(&t), "example.com", TYPE::A, UDP_MIN).1,
+            ["forward"]
+        );
+        assert_eq!(ask(Some(&t), "reviews", TYPE::MX, UDP_MIN).1, ["forward"]);
+        // Before the control plane's table, as Istio's agent: a failure.
+        assert_eq!(
+            ask(None, "reviews", TYPE::A, UDP_MIN).0,
+            RCODE::ServerFailure
+        );
+        for bad in [&b""[..], &b"\x12"[..], &b"\x12\x34\x01\x00\x00\x05"[..]] {
+            let Reply::Local(bytes) = answer(Some(&t), bad, UDP_MIN) else {
+                panic!("{bad:?} forwarded");
+            };
+            let p = Packet::parse(&bytes).unwrap();
+            assert_eq!(p.rcode(), RCODE::FormatError, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_answer_too_long_for_udp_is_truncated_and_pods_are_spread() {
+        let t = table();
+        let (_, records, truncated) = ask(Some(&t), "db", TYPE::A, 40);
+        assert!(truncated && records.is_empty());
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            let (_, records, truncated) = ask(Some(&t), "db", TYPE::A, UDP_MIN);
+            assert!(!truncated);
+            assert_eq!(records.len(), 3);
+            firsts.insert(records[0].clone());
+        }
+        assert_eq!(firsts.len(), 3, "{firsts:?}");
+    }
+
+    /// One A query over UDP: the answer's code and first address.
+    async fn over_udp(client: &UdpSocket, name: &str) -> (RCODE, Option<String>) {
+        let mut buf = vec![0u8; 4096];
+        client.send(&query(name, TYPE::A)).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let p = Packet::parse(&buf[..n]).unwrap();
+        let first = p.answers.first().map(|r| match &r.rdata {
+            RData::A(a) => Ipv4Addr::from(a.address).to_string(),
+            other => format!("{other:?}"),
+        });
+        (p.rcode(), first)
+    }
+
+    /// A nameserver on loopback that answers every A query with 192.0.2.1.
+    async fn nameserver() -> SocketAddr {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 512];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let q = Packet::parse(&buf[..n]).unwrap();
+                let mut r = Packet::new_reply(q.id());
+                r.questions.push(q.questions[0].clone());
+                r.answers.push(ResourceRecord::new(
+                    q.questions[0].qname.clone(),
+                    CLASS::IN,
+                    60,
+                    RData::A(A::from(Ipv4Addr::new(192, 0, 2, 1))),
+                ));
+                let _ = socket.send_to(&r.build_bytes_vec().unwrap(), from).await;
+            }
+        });
+        addr
+    }
+
+    /// Queries over real sockets: the table's names answered, others asked of the first
+    /// nameserver that answers (a closed port is given up for the next), all counted.
+    #[tokio::test]
+    async fn the_resolver_answers_over_udp_and_tcp_and_forwards_the_rest() {
+        let closed = {
+            let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            s.local_addr().unwrap()
+        };
+        let upstream = nameserver().await;
+        let mut nt = NameTable::default();
+        nt.table.insert(
+            "reviews.shop.svc.cluster.local".into(),
+            NameInfo {
+                ips: vec!["10.96.0.7".into()],
+                registry: "Kubernetes".into(),
+                shortname: "reviews".into(),
+                namespace: "shop".into(),
+                alt_hosts: Vec::new(),
+            },
+        );
+        let mut xds = isthmus_xds::client::XdsState::default();
+        xds.name_tables.insert(String::new(), Arc::new(nt.into()));
+        let (_config, rx) = watch::channel(Arc::new(Config {
+            xds: Arc::new(xds),
+            ..Config::default()
+        }));
+        let stats = Arc::new(DnsStats::default());
+        let resolver = Resolver::start(
+            rx,
+            "shop".into(),
+            "cluster.local".into(),
+            Vec::new(),
+            vec![closed, upstream],
+            stats.clone(),
+        );
+        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_at, tcp_at) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        tokio::spawn(resolver.clone().serve_udp(udp));
+        tokio::spawn(resolver.serve_tcp(tcp));
+
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(udp_at).await.unwrap();
+        // The table arrives from the configuration a moment after the start.
+        let mut local = (RCODE::ServerFailure, None);
+        for _ in 0..50 {
+            local = over_udp(&client, "reviews").await;
+            if local.0 == RCODE::NoError {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(local, (RCODE::NoError, Some("10.96.0.7".into())));
+        assert_eq!(
+            over_udp(&client, "example.com").await,
+            (RCODE::NoError, Some("192.0.2.1".into()))
+        );
+
+        let mut stream = TcpStream::connect(tcp_at).await.unwrap();
+        write_framed(&mut stream, &query("reviews.shop", TYPE::A))
+            .await
+            .unwrap();
+        let answer = read_framed(&mut stream).await.unwrap().unwrap();
+        let p = Packet::parse(&answer).unwrap();
+        assert!(
+            matches!(&p.answers[0].rdata, RData::A(a) if Ipv4Addr::from(a.address) == Ipv4Addr::new(10, 96, 0, 7))
+        );
+
+        assert!(stats.requests.load(Ordering::Relaxed) >= 3);
+        assert_eq!(stats.upstream_requests.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.upstream_failures.load(Ordering::Relaxed), 0);
+    }
 }
