@@ -400,6 +400,8 @@ fn metadata(md: Option<&Struct>) -> Result<NodeMetadata, String> {
         istio_version: string("ISTIO_VERSION"),
         name: string("NAME"),
         proxy_headers,
+        dns_auto_allocate: string("DNS_AUTO_ALLOCATE")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true")),
     })
 }
 

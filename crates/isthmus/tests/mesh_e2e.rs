@@ -1634,11 +1634,30 @@ metadata:
   namespace: dns
   labels: {app: client}
   annotations:
-    proxy.istio.io/config: '{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true"}}'
+    proxy.istio.io/config: '{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true", "ISTIO_META_DNS_AUTO_ALLOCATE": "true"}}'
 spec:
   containers:
   - name: client
     command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tcp, namespace: dns, labels: {app: tcp}}
+spec:
+  containers:
+  - name: tcp
+    command: [isthmus, echo, --tcp, --port, "7000"]
+    securityContext: {runAsUser: 1000}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: dns}
+spec:
+  hosts: [db.example.test]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  workloadSelector: {labels: {app: tcp}}
 ---
 apiVersion: v1
 kind: Pod
@@ -1650,9 +1669,9 @@ spec:
 "#;
 
 /// Istio's DNS proxying: with `ISTIO_META_DNS_CAPTURE`, the pod's DNS queries are captured to
-/// its agent, which answers a ServiceEntry's host that no DNS server knows with its address;
-/// the request to it then goes through the sidecar to the entry's workload. Without it, the
-/// name does not resolve.
+/// its agent, which answers a ServiceEntry's host that no DNS server knows with its address
+/// (or, with `ISTIO_META_DNS_AUTO_ALLOCATE`, the one allocated to it); the request to it then
+/// goes through the sidecar to the entry's workload. Without it, the name does not resolve.
 #[test]
 fn dns_capture_resolves_service_entry_hosts_in_the_pod() {
     if !is_root() {
@@ -1671,6 +1690,12 @@ fn dns_capture_resolves_service_entry_hosts_in_the_pod() {
     assert!(ok && out.starts_with("240.240.0.1 "), "{out}");
     let (ok, out) = mesh.get("client", "http://api.example.test/", &[]);
     assert!(ok && out.contains("Hostname=web"), "{out}");
+    // A TCP entry without addresses: with DNS_AUTO_ALLOCATE, the agent answers with the one
+    // allocated to it, on which the sidecar has the entry's listener.
+    let (ok, out) = resolve("client", "db.example.test");
+    assert!(ok && out.starts_with("240.240."), "{out}");
+    let (ok, out) = mesh.get("client", "tcp://db.example.test:7000", &[]);
+    assert!(ok, "{out}");
     // A name the table does not hold goes to the pod's nameserver, which is not there.
     let (ok, out) = resolve("client", "nowhere.invalid");
     assert!(!ok, "{out}");

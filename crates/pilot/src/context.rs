@@ -55,6 +55,8 @@ pub struct Scope {
     /// The outbound listeners' tracing, access logs and stats filter, encoded: Telemetry resources that
     /// select the workload, and tracing's per-workload tags, make them differ.
     pub telemetry: Vec<u8>,
+    /// Allocated addresses of ServiceEntries are in its listeners and routes.
+    pub dns_auto_allocate: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -274,6 +276,7 @@ impl PushContext {
 
     pub fn scope(&self, proxy: &Proxy) -> Scope {
         Scope {
+            dns_auto_allocate: proxy.dns_auto_allocate,
             proxy_headers: proxy.proxy_headers.clone(),
             locality: self.proxy_locality(proxy),
             namespace: proxy.namespace.clone(),

@@ -205,7 +205,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                 let prefix: Vec<CidrRange> = if svc.headless {
                     Vec::new()
                 } else {
-                    svc.vips
+                    svc.addresses(proxy.dns_auto_allocate)
                         .iter()
                         .map(|v| CidrRange {
                             address_prefix: v.to_string(),
@@ -275,7 +275,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                 let cluster = outbound_cluster(port.port, "", &svc.hostname);
                 // Headless and VIP-less services match on the port alone.
                 let ip = svc
-                    .vips
+                    .addresses(proxy.dns_auto_allocate)
                     .first()
                     .filter(|_| !svc.headless)
                     .map_or("0.0.0.0".to_string(), |v| v.to_string());

@@ -22,7 +22,7 @@ pub fn name_table(ctx: &PushContext, proxy: &Proxy) -> NameTable {
         let svc = imported.svc;
         let kubernetes = svc.source == ServiceSource::Kubernetes;
         let registry = if kubernetes { KUBERNETES } else { EXTERNAL };
-        let mut ips: Vec<IpAddr> = svc.vips.clone();
+        let mut ips: Vec<IpAddr> = svc.addresses(proxy.dns_auto_allocate).to_vec();
         if ips.is_empty() && svc.resolution == Resolution::Passthrough {
             let Some(first) = svc.ports.first() else {
                 continue;
@@ -56,7 +56,8 @@ pub fn name_table(ctx: &PushContext, proxy: &Proxy) -> NameTable {
             }
         }
         if ips.is_empty() {
-            // A DNS-resolved ServiceEntry without addresses: the app's resolver finds it.
+            // A ServiceEntry without addresses, none allocated for this proxy: the app's
+            // resolver finds it.
             continue;
         }
         // Kubernetes services carry what the agent makes `name`, `name.ns`, `name.ns.svc` of.

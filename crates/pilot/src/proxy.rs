@@ -42,6 +42,9 @@ pub struct Proxy {
     pub proxy_headers: Option<ProxyHeaders>,
     /// The pod's own ProxyConfig `tracing`, in place of the mesh's.
     pub tracing: Option<serde_json::Value>,
+    /// ServiceEntry hosts without addresses are reached at the ones the registry allocated
+    /// (`DNS_AUTO_ALLOCATE`, with the agent answering DNS for them).
+    pub dns_auto_allocate: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +69,8 @@ pub struct NodeMetadata {
     /// The pod's ProxyConfig `tracing` (sampling, custom tags, Zipkin address), in place of
     /// the mesh's `defaultConfig.tracing`.
     pub tracing: Option<serde_json::Value>,
+    /// `DNS_AUTO_ALLOCATE`.
+    pub dns_auto_allocate: bool,
 }
 
 impl Proxy {
@@ -125,6 +130,7 @@ impl Proxy {
             istio_version: meta.istio_version.clone().unwrap_or_default(),
             proxy_headers: meta.proxy_headers.clone(),
             tracing: meta.tracing.clone(),
+            dns_auto_allocate: meta.dns_auto_allocate,
         })
     }
 

@@ -112,7 +112,7 @@ fn route_config(
                 &proxy.namespace,
                 ctx.domain(),
                 port,
-                &svc.vips,
+                svc.addresses(proxy.dns_auto_allocate),
             ),
             routes,
             include_request_attempt_count: attempt_count,

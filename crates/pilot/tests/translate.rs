@@ -1257,7 +1257,7 @@ spec:
 #[test]
 fn the_name_table_holds_what_the_proxy_may_reach_by_address() {
     let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: bookinfo}\nspec:\n  hosts: [api.example.test]\n  addresses: [240.240.0.1]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: plain, namespace: bookinfo}\nspec:\n  hosts: [plain.example.test]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: data}\nspec:\n  egress:\n  - hosts: [./*]\n",
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: api, namespace: bookinfo}\nspec:\n  hosts: [api.example.test]\n  addresses: [240.240.0.1]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: plain, namespace: bookinfo}\nspec:\n  hosts: [plain.example.test]\n  ports: [{number: 80, name: http, protocol: HTTP}, {number: 5000, name: tcp, protocol: TCP}]\n  resolution: DNS\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: data}\nspec:\n  egress:\n  - hosts: [./*]\n",
     );
     let table =
         isthmus_pilot::nds::name_table(&ctx, &proxy("10.1.0.10", "productpage-v1-0", "bookinfo"))
@@ -1288,6 +1288,50 @@ fn the_name_table_holds_what_the_proxy_may_reach_by_address() {
         (&["240.240.0.1".to_string()][..], "External", "")
     );
     assert!(!table.contains_key("plain.example.test"), "{table:?}");
+
+    // With `DNS_AUTO_ALLOCATE`, the entry without addresses has the allocated one, in the
+    // name table and in the listener its port gets.
+    let id = Proxy::node_id(
+        "10.1.0.10".parse().unwrap(),
+        "productpage-v1-0",
+        "bookinfo",
+        "cluster.local",
+    );
+    let meta = NodeMetadata {
+        dns_auto_allocate: true,
+        ..Default::default()
+    };
+    let auto = Proxy::from_node(&id, &meta).unwrap();
+    let vip = ctx
+        .registry
+        .services_by_host("plain.example.test")
+        .next()
+        .and_then(|s| s.auto_vip)
+        .expect("allocated")
+        .to_string();
+    let table = isthmus_pilot::nds::name_table(&ctx, &auto).table;
+    assert_eq!(table["plain.example.test"].ips, std::slice::from_ref(&vip));
+    assert_eq!(table["api.example.test"].ips, ["240.240.0.1"]);
+    let listeners = |p: &Proxy| -> Vec<String> {
+        isthmus_pilot::listener::listeners(&ctx, p)
+            .into_iter()
+            .map(|l| l.name)
+            .collect()
+    };
+    assert!(
+        listeners(&auto).contains(&format!("{vip}_5000")),
+        "{:?}",
+        listeners(&auto)
+    );
+    let plain_proxy = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    assert!(
+        !listeners(&plain_proxy)
+            .iter()
+            .any(|l| l.starts_with("240.240.")),
+        "{:?}",
+        listeners(&plain_proxy)
+    );
+    assert_ne!(ctx.scope(&auto), ctx.scope(&plain_proxy));
 
     // The data namespace's Sidecar imports its own namespace only (nc-0 has one of its own).
     let scoped = isthmus_pilot::nds::name_table(&ctx, &proxy("10.1.1.20", "db-0", "data")).table;

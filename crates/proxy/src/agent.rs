@@ -93,6 +93,9 @@ pub struct Options {
     /// the name table does not know to the nameservers of `resolv_conf`.
     pub dns_capture: bool,
     pub resolv_conf: PathBuf,
+    /// The rest of the node metadata, as Istio's agent passes on its `ISTIO_META_*`
+    /// environment (`DNS_AUTO_ALLOCATE`, …); the fields above win.
+    pub metadata: BTreeMap<String, String>,
 }
 
 impl Options {
@@ -116,7 +119,11 @@ impl Options {
             fields: self.labels.iter().map(|(k, v)| (k.clone(), s(v))).collect(),
         };
         let ips: Vec<String> = self.ips.iter().map(IpAddr::to_string).collect();
-        let mut fields: BTreeMap<String, PbValue> = BTreeMap::new();
+        let mut fields: BTreeMap<String, PbValue> = self
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), s(v)))
+            .collect();
         fields.insert("NAME".into(), s(&self.pod_name));
         fields.insert("NAMESPACE".into(), s(&self.namespace));
         fields.insert("INSTANCE_IPS".into(), s(&ips.join(",")));

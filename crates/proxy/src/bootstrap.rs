@@ -219,6 +219,7 @@ mod tests {
             stats_inclusions: Default::default(),
             dns_capture: false,
             resolv_conf: "/etc/resolv.conf".into(),
+            metadata: Default::default(),
         };
         let text = |s: &str| PbValue {
             kind: Some(Kind::StringValue(s.into())),

@@ -469,6 +469,7 @@ impl Harness {
             .unwrap(),
             dns_capture: false,
             resolv_conf: "/etc/resolv.conf".into(),
+            metadata: Default::default(),
         };
         let levels = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = levels.clone();

@@ -200,9 +200,20 @@ pub struct Service {
     pub mesh_external: bool,
     pub subject_alt_names: Vec<String>,
     pub endpoints: Vec<Endpoint>,
+    /// For a ServiceEntry host without addresses: the one this registry allocated it, which
+    /// proxies that ask for it (`DNS_AUTO_ALLOCATE`) use as its address.
+    pub auto_vip: Option<IpAddr>,
 }
 
 impl Service {
+    /// Its addresses for a proxy that does (`auto`) or does not use allocated ones.
+    pub fn addresses(&self, auto: bool) -> &[IpAddr] {
+        match &self.auto_vip {
+            Some(vip) if auto && self.vips.is_empty() => std::slice::from_ref(vip),
+            _ => &self.vips,
+        }
+    }
+
     pub fn port(&self, number: u16) -> Option<&Port> {
         self.ports.iter().find(|p| p.port == number)
     }
@@ -292,7 +303,57 @@ impl Registry {
                 reg.add_service(svc);
             }
         }
+        reg.allocate_addresses();
         reg
+    }
+
+    /// Gives every ServiceEntry host that has no address, is not a wildcard and is resolved
+    /// (not `NONE`) one in 240.240.0.0/16 (Istio's range for them): by a hash of the host, so
+    /// that it stays while the mesh changes around it, the next free one on a collision. Hosts
+    /// are taken in order, so the same mesh always allocates alike.
+    fn allocate_addresses(&mut self) {
+        // Fourth octets 1 to 254 of every third: no network or broadcast-looking addresses.
+        const SLOTS: u32 = 256 * 254;
+        let slot_ip = |n: u32| {
+            IpAddr::V4(std::net::Ipv4Addr::new(
+                240,
+                240,
+                (n / 254) as u8,
+                (n % 254 + 1) as u8,
+            ))
+        };
+        let mut wanting: Vec<usize> = (0..self.services.len())
+            .filter(|&i| {
+                let s = &self.services[i];
+                s.source == ServiceSource::ServiceEntry
+                    && s.vips.is_empty()
+                    && !s.hostname.starts_with('*')
+                    && s.resolution != Resolution::Passthrough
+            })
+            .collect();
+        wanting.sort_by(|&a, &b| {
+            let (a, b) = (&self.services[a], &self.services[b]);
+            (&a.hostname, &a.namespace).cmp(&(&b.hostname, &b.namespace))
+        });
+        let mut taken: std::collections::HashSet<IpAddr> = self.by_vip.keys().copied().collect();
+        let mut by_host: HashMap<String, IpAddr> = HashMap::new();
+        for i in wanting {
+            let host = self.services[i].hostname.clone();
+            let vip = *by_host.entry(host).or_insert_with_key(|h| {
+                // FNV-1a: small, and the same on every platform and run.
+                let hash = h.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                let start = hash % SLOTS;
+                let free = (0..SLOTS)
+                    .map(|k| slot_ip((start + k) % SLOTS))
+                    .find(|ip| !taken.contains(ip))
+                    .unwrap_or_else(|| slot_ip(start));
+                taken.insert(free);
+                free
+            });
+            self.services[i].auto_vip = Some(vip);
+        }
     }
 
     fn add_service(&mut self, svc: Service) {
@@ -474,6 +535,7 @@ impl Registry {
             mesh_external: false,
             subject_alt_names: vec![],
             endpoints: vec![],
+            auto_vip: None,
         };
         svc.endpoints = match &svc.selector {
             Some(sel) => self.selected_endpoints(&svc.namespace, sel, &svc.ports),
@@ -616,6 +678,7 @@ impl Registry {
                     mesh_external: spec.location.as_deref() != Some("MESH_INTERNAL"),
                     subject_alt_names: spec.subject_alt_names.clone(),
                     endpoints,
+                    auto_vip: None,
                 }
             })
             .collect()

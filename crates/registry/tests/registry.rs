@@ -125,3 +125,81 @@ fn service_entries_join_the_registry() {
     assert_eq!(eps[0].address, Address::Dns("api.example.com".into()));
     assert_eq!(ext.port(443).unwrap().protocol, Protocol::Https);
 }
+
+/// ServiceEntry hosts without addresses get one in 240.240.0.0/16, the same for the same
+/// mesh, distinct between hosts, for proxies that ask for them; wildcard hosts, `NONE`
+/// resolution and entries with addresses get none.
+#[test]
+fn service_entries_without_addresses_are_allocated_one() {
+    let extra = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: more, namespace: bookinfo}
+spec:
+  hosts: [db.example.com, cache.example.com, "*.wild.example.com"]
+  ports: [{number: 3306, name: tcp, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: bookinfo}
+spec:
+  hosts: [none.example.com]
+  ports: [{number: 3306, name: tcp, protocol: TCP}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: fixed, namespace: bookinfo}
+spec:
+  hosts: [fixed.example.com]
+  addresses: [192.0.2.10]
+  ports: [{number: 3306, name: tcp, protocol: TCP}]
+  resolution: DNS
+"#;
+    let build = || {
+        let loaded = Loader::default().load_str("mesh.yaml", &format!("{MESH}---{extra}"));
+        assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+        let snap: Snapshot = loaded.resources.into_iter().collect();
+        Registry::build(&snap, "cluster.local")
+    };
+    let reg = build();
+    let allocated = |host: &str| {
+        let svc = reg.services_by_host(host).next().unwrap();
+        (
+            svc.auto_vip,
+            svc.addresses(true).to_vec(),
+            svc.addresses(false).to_vec(),
+        )
+    };
+    let (db, cache) = (allocated("db.example.com"), allocated("cache.example.com"));
+    for (vip, with, without) in [&db, &cache] {
+        let vip = vip.expect("allocated");
+        assert!(
+            matches!(vip, IpAddr::V4(v) if v.octets()[..2] == [240, 240] && v.octets()[3] != 0 && v.octets()[3] != 255),
+            "{vip}"
+        );
+        assert_eq!(with, &[vip]);
+        assert!(without.is_empty());
+    }
+    assert_ne!(db.0, cache.0);
+    assert_eq!(
+        build()
+            .services_by_host("db.example.com")
+            .next()
+            .unwrap()
+            .auto_vip,
+        db.0
+    );
+    for host in [
+        "*.wild.example.com",
+        "none.example.com",
+        "fixed.example.com",
+        "api.example.com",
+    ] {
+        let (vip, ..) = allocated(host);
+        assert_eq!(vip.is_some(), host == "api.example.com", "{host}");
+    }
+    let fixed: IpAddr = "192.0.2.10".parse().unwrap();
+    assert_eq!(allocated("fixed.example.com").1, [fixed]);
+}

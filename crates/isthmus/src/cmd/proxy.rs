@@ -208,6 +208,9 @@ pub fn run(a: ProxyArgs) -> Result<i32> {
         stats_inclusions,
         dns_capture: a.dns_capture,
         resolv_conf: a.resolv_conf,
+        metadata: std::env::vars()
+            .filter_map(|(k, v)| Some((k.strip_prefix("ISTIO_META_")?.to_string(), v)))
+            .collect(),
     };
     // Istio's ProxyConfig `concurrency`: worker threads (0: one per core). One by default: a
     // sidecar serves one pod, and a single thread spends no CPU on cross-thread wake-ups.
