@@ -370,6 +370,8 @@ impl Resolver {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                // Out of descriptors, say: give the connections in hand time to close.
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
             let me = self.clone();
