@@ -79,11 +79,18 @@ fn route(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/debug/syncz" => json_response(syncz(state)),
         "/debug/registryz" => json_response(registryz(state)),
         "/debug/configz" => json_response(configz(state)),
-        "/debug/config_dump" => match query.get("proxyID") {
-            Some(id) => match config_dump(state, id) {
-                Ok(v) => json_response(v),
-                Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
-            },
+        path @ ("/debug/config_dump" | "/debug/ndsz") => match query.get("proxyID") {
+            Some(id) => {
+                let built = if path == "/debug/ndsz" {
+                    ndsz(state, id)
+                } else {
+                    config_dump(state, id)
+                };
+                match built {
+                    Ok(v) => json_response(v),
+                    Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+                }
+            }
             None => text(StatusCode::BAD_REQUEST, "proxyID is required\n".into()),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
@@ -239,20 +246,54 @@ fn configz(state: &State) -> Value {
 }
 
 /// Envoy's config dump (clusters, endpoints, listeners, routes) for a proxy named by node id or `pod.namespace`.
-fn config_dump(state: &State, id: &str) -> Result<Value, String> {
-    let node_id = {
-        let proxies = state.proxies.lock().map(|p| p.clone()).unwrap_or_default();
+/// The connected proxy `id` names (its node id, or `<pod>.<namespace>`), as its node and
+/// metadata make it.
+fn connected(state: &State, id: &str) -> Result<isthmus_pilot::Proxy, String> {
+    let node = {
+        let proxies = state.proxies.lock().unwrap_or_else(|p| p.into_inner());
         proxies
             .values()
-            .map(|p| p.node_id.clone())
-            .find(|n| n == id || n.split('~').nth(2) == Some(id))
+            .find(|p| p.node_id == id || p.node_id.split('~').nth(2) == Some(id))
+            .map(|p| match &p.node {
+                Some(n) => (**n).clone(),
+                None => envoy_types::pb::envoy::config::core::v3::Node {
+                    id: p.node_id.clone(),
+                    ..Default::default()
+                },
+            })
             .ok_or_else(|| format!("proxy {id:?} is not connected"))?
     };
-    let node = envoy_types::pb::envoy::config::core::v3::Node {
-        id: node_id,
-        ..Default::default()
-    };
-    let proxy = proxy_of(&node)?;
+    proxy_of(&node)
+}
+
+/// Istio's `/debug/ndsz`: the name table the proxy's agent answers DNS from.
+fn ndsz(state: &State, id: &str) -> Result<Value, String> {
+    let proxy = connected(state, id)?;
+    let table = isthmus_pilot::nds::name_table(&current(state), &proxy);
+    let entries: serde_json::Map<String, Value> = table
+        .table
+        .into_iter()
+        .map(|(host, i)| {
+            let mut info = serde_json::Map::new();
+            info.insert("ips".into(), serde_json::json!(i.ips));
+            for (k, v) in [
+                ("registry", i.registry),
+                ("shortname", i.shortname),
+                ("namespace", i.namespace),
+            ] {
+                // As protobuf's JSON: fields left empty are left out.
+                if !v.is_empty() {
+                    info.insert(k.into(), Value::String(v));
+                }
+            }
+            (host, Value::Object(info))
+        })
+        .collect();
+    Ok(serde_json::json!({ "table": entries }))
+}
+
+fn config_dump(state: &State, id: &str) -> Result<Value, String> {
+    let proxy = connected(state, id)?;
     let ctx = current(state);
     let version = format!("v{}", *state.version.borrow());
     let dump = isthmus_xds::client::XdsState {

@@ -729,3 +729,73 @@ fn reload_shares_unchanged_resources() {
         &second.services[0]
     ));
 }
+
+/// The debug endpoints build a proxy's configuration from its node as it sent it, metadata
+/// included: a proxy with `DNS_AUTO_ALLOCATE` has the address allocated to a ServiceEntry in
+/// its name table (`/debug/ndsz`, as istiod's) and in its listeners (`/debug/config_dump`).
+#[tokio::test]
+async fn debug_endpoints_use_the_node_metadata_the_proxy_sent() {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let (_dir, cp) = start_with(&format!(
+        "{MESH}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: default}}\nspec:\n  hosts: [db.example.test]\n  ports: [{{number: 3306, name: tcp, protocol: TCP}}]\n  resolution: DNS\n"
+    ))
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cp.xds_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let text = |s: &str| Value {
+        kind: Some(Kind::StringValue(s.into())),
+    };
+    let node = Node {
+        id: "sidecar~10.1.0.11~reviews-0.default~default.svc.cluster.local".into(),
+        metadata: Some(Struct {
+            fields: [("DNS_AUTO_ALLOCATE".to_string(), text("true"))]
+                .into_iter()
+                .collect(),
+        }),
+        ..Default::default()
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(Default::default());
+    tokio::spawn(async move {
+        let mut state = isthmus_xds::client::XdsState::default();
+        let wildcards = [
+            isthmus_xds::server::CLUSTER,
+            isthmus_xds::server::LISTENER,
+            isthmus_xds::nds::NAME_TABLE,
+        ];
+        isthmus_xds::client::run(
+            channel,
+            node,
+            &wildcards,
+            &mut state,
+            |s| Ok(s.clone()),
+            &tx,
+        )
+        .await
+    });
+    let sent = tokio::time::timeout(
+        Duration::from_secs(10),
+        rx.wait_for(|s: &std::sync::Arc<isthmus_xds::client::XdsState>| !s.name_tables.is_empty()),
+    )
+    .await
+    .expect("name table in time")
+    .unwrap()
+    .clone();
+    let table = sent.name_tables.values().next().unwrap().decode().unwrap();
+    let vip = table.table["db.example.test"].ips[0].clone();
+    assert!(vip.starts_with("240.240."), "{vip}");
+
+    let ndsz = get(cp.http_addr, "/debug/ndsz?proxyID=reviews-0.default").await;
+    assert!(
+        ndsz.contains("\"db.example.test\"") && ndsz.contains(&format!("\"{vip}\"")),
+        "{ndsz}"
+    );
+    assert!(ndsz.contains("\"shortname\": \"reviews\""), "{ndsz}");
+    let dump = get(cp.http_addr, "/debug/config_dump?proxyID=reviews-0.default").await;
+    assert!(
+        dump.contains(&format!("\"{vip}_3306\"")),
+        "no listener on {vip}"
+    );
+}

@@ -164,6 +164,10 @@ const FIRST_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ProxyState {
     pub node_id: String,
+    /// The node as the proxy sent it (its metadata shapes its configuration), for the debug
+    /// endpoints that build what it was sent.
+    #[serde(skip)]
+    pub node: Option<Arc<Node>>,
     /// The node's `CLUSTER_ID` and `ISTIO_VERSION` metadata.
     pub cluster_id: String,
     pub proxy_version: String,
@@ -371,7 +375,7 @@ struct Conn<G: Generator> {
     encoded: Arc<EncodedRuns>,
     proxies: Arc<Mutex<BTreeMap<u64, ProxyState>>>,
     counters: Arc<Counters>,
-    node: Option<Node>,
+    node: Option<Arc<Node>>,
     /// The generator's view of `node`, made when the node is learnt.
     proxy: Option<Result<G::Proxy, String>>,
     subs: HashMap<String, Subscription>,
@@ -745,8 +749,10 @@ impl<G: Generator> Conn<G> {
             };
             let (cluster_id, version) = (meta("CLUSTER_ID"), meta("ISTIO_VERSION"));
             self.proxy = Some(self.generator.proxy(&n));
-            self.node = Some(n);
+            let n = Arc::new(n);
+            self.node = Some(n.clone());
             self.state(|s| {
+                s.node = Some(n);
                 s.node_id = id;
                 s.cluster_id = cluster_id.unwrap_or_default();
                 s.proxy_version = version.unwrap_or_default();
