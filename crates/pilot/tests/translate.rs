@@ -14,8 +14,13 @@ fn context() -> PushContext {
 }
 
 fn proxy(ip: &str, pod: &str, ns: &str) -> Proxy {
+    proxy_with_metadata(ip, pod, ns, &NodeMetadata::default())
+}
+
+/// A proxy whose node sent `meta`.
+fn proxy_with_metadata(ip: &str, pod: &str, ns: &str, meta: &NodeMetadata) -> Proxy {
     let id = Proxy::node_id(ip.parse().unwrap(), pod, ns, "cluster.local");
-    Proxy::from_node(&id, &NodeMetadata::default()).unwrap()
+    Proxy::from_node(&id, meta).unwrap()
 }
 
 fn golden(name: &str, ctx: &PushContext, p: &Proxy) -> serde_json::Value {
@@ -654,17 +659,11 @@ fn request_authentication_puts_the_jwt_filter_before_rbac_which_matches_its_payl
 #[test]
 fn a_tproxy_sidecar_connects_to_its_app_from_the_callers_address() {
     let ctx = context();
-    let id = Proxy::node_id(
-        "10.1.0.10".parse().unwrap(),
-        "productpage-v1-0",
-        "bookinfo",
-        "cluster.local",
-    );
     let meta = NodeMetadata {
         interception_mode: Some("TPROXY".into()),
         ..Default::default()
     };
-    let tproxy = Proxy::from_node(&id, &meta).unwrap();
+    let tproxy = proxy_with_metadata("10.1.0.10", "productpage-v1-0", "bookinfo", &meta);
     let inbound = |p: &Proxy| {
         let l = isthmus_pilot::listener::listeners(&ctx, p)
             .into_iter()
@@ -724,12 +723,6 @@ spec:
         None,
     );
     let proxy_with = |mode: Option<&str>| {
-        let id = Proxy::node_id(
-            "10.0.0.9".parse().unwrap(),
-            "app",
-            "default",
-            "cluster.local",
-        );
         let meta = NodeMetadata {
             proxy_headers: mode.map(|m| {
                 serde_json::from_value(serde_json::json!({"metadataExchangeHeaders": {"mode": m}}))
@@ -737,7 +730,7 @@ spec:
             }),
             ..NodeMetadata::default()
         };
-        Proxy::from_node(&id, &meta).unwrap()
+        proxy_with_metadata("10.0.0.9", "app", "default", &meta)
     };
     // Istio marks the external service's cluster, not its subsets'.
     let clusters: Vec<serde_json::Value> =
@@ -941,13 +934,7 @@ fn tracing_follows_telemetry_resources_and_the_mesh_config() {
         tracing: Some(serde_json::json!({"sampling": 50.0})),
         ..Default::default()
     };
-    let id = Proxy::node_id(
-        "10.1.0.10".parse().unwrap(),
-        "productpage-v1-0",
-        "bookinfo",
-        "cluster.local",
-    );
-    let own = Proxy::from_node(&id, &meta).unwrap();
+    let own = proxy_with_metadata("10.1.0.10", "productpage-v1-0", "bookinfo", &meta);
     let no_rate = telemetry.replace("    randomSamplingPercentage: 10\n", "");
     let plain = context_with_mesh(&format!("{ZIPKIN_SERVICE}{no_rate}"), mesh.clone());
     assert_eq!(
@@ -1291,17 +1278,11 @@ fn the_name_table_holds_what_the_proxy_may_reach_by_address() {
 
     // With `DNS_AUTO_ALLOCATE`, the entry without addresses has the allocated one, in the
     // name table and in the listener its port gets.
-    let id = Proxy::node_id(
-        "10.1.0.10".parse().unwrap(),
-        "productpage-v1-0",
-        "bookinfo",
-        "cluster.local",
-    );
     let meta = NodeMetadata {
         dns_auto_allocate: true,
         ..Default::default()
     };
-    let auto = Proxy::from_node(&id, &meta).unwrap();
+    let auto = proxy_with_metadata("10.1.0.10", "productpage-v1-0", "bookinfo", &meta);
     let vip = ctx
         .registry
         .services_by_host("plain.example.test")
