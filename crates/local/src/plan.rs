@@ -282,11 +282,12 @@ pub fn plan(resources: &[Resource], domain: &str) -> Result<Plan, PlanError> {
             // What the injector adds, so that the registry sees a meshed pod.
             labels.insert("security.istio.io/tlsMode".into(), "istio".into());
             // Istio's canonical service and revision, from the app's labels when it has them.
-            let first = |keys: [&str; 2]| keys.iter().find_map(|k| labels.get(*k).cloned());
-            let canonical = first(["app.kubernetes.io/name", "app"])
-                .unwrap_or_else(|| owner.rsplit(' ').next().unwrap_or(owner).to_string());
-            let revision =
-                first(["app.kubernetes.io/version", "version"]).unwrap_or_else(|| "latest".into());
+            let canonical = isthmus_registry::canonical_service(&labels)
+                .unwrap_or_else(|| owner.rsplit(' ').next().unwrap_or(owner))
+                .to_string();
+            let revision = isthmus_registry::canonical_revision(&labels)
+                .unwrap_or("latest")
+                .to_string();
             labels
                 .entry("service.istio.io/canonical-name".into())
                 .or_insert(canonical);

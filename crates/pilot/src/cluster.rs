@@ -263,11 +263,14 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     } else if discovery == Discovery::Dns {
         c.cluster_discovery_type =
             Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
+        // Not named after workloads: the cluster is built once for every scope that sees it
+        // from its service and policy alone (`OutboundInputs::key`).
         c.load_assignment = Some(crate::endpoint::load_assignment(
             svc,
             port,
             o.subset.map(|s| &s.labels),
             &name,
+            &[],
         ));
         c.lb_policy = lb_policy(policy) as i32;
     } else {

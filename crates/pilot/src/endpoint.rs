@@ -1,5 +1,6 @@
 //! EDS: one ClusterLoadAssignment per EDS cluster, endpoints grouped by locality, with weight,
-//! health and the `tlsMode` metadata auto mTLS matches on.
+//! health, the `tlsMode` metadata auto mTLS matches on, and Istio's `istio.workload` metadata
+//! by which a client's telemetry names an endpoint's workload without asking it.
 
 use std::collections::BTreeMap;
 
@@ -33,11 +34,13 @@ pub struct Assignment<'a> {
     subset: Option<&'a BTreeMap<String, String>>,
     /// The proxy's locality, when localities are prioritized for it (locality failover).
     failover_from: Option<Locality>,
+    /// The registry's workloads, which endpoints refer to.
+    workloads: &'a [Workload],
 }
 
 impl Assignment<'_> {
     pub fn build(&self) -> ClusterLoadAssignment {
-        let mut a = load_assignment(self.svc, self.port, self.subset, &self.name);
+        let mut a = load_assignment(self.svc, self.port, self.subset, &self.name, self.workloads);
         if let Some(from) = &self.failover_from {
             for l in &mut a.endpoints {
                 l.priority = failover_priority(from, l.locality.as_ref());
@@ -62,6 +65,7 @@ impl Assignment<'_> {
                 e.weight,
                 e.healthy,
                 e.sidecar,
+                telemetry(e, self.workloads),
             )
                 .hash(&mut h);
         }
@@ -82,6 +86,7 @@ pub fn assignments<'a>(ctx: &'a PushContext, proxy: &Proxy) -> Vec<Assignment<'a
             failover_from: locality_failover(ctx, o.policy)
                 .then(|| ctx.proxy_locality(proxy))
                 .flatten(),
+            workloads: &ctx.registry.workloads,
         })
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -136,6 +141,25 @@ fn selected<'a>(
     eps
 }
 
+/// What Istio's `istio.workload` endpoint metadata says of an endpoint that is one of
+/// `workloads`: its workload name, namespace, canonical service and canonical revision.
+fn telemetry<'a>(
+    e: &isthmus_registry::Endpoint,
+    workloads: &'a [Workload],
+) -> Option<[&'a str; 4]> {
+    let w = workloads.get(e.workload?)?;
+    let name = w.workload_name();
+    Some([
+        name,
+        &w.namespace,
+        isthmus_registry::canonical_service(&w.labels).unwrap_or(name),
+        isthmus_registry::canonical_revision(&w.labels).unwrap_or("latest"),
+    ])
+}
+
+/// The cluster every workload of this control plane's registry is in (Istio's default id).
+const CLUSTER_ID: &str = "Kubernetes";
+
 /// The assignment of one cluster: the service's endpoints for `port`, filtered by subset labels.
 /// What it reads of each endpoint is what [`Assignment::key`] hashes.
 pub fn load_assignment(
@@ -143,6 +167,7 @@ pub fn load_assignment(
     port: u16,
     subset: Option<&BTreeMap<String, String>>,
     cluster_name: &str,
+    workloads: &[Workload],
 ) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<(String, String, String), Vec<LbEndpoint>> = BTreeMap::new();
     for e in selected(svc, port, subset) {
@@ -150,13 +175,19 @@ pub fn load_assignment(
             Address::Ip(ip) => ip.to_string(),
             Address::Dns(h) => h.clone(),
         };
+        let tls = e.sidecar.then(|| {
+            (
+                "envoy.transport_socket_match".to_string(),
+                strukt([(TLS_MODE_KEY, string("istio"))]),
+            )
+        });
+        // `<workload>;<namespace>;<canonical service>;<canonical revision>;<cluster>`
+        let workload = telemetry(e, workloads).map(|parts| {
+            let label = format!("{};{CLUSTER_ID}", parts.join(";"));
+            ("istio".to_string(), strukt([("workload", string(&label))]))
+        });
         let md = Metadata {
-            filter_metadata: crate::maps::map_of(e.sidecar.then(|| {
-                (
-                    "envoy.transport_socket_match".to_string(),
-                    strukt([(TLS_MODE_KEY, string("istio"))]),
-                )
-            })),
+            filter_metadata: crate::maps::map_of(tls.into_iter().chain(workload)),
             ..Default::default()
         };
         let lb = LbEndpoint {

@@ -338,24 +338,9 @@ fn tracer(ctx: &PushContext, proxy: &Proxy, c: Collector) -> Option<pb_tracing::
 
 /// The workload's canonical service, from its labels as Istio's injector derives it.
 fn canonical_service(ctx: &PushContext, proxy: &Proxy) -> String {
-    first_label(
-        ctx,
-        proxy,
-        &[
-            "service.istio.io/canonical-name",
-            "app.kubernetes.io/name",
-            "app",
-        ],
-        "unknown",
-    )
-}
-
-/// The first of `keys` among the workload's labels, else `default`.
-fn first_label(ctx: &PushContext, proxy: &Proxy, keys: &[&str], default: &str) -> String {
-    let labels = ctx.proxy_labels(proxy);
-    keys.iter()
-        .find_map(|k| labels.get(*k))
-        .map_or_else(|| default.to_string(), String::clone)
+    isthmus_registry::canonical_service(ctx.proxy_labels(proxy))
+        .unwrap_or("unknown")
+        .to_string()
 }
 
 /// Istio's tags on every span: the workload's canonical service and revision, mesh,
@@ -378,16 +363,9 @@ fn istio_tags(ctx: &PushContext, proxy: &Proxy) -> Vec<CustomTag> {
     [
         (
             "istio.canonical_revision",
-            first_label(
-                ctx,
-                proxy,
-                &[
-                    "service.istio.io/canonical-revision",
-                    "app.kubernetes.io/version",
-                    "version",
-                ],
-                "latest",
-            ),
+            isthmus_registry::canonical_revision(ctx.proxy_labels(proxy))
+                .unwrap_or("latest")
+                .to_string(),
         ),
         ("istio.canonical_service", canonical_service(ctx, proxy)),
         ("istio.cluster_id", or(&proxy.cluster_id, "unknown")),

@@ -121,7 +121,51 @@ pub struct Workload {
     pub sidecar: bool,
 }
 
+/// Istio's canonical service of a workload with `labels`, as its injector derives it: the
+/// `service.istio.io/canonical-name` label, else `app.kubernetes.io/name`, else `app`.
+pub fn canonical_service(labels: &BTreeMap<String, String>) -> Option<&str> {
+    first_label(
+        labels,
+        &[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ],
+    )
+}
+
+/// Istio's canonical revision: `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version` (Istio's `latest` when none).
+pub fn canonical_revision(labels: &BTreeMap<String, String>) -> Option<&str> {
+    first_label(
+        labels,
+        &[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ],
+    )
+}
+
+fn first_label<'a>(labels: &'a BTreeMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().find_map(|k| labels.get(*k)).map(String::as_str)
+}
+
 impl Workload {
+    /// Istio's workload name: a Deployment's pod (`reviews-v1-7d9c4-xk2p`, labelled with its
+    /// ReplicaSet's `pod-template-hash`) goes by the Deployment's name, anything else by its own.
+    pub fn workload_name(&self) -> &str {
+        match self.labels.get("pod-template-hash") {
+            Some(hash) if self.kind == WorkloadKind::Pod => self
+                .name
+                .rsplit_once('-')
+                .and_then(|(rest, _)| rest.strip_suffix(hash.as_str()))
+                .and_then(|rest| rest.strip_suffix('-'))
+                .unwrap_or(&self.name),
+            _ => &self.name,
+        }
+    }
+
     pub fn ip(&self) -> Option<IpAddr> {
         self.ips.first().copied()
     }

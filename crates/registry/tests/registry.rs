@@ -203,3 +203,48 @@ spec:
     let fixed: IpAddr = "192.0.2.10".parse().unwrap();
     assert_eq!(allocated("fixed.example.com").1, [fixed]);
 }
+
+/// Istio's workload and canonical names: a Deployment's pod by its Deployment, other pods by
+/// their own name; the canonical service and revision from the labels Istio's injector reads.
+#[test]
+fn workloads_are_named_as_istio_names_them() {
+    let yaml = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: reviews-v1-7d9c4-xk2p, namespace: a, labels: {pod-template-hash: 7d9c4, app: reviews, version: v1}}
+status: {podIP: 10.1.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: a, labels: {app.kubernetes.io/name: db, service.istio.io/canonical-revision: r7}}
+status: {podIP: 10.1.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: lone-1-2, namespace: a, labels: {pod-template-hash: other}}
+status: {podIP: 10.1.0.3}
+"#;
+    let loaded = Loader::default().load_str("pods.yaml", yaml);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let snap: Snapshot = loaded.resources.into_iter().collect();
+    let reg = Registry::build(&snap, "cluster.local");
+    let named: Vec<(&str, Option<&str>, Option<&str>)> = reg
+        .workloads
+        .iter()
+        .map(|w| {
+            (
+                w.workload_name(),
+                isthmus_registry::canonical_service(&w.labels),
+                isthmus_registry::canonical_revision(&w.labels),
+            )
+        })
+        .collect();
+    assert_eq!(
+        named,
+        [
+            ("reviews-v1", Some("reviews"), Some("v1")),
+            ("db-0", Some("db"), Some("r7")),
+            ("lone-1-2", None, None),
+        ]
+    );
+}
