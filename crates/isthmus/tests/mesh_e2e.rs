@@ -587,12 +587,15 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     );
     let (ok, out) = mesh.get("client", "tcp://tcpsrv:7000", &[]);
     assert!(ok, "{out}");
-    // The client side names the server of a TCP connection by its certificate.
+    // The client side names the server of a TCP connection by its certificate, and its
+    // workload by what the control plane said of the endpoint (no metadata exchange on TCP).
     let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
     assert!(
         own.lines().any(
             |l| l.contains("istio_tcp_connections_opened_total{reporter=\"source\"")
                 && l.contains("destination_principal=\"spiffe://cluster.local/ns/e2e/sa/default\"")
+                && l.contains("destination_workload=\"tcpsrv\"")
+                && l.contains("destination_canonical_service=\"tcpsrv\"")
                 && l.contains("destination_workload_namespace=\"e2e\"")
         ),
         "{own}"

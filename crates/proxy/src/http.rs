@@ -1107,6 +1107,8 @@ async fn forward(
                 if let Some(c) = set_cookie.take() {
                     resp.headers_mut().append(header::SET_COOKIE, c);
                 }
+                // Who answered: its peer metadata, else what the control plane said of the
+                // endpoint, as Istio's client side falls back.
                 let dest_peer = if exchange.upstream_discovery {
                     resp.headers_mut().remove(peer::METADATA_ID);
                     resp.headers_mut()
@@ -1114,7 +1116,8 @@ async fn forward(
                         .and_then(|v| shared.peers.decode(v.as_bytes()))
                 } else {
                     None
-                };
+                }
+                .or_else(|| pick.workload.cloned());
                 if exchange.downstream_propagation {
                     resp.headers_mut()
                         .insert(peer::METADATA, shared.me.metadata.clone());

@@ -69,6 +69,23 @@ impl Workload {
         }
     }
 
+    /// From Istio's `istio.workload` endpoint metadata,
+    /// `<name>;<namespace>;<canonical service>;<canonical revision>;<cluster>` (no app or
+    /// version: the control plane sends none); None when it is not of that form.
+    pub fn from_endpoint_label(label: &str) -> Option<Workload> {
+        let mut parts = label.split(';');
+        let mut next = || parts.next().map(str::to_string);
+        let w = Workload {
+            name: next()?,
+            namespace: next()?,
+            canonical_service: next()?,
+            canonical_revision: next()?,
+            cluster: next()?,
+            ..Workload::default()
+        };
+        parts.next().is_none().then_some(w)
+    }
+
     /// The header value announcing this workload to a peer.
     pub fn encode(&self) -> String {
         let s = |v: &str| Value {
@@ -325,6 +342,28 @@ mod tests {
             }
             assert_eq!(peers.decode(b"!!not base64"), None);
             assert!(peers.seen.lock().unwrap().len() <= MAX_REMEMBERED);
+        }
+    }
+
+    /// Istio's `istio.workload` endpoint metadata: five fields, no more, no fewer.
+    #[test]
+    fn endpoint_labels_name_a_workload() {
+        let w = Workload::from_endpoint_label("reviews-v1;shop;reviews;v1;Kubernetes").unwrap();
+        assert_eq!(
+            (
+                w.name.as_str(),
+                w.namespace.as_str(),
+                w.canonical_service.as_str()
+            ),
+            ("reviews-v1", "shop", "reviews")
+        );
+        assert_eq!(
+            (w.canonical_revision.as_str(), w.cluster.as_str()),
+            ("v1", "Kubernetes")
+        );
+        assert!(w.app.is_empty());
+        for bad in ["", "a;b;c;d", "a;b;c;d;e;f"] {
+            assert_eq!(Workload::from_endpoint_label(bad), None, "{bad:?}");
         }
     }
 }

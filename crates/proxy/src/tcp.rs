@@ -9,6 +9,7 @@ use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::istio_stats::StatsConfig;
 use crate::idle::{Activity, Watched};
+use crate::peer::Workload;
 use crate::serve::ConnInfo;
 use crate::stats::{Dimensions, Reporter};
 
@@ -75,9 +76,12 @@ where
     } else {
         Reporter::Source
     };
-    // Outbound, the upstream connection's certificates complete the labels once it is made.
-    let parties_with = |upstream| shared.parties(info, Some(cluster), None, None, upstream, None);
-    let parties = parties_with(None);
+    // Outbound, the endpoint's workload and the upstream connection's certificate complete
+    // the labels once they are known.
+    let parties_with = |workload: Option<&Arc<Workload>>, upstream| {
+        shared.parties(info, Some(cluster), None, workload.cloned(), upstream, None)
+    };
+    let parties = parties_with(None, None);
     let dims = filter.stats.map(|config| Dimensions {
         config: config.clone(),
         values: config.values(None, info.source, info.destination),
@@ -129,7 +133,7 @@ where
             return ("UF", 0, 0);
         }
     };
-    let parties = parties_with(up.peer().as_deref());
+    let parties = parties_with(pick.workload, up.peer().as_deref());
     stats.tcp_opened(reporter, &parties, dims.as_ref());
     let _open = attempt.map(|a| a.made());
     if let Some(s) = pick.state {

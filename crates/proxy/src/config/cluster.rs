@@ -23,6 +23,7 @@ use prost::Message;
 
 use super::CompileError;
 use super::listener::{pb_duration, socket_addr, socket_address};
+use crate::peer::Workload;
 use crate::stats::{CounterCell, Stats};
 use crate::upstream::{
     Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec, UpstreamHttp,
@@ -68,6 +69,9 @@ pub struct Endpoint {
     /// Reached over mesh mTLS (its `tlsMode: istio` metadata matched).
     pub tls: bool,
     pub state: Arc<EndpointState>,
+    /// Its workload, from Istio's `istio.workload` metadata: client-side telemetry names the
+    /// destination by it when the answer does not (TCP, a peer without metadata exchange).
+    pub workload: Option<Arc<Workload>>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,6 +134,7 @@ pub struct Pick<'a> {
     pub authority: Option<Authority>,
     pub transport: &'a Arc<Transport>,
     pub state: Option<&'a Arc<EndpointState>>,
+    pub workload: Option<&'a Arc<Workload>>,
 }
 
 /// A consistent-hash key (a header's value, a client IP, …) as the number picks go by. The
@@ -464,6 +469,13 @@ pub fn compile(
                     .is_some_and(|(_, t)| t.is_some());
             // HEALTHY (1) and UNKNOWN (0) take traffic; UNHEALTHY, DRAINING, TIMEOUT do not.
             let healthy = matches!(lbe.health_status, 0 | 1);
+            let workload = lbe
+                .metadata
+                .as_ref()
+                .and_then(|m| m.filter_metadata.get("istio"))
+                .and_then(|istio| struct_str(istio, "workload"))
+                .and_then(Workload::from_endpoint_label)
+                .map(Arc::new);
             endpoints.push(Endpoint {
                 state: pools.endpoint(&c.name, &address),
                 authority: address.authority(),
@@ -471,6 +483,7 @@ pub fn compile(
                 healthy,
                 priority: locality.priority,
                 tls,
+                workload,
             });
         }
     }
@@ -641,6 +654,7 @@ impl Cluster {
                 address,
                 transport: self.transport_for(self.all_mtls),
                 state: None,
+                workload: None,
             });
         }
         let now = now_ms();
@@ -701,6 +715,7 @@ impl Cluster {
             authority: chosen.authority.clone(),
             transport: self.transport_for(chosen.tls),
             state: Some(&chosen.state),
+            workload: chosen.workload.as_ref(),
         })
     }
 
