@@ -588,17 +588,35 @@ fn sidecars_carry_mtls_identity_and_enforce_strict_and_pod_ip_rules() {
     let (ok, out) = mesh.get("client", "tcp://tcpsrv:7000", &[]);
     assert!(ok, "{out}");
     // The client side names the server of a TCP connection by its certificate, and its
-    // workload by what the control plane said of the endpoint (no metadata exchange on TCP).
+    // workload by what Istio's TCP metadata exchange brought (the app label, which the
+    // control plane's endpoint metadata does not carry, says it came that way).
     let (_, own) = mesh.get("client", "http://127.0.0.1:15090/stats/prometheus", &[]);
     assert!(
         own.lines().any(
             |l| l.contains("istio_tcp_connections_opened_total{reporter=\"source\"")
                 && l.contains("destination_principal=\"spiffe://cluster.local/ns/e2e/sa/default\"")
                 && l.contains("destination_workload=\"tcpsrv\"")
+                && l.contains("destination_app=\"tcpsrv\"")
                 && l.contains("destination_canonical_service=\"tcpsrv\"")
                 && l.contains("destination_workload_namespace=\"e2e\"")
         ),
         "{own}"
+    );
+    // The server side learns its caller the same way, and the bytes reached the app whole
+    // (the echo above) with the preambles taken off on both sides.
+    let tcpsrv = mesh.pod_ip("tcpsrv");
+    let (_, theirs) = mesh.get(
+        "client",
+        &format!("http://{tcpsrv}:15090/stats/prometheus"),
+        &[],
+    );
+    assert!(
+        theirs.lines().any(|l| l
+            .contains("istio_tcp_connections_opened_total{reporter=\"destination\"")
+            && l.contains("source_workload=\"client\"")
+            && l.contains("source_app=\"client\"")
+            && l.contains("source_principal=\"spiffe://cluster.local/ns/e2e/sa/client\"")),
+        "{theirs}"
     );
     let (ok, out) = mesh.get("rogue", "tcp://tcpsrv:7000", &[]);
     assert!(!ok, "a denied TCP connection was served: {out}");

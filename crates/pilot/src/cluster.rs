@@ -30,13 +30,16 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{
-    Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
+    Any, Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
 };
 use envoy_types::util::pack_any;
 use isthmus_config::istio::networking::{ClientTlsSettings, HttpSettings, Subset, TrafficPolicy};
 use isthmus_config::resource::DestinationRule;
 use isthmus_config::{Entry, MeshConfig};
 use isthmus_registry::{Protocol, Resolution, Service};
+use isthmus_xds::typed_struct::{
+    METADATA_EXCHANGE_FILTER, TCP_METADATA_EXCHANGE_TYPE_URL, TypedStruct,
+};
 
 use crate::context::{InboundMode, PushContext};
 use crate::names::{
@@ -237,6 +240,11 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
         circuit_breakers: Some(circuit_breakers(policy)),
         common_lb_config: Some(CommonLbConfig::default()),
         metadata: Some(service_metadata(svc, subset)),
+        filters: vec![envoy_types::pb::envoy::config::cluster::v3::Filter {
+            name: METADATA_EXCHANGE_FILTER.into(),
+            typed_config: Some(tcp_metadata_exchange()),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     if let Some(istio) = c
@@ -793,6 +801,19 @@ fn service_metadata(svc: &Service, subset: &str) -> Metadata {
         filter_metadata: crate::maps::map_of([("istio".into(), strukt([("services", services)]))]),
         ..Default::default()
     }
+}
+
+/// Istio's TCP metadata exchange (`istio.metadata_exchange`), as a filter of inbound TCP chains
+/// and of outbound clusters: peers that agree on `istio-peer-exchange` in ALPN tell each other
+/// who they are before the connection's bytes.
+pub(crate) fn tcp_metadata_exchange() -> Any {
+    pack_any(TypedStruct {
+        type_url: TCP_METADATA_EXCHANGE_TYPE_URL.into(),
+        value: Some(strukt([
+            ("protocol", string("istio-peer-exchange")),
+            ("enable_discovery", boolean(true)),
+        ])),
+    })
 }
 
 pub(crate) fn boolean(b: bool) -> Value {

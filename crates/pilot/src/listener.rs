@@ -34,6 +34,7 @@ use isthmus_registry::Protocol;
 
 use crate::cluster::{
     ads, boolean, duration, istio_common_tls, list_value, socket, struct_value, strukt,
+    tcp_metadata_exchange,
 };
 use crate::context::{MtlsMode, PushContext};
 use crate::headers::ProxyHeaders;
@@ -328,9 +329,14 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     // Authentication first: authorization reads what it verified.
     let mut http_authz = crate::authn::http_filters(ctx, proxy);
     http_authz.extend(crate::authz::http_filters(ctx, proxy));
-    let tcp_authz = crate::authz::network_filters(ctx, proxy);
+    // Istio's inbound TCP chains: the metadata exchange, authorization, then the proxy.
+    let mut tcp_front = vec![network_filter(
+        METADATA_EXCHANGE_FILTER,
+        tcp_metadata_exchange(),
+    )];
+    tcp_front.extend(crate::authz::network_filters(ctx, proxy));
     let passthrough = || {
-        let mut f = tcp_authz.clone();
+        let mut f = tcp_front.clone();
         f.push(tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER));
         f
     };
@@ -373,7 +379,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
                 )]
             };
             let tcp = || {
-                let mut f = tcp_authz.clone();
+                let mut f = tcp_front.clone();
                 f.push(tcp_proxy_filter(&cluster));
                 f
             };

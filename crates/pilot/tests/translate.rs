@@ -253,16 +253,22 @@ fn listeners_capture_outbound_and_apply_peer_authentication_inbound() {
         tcp["filter_chains"][0]["filters"][1]["typed_config"]["cluster"],
         "outbound|5000||nc.data.svc.cluster.local"
     );
-    // Istio's stats filter before the TCP proxy, on both sides.
+    // Istio's stats filter before the TCP proxy, on both sides; inbound, after Istio's TCP
+    // metadata exchange, which outbound is a filter of the cluster.
     assert_eq!(tcp["filter_chains"][0]["filters"][0]["name"], "istio.stats");
-    assert!(
-        inbound["filter_chains"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["filters"][0]["name"] == "istio.stats"),
-        "{inbound}"
-    );
+    for chain in inbound["filter_chains"].as_array().unwrap() {
+        let exchange = &chain["filters"][0];
+        assert_eq!(exchange["name"], "istio.metadata_exchange", "{chain}");
+        assert_eq!(
+            exchange["typed_config"]["type_url"],
+            "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange"
+        );
+        assert_eq!(
+            exchange["typed_config"]["value"]["protocol"],
+            "istio-peer-exchange"
+        );
+        assert_eq!(chain["filters"][1]["name"], "istio.stats", "{chain}");
+    }
 }
 
 #[test]
@@ -482,8 +488,13 @@ fn the_upstream_http_version_follows_the_port_and_the_h2_upgrade_policy() {
             .map(|c| {
                 let json = to_json(&c).unwrap().to_string();
                 let h2 = json.contains("\"explicit_http_config\":{\"http2_protocol_options\"");
-                // A cluster that speaks HTTP/2 over mesh mTLS offers it in ALPN, as Istio's.
+                // A cluster that speaks HTTP/2 over mesh mTLS offers it in ALPN, as Istio's,
+                // and every outbound cluster has Istio's TCP metadata exchange.
                 if c.name.starts_with("outbound|") {
+                    assert!(
+                        json.contains("\"filters\":[{\"name\":\"istio.metadata_exchange\""),
+                        "{json}"
+                    );
                     assert_eq!(
                         h2,
                         json.contains(
@@ -1069,7 +1080,10 @@ fn opentelemetry_providers_export_over_grpc_or_http_to_the_collectors_cluster() 
 fn access_logs(ctx: &PushContext, p: &Proxy) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
     let mut out = (Vec::new(), Vec::new());
     for (inbound, filters) in chains(ctx, p) {
-        for f in filters.iter().filter(|f| f["name"] != "istio.stats") {
+        for f in filters
+            .iter()
+            .filter(|f| f["name"] != "istio.stats" && f["name"] != "istio.metadata_exchange")
+        {
             let logs = f["typed_config"]["access_log"].clone();
             if inbound { &mut out.1 } else { &mut out.0 }.push(logs);
         }

@@ -351,6 +351,7 @@ pub async fn run(
     };
     let me = Me {
         metadata: header(&workload.encode()),
+        preamble: crate::peer_exchange::preamble(&workload, &opts.node_id()).into(),
         node_id: header(&opts.node_id()),
         principal_uri: id.to_string().into(),
         workload: Arc::new(workload),

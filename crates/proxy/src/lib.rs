@@ -23,6 +23,7 @@ mod idle;
 mod inspect;
 pub mod log_level;
 pub mod peer;
+mod peer_exchange;
 pub mod pool;
 mod serve;
 pub mod stats;
@@ -51,6 +52,8 @@ pub struct Me {
     pub principal_uri: Arc<str>,
     pub node_id: HeaderValue,
     pub metadata: HeaderValue,
+    /// The same metadata as a TCP metadata exchange preamble.
+    pub preamble: Arc<[u8]>,
 }
 
 /// What every connection of the proxy shares.

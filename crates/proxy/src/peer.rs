@@ -86,8 +86,9 @@ impl Workload {
         parts.next().is_none().then_some(w)
     }
 
-    /// The header value announcing this workload to a peer.
-    pub fn encode(&self) -> String {
+    /// This workload's metadata as Istio's peer metadata `Struct` (`WORKLOAD_NAME`,
+    /// `NAMESPACE`, `CLUSTER_ID`, `LABELS`), which both exchanges carry.
+    pub fn to_struct(&self) -> Struct {
         let s = |v: &str| Value {
             kind: Some(value::Kind::StringValue(v.to_string())),
         };
@@ -108,21 +109,13 @@ impl Workload {
                 })),
             },
         );
-        STANDARD.encode(
-            Struct {
-                fields: fields.into_iter().collect(),
-            }
-            .encode_to_vec(),
-        )
+        Struct {
+            fields: fields.into_iter().collect(),
+        }
     }
 
-    /// Reads a peer's header; None when absent, oversized or malformed.
-    pub fn decode(header: &[u8]) -> Option<Workload> {
-        if header.len() > MAX_METADATA {
-            return None;
-        }
-        let bytes = STANDARD.decode(header).ok()?;
-        let s = Struct::decode(bytes.as_slice()).ok()?;
+    /// A peer's metadata `Struct`; fields it lacks are empty.
+    pub fn from_struct(s: &Struct) -> Workload {
         let get = |st: &Struct, k: &str| match st.fields.get(k).and_then(|v| v.kind.as_ref()) {
             Some(value::Kind::StringValue(v)) => v.clone(),
             _ => String::new(),
@@ -131,15 +124,31 @@ impl Workload {
             Some(value::Kind::StructValue(l)) => l.clone(),
             _ => Struct::default(),
         };
-        Some(Workload {
-            name: get(&s, "WORKLOAD_NAME"),
-            namespace: get(&s, "NAMESPACE"),
+        Workload {
+            name: get(s, "WORKLOAD_NAME"),
+            namespace: get(s, "NAMESPACE"),
             app: get(&labels, "app"),
             version: get(&labels, "version"),
             canonical_service: get(&labels, CANONICAL_NAME),
             canonical_revision: get(&labels, CANONICAL_REVISION),
-            cluster: get(&s, "CLUSTER_ID"),
-        })
+            cluster: get(s, "CLUSTER_ID"),
+        }
+    }
+
+    /// The header value announcing this workload to a peer.
+    pub fn encode(&self) -> String {
+        STANDARD.encode(self.to_struct().encode_to_vec())
+    }
+
+    /// Reads a peer's header; None when absent, oversized or malformed.
+    pub fn decode(header: &[u8]) -> Option<Workload> {
+        if header.len() > MAX_METADATA {
+            return None;
+        }
+        let bytes = STANDARD.decode(header).ok()?;
+        Struct::decode(bytes.as_slice())
+            .ok()
+            .map(|s| Workload::from_struct(&s))
     }
 }
 

@@ -304,7 +304,7 @@ impl HttpPool {
         let peer = conn.peer();
         let http2 = match self.version {
             UpstreamHttp::Http2 => true,
-            UpstreamHttp::Alpn => conn.negotiated_alpn() == Some(b"h2"),
+            UpstreamHttp::Alpn => crate::upstream::is_h2(conn.negotiated_alpn()),
             _ => false,
         };
         if self.version == UpstreamHttp::Alpn {

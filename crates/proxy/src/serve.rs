@@ -174,6 +174,14 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
         return;
     };
     let _ = stream.set_nodelay(true);
+    let exchange = match &chain.filter {
+        NetworkFilter::Tcp {
+            metadata_exchange, ..
+        } => metadata_exchange.as_deref(),
+        NetworkFilter::Http(_) => None,
+    };
+    // Whether the client agreed in ALPN to Istio's TCP metadata exchange that the chain does.
+    let mut exchanges = false;
     let (io, peer) = match &chain.tls {
         None => (Either::Left(stream), None),
         Some(tls) => {
@@ -200,6 +208,8 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 Err(_) => return,
             };
             let peer = PeerCert::of(tls_stream.get_ref().1.peer_certificates());
+            exchanges = exchange
+                .is_some_and(|p| tls_stream.get_ref().1.alpn_protocol() == Some(p.as_bytes()));
             (
                 Either::Right(tokio::io::BufWriter::with_capacity(
                     crate::upstream::TLS_WRITE_BUFFER,
@@ -247,6 +257,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             hash_source_ip,
             idle_timeout,
             stats,
+            metadata_exchange: _,
         } => {
             let filter = crate::tcp::Filter {
                 cluster,
@@ -255,6 +266,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 idle_timeout: *idle_timeout,
                 logs: access_logs,
                 stats: stats.as_ref(),
+                exchanges,
             };
             crate::tcp::proxy(io, &filter, &info, shared).await;
         }

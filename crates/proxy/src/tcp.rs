@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::istio_stats::StatsConfig;
 use crate::idle::{Activity, Watched};
 use crate::peer::Workload;
+use crate::peer_exchange::{Exchange, Found};
 use crate::serve::ConnInfo;
 use crate::stats::{Dimensions, Reporter};
 
@@ -22,6 +24,8 @@ pub struct Filter<'a> {
     pub idle_timeout: Option<Duration>,
     pub logs: &'a [Arc<AccessLog>],
     pub stats: Option<&'a Arc<StatsConfig>>,
+    /// The client agreed to Istio's TCP metadata exchange, which the chain does.
+    pub exchanges: bool,
 }
 
 pub async fn proxy<S>(down: S, filter: &Filter<'_>, info: &Arc<ConnInfo>, shared: &Arc<Shared>)
@@ -76,10 +80,15 @@ where
     } else {
         Reporter::Source
     };
-    // Outbound, the endpoint's workload and the upstream connection's certificate complete
-    // the labels once they are known.
-    let parties_with = |workload: Option<&Arc<Workload>>, upstream| {
-        shared.parties(info, Some(cluster), None, workload.cloned(), upstream, None)
+    // The peer's workload (from the metadata exchange; outbound, else the endpoint's) and the
+    // upstream connection's certificate complete the labels once they are known.
+    let parties_with = |peer: Option<Arc<Workload>>, upstream| {
+        let (source, destination) = if info.inbound() {
+            (peer, None)
+        } else {
+            (None, peer)
+        };
+        shared.parties(info, Some(cluster), source, destination, upstream, None)
     };
     let parties = parties_with(None, None);
     let dims = filter.stats.map(|config| Dimensions {
@@ -114,7 +123,7 @@ where
     };
     stats.inc(format_args!("cluster.{}.upstream_cx_total", cluster.name));
     let attempt = pick.state.map(crate::upstream::EndpointState::attempt);
-    let mut up = match info.transport(pick.transport).connect(&pick.address).await {
+    let up = match info.transport(pick.transport).connect(&pick.address).await {
         Ok(c) => c,
         Err(e) => {
             if let Some(a) = attempt {
@@ -133,15 +142,41 @@ where
             return ("UF", 0, 0);
         }
     };
-    let parties = parties_with(pick.workload, up.peer().as_deref());
-    stats.tcp_opened(reporter, &parties, dims.as_ref());
     let _open = attempt.map(|a| a.made());
     if let Some(s) = pick.state {
         s.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
+    let upstream_cert = up.peer();
+    let exchange_up = cluster
+        .tcp_metadata_exchange
+        .as_deref()
+        .is_some_and(|p| up.negotiated_alpn() == Some(p.as_bytes()));
+    let (down, up, found) = match exchange(down, up, filter.exchanges, exchange_up, info, shared)
+        .await
+    {
+        Ok(exchanged) => exchanged,
+        Err(e) => {
+            tracing::debug!(source = %info.source, cluster = %cluster.name, error = %e, "metadata exchange failed");
+            if let Some(s) = pick.state {
+                s.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            stats.tcp_opened(reporter, &parties, dims.as_ref());
+            stats.tcp_closed(reporter, &parties, dims.as_ref(), "UF", 0, 0);
+            return ("UF", 0, 0);
+        }
+    };
+    let mut parties = parties_with(pick.workload.cloned(), upstream_cert.as_deref());
+    // With the exchange, the connection is reported open once the peer has said who it is
+    // (or that it will not), as Istio reports it with the peer's labels.
+    let mut waiting = found;
+    let mut opened = waiting.is_none();
+    if opened {
+        stats.tcp_opened(reporter, &parties, dims.as_ref());
+    }
     // Every byte, either way, crosses the downstream side: watching it is enough.
     let activity = Activity::default();
     let mut down = Watched::new(down, activity.clone());
+    let mut up = up;
     let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
     tokio::pin!(copy);
     // Istio's metrics count a long connection's bytes as it goes, not only at its end.
@@ -150,17 +185,32 @@ where
     loop {
         tokio::select! {
             _ = &mut copy => break,
+            found = told(&mut waiting), if waiting.is_some() => {
+                waiting = None;
+                if let Some(peer) = found {
+                    parties = parties_with(Some(peer), upstream_cert.as_deref());
+                }
+                stats.tcp_opened(reporter, &parties, dims.as_ref());
+                opened = true;
+            }
             () = activity.expired(filter.idle_timeout) => {
                 stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
                 tracing::debug!(source = %info.source, cluster = %cluster.name, "idle timeout");
                 break;
             }
             () = every(period) => {
+                if !opened {
+                    stats.tcp_opened(reporter, &parties, dims.as_ref());
+                    opened = true;
+                }
                 let (received, sent) = activity.bytes();
                 stats.tcp_bytes(reporter, &parties, dims.as_ref(), sent - reported.1, received - reported.0);
                 reported = (received, sent);
             }
         }
+    }
+    if !opened {
+        stats.tcp_opened(reporter, &parties, dims.as_ref());
     }
     // Counted on the way, so that a copy cut short (an error, the idle timeout) reports
     // what it moved.
@@ -185,6 +235,50 @@ where
         received - reported.0,
     );
     ("-", received, sent)
+}
+
+/// Istio's TCP metadata exchange on the sides that agreed to it: this workload's preamble is
+/// sent first, and the peer's taken off what comes. Also where the peer that telemetry names
+/// (the client inbound, the upstream outbound) will tell its workload, when it exchanges.
+async fn exchange<S>(
+    mut down: S,
+    mut up: crate::upstream::Conn,
+    with_client: bool,
+    with_upstream: bool,
+    info: &ConnInfo,
+    shared: &Shared,
+) -> std::io::Result<(
+    Exchange<S>,
+    Exchange<crate::upstream::Conn>,
+    Option<oneshot::Receiver<Found>>,
+)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if with_client {
+        down.write_all(&shared.me.preamble).await?;
+        down.flush().await?;
+    }
+    if with_upstream {
+        up.write_all(&shared.me.preamble).await?;
+        up.flush().await?;
+    }
+    let (down, from_client) = Exchange::new(down, with_client);
+    let (up, from_upstream) = Exchange::new(up, with_upstream);
+    let found = if info.inbound() {
+        from_client
+    } else {
+        from_upstream
+    };
+    Ok((down, up, found))
+}
+
+/// What the peer's preamble said; never when nothing will be told.
+async fn told(waiting: &mut Option<oneshot::Receiver<Found>>) -> Found {
+    match waiting {
+        Some(rx) => rx.await.ok().flatten(),
+        None => std::future::pending().await,
+    }
 }
 
 /// Ends after `period`; never without one.

@@ -215,18 +215,13 @@ impl Transport {
     }
 
     fn pool(&self, version: UpstreamHttp) -> HttpPool {
-        let http_alpn: &[&str] = match version {
-            UpstreamHttp::Http2 => &["h2"],
-            UpstreamHttp::Alpn => &["h2", "http/1.1"],
-            _ => &["http/1.1"],
-        };
         let tls = self
             .tls
             .as_ref()
             .zip(self.spec.tls.as_ref())
             .map(|(t, spec)| {
                 let mut config = (*t.raw).clone();
-                config.alpn_protocols = alpn(http_alpn, &spec.alpn);
+                config.alpn_protocols = http_alpn(version, &spec.alpn);
                 (Arc::new(config), t.sni.clone())
             });
         let connector = Connector {
@@ -258,6 +253,28 @@ impl Transport {
 struct TlsConfigs {
     sni: ServerName<'static>,
     raw: Arc<rustls::ClientConfig>,
+}
+
+/// ALPN values an HTTP connection offers. Over the mesh's mTLS (the cluster offers `istio`),
+/// Istio's ALPN filter's: `istio-http/1.1` or `istio-h2` first, by which an Envoy peer picks
+/// its HTTP filter chain rather than the TCP one (`istio-peer-exchange`, which an HTTP
+/// connection must not take); elsewhere the HTTP version, then the cluster's own.
+fn http_alpn(version: UpstreamHttp, cluster: &[String]) -> Vec<Vec<u8>> {
+    let mesh = cluster.iter().any(|a| a == "istio");
+    let offered: &[&str] = match version {
+        UpstreamHttp::Http2 if mesh => &["istio-h2", "istio", "h2"],
+        UpstreamHttp::Alpn if mesh => &["istio-h2", "istio-http/1.1", "istio", "h2", "http/1.1"],
+        _ if mesh => &["istio-http/1.1", "istio", "http/1.1"],
+        UpstreamHttp::Http2 => return alpn(&["h2"], cluster),
+        UpstreamHttp::Alpn => return alpn(&["h2", "http/1.1"], cluster),
+        _ => return alpn(&["http/1.1"], cluster),
+    };
+    offered.iter().map(|a| a.as_bytes().to_vec()).collect()
+}
+
+/// Whether the ALPN a connection negotiated is HTTP/2 (Istio's name for it, too).
+pub(crate) fn is_h2(alpn: Option<&[u8]>) -> bool {
+    matches!(alpn, Some(b"h2" | b"istio-h2"))
 }
 
 /// ALPN values offered: `first`, then the mesh's own.
@@ -394,7 +411,7 @@ impl TlsConn {
     fn new(io: TlsStream<TcpStream>) -> TlsConn {
         // HTTP/1.1 writes a request's head and body together and then flushes: nothing would
         // come to gather, and a deferral would only cost a turn of the runtime.
-        let defer_flushes = io.get_ref().1.alpn_protocol() == Some(b"h2");
+        let defer_flushes = is_h2(io.get_ref().1.alpn_protocol());
         let peer = PeerCert::of(io.get_ref().1.peer_certificates()).map(Arc::new);
         TlsConn {
             io: BufWriter::with_capacity(TLS_WRITE_BUFFER, io),
@@ -669,6 +686,32 @@ impl Pools {
 mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn http_over_mesh_mtls_offers_istios_alpn() {
+        let names = |v: Vec<Vec<u8>>| -> Vec<String> {
+            v.into_iter()
+                .map(|a| String::from_utf8(a).unwrap())
+                .collect()
+        };
+        let mesh = ["istio-peer-exchange".to_string(), "istio".to_string()];
+        assert_eq!(
+            names(http_alpn(UpstreamHttp::Http1, &mesh)),
+            ["istio-http/1.1", "istio", "http/1.1"]
+        );
+        assert_eq!(
+            names(http_alpn(UpstreamHttp::Http2, &mesh)),
+            ["istio-h2", "istio", "h2"]
+        );
+        // Outside the mesh, the cluster's own values after the version's.
+        let user = ["custom".to_string()];
+        assert_eq!(
+            names(http_alpn(UpstreamHttp::Alpn, &user)),
+            ["h2", "http/1.1", "custom"]
+        );
+        assert!(is_h2(Some(b"istio-h2")) && is_h2(Some(b"h2")));
+        assert!(!is_h2(Some(b"istio-http/1.1")) && !is_h2(None));
+    }
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -78,3 +78,17 @@ pub const METADATA_EXCHANGE_FILTER: &str = "istio.metadata_exchange";
 /// listener reports and with which labels, in a [`TypedStruct`] of this type.
 pub const STATS_TYPE_URL: &str = "type.googleapis.com/stats.PluginConfig";
 pub const STATS_FILTER: &str = "istio.stats";
+
+/// Istio's TCP metadata exchange (`istio.metadata_exchange` as a network filter of inbound TCP
+/// chains and a filter of outbound clusters): Istio sends its configuration in a
+/// [`TypedStruct`] of this type, older releases as the message itself ([`MetadataExchange`]).
+pub const TCP_METADATA_EXCHANGE_TYPE_URL: &str =
+    "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange";
+
+/// `envoy.tcp.metadataexchange.config.MetadataExchange`: the ALPN value under which the
+/// exchange happens (`istio-peer-exchange`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct MetadataExchange {
+    #[prost(string, tag = "1")]
+    pub protocol: String,
+}

@@ -115,6 +115,9 @@ pub struct Cluster {
     /// passthrough cluster), skipped in `IN_MESH` mode; and never (`istio.disable_mx`).
     pub external: bool,
     pub no_metadata_exchange: bool,
+    /// Istio's TCP metadata exchange with upstreams that agree on this ALPN value (its
+    /// `istio.metadata_exchange` cluster filter).
+    pub tcp_metadata_exchange: Option<String>,
     /// Circuit breakers: requests in flight (HTTP) and connections (TCP) allowed.
     pub max_requests: usize,
     pub max_connections: usize,
@@ -498,6 +501,22 @@ pub fn compile(
             .and_then(|v| v.kind.as_ref())
             == Some(&value::Kind::BoolValue(true))
     };
+    // Upstream network filters: Istio's metadata exchange is the one it sets.
+    let mut tcp_metadata_exchange = None;
+    for f in &c.filters {
+        let protocol = f
+            .typed_config
+            .as_ref()
+            .and_then(super::listener::tcp_metadata_exchange)
+            .ok_or_else(|| {
+                err(format!(
+                    "cluster filter {:?} ({}) is not supported",
+                    f.name,
+                    f.typed_config.as_ref().map_or("", |a| a.type_url.as_str())
+                ))
+            })?;
+        tcp_metadata_exchange = Some(protocol.map_err(&err)?);
+    }
     let (external, no_metadata_exchange) = (
         flag("external") || c.name == "PassthroughCluster",
         flag("disable_mx"),
@@ -563,6 +582,7 @@ pub fn compile(
         state: pools.cluster(&c.name),
         external,
         no_metadata_exchange,
+        tcp_metadata_exchange,
         discovery,
         lb,
         plain,
@@ -861,6 +881,69 @@ mod tests {
                 .expect("pick");
             assert!((1..=3).contains(&port(&p)));
         }
+    }
+
+    #[test]
+    fn cluster_filters_set_the_tcp_metadata_exchange_and_others_are_refused() {
+        use envoy_types::pb::envoy::config::cluster::v3::Filter;
+        use envoy_types::pb::google::protobuf::Any;
+        use isthmus_xds::typed_struct::{MetadataExchange, TCP_METADATA_EXCHANGE_TYPE_URL};
+        let pools = Pools::new(None, Arc::new(crate::stats::Stats::new()));
+        let with = |typed_config: Any| {
+            let c = PbCluster {
+                name: "outbound|7000||tcp.shop.svc.cluster.local".into(),
+                cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                    cluster::DiscoveryType::OriginalDst.into(),
+                )),
+                lb_policy: cluster::LbPolicy::ClusterProvided.into(),
+                filters: vec![Filter {
+                    name: "istio.metadata_exchange".into(),
+                    typed_config: Some(typed_config),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            compile(&c, None, &pools).map(|c| c.tcp_metadata_exchange)
+        };
+        let typed_struct = |fields: serde_json::Value| -> Any {
+            isthmus_xds::json::from_json(serde_json::json!({
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": TCP_METADATA_EXCHANGE_TYPE_URL,
+                "value": fields,
+            }))
+            .unwrap()
+        };
+        // Istio's form, and older Istio's (the message itself).
+        let istio = typed_struct(
+            serde_json::json!({"protocol": "istio-peer-exchange", "enable_discovery": true}),
+        );
+        assert_eq!(with(istio).unwrap().as_deref(), Some("istio-peer-exchange"));
+        let message = Any {
+            type_url: TCP_METADATA_EXCHANGE_TYPE_URL.into(),
+            value: MetadataExchange {
+                protocol: "istio-peer-exchange".into(),
+            }
+            .encode_to_vec(),
+        };
+        assert_eq!(
+            with(message).unwrap().as_deref(),
+            Some("istio-peer-exchange")
+        );
+        let unnamed = with(typed_struct(serde_json::json!({}))).unwrap_err();
+        assert!(
+            unnamed.to_string().contains("names no protocol"),
+            "{unnamed}"
+        );
+        let other = Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.network.foo.v3.Foo".into(),
+            value: Vec::new(),
+        };
+        let refused = with(other).unwrap_err().to_string();
+        assert!(
+            refused.contains("cluster filter \"istio.metadata_exchange\"")
+                && refused.contains("network.foo.v3.Foo) is not supported"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -32,7 +32,8 @@ use envoy_types::pb::envoy::extensions::filters::http::jwt_authn::v3::JwtAuthent
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use isthmus_xds::typed_struct::{
-    PEER_METADATA_TYPE_URL, STATS_TYPE_URL, TypedStruct, is_typed_struct,
+    MetadataExchange, PEER_METADATA_TYPE_URL, STATS_TYPE_URL, TCP_METADATA_EXCHANGE_TYPE_URL,
+    TypedStruct, is_typed_struct,
 };
 
 use super::istio_stats::StatsConfig;
@@ -131,6 +132,8 @@ pub enum NetworkFilter {
         idle_timeout: Option<Duration>,
         /// Istio's metrics of the connection, when the chain has the stats filter.
         stats: Option<Arc<StatsConfig>>,
+        /// Istio's TCP metadata exchange with the client, under this ALPN value.
+        metadata_exchange: Option<String>,
     },
 }
 
@@ -402,10 +405,15 @@ fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
     };
     let mut rbac = Vec::new();
     let mut stats = None;
+    let mut exchange = None;
     for f in before {
         let any = typed(f).map_err(|e| format!("filter chain {name:?}: {e}"))?;
         if let Some(config) = stats_filter(any) {
             stats = Some(config.map_err(|e| format!("filter chain {name:?}: {e}"))?);
+            continue;
+        }
+        if let Some(protocol) = tcp_metadata_exchange(any) {
+            exchange = Some(protocol.map_err(|e| format!("filter chain {name:?}: {e}"))?);
             continue;
         }
         if !any.type_url.ends_with(".network.rbac.v3.RBAC") {
@@ -421,8 +429,22 @@ fn chain(c: &PbFilterChain) -> Result<FilterChain, String> {
         }
     }
     let mut filter = network_filter(last).map_err(|e| format!("filter chain {name:?}: {e}"))?;
-    if let NetworkFilter::Tcp { stats: s, .. } = &mut filter {
-        *s = stats;
+    match &mut filter {
+        NetworkFilter::Tcp {
+            stats: s,
+            metadata_exchange,
+            ..
+        } => {
+            *s = stats;
+            *metadata_exchange = exchange;
+        }
+        // Over HTTP, peers exchange metadata in headers (the connection manager's filter).
+        NetworkFilter::Http(_) if exchange.is_some() => {
+            return Err(format!(
+                "filter chain {name:?}: istio.metadata_exchange is supported before tcp_proxy only"
+            ));
+        }
+        NetworkFilter::Http(_) => {}
     }
     Ok(FilterChain {
         name: name.clone(),
@@ -441,6 +463,37 @@ fn stats_filter(any: &Any) -> Option<Result<Arc<StatsConfig>, String>> {
     let typed = TypedStruct::decode(any.value.as_slice()).ok()?;
     (typed.type_url == STATS_TYPE_URL)
         .then(|| StatsConfig::compile(&typed.value.unwrap_or_default()).map(Arc::new))
+}
+
+/// The ALPN value of Istio's TCP metadata exchange, when `any` configures it (a network or a
+/// cluster filter).
+pub(crate) fn tcp_metadata_exchange(any: &Any) -> Option<Result<String, String>> {
+    let protocol = if any.type_url == TCP_METADATA_EXCHANGE_TYPE_URL {
+        MetadataExchange::decode(any.value.as_slice())
+            .map(|m| m.protocol)
+            .map_err(|e| format!("istio.metadata_exchange: {e}"))
+    } else if is_typed_struct(&any.type_url) {
+        let typed = TypedStruct::decode(any.value.as_slice()).ok()?;
+        if typed.type_url != TCP_METADATA_EXCHANGE_TYPE_URL {
+            return None;
+        }
+        Ok(typed
+            .value
+            .and_then(|v| match v.fields.get("protocol")?.kind.clone()? {
+                envoy_types::pb::google::protobuf::value::Kind::StringValue(p) => Some(p),
+                _ => None,
+            })
+            .unwrap_or_default())
+    } else {
+        return None;
+    };
+    Some(protocol.and_then(|p| {
+        if p.is_empty() {
+            Err("istio.metadata_exchange names no protocol".into())
+        } else {
+            Ok(p)
+        }
+    }))
 }
 
 fn typed(f: &Filter) -> Result<&Any, String> {
@@ -480,6 +533,7 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             access_logs: access_logs(&tp.access_log)?,
             idle_timeout: crate::idle::timeout(tp.idle_timeout.as_ref().map(pb_duration)),
             stats: None,
+            metadata_exchange: None,
         });
     }
     if any.type_url.ends_with(".HttpConnectionManager") {
@@ -781,6 +835,7 @@ mod tests {
                 access_logs: Vec::new(),
                 idle_timeout: None,
                 stats: None,
+                metadata_exchange: None,
             },
         })
     }
