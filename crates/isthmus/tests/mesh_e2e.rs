@@ -1736,4 +1736,13 @@ fn dns_capture_resolves_service_entry_hosts_in_the_pod() {
         count("istio_agent_dns_upstream_requests_total") >= 1,
         "{agent}"
     );
+    // …and how long the forwarded queries took, in Istio's buckets.
+    assert!(
+        count("istio_agent_dns_upstream_request_duration_seconds_count") >= 1,
+        "{agent}"
+    );
+    assert!(
+        agent.contains("istio_agent_dns_upstream_request_duration_seconds_bucket{le=\"0.005\"}"),
+        "{agent}"
+    );
 }

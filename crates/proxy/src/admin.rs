@@ -609,6 +609,17 @@ impl AdminState {
                     value.load(Relaxed)
                 ));
             }
+            let mut registry = prometheus_client::registry::Registry::default();
+            registry.register(
+                "istio_agent_dns_upstream_request_duration_seconds",
+                "Total time in seconds Istio takes to get DNS response from upstream.",
+                dns.upstream_duration.clone(),
+            );
+            let mut histogram = String::new();
+            if prometheus_client::encoding::text::encode_registry(&mut histogram, &registry).is_ok()
+            {
+                out.push_str(&histogram);
+            }
         }
         let Some(identity) = self.shared.pools.identity() else {
             return out;

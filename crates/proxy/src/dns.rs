@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use isthmus_xds::nds::NameTable;
+use prometheus_client::metrics::histogram::Histogram;
 use simple_dns::rdata::{A, AAAA, CNAME, RData};
 use simple_dns::{CLASS, Name, Packet, PacketFlag, QTYPE, RCODE, ResourceRecord, TYPE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,12 +245,25 @@ fn udp_limit(query: &[u8]) -> usize {
         .map_or(UDP_MIN, |n| n.clamp(UDP_MIN, UDP_MAX))
 }
 
-/// The agent's DNS counters, exported on 15020 with Istio's names.
-#[derive(Debug, Default)]
+/// The agent's DNS metrics, exported on 15020 with Istio's names.
+#[derive(Debug)]
 pub struct DnsStats {
     pub requests: AtomicU64,
     pub upstream_requests: AtomicU64,
     pub upstream_failures: AtomicU64,
+    /// Seconds a forwarded query took, all nameservers tried (Istio's buckets).
+    pub upstream_duration: Histogram,
+}
+
+impl Default for DnsStats {
+    fn default() -> DnsStats {
+        DnsStats {
+            requests: AtomicU64::new(0),
+            upstream_requests: AtomicU64::new(0),
+            upstream_failures: AtomicU64::new(0),
+            upstream_duration: Histogram::new([0.001, 0.005, 0.01, 0.1, 1.0, 5.0]),
+        }
+    }
 }
 
 /// The DNS proxy: the current table and where the rest goes.
@@ -322,6 +336,12 @@ impl Resolver {
             Reply::Local(bytes) => bytes,
             Reply::Forward => {
                 self.stats.upstream_requests.fetch_add(1, Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let took = || {
+                    self.stats
+                        .upstream_duration
+                        .observe(started.elapsed().as_secs_f64());
+                };
                 for server in &self.nameservers {
                     let asked = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
                         if tcp {
@@ -331,11 +351,15 @@ impl Resolver {
                         }
                     });
                     match asked.await {
-                        Ok(Ok(bytes)) => return bytes,
+                        Ok(Ok(bytes)) => {
+                            took();
+                            return bytes;
+                        }
                         Ok(Err(e)) => tracing::debug!(%server, error = %e, "nameserver failed"),
                         Err(_) => tracing::debug!(%server, "nameserver did not answer in time"),
                     }
                 }
+                took();
                 self.stats.upstream_failures.fetch_add(1, Ordering::Relaxed);
                 failure(query, RCODE::ServerFailure)
             }

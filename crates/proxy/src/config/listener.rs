@@ -890,8 +890,9 @@ mod tests {
         assert_eq!(server_name_match("*.b.c", "b.c"), None);
     }
 
-    fn hcm_with(f: impl FnOnce(&mut HttpConnectionManager)) -> Result<Hcm, String> {
-        let mut hcm = HttpConnectionManager {
+    /// A connection manager with RDS and the router.
+    fn routed_hcm() -> HttpConnectionManager {
+        HttpConnectionManager {
             route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(
                 Default::default(),
             )),
@@ -900,9 +901,63 @@ mod tests {
                 ..Default::default()
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    fn hcm_with(f: impl FnOnce(&mut HttpConnectionManager)) -> Result<Hcm, String> {
+        let mut hcm = routed_hcm();
         f(&mut hcm);
         http_connection_manager(hcm)
+    }
+
+    /// Istio's TCP metadata exchange is a filter of TCP chains; over HTTP, headers do it.
+    #[test]
+    fn the_tcp_metadata_exchange_goes_with_tcp_proxy_only() {
+        let filter = |name: &str, any: Any| Filter {
+            name: name.into(),
+            config_type: Some(filter::ConfigType::TypedConfig(any)),
+        };
+        let exchange = || {
+            let any: Any = isthmus_xds::json::from_json(serde_json::json!({
+                "@type": "type.googleapis.com/udpa.type.v1.TypedStruct",
+                "type_url": TCP_METADATA_EXCHANGE_TYPE_URL,
+                "value": {"protocol": "istio-peer-exchange", "enable_discovery": true},
+            }))
+            .unwrap();
+            filter("istio.metadata_exchange", any)
+        };
+        let terminal = |tcp: bool| {
+            let any = if tcp {
+                envoy_types::util::pack_any(TcpProxy {
+                    stat_prefix: "inbound|7000||".into(),
+                    cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                        "inbound|7000||".into(),
+                    )),
+                    ..Default::default()
+                })
+            } else {
+                envoy_types::util::pack_any(routed_hcm())
+            };
+            filter("terminal", any)
+        };
+        let compiled = |tcp: bool| {
+            super::chain(&PbFilterChain {
+                name: "inbound|7000||".into(),
+                filters: vec![exchange(), terminal(tcp)],
+                ..Default::default()
+            })
+        };
+        match compiled(true).map(|c| c.filter) {
+            Ok(NetworkFilter::Tcp {
+                metadata_exchange, ..
+            }) => assert_eq!(metadata_exchange.as_deref(), Some("istio-peer-exchange")),
+            other => panic!("{other:?}"),
+        }
+        let refused = compiled(false).unwrap_err();
+        assert!(
+            refused.contains("istio.metadata_exchange is supported before tcp_proxy only"),
+            "{refused}"
+        );
     }
 
     #[test]
