@@ -57,6 +57,8 @@ pub struct Scope {
     pub telemetry: Vec<u8>,
     /// Allocated addresses of ServiceEntries are in its listeners and routes.
     pub dns_auto_allocate: bool,
+    /// Which VirtualService matches with `sourceLabels` select the workload.
+    pub source_selections: Vec<bool>,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +279,7 @@ impl PushContext {
     pub fn scope(&self, proxy: &Proxy) -> Scope {
         Scope {
             dns_auto_allocate: proxy.dns_auto_allocate,
+            source_selections: crate::route::source_selections(self, proxy),
             proxy_headers: proxy.proxy_headers.clone(),
             locality: self.proxy_locality(proxy),
             namespace: proxy.namespace.clone(),

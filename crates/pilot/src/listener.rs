@@ -236,7 +236,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                         prefix_ranges: prefix,
                         ..Default::default()
                     }),
-                    filters: vec![outbound_tcp_proxy(ctx, proxy, svc, &cluster)],
+                    filters: vec![outbound_tcp_proxy(ctx, proxy, svc, port.port)],
                     ..Default::default()
                 });
             } else if port.protocol.is_http() {
@@ -273,7 +273,6 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     ..Default::default()
                 });
             } else if port.protocol != Protocol::Udp {
-                let cluster = outbound_cluster(port.port, "", &svc.hostname);
                 // Headless and VIP-less services match on the port alone.
                 let ip = svc
                     .addresses(proxy.dns_auto_allocate)
@@ -285,7 +284,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     name: name.clone(),
                     address: Some(socket(&ip, port.port)),
                     filter_chains: vec![FilterChain {
-                        filters: vec![outbound_tcp_proxy(ctx, proxy, svc, &cluster)],
+                        filters: vec![outbound_tcp_proxy(ctx, proxy, svc, port.port)],
                         ..Default::default()
                     }],
                     bind_to_port: Some(BoolValue { value: false }),
@@ -539,17 +538,26 @@ fn network_filter(name: &str, config: Any) -> Filter {
 }
 
 fn tcp_proxy_filter(cluster: &str) -> Filter {
-    tcp_proxy_hashed(cluster, false)
+    tcp_proxy_to(
+        cluster,
+        tcp_proxy::ClusterSpecifier::Cluster(cluster.into()),
+        false,
+    )
 }
 
-/// `tcp_proxy` to `cluster`; `source_ip`: consistent hashing by the client's IP.
-fn tcp_proxy_hashed(cluster: &str, source_ip: bool) -> Filter {
+/// `tcp_proxy` to `clusters`, its stats under `stat_prefix`; `source_ip`: consistent hashing
+/// by the client's IP.
+fn tcp_proxy_to(
+    stat_prefix: &str,
+    clusters: tcp_proxy::ClusterSpecifier,
+    source_ip: bool,
+) -> Filter {
     use envoy_types::pb::envoy::r#type::v3::{HashPolicy, hash_policy};
     network_filter(
         "envoy.filters.network.tcp_proxy",
         pack_any(TcpProxy {
-            stat_prefix: cluster.into(),
-            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+            stat_prefix: stat_prefix.into(),
+            cluster_specifier: Some(clusters),
             hash_policy: source_ip
                 .then_some(HashPolicy {
                     policy_specifier: Some(hash_policy::PolicySpecifier::SourceIp(
@@ -563,15 +571,36 @@ fn tcp_proxy_hashed(cluster: &str, source_ip: bool) -> Filter {
     )
 }
 
-/// A service's outbound TCP proxy: by the client's IP when its DestinationRule hashes on it
-/// (`consistentHash.useSourceIp`), as Istio sets it.
+/// A service port's outbound TCP proxy: to the clusters its VirtualService's `tcp` routes
+/// give, by weight, else to the port's cluster; by the client's IP when its DestinationRule
+/// hashes on it (`consistentHash.useSourceIp`), as Istio sets it.
 fn outbound_tcp_proxy(
     ctx: &PushContext,
     proxy: &Proxy,
     svc: &isthmus_registry::Service,
-    cluster: &str,
+    port: u16,
 ) -> Filter {
-    tcp_proxy_hashed(cluster, crate::route::hashes_source_ip(ctx, proxy, svc))
+    let stat_prefix = outbound_cluster(port, "", &svc.hostname);
+    let clusters = match crate::route::tcp_clusters(ctx, proxy, svc, port).as_slice() {
+        [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.clone()),
+        many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(
+                    |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                        name: name.clone(),
+                        weight: *weight,
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+        }),
+    };
+    tcp_proxy_to(
+        &stat_prefix,
+        clusters,
+        crate::route::hashes_source_ip(ctx, proxy, svc),
+    )
 }
 
 fn router(headers: &ProxyHeaders) -> HttpFilter {

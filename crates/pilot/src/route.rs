@@ -76,7 +76,7 @@ fn route_config(
                     .spec
                     .http
                     .iter()
-                    .filter(|r| applies_to_sidecar(r, port))
+                    .filter(|r| applies_to_sidecar(ctx, proxy, r, port))
                     .map(|r| {
                         let mut route = http_route(ctx, proxy, r, port, vs.namespace());
                         route.decorator = Some(decorator(route_operation(&route, vs.name(), port)));
@@ -242,13 +242,22 @@ fn config_metadata(vs: &Entry<VirtualService>) -> Metadata {
     }
 }
 
-/// Routes with a `port` match for another port, or bound to gateways only, do not apply.
-fn applies_to_sidecar(r: &HttpRoute, port: u16) -> bool {
+/// Routes whose matches are all for another port, bound to gateways only, or for other
+/// sources do not apply.
+fn applies_to_sidecar(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16) -> bool {
     r.matches.is_empty()
-        || r.matches.iter().any(|m| {
-            (m.port == 0 || m.port == u32::from(port))
-                && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
-        })
+        || r.matches
+            .iter()
+            .any(|m| applies(ctx, proxy, port, &http_conditions(m)))
+}
+
+fn http_conditions(m: &HttpMatchRequest) -> Conditions<'_> {
+    Conditions {
+        port: m.port,
+        gateways: &m.gateways,
+        source_labels: &m.source_labels,
+        source_namespace: &m.source_namespace,
+    }
 }
 
 fn default_route(cluster: &str, hash_policy: Vec<route_action::HashPolicy>) -> Route {
@@ -280,11 +289,11 @@ fn default_retries() -> RetryPolicy {
 }
 
 fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns: &str) -> Route {
-    // Istio emits one Envoy route per match (OR); the first match stands for them here.
+    // Istio emits one Envoy route per match (OR); the first that applies stands for them here.
     let m = r
         .matches
         .iter()
-        .find(|m| m.port == 0 || m.port == u32::from(port));
+        .find(|m| applies(ctx, proxy, port, &http_conditions(m)));
     let r#match = m.map_or_else(|| prefix_match("/"), route_match_of);
     let action = if let Some(redirect) = &r.redirect {
         route::Action::Redirect(RedirectAction {
@@ -380,6 +389,162 @@ fn fault(f: &isthmus_config::istio::networking::HttpFaultInjection) -> HttpFault
     }
 }
 
+/// The cluster of a VirtualService destination: its host as the VirtualService's namespace
+/// resolves it, its subset, and its port — else the service's only port, else `port`, the one
+/// being routed.
+fn destination_cluster(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    d: &Destination,
+    port: u16,
+    vs_ns: &str,
+) -> String {
+    let host = resolve_config_host(&d.host, vs_ns, ctx.domain());
+    let dport = d
+        .port
+        .as_ref()
+        .and_then(|p| u16::try_from(p.number).ok())
+        .or_else(|| {
+            ctx.registry
+                .services_by_host(&host)
+                .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))
+                .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].port))
+        })
+        .unwrap_or(port);
+    outbound_cluster(dport, &d.subset, &host)
+}
+
+/// A route's destinations as clusters and weights: those of weight 0 left out, unless all
+/// are (then each weighs 1), as Istio's.
+fn weighted_destinations<'a>(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    destinations: impl Iterator<Item = (&'a Destination, i32)> + Clone,
+    port: u16,
+    vs_ns: &str,
+) -> Vec<(String, u32)> {
+    let all_zero = destinations.clone().all(|(_, w)| w <= 0);
+    destinations
+        .filter(|(_, w)| all_zero || *w > 0)
+        .map(|(d, w)| {
+            let weight = if all_zero {
+                1
+            } else {
+                u32::try_from(w).unwrap_or(0)
+            };
+            (destination_cluster(ctx, proxy, d, port, vs_ns), weight)
+        })
+        .collect()
+}
+
+/// The clusters a service port's TCP connections go to, with their weights: those of the
+/// first `tcp` route of the service's VirtualService that applies to this sidecar on the
+/// port (Istio's TCP traffic shifting), else the port's own cluster.
+pub(crate) fn tcp_clusters(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &Service,
+    port: u16,
+) -> Vec<(String, u32)> {
+    if let Some(vs) = virtual_service_for(ctx, proxy, svc) {
+        let route = vs.object.spec.tcp.iter().find(|r| {
+            r.matches.is_empty()
+                || r.matches.iter().any(|m| {
+                    applies(
+                        ctx,
+                        proxy,
+                        port,
+                        &Conditions {
+                            port: m.port,
+                            gateways: &m.gateways,
+                            source_labels: &m.source_labels,
+                            source_namespace: &m.source_namespace,
+                        },
+                    ) && within(&m.destination_subnets, svc, proxy)
+                })
+        });
+        if let Some(r) = route.filter(|r| !r.route.is_empty()) {
+            return weighted_destinations(
+                ctx,
+                proxy,
+                r.route.iter().map(|d| (&d.destination, d.weight)),
+                port,
+                vs.namespace(),
+            );
+        }
+    }
+    vec![(outbound_cluster(port, "", &svc.hostname), 1)]
+}
+
+/// `destinationSubnets` of a TCP match: none, or one holding an address of the service (its
+/// listener takes no other destination).
+fn within(subnets: &[String], svc: &Service, proxy: &Proxy) -> bool {
+    subnets.is_empty()
+        || subnets.iter().any(|s| {
+            let net = s
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            net.is_ok_and(|n| {
+                svc.addresses(proxy.dns_auto_allocate)
+                    .iter()
+                    .any(|a| n.contains(a))
+            })
+        })
+}
+
+/// What a route match asks of the sidecar, beyond the request itself.
+struct Conditions<'a> {
+    port: u32,
+    gateways: &'a [String],
+    source_labels: &'a BTreeMap<String, String>,
+    source_namespace: &'a str,
+}
+
+/// Whether a match applies to this sidecar on `port`: its port if it names one, the mesh if
+/// it names gateways, and the proxy's workload labels and namespace if it names a source.
+fn applies(ctx: &PushContext, proxy: &Proxy, port: u16, c: &Conditions<'_>) -> bool {
+    (c.port == 0 || c.port == u32::from(port))
+        && (c.gateways.is_empty() || c.gateways.iter().any(|g| g == "mesh"))
+        && from_source(ctx, proxy, c.source_labels, c.source_namespace)
+}
+
+/// Whether `sourceLabels` and `sourceNamespace` select this proxy.
+fn from_source(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    labels: &BTreeMap<String, String>,
+    namespace: &str,
+) -> bool {
+    (namespace.is_empty() || namespace == proxy.namespace)
+        && (labels.is_empty()
+            || ctx
+                .workload_of(proxy)
+                .is_some_and(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))))
+}
+
+/// Which of the VirtualServices' route matches with `sourceLabels` select this proxy: its
+/// routes and TCP proxies differ from those of its namespace's other proxies by that alone.
+pub(crate) fn source_selections(ctx: &PushContext, proxy: &Proxy) -> Vec<bool> {
+    let mut out = Vec::new();
+    for vs in &ctx.snapshot.virtual_services {
+        let spec = &vs.object.spec;
+        let http = spec
+            .http
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        let tcp = spec
+            .tcp
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        for labels in http.chain(tcp).filter(|l| !l.is_empty()) {
+            out.push(from_source(ctx, proxy, labels, ""));
+        }
+    }
+    out
+}
+
 fn route_action(
     ctx: &PushContext,
     proxy: &Proxy,
@@ -387,35 +552,21 @@ fn route_action(
     port: u16,
     vs_ns: &str,
 ) -> RouteAction {
-    let cluster = |d: &Destination| {
-        let host = resolve_config_host(&d.host, vs_ns, ctx.domain());
-        let dport = d
-            .port
-            .as_ref()
-            .and_then(|p| u16::try_from(p.number).ok())
-            .or_else(|| {
-                // Without a port: the service's only port, else the port being routed.
-                ctx.registry
-                    .services_by_host(&host)
-                    .find(|s| s.visible_to(&proxy.namespace, &ctx.mesh.default_service_export_to))
-                    .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].port))
-            })
-            .unwrap_or(port);
-        outbound_cluster(dport, &d.subset, &host)
-    };
-    let specifier = match r.route.as_slice() {
-        [one] => ClusterSpecifier::Cluster(cluster(&one.destination)),
+    let weighted = weighted_destinations(
+        ctx,
+        proxy,
+        r.route.iter().map(|d| (&d.destination, d.weight)),
+        port,
+        vs_ns,
+    );
+    let specifier = match weighted.as_slice() {
+        [(one, _)] => ClusterSpecifier::Cluster(one.clone()),
         many => ClusterSpecifier::WeightedClusters(WeightedCluster {
             clusters: many
                 .iter()
-                .filter(|d| d.weight > 0 || many.iter().all(|x| x.weight == 0))
-                .map(|d| ClusterWeight {
-                    name: cluster(&d.destination),
-                    weight: Some(UInt32Value {
-                        value: u32::try_from(d.weight)
-                            .unwrap_or(0)
-                            .max(u32::from(many.iter().all(|x| x.weight == 0))),
-                    }),
+                .map(|(name, weight)| ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *weight }),
                     ..Default::default()
                 })
                 .collect(),
@@ -473,7 +624,7 @@ fn route_action(
                     .map(|m| (&m.destination, fraction(m.percentage.as_ref(), None))),
             )
             .map(|(d, share)| RequestMirrorPolicy {
-                cluster: cluster(d),
+                cluster: destination_cluster(ctx, proxy, d, port, vs_ns),
                 runtime_fraction: Some(RuntimeFractionalPercent {
                     default_value: Some(share),
                     ..Default::default()

@@ -623,6 +623,100 @@ fn source_ip_hashing_reaches_the_tcp_proxy() {
     );
 }
 
+/// Istio's TCP traffic shifting: a VirtualService's `tcp` routes, first applicable one wins,
+/// `sourceLabels` per workload, the port's own cluster when none applies.
+#[test]
+fn tcp_routes_shift_connections_by_weight_and_source() {
+    let vs = |matches: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: nc, namespace: data}}\nspec:\n  hosts: [nc]\n  tcp:\n  - match: [{{port: 5000, sourceLabels: {{app: productpage}}}}]\n    route: [{{destination: {{host: nc, subset: v2}}}}]\n  - match: [{matches}]\n    route:\n    - {{destination: {{host: nc, subset: v1}}, weight: 80}}\n    - {{destination: {{host: nc.data.svc.cluster.local, subset: v2}}, weight: 20}}\n    - {{destination: {{host: nc, subset: v3}}, weight: 0}}\n"
+        )
+    };
+    let tcp_proxy = |ctx: &PushContext, p: &Proxy| -> serde_json::Value {
+        let l = isthmus_pilot::listener::listeners(ctx, p)
+            .into_iter()
+            .find(|l| l.name == "10.96.1.30_5000")
+            .expect("nc's listener");
+        let json = to_json(&l).unwrap();
+        json["filter_chains"][0]["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.network.tcp_proxy")
+            .expect("tcp_proxy")["typed_config"]
+            .clone()
+    };
+    let ctx = context_with(&vs("{port: 5000, destinationSubnets: [10.96.0.0/16]}"));
+    let other = proxy("10.9.0.1", "x", "data");
+    let tp = tcp_proxy(&ctx, &other);
+    assert_eq!(
+        tp["weighted_clusters"]["clusters"],
+        serde_json::json!([
+            {"name": "outbound|5000|v1|nc.data.svc.cluster.local", "weight": 80},
+            {"name": "outbound|5000|v2|nc.data.svc.cluster.local", "weight": 20},
+        ]),
+        "{tp}"
+    );
+    assert_eq!(
+        tp["stat_prefix"],
+        "outbound|5000||nc.data.svc.cluster.local"
+    );
+    // The productpage workload is the route's source: all its connections to v2.
+    let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
+    let tp = tcp_proxy(&ctx, &productpage);
+    assert_eq!(
+        tp["cluster"], "outbound|5000|v2|nc.data.svc.cluster.local",
+        "{tp}"
+    );
+    // Its scope says so: its namespace's other proxies do not share its listeners.
+    let scope = |p: &Proxy| ctx.scope(p);
+    assert_ne!(
+        scope(&productpage),
+        scope(&proxy("10.9.0.2", "y", "bookinfo"))
+    );
+    // Matches for another port or another subnet leave the port's own cluster.
+    for other_match in ["{port: 6000}", "{destinationSubnets: [192.168.0.0/16]}"] {
+        let ctx = context_with(&vs(other_match));
+        let tp = tcp_proxy(&ctx, &other);
+        assert_eq!(
+            tp["cluster"], "outbound|5000||nc.data.svc.cluster.local",
+            "{other_match}: {tp}"
+        );
+    }
+}
+
+/// HTTP route matches with `sourceLabels` and `sourceNamespace` apply to their sources only.
+#[test]
+fn http_routes_match_their_sources() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - name: from-reviews-v2\n    match: [{sourceLabels: {app: reviews, version: v2}}]\n    route: [{destination: {host: productpage, port: {number: 9080}}}]\n    timeout: 3s\n  - name: from-data\n    match: [{sourceNamespace: data}]\n    route: [{destination: {host: productpage}}]\n    timeout: 4s\n  - name: default\n    route: [{destination: {host: productpage}}]\n",
+    );
+    let route_names = |p: &Proxy| -> Vec<String> {
+        let routes = isthmus_pilot::route::routes(&ctx, p, &["9080".to_string()]);
+        let json = to_json(&routes[0]).unwrap();
+        json["virtual_hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
+            .flat_map(|v| v["routes"].as_array().unwrap().clone())
+            .map(|r| r["name"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(
+        route_names(&proxy("10.1.0.12", "reviews-v2-0", "bookinfo")),
+        ["from-reviews-v2", "default"]
+    );
+    assert_eq!(
+        route_names(&proxy("10.1.0.11", "reviews-v1-0", "bookinfo")),
+        ["default"]
+    );
+    assert_eq!(
+        route_names(&proxy("10.1.1.30", "nc-0", "data")),
+        ["from-data", "default"]
+    );
+}
+
 #[test]
 fn request_authentication_puts_the_jwt_filter_before_rbac_which_matches_its_payload() {
     let ctx = context_with(

@@ -2045,6 +2045,80 @@ fn tcp_consistent_hash_by_source_ip_keeps_a_client_on_one_endpoint() {
     });
 }
 
+/// Istio's TCP traffic shifting: `tcp_proxy` weighted clusters send each connection to one
+/// cluster, by weight.
+#[test]
+fn tcp_weighted_clusters_split_connections_by_weight() {
+    in_netns(|| async {
+        let (h, [a, b, _, _]) = harness().await;
+        h.fixed.put(
+            CLUSTER,
+            "tcp-a",
+            pack_any(static_cluster("tcp-a", &[a], false)),
+        );
+        h.fixed.put(
+            CLUSTER,
+            "tcp-b",
+            pack_any(static_cluster("tcp-b", &[b], false)),
+        );
+        let weighted = typed(
+            "envoy.filters.network.tcp_proxy",
+            pack_any(TcpProxy {
+                stat_prefix: "tcp".into(),
+                cluster_specifier: Some(tcp_proxy::ClusterSpecifier::WeightedClusters(
+                    tcp_proxy::WeightedCluster {
+                        clusters: [("tcp-a", 3), ("tcp-b", 1)]
+                            .map(
+                                |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                                    name: name.into(),
+                                    weight,
+                                    ..Default::default()
+                                },
+                            )
+                            .into(),
+                    },
+                )),
+                ..Default::default()
+            }),
+        );
+        h.fixed.put(
+            LISTENER,
+            "10.96.0.20_5000",
+            pack_any(port_listener(
+                "10.96.0.20_5000",
+                "10.96.0.20",
+                5000,
+                weighted,
+            )),
+        );
+        h.push();
+        // The split is in force once the old upstream (`tcp`) no longer answers.
+        let first = |body: String| body.get(..6).unwrap_or_default().to_string();
+        let mut waited = 0;
+        while first(http_get_host("10.96.0.20:5000", "svc").await.1) == "name=t" {
+            waited += 1;
+            assert!(waited < 500, "the weighted clusters never took effect");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        const N: usize = 400;
+        let mut to_b = 0;
+        for _ in 0..N {
+            let (status, body) = http_get_host("10.96.0.20:5000", "svc").await;
+            assert_eq!(status, 200);
+            match first(body).as_str() {
+                "name=b" => to_b += 1,
+                "name=a" => {}
+                other => panic!("a connection went to {other:?}"),
+            }
+        }
+        // Binomial(400, 0.25): mean 100, standard deviation 8.7; 5 deviations either way.
+        assert!(
+            (56..=144).contains(&to_b),
+            "b took {to_b} of {N} connections, expected 100 ± 44"
+        );
+    });
+}
+
 #[test]
 fn a_cookie_hash_policy_with_a_ttl_hands_out_the_cookie_and_sticks_to_it() {
     in_netns(|| async {

@@ -24,7 +24,7 @@ use super::CompileError;
 use super::cluster::mesh_tls;
 use super::jwt::JwtAuthn;
 use super::rbac::{self, Rbac};
-use super::route::{self, RouteTable};
+use super::route::{self, Clusters, RouteTable};
 use crate::access_log::AccessLog;
 use crate::peer::Exchange;
 use crate::stats::CounterCell;
@@ -123,7 +123,7 @@ pub struct DownstreamTls {
 pub enum NetworkFilter {
     Http(Arc<Hcm>),
     Tcp {
-        cluster: String,
+        cluster: Clusters,
         stat_prefix: String,
         /// Consistent-hash clusters pick by the client's IP (`hash_policy: source_ip`).
         hash_source_ip: bool,
@@ -508,9 +508,15 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
     if any.type_url.ends_with(".TcpProxy") {
         let tp = TcpProxy::decode(any.value.as_slice()).map_err(|e| format!("tcp_proxy: {e}"))?;
         let cluster = match tp.cluster_specifier {
-            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
-            Some(tcp_proxy::ClusterSpecifier::WeightedClusters(_)) => {
-                return Err("tcp_proxy weighted clusters are not supported".into());
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => Clusters::One(c),
+            // Istio's TCP traffic shifting: each connection to one cluster, by weight.
+            Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                let list: Vec<(String, u32)> =
+                    w.clusters.into_iter().map(|c| (c.name, c.weight)).collect();
+                if list.iter().all(|(_, w)| *w == 0) {
+                    return Err("tcp_proxy weighted clusters have no weight".into());
+                }
+                Clusters::Weighted(list)
             }
             None => return Err("tcp_proxy names no cluster".into()),
         };
@@ -829,7 +835,7 @@ mod tests {
             tls: None,
             rbac: Vec::new(),
             filter: NetworkFilter::Tcp {
-                cluster: name.into(),
+                cluster: Clusters::One(name.into()),
                 stat_prefix: name.into(),
                 hash_source_ip: false,
                 access_logs: Vec::new(),
