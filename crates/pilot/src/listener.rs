@@ -108,7 +108,11 @@ fn with_telemetry(
             |tp| tp.access_log.extend(logs.iter().cloned()),
         );
         if let Some(config) = &stats {
-            for chain in &mut l.filter_chains {
+            for chain in l
+                .filter_chains
+                .iter_mut()
+                .chain(l.default_filter_chain.as_mut())
+            {
                 if chain.filters.last().is_some_and(|f| {
                     matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(a)) if a.type_url.ends_with(".TcpProxy"))
                 }) {
@@ -128,7 +132,11 @@ fn edit_filters(
     mut tcp: impl FnMut(&mut TcpProxy),
 ) {
     use prost::Message;
-    for chain in &mut l.filter_chains {
+    for chain in l
+        .filter_chains
+        .iter_mut()
+        .chain(l.default_filter_chain.as_mut())
+    {
         for f in &mut chain.filters {
             let Some(filter::ConfigType::TypedConfig(any)) = &mut f.config_type else {
                 continue;
@@ -272,6 +280,8 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
                     traffic_direction: TrafficDirection::Outbound as i32,
                     ..Default::default()
                 });
+            } else if matches!(port.protocol, Protocol::Tls | Protocol::Https) {
+                tls_port(ctx, proxy, svc, port.port, &mut by_name);
             } else if port.protocol != Protocol::Udp {
                 // Headless and VIP-less services match on the port alone.
                 let ip = svc
@@ -295,6 +305,97 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
         }
     }
     by_name.into_values().collect()
+}
+
+/// A service's TLS port, as Istio's: the TLS inspector reads the SNI, and the service's
+/// VirtualService `tls` routes that apply send each SNI they name to their destinations. Without
+/// such routes, the port's cluster — by the SNI of the service's host where the listener is
+/// shared by every service on the port (no VIP: ServiceEntries of external HTTPS hosts), where
+/// other names go to the passthrough (or blackhole) cluster.
+fn tls_port(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &isthmus_registry::Service,
+    port: u16,
+    by_name: &mut BTreeMap<String, Listener>,
+) {
+    let vip = svc
+        .addresses(proxy.dns_auto_allocate)
+        .first()
+        .filter(|_| !svc.headless)
+        .map(ToString::to_string);
+    let ip = vip.clone().unwrap_or_else(|| "0.0.0.0".to_string());
+    let name = format!("{ip}_{port}");
+    let l = by_name.entry(name.clone()).or_insert_with(|| Listener {
+        name,
+        address: Some(socket(&ip, port)),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    });
+    if !l.listener_filters.iter().any(|f| f.name == TLS_INSPECTOR) {
+        l.listener_filters.push(tls_inspector());
+    }
+    let mut routed = crate::route::tls_routes(ctx, proxy, svc, port);
+    if routed.is_empty() {
+        let sni = if vip.is_none() {
+            vec![svc.hostname.clone()]
+        } else {
+            Vec::new()
+        };
+        routed.push(crate::route::TlsChain {
+            server_names: sni,
+            prefix_ranges: Vec::new(),
+            clusters: vec![(outbound_cluster(port, "", &svc.hostname), 1)],
+        });
+    }
+    for chain in routed {
+        l.filter_chains.push(FilterChain {
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: chain.server_names,
+                prefix_ranges: chain
+                    .prefix_ranges
+                    .iter()
+                    .map(|n| CidrRange {
+                        address_prefix: n.network().to_string(),
+                        prefix_len: Some(UInt32Value {
+                            value: u32::from(n.prefix_len()),
+                        }),
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            filters: vec![outbound_tcp_proxy_to(
+                ctx,
+                proxy,
+                svc,
+                port,
+                &chain.clusters,
+            )],
+            ..Default::default()
+        });
+    }
+    if vip.is_none() && l.default_filter_chain.is_none() {
+        let catch_all = if ctx.outbound_allow_any(proxy) {
+            PASSTHROUGH_CLUSTER
+        } else {
+            BLACKHOLE_CLUSTER
+        };
+        l.default_filter_chain = Some(FilterChain {
+            name: "PassthroughFilterChain".into(),
+            filters: vec![tcp_proxy_filter(catch_all)],
+            ..Default::default()
+        });
+    }
+}
+
+const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
+
+fn tls_inspector() -> ListenerFilter {
+    listener_filter_of(
+        TLS_INSPECTOR,
+        pack_any(envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default()),
+    )
 }
 
 fn virtual_outbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
@@ -466,10 +567,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             "envoy.filters.listener.original_dst",
             pack_any(envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst {}),
         ),
-        listener_filter_of(
-            "envoy.filters.listener.tls_inspector",
-            pack_any(envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector::default()),
-        ),
+        tls_inspector(),
     ];
     if sniffing {
         listener_filters.push(http_inspector());
@@ -572,16 +670,29 @@ fn tcp_proxy_to(
 }
 
 /// A service port's outbound TCP proxy: to the clusters its VirtualService's `tcp` routes
-/// give, by weight, else to the port's cluster; by the client's IP when its DestinationRule
-/// hashes on it (`consistentHash.useSourceIp`), as Istio sets it.
+/// give, by weight, else to the port's cluster.
 fn outbound_tcp_proxy(
     ctx: &PushContext,
     proxy: &Proxy,
     svc: &isthmus_registry::Service,
     port: u16,
 ) -> Filter {
+    let clusters = crate::route::tcp_clusters(ctx, proxy, svc, port);
+    outbound_tcp_proxy_to(ctx, proxy, svc, port, &clusters)
+}
+
+/// A service port's outbound TCP proxy to `clusters` (weighted when more than one), named
+/// after the port's cluster; by the client's IP when the service's DestinationRule hashes on
+/// it (`consistentHash.useSourceIp`), as Istio sets it.
+fn outbound_tcp_proxy_to(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &isthmus_registry::Service,
+    port: u16,
+    clusters: &[(String, u32)],
+) -> Filter {
     let stat_prefix = outbound_cluster(port, "", &svc.hostname);
-    let clusters = match crate::route::tcp_clusters(ctx, proxy, svc, port).as_slice() {
+    let clusters = match clusters {
         [(one, _)] => tcp_proxy::ClusterSpecifier::Cluster(one.clone()),
         many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
             clusters: many

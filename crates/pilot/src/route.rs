@@ -480,16 +480,76 @@ pub(crate) fn tcp_clusters(
 /// listener takes no other destination).
 fn within(subnets: &[String], svc: &Service, proxy: &Proxy) -> bool {
     subnets.is_empty()
-        || subnets.iter().any(|s| {
-            let net = s
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
-            net.is_ok_and(|n| {
-                svc.addresses(proxy.dns_auto_allocate)
-                    .iter()
-                    .any(|a| n.contains(a))
-            })
+        || subnets.iter().filter_map(|s| subnet(s)).any(|n| {
+            svc.addresses(proxy.dns_auto_allocate)
+                .iter()
+                .any(|a| n.contains(a))
         })
+}
+
+/// A `destinationSubnets` entry: a CIDR or one address (validation has refused the rest).
+fn subnet(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .ok()
+}
+
+/// One filter chain of a service's TLS port: the SNIs and destination subnets it matches (any,
+/// when empty), and where its connections go, by weight.
+pub(crate) struct TlsChain {
+    pub server_names: Vec<String>,
+    pub prefix_ranges: Vec<ipnet::IpNet>,
+    pub clusters: Vec<(String, u32)>,
+}
+
+/// The chains of the `tls` routes of a service's VirtualService on `port`: one per match that
+/// applies to this sidecar, in order; a match like an earlier one adds nothing (Envoy refuses
+/// listeners with the same match twice).
+pub(crate) fn tls_routes(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    svc: &Service,
+    port: u16,
+) -> Vec<TlsChain> {
+    let Some(vs) = virtual_service_for(ctx, proxy, svc) else {
+        return Vec::new();
+    };
+    let mut out: Vec<TlsChain> = Vec::new();
+    for r in vs.object.spec.tls.iter().filter(|r| !r.route.is_empty()) {
+        let clusters = weighted_destinations(
+            ctx,
+            proxy,
+            r.route.iter().map(|d| (&d.destination, d.weight)),
+            port,
+            vs.namespace(),
+        );
+        for m in &r.matches {
+            let conditions = Conditions {
+                port: m.port,
+                gateways: &m.gateways,
+                source_labels: &m.source_labels,
+                source_namespace: &m.source_namespace,
+            };
+            if !applies(ctx, proxy, port, &conditions) {
+                continue;
+            }
+            let chain = TlsChain {
+                server_names: m.sni_hosts.clone(),
+                prefix_ranges: m
+                    .destination_subnets
+                    .iter()
+                    .filter_map(|s| subnet(s))
+                    .collect(),
+                clusters: clusters.clone(),
+            };
+            if !out.iter().any(|c| {
+                c.server_names == chain.server_names && c.prefix_ranges == chain.prefix_ranges
+            }) {
+                out.push(chain);
+            }
+        }
+    }
+    out
 }
 
 /// What a route match asks of the sidecar, beyond the request itself.
@@ -538,7 +598,12 @@ pub(crate) fn source_selections(ctx: &PushContext, proxy: &Proxy) -> Vec<bool> {
             .iter()
             .flat_map(|r| &r.matches)
             .map(|m| &m.source_labels);
-        for labels in http.chain(tcp).filter(|l| !l.is_empty()) {
+        let tls = spec
+            .tls
+            .iter()
+            .flat_map(|r| &r.matches)
+            .map(|m| &m.source_labels);
+        for labels in http.chain(tcp).chain(tls).filter(|l| !l.is_empty()) {
             out.push(from_source(ctx, proxy, labels, ""));
         }
     }

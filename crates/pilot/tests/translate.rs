@@ -685,6 +685,99 @@ fn tcp_routes_shift_connections_by_weight_and_source() {
     }
 }
 
+/// TLS ports, as Istio's: external HTTPS hosts without addresses share `0.0.0.0_443` and are
+/// told apart by SNI, other names passing through; a VirtualService's `tls` routes send each
+/// SNI they name to their destinations.
+#[test]
+fn tls_ports_route_by_sni() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: github, namespace: data}\nspec:\n  hosts: [api.github.com]\n  ports: [{number: 443, name: https, protocol: HTTPS}]\n  resolution: DNS\n  location: MESH_EXTERNAL\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: google, namespace: data}\nspec:\n  hosts: [www.google.com]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DNS\n  location: MESH_EXTERNAL\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: tenants, namespace: data}\nspec:\n  hosts: [tenants.internal]\n  addresses: [10.96.9.9]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 10.2.0.1, labels: {tenant: a}}, {address: 10.2.0.2, labels: {tenant: b}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: tenants, namespace: data}\nspec:\n  hosts: [tenants.internal]\n  tls:\n  - match: [{port: 8443, sniHosts: [a.tenants.internal]}, {port: 9999, sniHosts: [x.tenants.internal]}]\n    route: [{destination: {host: tenants.internal, subset: a}}]\n  - match: [{sniHosts: [\"*.tenants.internal\"]}, {sniHosts: [a.tenants.internal]}]\n    route:\n    - {destination: {host: tenants.internal, subset: a}, weight: 50}\n    - {destination: {host: tenants.internal, subset: b}, weight: 50}\n",
+    );
+    let listeners: Vec<serde_json::Value> =
+        isthmus_pilot::listener::listeners(&ctx, &proxy("10.9.0.1", "x", "data"))
+            .iter()
+            .map(|l| to_json(l).unwrap())
+            .collect();
+    let find = |name: &str| {
+        listeners
+            .iter()
+            .find(|l| l["name"] == name)
+            .unwrap_or_else(|| panic!("no listener {name}"))
+    };
+    let tcp_proxy = |chain: &serde_json::Value| {
+        chain["filters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "envoy.filters.network.tcp_proxy")
+            .expect("tcp_proxy")["typed_config"]
+            .clone()
+    };
+    let shared = find("0.0.0.0_443");
+    assert_eq!(
+        shared["listener_filters"][0]["name"],
+        "envoy.filters.listener.tls_inspector"
+    );
+    let by_sni: Vec<(serde_json::Value, serde_json::Value)> = shared["filter_chains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["filter_chain_match"]["server_names"].clone(),
+                tcp_proxy(c)["cluster"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_sni,
+        [
+            (
+                serde_json::json!(["api.github.com"]),
+                serde_json::json!("outbound|443||api.github.com")
+            ),
+            (
+                serde_json::json!(["www.google.com"]),
+                serde_json::json!("outbound|443||www.google.com")
+            ),
+        ],
+        "{shared}"
+    );
+    // Other names pass through, counted by Istio's stats filter as every chain.
+    assert_eq!(
+        tcp_proxy(&shared["default_filter_chain"])["cluster"],
+        "PassthroughCluster"
+    );
+    assert_eq!(
+        shared["default_filter_chain"]["filters"][0]["name"],
+        "istio.stats"
+    );
+    // The VirtualService's routes: one chain per applicable match, the first of a name wins.
+    let tenants = find("10.96.9.9_8443");
+    let chains = tenants["filter_chains"].as_array().unwrap();
+    assert_eq!(chains.len(), 2, "{tenants}");
+    assert_eq!(
+        chains[0]["filter_chain_match"]["server_names"],
+        serde_json::json!(["a.tenants.internal"])
+    );
+    assert_eq!(
+        tcp_proxy(&chains[0])["cluster"],
+        "outbound|8443|a|tenants.internal"
+    );
+    assert_eq!(
+        chains[1]["filter_chain_match"]["server_names"],
+        serde_json::json!(["*.tenants.internal"])
+    );
+    assert_eq!(
+        tcp_proxy(&chains[1])["weighted_clusters"]["clusters"],
+        serde_json::json!([
+            {"name": "outbound|8443|a|tenants.internal", "weight": 50},
+            {"name": "outbound|8443|b|tenants.internal", "weight": 50},
+        ])
+    );
+    assert!(tenants.get("default_filter_chain").is_none(), "{tenants}");
+}
+
 /// HTTP route matches with `sourceLabels` and `sourceNamespace` apply to their sources only.
 #[test]
 fn http_routes_match_their_sources() {
