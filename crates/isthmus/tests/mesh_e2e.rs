@@ -1098,6 +1098,101 @@ fn logs_exec_and_down_after_a_supervisor_crash_leave_nothing_behind() {
     assert!(!mesh.state.exists(), "state directory left behind");
 }
 
+const TCP_SHIFT: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: ts, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: shift, namespace: ts}
+spec:
+  selector: {app: shift}
+  ports: [{name: tcp, port: 7000}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shift-v1, namespace: ts, labels: {app: shift, version: v1}}
+spec:
+  containers:
+  - name: shift
+    command: [isthmus, echo, --tcp, --server-first, --port, "7000"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: shift-v2, namespace: ts, labels: {app: shift, version: v2}}
+spec:
+  containers:
+  - name: shift
+    command: [isthmus, echo, --tcp, --server-first, --port, "7000"]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: shift, namespace: ts}
+spec:
+  host: shift
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: shift, namespace: ts}
+spec:
+  hosts: [shift]
+  tcp:
+  - match: [{sourceLabels: {app: canary}}]
+    route: [{destination: {host: shift, subset: v2}}]
+  - route:
+    - {destination: {host: shift, subset: v1}, weight: 50}
+    - {destination: {host: shift, subset: v2}, weight: 50}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: ts, labels: {app: client}}
+spec:
+  containers:
+  - name: client
+    command: [sleep, "3600"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: canary, namespace: ts, labels: {app: canary}}
+spec:
+  containers:
+  - name: canary
+    command: [sleep, "3600"]
+"#;
+
+/// Istio's TCP traffic shifting through both sidecars: a VirtualService's `tcp` routes split
+/// a workload's connections by weight, and send another workload's (`sourceLabels`) to one
+/// subset; the server-first greeting comes through the metadata exchange untouched.
+#[test]
+fn tcp_routes_split_connections_and_follow_their_sources() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mesh = Mesh::up("ts", TCP_SHIFT, &[]);
+    let (ok, out) = mesh.get(
+        "client",
+        "tcp-server-first://shift:7000",
+        &["--count", "24"],
+    );
+    // Each of 24 connections to either subset at even odds: both answer but once in
+    // 8 million runs.
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("Hostname=shift-v1") && out.contains("Hostname=shift-v2"),
+        "{out}"
+    );
+    let (ok, out) = mesh.get("canary", "tcp-server-first://shift:7000", &["--count", "8"]);
+    assert!(
+        ok && out.contains("Hostname=shift-v2") && !out.contains("Hostname=shift-v1"),
+        "{out}"
+    );
+}
+
 const SNIFFING: &str = r#"
 apiVersion: v1
 kind: Namespace

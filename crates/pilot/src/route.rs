@@ -69,8 +69,10 @@ fn route_config(
     let mut headless_wildcard = None;
     let attempt_count = ctx.proxy_headers(proxy).attempt_count;
     for svc in svcs {
-        let routes = match virtual_service_for(ctx, proxy, svc) {
-            Some(vs) => {
+        // A VirtualService without HTTP routes for this sidecar and port (only `tcp` or `tls`
+        // routes, or matches for other ports or sources) leaves the default route, as Istio's.
+        let routed: Vec<Route> = virtual_service_for(ctx, proxy, svc)
+            .map(|vs| {
                 let config = config_metadata(vs);
                 vs.object
                     .spec
@@ -84,8 +86,11 @@ fn route_config(
                         route
                     })
                     .collect()
-            }
-            None => vec![Route {
+            })
+            .unwrap_or_default();
+        let routes = match routed {
+            some if !some.is_empty() => some,
+            _ => vec![Route {
                 decorator: Some(decorator(trace_operation(&svc.hostname, port))),
                 ..default_route(
                     &outbound_cluster(port, "", &svc.hostname),

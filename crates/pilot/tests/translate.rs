@@ -808,6 +808,27 @@ fn http_routes_match_their_sources() {
         route_names(&proxy("10.1.1.30", "nc-0", "data")),
         ["from-data", "default"]
     );
+    // A VirtualService with no HTTP route for the sidecar leaves the service's default route.
+    let tcp_only = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  tcp:\n  - route: [{destination: {host: productpage}}]\n  http:\n  - match: [{port: 7070}]\n    route: [{destination: {host: productpage}}]\n",
+    );
+    let routes = isthmus_pilot::route::routes(
+        &tcp_only,
+        &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"),
+        &["9080".to_string()],
+    );
+    let json = to_json(&routes[0]).unwrap();
+    let vhost = json["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
+        .expect("productpage's virtual host");
+    assert_eq!(
+        vhost["routes"][0]["route"]["cluster"],
+        "outbound|9080||productpage.bookinfo.svc.cluster.local",
+        "{vhost}"
+    );
 }
 
 #[test]
