@@ -1148,6 +1148,38 @@ spec:
     - {destination: {host: shift, subset: v2}, weight: 50}
 ---
 apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: ts}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: ts, labels: {app: web}}
+spec:
+  containers:
+  - name: web
+    command: [isthmus, echo, --port, "8080"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: web, namespace: ts}
+spec:
+  hosts: [web]
+  http:
+  - headers:
+      request:
+        set: {x-route: web-default}
+        remove: [x-secret]
+      response:
+        add: {x-served-by: mesh}
+    route:
+    - destination: {host: web}
+      headers:
+        request: {add: {x-destination: web}}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: ts, labels: {app: client}}
 spec:
@@ -1166,9 +1198,10 @@ spec:
 
 /// Istio's TCP traffic shifting through both sidecars: a VirtualService's `tcp` routes split
 /// a workload's connections by weight, and send another workload's (`sourceLabels`) to one
-/// subset; the server-first greeting comes through the metadata exchange untouched.
+/// subset; the server-first greeting comes through the metadata exchange untouched. And an
+/// HTTP VirtualService's header operations.
 #[test]
-fn tcp_routes_split_connections_and_follow_their_sources() {
+fn tcp_routes_split_connections_and_follow_their_sources_and_http_routes_edit_headers() {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -1189,6 +1222,26 @@ fn tcp_routes_split_connections_and_follow_their_sources() {
     let (ok, out) = mesh.get("canary", "tcp-server-first://shift:7000", &["--count", "8"]);
     assert!(
         ok && out.contains("Hostname=shift-v2") && !out.contains("Hostname=shift-v1"),
+        "{out}"
+    );
+    // A VirtualService's header operations, the route's and its destination's: set over
+    // the caller's value, removed, added.
+    let (ok, out) = mesh.get(
+        "client",
+        "http://web:8080/",
+        &["-H", "x-route: mine", "-H", "x-secret: s3cret"],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("RequestHeader=x-route:web-default")
+            && !out.contains("RequestHeader=x-route:mine")
+            && !out.contains("s3cret")
+            && out.contains("RequestHeader=x-destination:web"),
+        "{out}"
+    );
+    assert!(
+        out.to_lowercase()
+            .contains("responseheader=x-served-by:mesh"),
         "{out}"
     );
 }

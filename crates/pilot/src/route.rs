@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    DataSource, Metadata, RuntimeFractionalPercent, data_source,
+    DataSource, HeaderValue, HeaderValueOption, Metadata, RuntimeFractionalPercent, data_source,
 };
 use envoy_types::pb::envoy::config::route::v3::route_action::{
     self, ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
@@ -25,7 +25,9 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use isthmus_config::Entry;
-use isthmus_config::istio::networking::{Destination, HttpMatchRequest, HttpRoute, StringMatch};
+use isthmus_config::istio::networking::{
+    Destination, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatch,
+};
 use isthmus_config::resource::VirtualService;
 use isthmus_registry::Service;
 use isthmus_registry::host::{host_matches, resolve_config_host, virtual_host_domains};
@@ -331,7 +333,13 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     } else {
         route::Action::Route(route_action(ctx, proxy, r, port, vs_ns))
     };
-    Route {
+    // The route's header operations, and its one destination's (Istio's merge of the two;
+    // the destinations of a split have theirs on their weighted clusters).
+    let ops = r.headers.iter().chain(match r.route.as_slice() {
+        [one] => one.headers.as_ref(),
+        _ => None,
+    });
+    let mut route = Route {
         name: r.name.clone(),
         r#match: Some(r#match),
         action: Some(action),
@@ -341,7 +349,45 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
                 .map(|f| (FAULT_FILTER.to_string(), pack_any(fault(f)))),
         ),
         ..Default::default()
+    };
+    for h in ops {
+        if let Some(req) = &h.request {
+            route.request_headers_to_add.extend(header_adds(req));
+            route
+                .request_headers_to_remove
+                .extend(req.remove.iter().cloned());
+        }
+        if let Some(resp) = &h.response {
+            route.response_headers_to_add.extend(header_adds(resp));
+            route
+                .response_headers_to_remove
+                .extend(resp.remove.iter().cloned());
+        }
     }
+    route
+}
+
+/// A VirtualService's `set` (replacing any value) and `add` (beside any value) headers.
+fn header_adds(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
+    use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+    let option = |(key, value): (&String, &String), action: HeaderAppendAction| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.clone(),
+            value: value.clone(),
+            ..Default::default()
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    };
+    ops.set
+        .iter()
+        .map(|kv| option(kv, HeaderAppendAction::OverwriteIfExistsOrAdd))
+        .chain(
+            ops.add
+                .iter()
+                .map(|kv| option(kv, HeaderAppendAction::AppendIfExistsOrAdd)),
+        )
+        .collect()
 }
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";

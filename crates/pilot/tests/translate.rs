@@ -778,6 +778,48 @@ fn tls_ports_route_by_sni() {
     assert!(tenants.get("default_filter_chain").is_none(), "{tenants}");
 }
 
+/// A VirtualService's `headers`: `set` replaces, `add` appends, `remove` removes, the route's
+/// and its one destination's together.
+#[test]
+fn virtual_service_headers_become_route_header_operations() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n",
+    );
+    let routes = isthmus_pilot::route::routes(
+        &ctx,
+        &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"),
+        &["9080".to_string()],
+    );
+    let json = to_json(&routes[0]).unwrap();
+    let route = json["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
+        .expect("productpage's virtual host")["routes"][0]
+        .clone();
+    assert_eq!(
+        route["request_headers_to_add"],
+        serde_json::json!([
+            {"header": {"key": "x-a", "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"},
+            {"header": {"key": "x-d", "value": "4"}},
+        ]),
+        "{route}"
+    );
+    assert_eq!(
+        route["request_headers_to_remove"],
+        serde_json::json!(["x-b"])
+    );
+    assert_eq!(
+        route["response_headers_to_add"],
+        serde_json::json!([{"header": {"key": "x-c", "value": "3"}}])
+    );
+    assert_eq!(
+        route["response_headers_to_remove"],
+        serde_json::json!(["server"])
+    );
+}
+
 /// HTTP route matches with `sourceLabels` and `sourceNamespace` apply to their sources only.
 #[test]
 fn http_routes_match_their_sources() {
