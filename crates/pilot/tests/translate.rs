@@ -778,6 +778,19 @@ fn tls_ports_route_by_sni() {
     assert!(tenants.get("default_filter_chain").is_none(), "{tenants}");
 }
 
+/// The routes of productpage's virtual host in a proxy's route configuration of port 9080.
+fn productpage_routes(ctx: &PushContext, p: &Proxy) -> serde_json::Value {
+    let routes = isthmus_pilot::route::routes(ctx, p, &["9080".to_string()]);
+    let json = to_json(&routes[0]).unwrap();
+    json["virtual_hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
+        .expect("productpage's virtual host")["routes"]
+        .clone()
+}
+
 /// A VirtualService's `headers`: `set` replaces, `add` appends, `remove` removes, the route's
 /// and its one destination's together.
 #[test]
@@ -785,19 +798,8 @@ fn virtual_service_headers_become_route_header_operations() {
     let ctx = context_with(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n",
     );
-    let routes = isthmus_pilot::route::routes(
-        &ctx,
-        &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"),
-        &["9080".to_string()],
-    );
-    let json = to_json(&routes[0]).unwrap();
-    let route = json["virtual_hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
-        .expect("productpage's virtual host")["routes"][0]
-        .clone();
+    let route =
+        productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))[0].clone();
     assert_eq!(
         route["request_headers_to_add"],
         serde_json::json!([
@@ -827,14 +829,10 @@ fn http_routes_match_their_sources() {
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - name: from-reviews-v2\n    match: [{sourceLabels: {app: reviews, version: v2}}]\n    route: [{destination: {host: productpage, port: {number: 9080}}}]\n    timeout: 3s\n  - name: from-data\n    match: [{sourceNamespace: data}]\n    route: [{destination: {host: productpage}}]\n    timeout: 4s\n  - name: default\n    route: [{destination: {host: productpage}}]\n",
     );
     let route_names = |p: &Proxy| -> Vec<String> {
-        let routes = isthmus_pilot::route::routes(&ctx, p, &["9080".to_string()]);
-        let json = to_json(&routes[0]).unwrap();
-        json["virtual_hosts"]
+        productpage_routes(&ctx, p)
             .as_array()
             .unwrap()
             .iter()
-            .filter(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
-            .flat_map(|v| v["routes"].as_array().unwrap().clone())
             .map(|r| r["name"].as_str().unwrap_or_default().to_string())
             .collect()
     };
@@ -854,22 +852,10 @@ fn http_routes_match_their_sources() {
     let tcp_only = context_with(
         "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  tcp:\n  - route: [{destination: {host: productpage}}]\n  http:\n  - match: [{port: 7070}]\n    route: [{destination: {host: productpage}}]\n",
     );
-    let routes = isthmus_pilot::route::routes(
-        &tcp_only,
-        &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"),
-        &["9080".to_string()],
-    );
-    let json = to_json(&routes[0]).unwrap();
-    let vhost = json["virtual_hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "productpage.bookinfo.svc.cluster.local:9080")
-        .expect("productpage's virtual host");
+    let routes = productpage_routes(&tcp_only, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
     assert_eq!(
-        vhost["routes"][0]["route"]["cluster"],
-        "outbound|9080||productpage.bookinfo.svc.cluster.local",
-        "{vhost}"
+        routes[0]["route"]["cluster"], "outbound|9080||productpage.bookinfo.svc.cluster.local",
+        "{routes}"
     );
 }
 
