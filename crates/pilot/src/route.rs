@@ -81,8 +81,8 @@ fn route_config(
                     .http
                     .iter()
                     .filter(|r| applies_to_sidecar(ctx, proxy, r, port))
-                    .map(|r| {
-                        let mut route = http_route(ctx, proxy, r, port, vs.namespace());
+                    .flat_map(|r| http_routes(ctx, proxy, r, port, vs.namespace()))
+                    .map(|mut route| {
                         route.decorator = Some(decorator(route_operation(&route, vs.name(), port)));
                         route.metadata = Some(config.clone());
                         route
@@ -295,13 +295,40 @@ fn default_retries() -> RetryPolicy {
     }
 }
 
-fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns: &str) -> Route {
-    // Istio emits one Envoy route per match (OR); the first that applies stands for them here.
-    let m = r
-        .matches
+/// A VirtualService HTTP route as Istio's: one Envoy route per match that applies (the matches
+/// are alternatives), each named `<route>.<match>` when the match has a name; one for every
+/// request when it has no match.
+fn http_routes(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    r: &HttpRoute,
+    port: u16,
+    vs_ns: &str,
+) -> Vec<Route> {
+    let route = http_route(ctx, proxy, r, port, vs_ns);
+    if r.matches.is_empty() {
+        return vec![Route {
+            r#match: Some(prefix_match("/")),
+            ..route
+        }];
+    }
+    r.matches
         .iter()
-        .find(|m| applies(ctx, proxy, port, &http_conditions(m)));
-    let r#match = m.map_or_else(|| prefix_match("/"), route_match_of);
+        .filter(|m| applies(ctx, proxy, port, &http_conditions(m)))
+        .map(|m| Route {
+            name: if m.name.is_empty() {
+                r.name.clone()
+            } else {
+                format!("{}.{}", r.name, m.name)
+            },
+            r#match: Some(route_match_of(m)),
+            ..route.clone()
+        })
+        .collect()
+}
+
+/// A VirtualService HTTP route's action and edits, without its match.
+fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns: &str) -> Route {
     let action = if let Some(redirect) = &r.redirect {
         route::Action::Redirect(RedirectAction {
             host_redirect: redirect.authority.clone(),
@@ -341,7 +368,6 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     });
     let mut route = Route {
         name: r.name.clone(),
-        r#match: Some(r#match),
         action: Some(action),
         typed_per_filter_config: crate::maps::map_of(
             r.fault

@@ -791,6 +791,48 @@ fn productpage_routes(ctx: &PushContext, p: &Proxy) -> serde_json::Value {
         .clone()
 }
 
+/// Istio's one Envoy route per match of a VirtualService route (its matches are alternatives),
+/// named after the route and the match.
+#[test]
+fn each_match_of_a_route_is_a_route() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - name: app\n    match:\n    - {name: exact, uri: {exact: /productpage}}\n    - uri: {prefix: /static}\n    - {uri: {prefix: /elsewhere}, port: 7070}\n    route: [{destination: {host: productpage, subset: v1}}]\n  - name: rest\n    route: [{destination: {host: productpage}}]\n",
+    );
+    let routes = productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
+    let summary: Vec<(String, serde_json::Value, String)> = routes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or_default().to_string(),
+                r["match"].clone(),
+                r["route"]["cluster"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            )
+        })
+        .collect();
+    let v1 = "outbound|9080|v1|productpage.bookinfo.svc.cluster.local".to_string();
+    assert_eq!(
+        summary,
+        [
+            (
+                "app.exact".into(),
+                serde_json::json!({"path": "/productpage"}),
+                v1.clone()
+            ),
+            ("app".into(), serde_json::json!({"prefix": "/static"}), v1),
+            (
+                "rest".into(),
+                serde_json::json!({"prefix": "/"}),
+                "outbound|9080||productpage.bookinfo.svc.cluster.local".into()
+            ),
+        ]
+    );
+}
+
 /// A VirtualService's `headers`: `set` replaces, `add` appends, `remove` removes, the route's
 /// and its one destination's together.
 #[test]
