@@ -22,7 +22,9 @@ use envoy_types::pb::envoy::config::route::v3::{
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
     header_matcher, query_parameter_matcher, redirect_action, route, route_match,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use isthmus_config::Entry;
 use isthmus_config::istio::networking::{
@@ -749,6 +751,12 @@ fn route_action(
         retry_policy,
         hash_policy,
         prefix_rewrite: rewrite.map(|w| w.uri.clone()).unwrap_or_default(),
+        regex_rewrite: rewrite
+            .and_then(|w| w.uri_regex_rewrite.as_ref())
+            .map(|rr| RegexMatchAndSubstitute {
+                pattern: Some(regex(&rr.match_)),
+                substitution: rr.rewrite.clone(),
+            }),
         host_rewrite_specifier: rewrite
             .filter(|w| !w.authority.is_empty())
             .map(|w| HostRewriteSpecifier::HostRewriteLiteral(w.authority.clone())),

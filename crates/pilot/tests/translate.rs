@@ -838,7 +838,7 @@ fn each_match_of_a_route_is_a_route() {
 #[test]
 fn virtual_service_headers_become_route_header_operations() {
     let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n    rewrite: {uriRegexRewrite: {match: \"^/a/(.*)$\", rewrite: \"/b/\\\\1\"}}\n",
     );
     let route =
         productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))[0].clone();
@@ -861,6 +861,12 @@ fn virtual_service_headers_become_route_header_operations() {
     assert_eq!(
         route["response_headers_to_remove"],
         serde_json::json!(["server"])
+    );
+    // And `uriRegexRewrite` as Envoy's `regex_rewrite`.
+    assert_eq!(
+        route["route"]["regex_rewrite"],
+        serde_json::json!({"pattern": {"regex": "^/a/(.*)$"}, "substitution": "/b/\\1"}),
+        "{route}"
     );
 }
 

@@ -545,28 +545,34 @@ fn prepare_request(
     {
         h.insert(header::HOST, v);
     }
-    if let Some(prefix) = &fwd.prefix_rewrite {
-        // Replace the part the route matched: for a prefix route, its prefix.
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        let matched = route.prefix().unwrap_or("");
-        let rest = pq.strip_prefix(matched).unwrap_or(&pq);
-        let new = if prefix.ends_with('/') && rest.starts_with('/') {
-            format!("{prefix}{}", &rest[1..])
+    let rewrite = |pq: &str| -> Option<String> {
+        if let Some(prefix) = &fwd.prefix_rewrite {
+            // Replace the part the route matched: for a prefix route, its prefix.
+            let rest = pq.strip_prefix(route.prefix().unwrap_or("")).unwrap_or(pq);
+            Some(if prefix.ends_with('/') && rest.starts_with('/') {
+                format!("{prefix}{}", &rest[1..])
+            } else {
+                format!("{prefix}{rest}")
+            })
+        } else if let Some((re, with)) = &fwd.regex_rewrite {
+            // The path's matches replaced; the query stays.
+            let (path, query) = pq.split_at(pq.find('?').unwrap_or(pq.len()));
+            Some(format!("{}{query}", re.replace_all(path, with.as_str())))
         } else {
-            format!("{prefix}{rest}")
-        };
-        if let Ok(u) = new.parse() {
-            parts.uri = u;
-            // Envoy's record of the path before the rewrite, for the upstream and its logs.
-            if hcm.envoy_headers
-                && let Ok(v) = HeaderValue::from_str(&pq)
-            {
-                parts.headers.insert(ORIGINAL_PATH, v);
-            }
+            None
+        }
+    };
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let rewritten = rewrite(pq).map(|new| (pq.to_string(), new));
+    if let Some((pq, new)) = rewritten
+        && let Ok(u) = new.parse()
+    {
+        parts.uri = u;
+        // Envoy's record of the path before the rewrite, for the upstream and its logs.
+        if hcm.envoy_headers
+            && let Ok(v) = HeaderValue::from_str(&pq)
+        {
+            parts.headers.insert(ORIGINAL_PATH, v);
         }
     }
 }

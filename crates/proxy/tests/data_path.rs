@@ -2459,6 +2459,45 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
         assert_eq!(head.get("server").unwrap(), "app", "the app's own kept");
         assert!(!head.contains_key("x-envoy-upstream-service-time"));
         assert_eq!(body, "attempt=2 expected=- path=/v2/hello original=-");
+        // Istio's `uriRegexRewrite` as Envoy's `regex_rewrite`: RE2 groups in the substitution,
+        // the query left alone (the Envoy headers are off by now).
+        let mut regex_rc = routes(&[("e", 100)]);
+        regex_rc.virtual_hosts[0].include_request_attempt_count = true;
+        if let Some(route::Action::Route(ra)) = regex_rc.virtual_hosts[0].routes[0].action.as_mut()
+        {
+            use envoy_types::pb::envoy::r#type::matcher::v3::{
+                RegexMatchAndSubstitute, RegexMatcher,
+            };
+            ra.regex_rewrite = Some(RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher {
+                    regex: "^/users/([^/]+)/(.*)$".into(),
+                    ..Default::default()
+                }),
+                substitution: "/\\2/by/\\1".into(),
+            });
+            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+                retry_on: "5xx".into(),
+                num_retries: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            });
+        }
+        h.fixed.put(ROUTE, "80", pack_any(regex_rc));
+        h.push();
+        let mut rewritten = String::new();
+        for _ in 0..200 {
+            if let Some((200, _, body)) =
+                request("GET", "10.96.0.10:80", "/users/ann/profile?tab=1", "svc").await
+                && body.contains("path=/profile/")
+            {
+                rewritten = body;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            rewritten, "attempt=2 expected=- path=/profile/by/ann original=-",
+            "{rewritten}"
+        );
     });
 }
 

@@ -150,6 +150,9 @@ pub struct Forward {
     pub timeout: Option<Duration>,
     pub retry: Option<Retry>,
     pub prefix_rewrite: Option<String>,
+    /// Envoy's `regex_rewrite`: every match of the pattern in the path replaced (Istio's
+    /// `uriRegexRewrite`); the replacement in the regex crate's `${1}` syntax.
+    pub regex_rewrite: Option<(Regex, String)>,
     pub host_rewrite: Option<String>,
     /// Clusters that get a copy of a share of the requests (parts per million).
     pub mirrors: Vec<(String, u32)>,
@@ -351,6 +354,24 @@ impl Text {
     }
 }
 
+/// An RE2 substitution (`\1` for a group, `\\` for a backslash) in the regex crate's syntax.
+fn substitution(re2: &str) -> String {
+    let mut out = String::with_capacity(re2.len());
+    let mut chars = re2.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(d) if d.is_ascii_digit() => out.push_str(&format!("${{{d}}}")),
+                Some(other) => out.push(other),
+                None => out.push('\\'),
+            },
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn regex(pattern: &str) -> Result<Regex, String> {
     // Envoy's safe_regex matches the whole value.
     Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("regex {pattern:?}: {e}"))
@@ -545,6 +566,16 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
                 timeout,
                 retry: ra.retry_policy.as_ref().or(vh_retry).map(retry),
                 prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+                regex_rewrite: ra
+                    .regex_rewrite
+                    .as_ref()
+                    .map(|r| {
+                        let pattern = r.pattern.as_ref().ok_or("regex_rewrite has no pattern")?;
+                        let re = Regex::new(&pattern.regex)
+                            .map_err(|e| format!("regex_rewrite {:?}: {e}", pattern.regex))?;
+                        Ok::<_, String>((re, substitution(&r.substitution)))
+                    })
+                    .transpose()?,
                 host_rewrite: match &ra.host_rewrite_specifier {
                     Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => {
                         Some(h.clone())
@@ -931,6 +962,17 @@ mod tests {
         assert_eq!(pick("a.example.com", &req("/", &[])), "wild");
         assert_eq!(pick("example.com", &req("/", &[])), "passthrough");
         assert_eq!(pick("10.1.2.3:9080", &req("/", &[])), "passthrough");
+    }
+
+    #[test]
+    fn re2_substitutions_read_as_the_regex_crates() {
+        assert_eq!(substitution("/\\2/by/\\1"), "/${2}/by/${1}");
+        assert_eq!(substitution("cost $5 \\\\ done\\"), "cost $$5 \\ done\\");
+        let re = Regex::new("^/users/([^/]+)/(.*)$").unwrap();
+        assert_eq!(
+            re.replace_all("/users/ann/profile", substitution("/\\2/by/\\1").as_str()),
+            "/profile/by/ann"
+        );
     }
 
     #[test]
