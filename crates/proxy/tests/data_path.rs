@@ -55,6 +55,15 @@ fn sock(ip: &str, port: u16) -> Address {
     }
 }
 
+/// Envoy's retry policy on 5xx answers, `n` retries.
+fn retry_5xx(n: u32) -> envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+    envoy_types::pb::envoy::config::route::v3::RetryPolicy {
+        retry_on: "5xx".into(),
+        num_retries: Some(UInt32Value { value: n }),
+        ..Default::default()
+    }
+}
+
 fn typed(name: &str, any: Any) -> Filter {
     Filter {
         name: name.into(),
@@ -1874,11 +1883,7 @@ fn the_retry_budget_keeps_a_failing_upstream_from_a_retry_storm() {
         h.fixed.put(CLUSTER, "f", pack_any(cluster));
         let mut rc = routes(&[("f", 100)]);
         if let Some(route::Action::Route(ra)) = rc.virtual_hosts[0].routes[0].action.as_mut() {
-            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
-                retry_on: "5xx".into(),
-                num_retries: Some(UInt32Value { value: 5 }),
-                ..Default::default()
-            });
+            ra.retry_policy = Some(retry_5xx(5));
         }
         h.fixed.put(ROUTE, "80", pack_any(rc));
         h.push();
@@ -2371,11 +2376,7 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 nanos: 0,
             });
             ra.prefix_rewrite = "/v2/".into();
-            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
-                retry_on: "5xx".into(),
-                num_retries: Some(UInt32Value { value: 1 }),
-                ..Default::default()
-            });
+            ra.retry_policy = Some(retry_5xx(1));
         }
         h.fixed.put(ROUTE, "80", pack_any(rc));
         h.push();
@@ -2475,11 +2476,7 @@ fn envoy_headers_reach_the_upstream_and_the_client_as_configured() {
                 }),
                 substitution: "/\\2/by/\\1".into(),
             });
-            ra.retry_policy = Some(envoy_types::pb::envoy::config::route::v3::RetryPolicy {
-                retry_on: "5xx".into(),
-                num_retries: Some(UInt32Value { value: 1 }),
-                ..Default::default()
-            });
+            ra.retry_policy = Some(retry_5xx(1));
         }
         h.fixed.put(ROUTE, "80", pack_any(regex_rc));
         h.push();
