@@ -167,10 +167,10 @@ where
     };
     let mut parties = parties_with(pick.workload.cloned(), upstream_cert.as_deref());
     // With the exchange, the connection is reported open once the peer has said who it is
-    // (or that it will not), as Istio reports it with the peer's labels.
+    // (or that it will not), as Istio reports it with the peer's labels; at the latest with
+    // the first report of its bytes, or when it closes.
     let mut waiting = found;
-    let mut opened = waiting.is_none();
-    if opened {
+    if waiting.is_none() {
         stats.tcp_opened(reporter, &parties, dims.as_ref());
     }
     // Every byte, either way, crosses the downstream side: watching it is enough.
@@ -191,7 +191,6 @@ where
                     parties = parties_with(Some(peer), upstream_cert.as_deref());
                 }
                 stats.tcp_opened(reporter, &parties, dims.as_ref());
-                opened = true;
             }
             () = activity.expired(filter.idle_timeout) => {
                 stats.inc(format_args!("tcp.{}.idle_timeout", filter.stat_prefix));
@@ -199,9 +198,8 @@ where
                 break;
             }
             () = every(period) => {
-                if !opened {
+                if waiting.take().is_some() {
                     stats.tcp_opened(reporter, &parties, dims.as_ref());
-                    opened = true;
                 }
                 let (received, sent) = activity.bytes();
                 stats.tcp_bytes(reporter, &parties, dims.as_ref(), sent - reported.1, received - reported.0);
@@ -209,7 +207,7 @@ where
             }
         }
     }
-    if !opened {
+    if waiting.is_some() {
         stats.tcp_opened(reporter, &parties, dims.as_ref());
     }
     // Counted on the way, so that a copy cut short (an error, the idle timeout) reports
