@@ -302,7 +302,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
     let tls = policy.and_then(|p| p.tls.as_ref());
     match tls.and_then(|t| t.mode.as_deref()) {
         Some("ISTIO_MUTUAL") => {
-            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx));
+            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx, tls));
         }
         Some("DISABLE") => {}
         Some("SIMPLE" | "MUTUAL") => {
@@ -316,7 +316,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
             && svc.endpoints_for(port).next().is_some()
             && svc.endpoints_for(port).all(|e| e.sidecar) =>
         {
-            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx));
+            c.transport_socket = Some(istio_mtls(svc, port, subset, http, ctx, None));
         }
         // Unset: auto mTLS, by endpoint label.
         _ if ctx.mesh.auto_mtls() && !svc.mesh_external => {
@@ -324,7 +324,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
                 TransportSocketMatch {
                     name: "tlsMode-istio".into(),
                     r#match: Some(strukt([(TLS_MODE_KEY, string("istio"))])),
-                    transport_socket: Some(istio_mtls(svc, port, subset, http, ctx)),
+                    transport_socket: Some(istio_mtls(svc, port, subset, http, ctx, None)),
                 },
                 TransportSocketMatch {
                     name: "tlsMode-disabled".into(),
@@ -653,18 +653,24 @@ fn outlier(od: &isthmus_config::istio::networking::OutlierDetection) -> OutlierD
 }
 
 /// Istio mTLS to a mesh destination: the workload certificate and root from SDS, the
-/// destination's identities as accepted SANs, Istio's ALPN and SNI.
+/// destination's identities as accepted SANs, Istio's ALPN and SNI — the SANs and SNI of the
+/// DestinationRule's `ISTIO_MUTUAL` settings (`rule`) where it names them, as Istio's.
 fn istio_mtls(
     svc: &Service,
     port: u16,
     subset: &str,
     http: UpstreamHttp,
     ctx: &PushContext,
+    rule: Option<&ClientTlsSettings>,
 ) -> TransportSocket {
-    let sans = if svc.subject_alt_names.is_empty() {
-        service_accounts(svc, ctx)
-    } else {
-        svc.subject_alt_names.clone()
+    let sans = match rule {
+        Some(r) if !r.subject_alt_names.is_empty() => r.subject_alt_names.clone(),
+        _ if svc.subject_alt_names.is_empty() => service_accounts(svc, ctx),
+        _ => svc.subject_alt_names.clone(),
+    };
+    let sni = match rule {
+        Some(r) if !r.sni.is_empty() => r.sni.clone(),
+        _ => format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
     };
     let tls = UpstreamTlsContext {
         // As Istio, a cluster that speaks HTTP/2 says so in ALPN too.
@@ -676,7 +682,7 @@ fn istio_mtls(
                 &["istio-peer-exchange", "istio"]
             },
         )),
-        sni: format!("outbound_.{port}_.{subset}_.{}", svc.hostname),
+        sni,
         ..Default::default()
     };
     TransportSocket {

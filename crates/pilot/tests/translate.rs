@@ -791,6 +791,28 @@ fn productpage_routes(ctx: &PushContext, p: &Proxy) -> serde_json::Value {
         .clone()
 }
 
+/// A DestinationRule's `ISTIO_MUTUAL` with its own `sni` and `subjectAltNames`: Istio's mTLS
+/// with those instead of the derived ones.
+#[test]
+fn istio_mutual_takes_the_rules_sni_and_subject_alt_names() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, sni: nc.internal, subjectAltNames: [\"spiffe://cluster.local/ns/data/sa/nc-server\"]}\n",
+    );
+    let cluster = isthmus_pilot::cluster::clusters(&ctx, &proxy("10.9.0.1", "x", "data"))
+        .into_iter()
+        .find(|c| c.name == "outbound|5000||nc.data.svc.cluster.local")
+        .expect("nc's cluster");
+    let json = to_json(&cluster).unwrap();
+    let tls = &json["transport_socket"]["typed_config"];
+    assert_eq!(tls["sni"], "nc.internal", "{json}");
+    let text = tls.to_string();
+    assert!(
+        text.contains("spiffe://cluster.local/ns/data/sa/nc-server")
+            && text.contains("istio-peer-exchange"),
+        "{text}"
+    );
+}
+
 /// Istio's one Envoy route per match of a VirtualService route (its matches are alternatives),
 /// named after the route and the match.
 #[test]
