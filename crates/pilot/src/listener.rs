@@ -283,12 +283,7 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
             } else if matches!(port.protocol, Protocol::Tls | Protocol::Https) {
                 tls_port(ctx, proxy, svc, port.port, &mut by_name);
             } else if port.protocol != Protocol::Udp {
-                // Headless and VIP-less services match on the port alone.
-                let ip = svc
-                    .addresses(proxy.dns_auto_allocate)
-                    .first()
-                    .filter(|_| !svc.headless)
-                    .map_or("0.0.0.0".to_string(), |v| v.to_string());
+                let ip = service_vip(svc, proxy).unwrap_or_else(|| "0.0.0.0".to_string());
                 let name = format!("{ip}_{}", port.port);
                 by_name.entry(name.clone()).or_insert_with(|| Listener {
                     name: name.clone(),
@@ -307,6 +302,15 @@ fn outbound(ctx: &PushContext, proxy: &Proxy) -> Vec<Listener> {
     by_name.into_values().collect()
 }
 
+/// The address a service's own outbound listeners take: its (first) VIP; None for headless
+/// and VIP-less services, whose listeners match on the port alone (`0.0.0.0`).
+fn service_vip(svc: &isthmus_registry::Service, proxy: &Proxy) -> Option<String> {
+    svc.addresses(proxy.dns_auto_allocate)
+        .first()
+        .filter(|_| !svc.headless)
+        .map(ToString::to_string)
+}
+
 /// A service's TLS port, as Istio's: the TLS inspector reads the SNI, and the service's
 /// VirtualService `tls` routes that apply send each SNI they name to their destinations. Without
 /// such routes, the port's cluster — by the SNI of the service's host where the listener is
@@ -319,11 +323,7 @@ fn tls_port(
     port: u16,
     by_name: &mut BTreeMap<String, Listener>,
 ) {
-    let vip = svc
-        .addresses(proxy.dns_auto_allocate)
-        .first()
-        .filter(|_| !svc.headless)
-        .map(ToString::to_string);
+    let vip = service_vip(svc, proxy);
     let ip = vip.clone().unwrap_or_else(|| "0.0.0.0".to_string());
     let name = format!("{ip}_{port}");
     let l = by_name.entry(name.clone()).or_insert_with(|| Listener {
