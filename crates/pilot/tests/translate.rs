@@ -62,6 +62,18 @@ fn golden(name: &str, ctx: &PushContext, p: &Proxy) -> serde_json::Value {
     got
 }
 
+/// The cluster of a proxy named `name`.
+fn cluster_named(
+    ctx: &PushContext,
+    p: &Proxy,
+    name: &str,
+) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    isthmus_pilot::cluster::clusters(ctx, p)
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
 fn names(v: &serde_json::Value, key: &str, field: &str) -> Vec<String> {
     v[key]
         .as_array()
@@ -304,10 +316,7 @@ fn localhost_mode_sends_inbound_to_loopback() {
         Some(false),
     );
     let p = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
-    let c = isthmus_pilot::cluster::clusters(&ctx, &p)
-        .into_iter()
-        .find(|c| c.name == "inbound|9080||")
-        .unwrap();
+    let c = cluster_named(&ctx, &p, "inbound|9080||");
     let v = to_json(&c).unwrap();
     assert_eq!(v["type"], "STATIC");
     assert_eq!(
@@ -436,10 +445,11 @@ fn consistent_hash_sets_ring_hash_and_the_routes_hash_policy() {
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: bookinfo}\nspec:\n  host: productpage\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n",
     );
     let p = proxy("10.1.0.9", "x", "bookinfo");
-    let cluster = isthmus_pilot::cluster::clusters(&ctx, &p)
-        .into_iter()
-        .find(|c| c.name == "outbound|9080||productpage.bookinfo.svc.cluster.local")
-        .expect("productpage cluster");
+    let cluster = cluster_named(
+        &ctx,
+        &p,
+        "outbound|9080||productpage.bookinfo.svc.cluster.local",
+    );
     assert_eq!(
         cluster.lb_policy,
         envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::RingHash as i32
@@ -459,10 +469,11 @@ fn http_connection_pool_limits_become_protocol_options() {
     let ctx = context_with(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: pp, namespace: bookinfo}\nspec:\n  host: productpage\n  trafficPolicy:\n    connectionPool:\n      http: {maxRequestsPerConnection: 1, idleTimeout: 30s}\n",
     );
-    let cluster = isthmus_pilot::cluster::clusters(&ctx, &proxy("10.1.0.9", "x", "bookinfo"))
-        .into_iter()
-        .find(|c| c.name == "outbound|9080||productpage.bookinfo.svc.cluster.local")
-        .expect("productpage cluster");
+    let cluster = cluster_named(
+        &ctx,
+        &proxy("10.1.0.9", "x", "bookinfo"),
+        "outbound|9080||productpage.bookinfo.svc.cluster.local",
+    );
     let json = to_json(&cluster).unwrap().to_string();
     assert!(
         json.contains("\"common_http_protocol_options\":{\"idle_timeout\":\"30s\",\"max_requests_per_connection\":1}"),
@@ -798,10 +809,11 @@ fn istio_mutual_takes_the_rules_sni_and_subject_alt_names() {
     let ctx = context_with(
         "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL, sni: nc.internal, subjectAltNames: [\"spiffe://cluster.local/ns/data/sa/nc-server\"]}\n",
     );
-    let cluster = isthmus_pilot::cluster::clusters(&ctx, &proxy("10.9.0.1", "x", "data"))
-        .into_iter()
-        .find(|c| c.name == "outbound|5000||nc.data.svc.cluster.local")
-        .expect("nc's cluster");
+    let cluster = cluster_named(
+        &ctx,
+        &proxy("10.9.0.1", "x", "data"),
+        "outbound|5000||nc.data.svc.cluster.local",
+    );
     let json = to_json(&cluster).unwrap();
     let tls = &json["transport_socket"]["typed_config"];
     assert_eq!(tls["sni"], "nc.internal", "{json}");
