@@ -765,6 +765,13 @@ fn http_route(h: &HttpRoute, delegate: bool, r: &mut Report) {
                 r.err("max_age duration is accurate only to seconds precision");
             }
         }
+        if let Some(u) = &c.unmatched_preflights
+            && !matches!(u.as_str(), "UNSPECIFIED" | "FORWARD" | "IGNORE")
+        {
+            r.err(format!(
+                "corsPolicy.unmatchedPreflights {u:?} is not one of UNSPECIFIED, FORWARD, IGNORE"
+            ));
+        }
     }
     if let Some(f) = &h.fault {
         if f.abort.is_none() && f.delay.is_none() {

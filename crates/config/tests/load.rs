@@ -169,3 +169,38 @@ spec:
     assert!(o.tag_overrides["request_protocol"].removes());
     assert_eq!(o.tag_overrides["request_host"].value, "request.host");
 }
+
+#[test]
+fn cors_unmatched_preflights_is_one_of_istios_values() {
+    let vs = |value: &str| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - corsPolicy:
+      allowOrigins:
+      - exact: https://app.example.com
+      unmatchedPreflights: {value}
+    route:
+    - destination:
+        host: web
+"#
+        )
+    };
+    let report = |value: &str| {
+        let loaded = Loader::default().load_str("vs.yaml", &vs(value));
+        assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+        isthmus_config::validate::validate(&loaded.resources[0].object)
+    };
+    assert!(report("IGNORE").is_valid());
+    let bad = report("DROP");
+    assert_eq!(bad.errors.len(), 1, "{bad:?}");
+    assert!(
+        bad.errors[0].contains("unmatchedPreflights \"DROP\" is not one of"),
+        "{bad:?}"
+    );
+}

@@ -43,8 +43,10 @@ impl Answer {
     }
 }
 
-/// Sends one GET with optional extra headers, on a fresh connection.
-pub async fn get(
+/// Sends one request without a body (a GET, or a preflight's OPTIONS) with optional extra
+/// headers, on a fresh connection.
+pub async fn request(
+    method: &http::Method,
     url: &str,
     headers: &[(String, String)],
     timeout: Duration,
@@ -70,7 +72,9 @@ pub async fn get(
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let mut req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(http::header::HOST, authority.as_str());
         for (k, v) in headers {
             req = req.header(k, v);

@@ -28,7 +28,8 @@ async fn http1_answer_describes_the_request_and_the_caller_identity() {
         "x-forwarded-client-cert".to_string(),
         "By=x;URI=spiffe://cluster.local/ns/a/sa/b".to_string(),
     );
-    let answer = client::get(
+    let answer = client::request(
+        &http::Method::GET,
         &format!("http://{addr}/p?q=1"),
         &[xfcc],
         Duration::from_secs(5),

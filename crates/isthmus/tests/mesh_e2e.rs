@@ -1174,6 +1174,12 @@ spec:
         remove: [x-secret]
       response:
         add: {x-served-by: mesh}
+    corsPolicy:
+      allowOrigins: [{exact: "https://app.example.com"}]
+      allowMethods: [GET, PUT]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-served-by]
+      maxAge: 1h
     route:
     - destination: {host: web}
       headers:
@@ -1201,7 +1207,8 @@ spec:
 /// subset; the server-first greeting comes through the metadata exchange untouched. And an
 /// HTTP VirtualService's header operations.
 #[test]
-fn tcp_routes_split_connections_and_follow_their_sources_and_http_routes_edit_headers() {
+fn tcp_routes_split_connections_and_follow_their_sources_and_http_routes_edit_headers_and_answer_cors()
+ {
     if !is_root() {
         eprintln!("skipped: needs root");
         return;
@@ -1242,6 +1249,51 @@ fn tcp_routes_split_connections_and_follow_their_sources_and_http_routes_edit_he
     assert!(
         out.to_lowercase()
             .contains("responseheader=x-served-by:mesh"),
+        "{out}"
+    );
+    // The VirtualService's `corsPolicy`: a preflight from the allowed origin is answered by
+    // the client's sidecar (the app never sees it), ...
+    let preflight = |origin: &str| {
+        mesh.get(
+            "client",
+            "http://web:8080/",
+            &[
+                "--method",
+                "OPTIONS",
+                "-H",
+                &format!("origin: {origin}"),
+                "-H",
+                "access-control-request-method: PUT",
+            ],
+        )
+    };
+    let (ok, out) = preflight("https://app.example.com");
+    let lower = out.to_lowercase();
+    assert!(
+        ok && lower.contains("responseheader=access-control-allow-origin:https://app.example.com")
+            && lower.contains("responseheader=access-control-allow-methods:get,put")
+            && lower.contains("responseheader=access-control-allow-headers:x-custom")
+            && lower.contains("responseheader=access-control-max-age:3600")
+            && !out.contains("Hostname="),
+        "{out}"
+    );
+    // ... one from another origin goes on to the app, without the allow headers ...
+    let (ok, out) = preflight("https://elsewhere.example");
+    assert!(
+        ok && out.contains("Method=OPTIONS") && !out.contains("access-control-allow"),
+        "{out}"
+    );
+    // ... and the app's answers to the allowed origin carry them.
+    let (ok, out) = mesh.get(
+        "client",
+        "http://web:8080/",
+        &["-H", "origin: https://app.example.com"],
+    );
+    let lower = out.to_lowercase();
+    assert!(
+        ok && out.contains("Hostname=web")
+            && lower.contains("responseheader=access-control-allow-origin:https://app.example.com")
+            && lower.contains("responseheader=access-control-expose-headers:x-served-by"),
         "{out}"
     );
 }

@@ -777,6 +777,18 @@ fn fault_filter() -> HttpFilter {
     }
 }
 
+/// The CORS filter, configured per route (VirtualService `corsPolicy`), after the fault filter
+/// as in Istio's chain.
+fn cors_filter() -> HttpFilter {
+    HttpFilter {
+        name: crate::route::CORS_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 fn http_connection_manager_rds(
     headers: &ProxyHeaders,
     listener: &str,
@@ -792,6 +804,7 @@ fn http_connection_manager_rds(
         })),
         http_filters: vec![
             fault_filter(),
+            cors_filter(),
             metadata_exchange(headers, false),
             router(headers),
         ],

@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use isthmus_config::Entry;
 use isthmus_config::istio::networking::{
-    Destination, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatch,
+    CorsPolicy, Destination, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatch,
 };
 use isthmus_config::resource::VirtualService;
 use isthmus_registry::Service;
@@ -38,6 +38,7 @@ use crate::cluster::duration as pb;
 use crate::context::PushContext;
 use crate::names::{PASSTHROUGH_CLUSTER, config_path, outbound_cluster};
 use crate::proxy::Proxy;
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy as EnvoyCors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::util::pack_any;
 use isthmus_registry::Protocol;
@@ -374,7 +375,13 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
         typed_per_filter_config: crate::maps::map_of(
             r.fault
                 .as_ref()
-                .map(|f| (FAULT_FILTER.to_string(), pack_any(fault(f)))),
+                .map(|f| (FAULT_FILTER.to_string(), pack_any(fault(f))))
+                .into_iter()
+                .chain(
+                    r.cors_policy
+                        .as_ref()
+                        .map(|c| (CORS_FILTER.to_string(), pack_any(cors(c)))),
+                ),
         ),
         ..Default::default()
     };
@@ -419,6 +426,48 @@ fn header_adds(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
 }
 
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
+
+/// A VirtualService `corsPolicy` as Envoy's per-route CORS policy, as Istio writes it.
+fn cors(c: &CorsPolicy) -> EnvoyCors {
+    use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+    use envoy_types::pb::google::protobuf::BoolValue;
+    let exact = |o: &String| StringMatch {
+        exact: Some(o.clone()),
+        ..Default::default()
+    };
+    let origins: Vec<StringMatch> = if c.allow_origins.is_empty() {
+        // The deprecated `allowOrigin`: exact origins.
+        c.allow_origin.iter().map(exact).collect()
+    } else {
+        c.allow_origins.clone()
+    };
+    EnvoyCors {
+        allow_origin_string_match: origins.iter().map(string).collect(),
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age: c
+            .max_age
+            .as_ref()
+            .map(|d| d.as_std().as_secs().to_string())
+            .unwrap_or_default(),
+        allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+        filter_enabled: Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: 100,
+                denominator: fractional_percent::DenominatorType::Hundred as i32,
+            }),
+            ..Default::default()
+        }),
+        // Istio forwards preflights from other origins to the app unless told to ignore them.
+        forward_not_matching_preflights: Some(BoolValue {
+            value: c.unmatched_preflights.as_deref() != Some("IGNORE"),
+        }),
+        ..Default::default()
+    }
+}
 
 /// Istio's percentage (a double, or the legacy integer; 100 when unset) as Envoy's parts per
 /// million.

@@ -904,6 +904,54 @@ fn virtual_service_headers_become_route_header_operations() {
     );
 }
 
+/// A VirtualService `corsPolicy`: Envoy's CORS policy on the route, as Istio writes it, with the
+/// CORS filter after the fault filter in the outbound connection manager.
+#[test]
+fn cors_policies_become_the_routes_cors_filter_configuration() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - corsPolicy:\n      allowOrigins: [{exact: \"https://app.example.com\"}, {regex: \"https://.*\\\\.example\\\\.org\"}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-custom, content-type]\n      exposeHeaders: [x-total]\n      maxAge: 24h\n      allowCredentials: true\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: productpage}}]\n",
+    );
+    let p = proxy("10.1.0.11", "reviews-v1-0", "bookinfo");
+    let route = productpage_routes(&ctx, &p)[0].clone();
+    assert_eq!(
+        route["typed_per_filter_config"]["envoy.filters.http.cors"],
+        serde_json::json!({
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.cors.v3.CorsPolicy",
+            "allow_origin_string_match": [
+                {"exact": "https://app.example.com"},
+                {"safe_regex": {"regex": "https://.*\\.example\\.org"}},
+            ],
+            "allow_methods": "GET,POST",
+            "allow_headers": "x-custom,content-type",
+            "expose_headers": "x-total",
+            "max_age": "86400",
+            "allow_credentials": true,
+            "filter_enabled": {"default_value": {"numerator": 100}},
+            "forward_not_matching_preflights": false,
+        }),
+        "{route}"
+    );
+    let listeners = isthmus_pilot::listener::listeners(&ctx, &p);
+    let json = to_json(
+        listeners
+            .iter()
+            .find(|l| l.name == "0.0.0.0_9080")
+            .expect("the 9080 listener"),
+    )
+    .unwrap();
+    let filters: Vec<&str> = json["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        filters[..2],
+        ["envoy.filters.http.fault", "envoy.filters.http.cors"],
+        "{filters:?}"
+    );
+}
+
 /// HTTP route matches with `sourceLabels` and `sourceNamespace` apply to their sources only.
 #[test]
 fn http_routes_match_their_sources() {

@@ -418,6 +418,32 @@ async fn handle(
                     return local_reply(status, "fault filter abort");
                 }
             }
+            // CORS, after the fault filter as in Istio's chain: a preflight may be the
+            // proxy's to answer; an allowed origin is said back on the response.
+            let cors = hcm.cors.then_some(route.cors.as_deref()).flatten();
+            let mut verdict = cors.and_then(|c| c.request(&parts));
+            if let Some(v) = &verdict {
+                let valid = if v.allowed.is_some() {
+                    "valid"
+                } else {
+                    "invalid"
+                };
+                stats.inc(format_args!("http.{}.cors.origin_{valid}", hcm.stat_prefix));
+            }
+            if let Some(answer) = verdict.as_mut().and_then(|v| v.answer.take()) {
+                refuse(
+                    shared,
+                    info,
+                    caller(hcm, &parts, shared),
+                    Pending::local(start, upgrade, log, span.take(), dimensions.take()),
+                    200,
+                    "-",
+                );
+                let mut r = local_reply(200, "");
+                r.headers_mut().extend(answer);
+                return r;
+            }
+            let allowed = verdict.and_then(|v| v.allowed.filter(|_| v.enforced));
             prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
             if let Some(s) = &span {
                 s.inject(&mut parts.headers);
@@ -467,6 +493,9 @@ async fn handle(
             .await;
             route.headers.apply_response(resp.headers_mut());
             vh.headers.apply_response(resp.headers_mut());
+            if let (Some(c), Some(origin)) = (cors, allowed) {
+                c.respond(origin, resp.headers_mut());
+            }
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                 && let Some(down) = down_upgrade
             {

@@ -52,6 +52,9 @@ struct ClientArgs {
     /// Extra request header `Name: value` (repeatable).
     #[arg(short = 'H', long = "header")]
     headers: Vec<String>,
+    /// The HTTP method of each request.
+    #[arg(long, default_value = "GET")]
+    method: hyper::Method,
     /// Per-request timeout (Go duration).
     #[arg(long, default_value = "5s", value_parser = isthmus_config::istio::common::parse_go_duration)]
     timeout: Duration,
@@ -135,7 +138,7 @@ async fn client(c: ClientArgs) -> Result<i32> {
             let addr = addr.trim_end_matches('/');
             isthmus_echo::grpc::call(addr, &format!("isthmus {i}"), c.timeout).await
         } else {
-            isthmus_echo::client::get(&c.url, &headers, c.timeout).await
+            isthmus_echo::client::request(&c.method, &c.url, &headers, c.timeout).await
         };
         match answer {
             Ok(answer) => {

@@ -213,6 +213,8 @@ pub struct Hcm {
     pub tracing: Option<crate::trace::Tracing>,
     /// The fault filter's own configuration, for routes without one.
     pub fault: Option<route::Fault>,
+    /// The CORS filter is in the chain: routes' CORS policies apply.
+    pub cors: bool,
     pub server: ServerHeader,
     /// The router adds `x-envoy-upstream-service-time` and `x-envoy-expected-rq-timeout-ms`
     /// (not its `suppress_envoy_headers`).
@@ -559,6 +561,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
     let mut rbac_filters = Vec::new();
     let mut jwt = None;
     let mut fault = None;
+    let mut cors = false;
     let mut exchange = Exchange::default();
     let mut stats = None;
     for f in &hcm.http_filters {
@@ -581,6 +584,9 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
             if let Some(http_filter::ConfigType::TypedConfig(any)) = &f.config_type {
                 fault = Some(route::Fault::decode(any)?).filter(|f| !f.is_empty());
             }
+        } else if type_url.ends_with(".cors.v3.Cors") {
+            // Configured per route only.
+            cors = true;
         } else if type_url.ends_with(".jwt_authn.v3.JwtAuthentication") {
             let c = JwtAuthentication::decode(value.as_slice())
                 .map_err(|e| format!("jwt_authn: {e}"))?;
@@ -671,6 +677,7 @@ fn http_connection_manager(hcm: HttpConnectionManager) -> Result<Hcm, String> {
             .transpose()?
             .flatten(),
         fault,
+        cors,
         server,
         envoy_headers,
     })

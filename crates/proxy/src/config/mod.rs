@@ -7,6 +7,7 @@
 //! cluster) are resolved per request, so resources may arrive in any order, as in Envoy.
 
 pub mod cluster;
+pub mod cors;
 pub mod istio_stats;
 pub mod jwt;
 pub mod listener;

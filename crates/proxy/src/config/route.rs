@@ -48,6 +48,8 @@ pub struct Route {
     pub headers: HeaderEdits,
     /// Fault injection for this route (the fault filter's per-route configuration).
     pub fault: Option<Fault>,
+    /// The CORS filter's policy for this route.
+    pub cors: Option<Box<super::cors::Cors>>,
     /// The decorator: the name of the spans of its requests.
     pub decorator: Option<Decorator>,
 }
@@ -108,7 +110,7 @@ impl Fault {
 }
 
 /// Envoy's fractional percent in parts per million (all of them when unset).
-fn ppm(p: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>) -> u32 {
+pub(crate) fn ppm(p: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>) -> u32 {
     p.map_or(1_000_000, |p| {
         let scale = match p.denominator {
             0 => 10_000,
@@ -649,11 +651,17 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
         .map(Fault::decode)
         .transpose()?
         .filter(|f| !f.is_empty());
+    let cors = r
+        .typed_per_filter_config
+        .get(super::cors::FILTER)
+        .map(|c| super::cors::Cors::decode(c).map(Box::new))
+        .transpose()?;
     Ok(Route {
         name: r.name.clone(),
         matcher,
         action,
         fault,
+        cors,
         decorator: r
             .decorator
             .as_ref()
