@@ -668,6 +668,23 @@ fn headers(h: Option<&Headers>, r: &mut Report) {
     }
 }
 
+/// One `:authority` or `host` request header at most (it becomes the route's host rewrite).
+fn authority_rewrite(h: &HttpRoute, r: &mut Report) {
+    let request = h.headers.as_ref().and_then(|h| h.request.as_ref());
+    let mut current: Option<&String> = None;
+    for (k, v) in request.iter().flat_map(|q| q.set.iter().chain(&q.add)) {
+        if !(k.eq_ignore_ascii_case(":authority") || k.eq_ignore_ascii_case("host")) {
+            continue;
+        }
+        if let Some(have) = current {
+            r.err(format!(
+                "authority header cannot be set multiple times: have {have:?}, attempting to set {v:?}"
+            ));
+        }
+        current = Some(v);
+    }
+}
+
 fn http_route(h: &HttpRoute, delegate: bool, r: &mut Report) {
     // Mutually exclusive actions.
     if h.redirect.is_some() {
@@ -734,6 +751,7 @@ fn http_route(h: &HttpRoute, delegate: bool, r: &mut Report) {
         }
     }
     headers(h.headers.as_ref(), r);
+    authority_rewrite(h, r);
     if let Some(c) = &h.cors_policy {
         for o in &c.allow_origins {
             let m = o

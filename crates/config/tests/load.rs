@@ -204,3 +204,32 @@ spec:
         "{bad:?}"
     );
 }
+
+#[test]
+fn the_authority_is_rewritten_in_one_place_only() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: web
+spec:
+  hosts: [web]
+  http:
+  - headers:
+      request:
+        set: {":authority": a.internal}
+        add: {host: b.internal}
+    route:
+    - destination:
+        host: web
+"#;
+    let loaded = Loader::default().load_str("vs.yaml", text);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    let report = isthmus_config::validate::validate(&loaded.resources[0].object);
+    assert_eq!(
+        report.errors,
+        [
+            "authority header cannot be set multiple times: have \"a.internal\", attempting to set \"b.internal\""
+        ],
+        "{report:?}"
+    );
+}

@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::route::v3::route_action::{
     self, ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy,
 };
-use envoy_types::pb::envoy::config::route::v3::weighted_cluster::ClusterWeight;
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::{ClusterWeight, cluster_weight};
 use envoy_types::pb::envoy::config::route::v3::{
     Decorator, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
@@ -28,7 +28,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use isthmus_config::Entry;
 use isthmus_config::istio::networking::{
-    CorsPolicy, Destination, HeaderOperations, HttpMatchRequest, HttpRoute, StringMatch,
+    CorsPolicy, Destination, HeaderOperations, Headers, HttpMatchRequest, HttpRoute,
+    RouteDestination, StringMatch,
 };
 use isthmus_config::resource::VirtualService;
 use isthmus_registry::Service;
@@ -365,11 +366,17 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     };
     // The route's header operations, and its one destination's (Istio's merge of the two;
     // the destinations of a split have theirs on their weighted clusters).
-    let ops = r.headers.iter().chain(match r.route.as_slice() {
+    let edits = HeaderEdits::of(r.headers.iter().chain(match r.route.as_slice() {
         [one] => one.headers.as_ref(),
         _ => None,
-    });
-    let mut route = Route {
+    }));
+    let mut action = action;
+    if let (route::Action::Route(ra), Some(host)) = (&mut action, &edits.authority)
+        && ra.host_rewrite_specifier.is_none()
+    {
+        ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(host.clone()));
+    }
+    Route {
         name: r.name.clone(),
         action: Some(action),
         typed_per_filter_config: crate::maps::map_of(
@@ -383,23 +390,60 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
                         .map(|c| (CORS_FILTER.to_string(), pack_any(cors(c)))),
                 ),
         ),
+        request_headers_to_add: edits.request_add,
+        request_headers_to_remove: edits.request_remove,
+        response_headers_to_add: edits.response_add,
+        response_headers_to_remove: edits.response_remove,
         ..Default::default()
-    };
-    for h in ops {
-        if let Some(req) = &h.request {
-            route.request_headers_to_add.extend(header_adds(req));
-            route
-                .request_headers_to_remove
-                .extend(req.remove.iter().cloned());
-        }
-        if let Some(resp) = &h.response {
-            route.response_headers_to_add.extend(header_adds(resp));
-            route
-                .response_headers_to_remove
-                .extend(resp.remove.iter().cloned());
-        }
     }
-    route
+}
+
+/// VirtualService `headers` as Envoy's header edits, as Istio translates them: `set` replaces
+/// any value and `add` goes beside it; an `:authority` or `host` set or add becomes the host
+/// rewrite, and pseudo-headers and `host` are left out of the lists (Envoy refuses them).
+#[derive(Debug, Default)]
+struct HeaderEdits {
+    request_add: Vec<HeaderValueOption>,
+    request_remove: Vec<String>,
+    response_add: Vec<HeaderValueOption>,
+    response_remove: Vec<String>,
+    authority: Option<String>,
+}
+
+impl HeaderEdits {
+    fn of<'a>(all: impl Iterator<Item = &'a Headers>) -> HeaderEdits {
+        let mut edits = HeaderEdits::default();
+        for h in all {
+            if let Some(req) = &h.request {
+                edits.authority = req
+                    .set
+                    .iter()
+                    .chain(&req.add)
+                    .filter(|(k, _)| {
+                        k.eq_ignore_ascii_case(":authority") || k.eq_ignore_ascii_case("host")
+                    })
+                    .map(|(_, v)| v.clone())
+                    .next_back()
+                    .or(edits.authority.take());
+                edits.request_add.extend(header_adds(req));
+                edits
+                    .request_remove
+                    .extend(req.remove.iter().filter(|n| modifiable(n)).cloned());
+            }
+            if let Some(resp) = &h.response {
+                edits.response_add.extend(header_adds(resp));
+                edits
+                    .response_remove
+                    .extend(resp.remove.iter().filter(|n| modifiable(n)).cloned());
+            }
+        }
+        edits
+    }
+}
+
+/// Envoy edits neither pseudo-headers nor `host`.
+fn modifiable(name: &str) -> bool {
+    !name.starts_with(':') && !name.eq_ignore_ascii_case("host")
 }
 
 /// A VirtualService's `set` (replacing any value) and `add` (beside any value) headers.
@@ -422,6 +466,7 @@ fn header_adds(ops: &HeaderOperations) -> Vec<HeaderValueOption> {
                 .iter()
                 .map(|kv| option(kv, HeaderAppendAction::AppendIfExistsOrAdd)),
         )
+        .filter(|o| o.header.as_ref().is_some_and(|h| modifiable(&h.key)))
         .collect()
 }
 
@@ -542,27 +587,51 @@ fn destination_cluster(
     outbound_cluster(dport, &d.subset, &host)
 }
 
-/// A route's destinations as clusters and weights: those of weight 0 left out, unless all
-/// are (then each weighs 1), as Istio's.
-fn weighted_destinations<'a>(
+/// A route's destinations as clusters and weights, each with what goes with it: those of
+/// weight 0 left out, unless all are (then each weighs 1), as Istio's.
+fn weighted_destinations<'a, T>(
     ctx: &PushContext,
     proxy: &Proxy,
-    destinations: impl Iterator<Item = (&'a Destination, i32)> + Clone,
+    destinations: impl Iterator<Item = (&'a Destination, i32, T)> + Clone,
     port: u16,
     vs_ns: &str,
-) -> Vec<(String, u32)> {
-    let all_zero = destinations.clone().all(|(_, w)| w <= 0);
+) -> Vec<(String, u32, T)> {
+    let all_zero = destinations.clone().all(|(_, w, _)| w <= 0);
     destinations
-        .filter(|(_, w)| all_zero || *w > 0)
-        .map(|(d, w)| {
+        .filter(|(_, w, _)| all_zero || *w > 0)
+        .map(|(d, w, with)| {
             let weight = if all_zero {
                 1
             } else {
                 u32::try_from(w).unwrap_or(0)
             };
-            (destination_cluster(ctx, proxy, d, port, vs_ns), weight)
+            (
+                destination_cluster(ctx, proxy, d, port, vs_ns),
+                weight,
+                with,
+            )
         })
         .collect()
+}
+
+/// The clusters and weights of a `tcp` or `tls` route.
+fn route_clusters(
+    ctx: &PushContext,
+    proxy: &Proxy,
+    route: &[RouteDestination],
+    port: u16,
+    vs_ns: &str,
+) -> Vec<(String, u32)> {
+    weighted_destinations(
+        ctx,
+        proxy,
+        route.iter().map(|d| (&d.destination, d.weight, ())),
+        port,
+        vs_ns,
+    )
+    .into_iter()
+    .map(|(cluster, weight, ())| (cluster, weight))
+    .collect()
 }
 
 /// The clusters a service port's TCP connections go to, with their weights: those of the
@@ -592,13 +661,7 @@ pub(crate) fn tcp_clusters(
                 })
         });
         if let Some(r) = route.filter(|r| !r.route.is_empty()) {
-            return weighted_destinations(
-                ctx,
-                proxy,
-                r.route.iter().map(|d| (&d.destination, d.weight)),
-                port,
-                vs.namespace(),
-            );
+            return route_clusters(ctx, proxy, &r.route, port, vs.namespace());
         }
     }
     vec![(outbound_cluster(port, "", &svc.hostname), 1)]
@@ -644,13 +707,7 @@ pub(crate) fn tls_routes(
     };
     let mut out: Vec<TlsChain> = Vec::new();
     for r in vs.object.spec.tls.iter().filter(|r| !r.route.is_empty()) {
-        let clusters = weighted_destinations(
-            ctx,
-            proxy,
-            r.route.iter().map(|d| (&d.destination, d.weight)),
-            port,
-            vs.namespace(),
-        );
+        let clusters = route_clusters(ctx, proxy, &r.route, port, vs.namespace());
         for m in &r.matches {
             let conditions = Conditions {
                 port: m.port,
@@ -748,19 +805,32 @@ fn route_action(
     let weighted = weighted_destinations(
         ctx,
         proxy,
-        r.route.iter().map(|d| (&d.destination, d.weight)),
+        r.route
+            .iter()
+            .map(|d| (&d.destination, d.weight, d.headers.as_ref())),
         port,
         vs_ns,
     );
     let specifier = match weighted.as_slice() {
-        [(one, _)] => ClusterSpecifier::Cluster(one.clone()),
+        [(one, _, _)] => ClusterSpecifier::Cluster(one.clone()),
+        // Each destination of a split with its own header operations, as Istio's.
         many => ClusterSpecifier::WeightedClusters(WeightedCluster {
             clusters: many
                 .iter()
-                .map(|(name, weight)| ClusterWeight {
-                    name: name.clone(),
-                    weight: Some(UInt32Value { value: *weight }),
-                    ..Default::default()
+                .map(|(name, weight, headers)| {
+                    let edits = HeaderEdits::of(headers.iter().copied());
+                    ClusterWeight {
+                        name: name.clone(),
+                        weight: Some(UInt32Value { value: *weight }),
+                        request_headers_to_add: edits.request_add,
+                        request_headers_to_remove: edits.request_remove,
+                        response_headers_to_add: edits.response_add,
+                        response_headers_to_remove: edits.response_remove,
+                        host_rewrite_specifier: edits
+                            .authority
+                            .map(cluster_weight::HostRewriteSpecifier::HostRewriteLiteral),
+                        ..Default::default()
+                    }
                 })
                 .collect(),
             ..Default::default()

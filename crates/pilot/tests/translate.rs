@@ -904,6 +904,45 @@ fn virtual_service_headers_become_route_header_operations() {
     );
 }
 
+/// The destinations of a split carry their own header operations on their weighted clusters;
+/// an `:authority` or `host` set becomes a host rewrite, and no pseudo-header reaches Envoy's
+/// header lists (it refuses them), as Istio's.
+#[test]
+fn split_destinations_carry_their_headers_and_authority_is_a_host_rewrite() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers: {request: {set: {\":authority\": pp.internal, x-a: \"1\"}}}\n    route:\n    - destination: {host: productpage}\n      weight: 80\n      headers: {request: {set: {x-dest: pp}, remove: [x-b]}, response: {add: {x-from: pp}}}\n    - destination: {host: details}\n      weight: 20\n      headers: {request: {set: {host: details.internal}}}\n",
+    );
+    let route =
+        productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))[0].clone();
+    assert_eq!(
+        route["route"]["host_rewrite_literal"], "pp.internal",
+        "{route}"
+    );
+    assert_eq!(
+        route["request_headers_to_add"],
+        serde_json::json!([{"header": {"key": "x-a", "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}]),
+        "{route}"
+    );
+    assert_eq!(
+        route["route"]["weighted_clusters"]["clusters"],
+        serde_json::json!([
+            {
+                "name": "outbound|9080||productpage.bookinfo.svc.cluster.local",
+                "weight": 80,
+                "request_headers_to_add": [{"header": {"key": "x-dest", "value": "pp"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+                "request_headers_to_remove": ["x-b"],
+                "response_headers_to_add": [{"header": {"key": "x-from", "value": "pp"}}],
+            },
+            {
+                "name": "outbound|9080||details.bookinfo.svc.cluster.local",
+                "weight": 20,
+                "host_rewrite_literal": "details.internal",
+            },
+        ]),
+        "{route}"
+    );
+}
+
 /// A VirtualService `corsPolicy`: Envoy's CORS policy on the route, as Istio writes it, with the
 /// CORS filter after the fault filter in the outbound connection manager.
 #[test]

@@ -24,7 +24,7 @@ use crate::Shared;
 use crate::access_log::{AccessLog, Entry};
 use crate::config::jwt::Failure;
 use crate::config::listener::{ForwardClientCert, Hcm, RouteSource};
-use crate::config::route::{Action, Forward, Redirect, Route, VirtualHost};
+use crate::config::route::{Action, ClusterEdits, Forward, Redirect, Route, VirtualHost};
 use crate::config::{Cluster, DynamicMetadata};
 use crate::grpc_frames::{GrpcFrames, is_grpc};
 use crate::identity::PeerCert;
@@ -444,7 +444,16 @@ async fn handle(
                 return r;
             }
             let allowed = verdict.and_then(|v| v.allowed.filter(|_| v.enforced));
-            prepare_request(&mut parts, hcm, info, shared, vh, route, fwd, upgrade);
+            let (cluster, cluster_edits) = fwd.clusters.pick();
+            prepare_request(
+                &mut parts,
+                hcm,
+                info,
+                shared,
+                (vh, route, cluster_edits),
+                fwd,
+                upgrade,
+            );
             if let Some(s) = &span {
                 s.inject(&mut parts.headers);
                 // Envoy tells the upstream the operation it traced the request as.
@@ -475,6 +484,7 @@ async fn handle(
                 parts,
                 body,
                 fwd,
+                cluster,
                 hcm,
                 router,
                 &cfg.clusters,
@@ -491,6 +501,9 @@ async fn handle(
                 },
             )
             .await;
+            if let Some(e) = cluster_edits {
+                e.headers.apply_response(resp.headers_mut());
+            }
             route.headers.apply_response(resp.headers_mut());
             vh.headers.apply_response(resp.headers_mut());
             if let (Some(c), Some(origin)) = (cors, allowed) {
@@ -542,14 +555,15 @@ fn redirect(rd: &Redirect, parts: &Parts, host: &str) -> Response<Body> {
     r
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The request as it leaves for the upstream: hop-by-hop headers off, the proxy's own on,
+/// the header edits of the picked cluster, then of the route, then of the virtual host (the
+/// most specific first, as Envoy), and the host and path rewrites.
 fn prepare_request(
     parts: &mut Parts,
     hcm: &Hcm,
     info: &ConnInfo,
     shared: &Shared,
-    vh: &VirtualHost,
-    route: &Route,
+    (vh, route, cluster): (&VirtualHost, &Route, Option<&ClusterEdits>),
     fwd: &Forward,
     upgrade: bool,
 ) {
@@ -567,9 +581,13 @@ fn prepare_request(
     {
         h.insert(header::HOST, v);
     }
+    if let Some(c) = cluster {
+        c.headers.apply_request(h);
+    }
     route.headers.apply_request(h);
     vh.headers.apply_request(h);
-    if let Some(host) = &fwd.host_rewrite
+    let host_rewrite = cluster.and_then(|c| c.host_rewrite.as_ref());
+    if let Some(host) = host_rewrite.or(fwd.host_rewrite.as_ref())
         && let Ok(v) = HeaderValue::from_str(host)
     {
         h.insert(header::HOST, v);
@@ -854,6 +872,7 @@ async fn forward(
     parts: Parts,
     body: Counted<Incoming>,
     fwd: &Forward,
+    cluster_name: &str,
     hcm: &Hcm,
     router: RouterHeaders,
     clusters: &crate::config::ByName<Arc<Cluster>>,
@@ -872,7 +891,6 @@ async fn forward(
     } else {
         "http"
     };
-    let cluster_name = fwd.clusters.pick();
     let source_peer = caller(hcm, &parts, shared);
     let Some(cluster) = clusters.get(cluster_name).cloned() else {
         stats.inc(format_args!("http.{}.no_cluster", hcm.stat_prefix));

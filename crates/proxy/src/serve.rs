@@ -260,7 +260,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             metadata_exchange: _,
         } => {
             let filter = crate::tcp::Filter {
-                cluster: cluster.pick(),
+                cluster: cluster.pick().0,
                 stat_prefix,
                 hash_source_ip: *hash_source_ip,
                 idle_timeout: *idle_timeout,

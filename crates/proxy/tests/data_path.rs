@@ -327,11 +327,12 @@ async fn upstream(name: &'static str, delay: Duration, http2_only: bool) -> Sock
                             .map(|b| b.to_bytes())
                             .unwrap_or_default();
                         let seen = format!(
-                            "name={name} version={:?} request-id={} connection={:?} x-custom={:?} body={}",
+                            "name={name} version={:?} request-id={} connection={:?} x-custom={:?} host={:?} body={}",
                             head.version,
                             head.headers.contains_key("x-request-id"),
                             head.headers.get("connection"),
                             head.headers.get("x-custom"),
+                            head.headers.get("host"),
                             String::from_utf8_lossy(&body),
                         );
                         // gRPC's callers get it as one message.
@@ -1480,8 +1481,34 @@ fn fault_injection_delays_and_aborts_per_route() {
 fn weighted_routes_split_traffic_within_statistical_bounds() {
     in_netns(|| async {
         let (h, _) = harness().await;
-        h.fixed
-            .put(ROUTE, "80", pack_any(routes(&[("a", 70), ("b", 30)])));
+        // `b` has its own header edits (Istio's headers of one destination of a split) and a
+        // host rewrite.
+        let mut rc = routes(&[("a", 70), ("b", 30)]);
+        if let Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(w)),
+            ..
+        })) = &mut rc.virtual_hosts[0].routes[0].action
+        {
+            let header = |key: &str, value: &str| {
+                envoy_types::pb::envoy::config::core::v3::HeaderValueOption {
+                    header: Some(envoy_types::pb::envoy::config::core::v3::HeaderValue {
+                        key: key.into(),
+                        value: value.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+            };
+            let b = &mut w.clusters[1];
+            b.request_headers_to_add = vec![header("x-custom", "to-b")];
+            b.response_headers_to_add = vec![header("x-split", "b")];
+            b.host_rewrite_specifier = Some(
+                weighted_cluster::cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(
+                    "b.internal".into(),
+                ),
+            );
+        }
+        h.fixed.put(ROUTE, "80", pack_any(rc));
         h.push();
         let s = tokio::net::TcpStream::connect("10.96.0.10:80")
             .await
@@ -1498,8 +1525,15 @@ fn weighted_routes_split_traffic_within_statistical_bounds() {
                 .unwrap();
             let r = send.send_request(req).await.unwrap();
             assert_eq!(r.status(), 200);
+            let split = r.headers().get("x-split").cloned();
             let body = r.into_body().collect().await.unwrap().to_bytes();
-            String::from_utf8_lossy(&body[..6]).into_owned()
+            let body = String::from_utf8_lossy(&body).into_owned();
+            // Only `b`'s requests and answers carry its edits.
+            let to_b = body.starts_with("name=b");
+            assert_eq!(body.contains("x-custom=Some(\"to-b\")"), to_b, "{body}");
+            assert_eq!(body.contains("host=Some(\"b.internal\")"), to_b, "{body}");
+            assert_eq!(split.is_some_and(|v| v == "b"), to_b, "{body}");
+            body[..6].to_string()
         };
         // The new weights are in force once `b` answers at all.
         let mut waited = 0;

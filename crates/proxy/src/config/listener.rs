@@ -513,9 +513,16 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => Clusters::One(c),
             // Istio's TCP traffic shifting: each connection to one cluster, by weight.
             Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-                let list: Vec<(String, u32)> =
-                    w.clusters.into_iter().map(|c| (c.name, c.weight)).collect();
-                if list.iter().all(|(_, w)| *w == 0) {
+                let list: Vec<route::WeightedCluster> = w
+                    .clusters
+                    .into_iter()
+                    .map(|c| route::WeightedCluster {
+                        name: c.name,
+                        weight: c.weight,
+                        edits: None,
+                    })
+                    .collect();
+                if list.iter().all(|c| c.weight == 0) {
                     return Err("tcp_proxy weighted clusters have no weight".into());
                 }
                 Clusters::Weighted(list)

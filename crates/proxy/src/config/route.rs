@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, data_source};
+use envoy_types::pb::envoy::config::route::v3::weighted_cluster::{ClusterWeight, cluster_weight};
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, RetryPolicy, Route as PbRoute, RouteConfiguration, RouteMatch as PbRouteMatch,
     VirtualHost as PbVirtualHost, header_matcher, query_parameter_matcher, redirect_action, route,
@@ -245,24 +246,43 @@ pub(crate) fn cookie<'a>(parts: &'a http::request::Parts, name: &str) -> Option<
 #[derive(Debug)]
 pub enum Clusters {
     One(String),
-    Weighted(Vec<(String, u32)>),
+    Weighted(Vec<WeightedCluster>),
+}
+
+/// One cluster of a weighted split.
+#[derive(Debug)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    /// What changes in the requests sent to it and their responses (an HTTP route's split,
+    /// Istio's header operations of each destination).
+    pub edits: Option<Box<ClusterEdits>>,
+}
+
+/// A weighted cluster's own header edits and host rewrite.
+#[derive(Debug, Default)]
+pub struct ClusterEdits {
+    pub headers: HeaderEdits,
+    pub host_rewrite: Option<String>,
 }
 
 impl Clusters {
-    /// The cluster for this request (weighted: at random by weight).
-    pub fn pick(&self) -> &str {
+    /// The cluster for this request or connection (weighted: at random by weight), and its
+    /// own edits.
+    pub fn pick(&self) -> (&str, Option<&ClusterEdits>) {
         match self {
-            Clusters::One(c) => c,
+            Clusters::One(c) => (c, None),
             Clusters::Weighted(list) => {
-                let total: u64 = list.iter().map(|(_, w)| u64::from(*w)).sum();
+                let total: u64 = list.iter().map(|c| u64::from(c.weight)).sum();
                 let mut n = rand::random_range(0..total.max(1));
-                for (c, w) in list {
-                    if n < u64::from(*w) {
-                        return c;
+                for c in list {
+                    if n < u64::from(c.weight) {
+                        return (&c.name, c.edits.as_deref());
                     }
-                    n -= u64::from(*w);
+                    n -= u64::from(c.weight);
                 }
-                list.last().map_or("", |(c, _)| c.as_str())
+                list.last()
+                    .map_or(("", None), |c| (c.name.as_str(), c.edits.as_deref()))
             }
         }
     }
@@ -472,6 +492,13 @@ fn virtual_host(vh: &PbVirtualHost, outer: &HeaderEdits) -> Result<VirtualHost, 
 }
 
 impl HeaderEdits {
+    fn is_empty(&self) -> bool {
+        self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+
     /// Outer scopes' edits apply after inner ones (Envoy: route, then virtual host, then config).
     fn extend(&mut self, outer: &HeaderEdits) {
         self.request_add.extend(outer.request_add.iter().cloned());
@@ -545,6 +572,32 @@ fn edits(
     })
 }
 
+/// A route's weighted cluster, with its own header edits and host rewrite.
+fn weighted_cluster(c: &ClusterWeight) -> Result<WeightedCluster, String> {
+    let headers = edits(
+        &c.request_headers_to_add,
+        &c.request_headers_to_remove,
+        &c.response_headers_to_add,
+        &c.response_headers_to_remove,
+    )
+    .map_err(|e| format!("weighted cluster {:?}: {e}", c.name))?;
+    let host_rewrite = c
+        .host_rewrite_specifier
+        .as_ref()
+        .map(|cluster_weight::HostRewriteSpecifier::HostRewriteLiteral(h)| h.clone());
+    let edits = (!headers.is_empty() || host_rewrite.is_some()).then(|| {
+        Box::new(ClusterEdits {
+            headers,
+            host_rewrite,
+        })
+    });
+    Ok(WeightedCluster {
+        name: c.name.clone(),
+        weight: c.weight.as_ref().map_or(0, |w| w.value),
+        edits,
+    })
+}
+
 fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, String> {
     let matcher = route_match(r.r#match.as_ref().ok_or("no match")?)?;
     let action = match r.action.as_ref().ok_or("no action")? {
@@ -554,8 +607,8 @@ fn compile_route(r: &PbRoute, vh_retry: Option<&RetryPolicy>) -> Result<Route, S
                 Some(route_action::ClusterSpecifier::WeightedClusters(w)) => Clusters::Weighted(
                     w.clusters
                         .iter()
-                        .map(|c| (c.name.clone(), c.weight.as_ref().map_or(0, |w| w.value)))
-                        .collect(),
+                        .map(weighted_cluster)
+                        .collect::<Result<_, _>>()?,
                 ),
                 _ => return Err("only cluster and weighted_clusters are supported".into()),
             };
@@ -924,7 +977,7 @@ mod tests {
 
     fn cluster_of(r: &Route) -> &str {
         match &r.action {
-            Action::Forward(f) => f.clusters.pick(),
+            Action::Forward(f) => f.clusters.pick().0,
             _ => "",
         }
     }
