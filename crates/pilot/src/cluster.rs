@@ -15,7 +15,9 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbPolicy,
     TransportSocketMatch,
 };
-use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, OutlierDetection};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection, UpstreamConnectionOptions,
+};
 use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions as CommonHttpOptions;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, BindConfig, ConfigSource, Metadata, SocketAddress,
@@ -33,7 +35,9 @@ use envoy_types::pb::google::protobuf::{
     Any, Duration as PbDuration, ListValue, Struct, UInt32Value, Value, value,
 };
 use envoy_types::util::pack_any;
-use isthmus_config::istio::networking::{ClientTlsSettings, HttpSettings, Subset, TrafficPolicy};
+use isthmus_config::istio::networking::{
+    ClientTlsSettings, HttpSettings, Subset, TcpKeepalive, TrafficPolicy,
+};
 use isthmus_config::resource::DestinationRule;
 use isthmus_config::{Entry, MeshConfig};
 use isthmus_registry::{Protocol, Resolution, Service};
@@ -299,6 +303,7 @@ fn outbound(ctx: &PushContext, o: &Outbound<'_>, port_level: Option<TrafficPolic
         .map_or(Protocol::Unknown, |p| p.protocol);
     let http = outbound_http(protocol, policy, &ctx.mesh);
     set_protocol_options(&mut c, http, policy);
+    c.upstream_connection_options = upstream_keepalive(ctx.mesh.tcp_keepalive.as_ref(), policy);
     let tls = policy.and_then(|p| p.tls.as_ref());
     match tls.and_then(|t| t.mode.as_deref()) {
         Some("ISTIO_MUTUAL") => {
@@ -478,8 +483,8 @@ fn http_pool(policy: Option<&TrafficPolicy>) -> Option<&HttpSettings> {
 }
 
 /// The cluster's `HttpProtocolOptions`, as Istio sets them: the upstream version (above), and
-/// the DestinationRule's HTTP connection pool limits per connection
-/// (`maxRequestsPerConnection`, `idleTimeout`). Nothing when HTTP/1.1 needs no limits, Envoy's
+/// the DestinationRule's connection pool limits per connection (`http.maxRequestsPerConnection`,
+/// `http.idleTimeout`, `tcp.maxConnectionDuration`). Nothing when HTTP/1.1 needs no limits, Envoy's
 /// default.
 fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&TrafficPolicy>) {
     let pool = http_pool(policy);
@@ -488,10 +493,17 @@ fn set_protocol_options(c: &mut Cluster, http: UpstreamHttp, policy: Option<&Tra
         .filter(|n| *n > 0)
         .and_then(|n| u32::try_from(n).ok());
     let idle = pool.and_then(|h| h.idle_timeout.as_ref());
-    let common = (max_requests.is_some() || idle.is_some()).then(|| CommonHttpOptions {
-        max_requests_per_connection: max_requests.map(|value| UInt32Value { value }),
-        idle_timeout: idle.map(|d| duration(d.as_std())),
-        ..Default::default()
+    let max_duration = policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|c| c.tcp.as_ref())
+        .and_then(|t| t.max_connection_duration.as_ref());
+    let common = (max_requests.is_some() || idle.is_some() || max_duration.is_some()).then(|| {
+        CommonHttpOptions {
+            max_requests_per_connection: max_requests.map(|value| UInt32Value { value }),
+            idle_timeout: idle.map(|d| duration(d.as_std())),
+            max_connection_duration: max_duration.map(|d| duration(d.as_std())),
+            ..Default::default()
+        }
     });
     put_protocol_options(c, http, common);
 }
@@ -591,6 +603,42 @@ fn connect_timeout(policy: Option<&TrafficPolicy>) -> PbDuration {
         .and_then(|c| c.tcp.as_ref())
         .and_then(|t| t.connect_timeout.as_ref())
         .map_or_else(|| secs(CONNECT_TIMEOUT_SECS), |d| duration(d.as_std()))
+}
+
+/// TCP keepalive on upstream connections, as Istio sets it: the mesh's `tcpKeepalive`, each
+/// field that the DestinationRule's `connectionPool.tcp.tcpKeepalive` sets over it; an empty
+/// one turns keepalive on with the system's timings. None when neither says anything.
+fn upstream_keepalive(
+    mesh: Option<&TcpKeepalive>,
+    policy: Option<&TrafficPolicy>,
+) -> Option<UpstreamConnectionOptions> {
+    use envoy_types::pb::envoy::config::core::v3::TcpKeepalive as EnvoyKeepalive;
+    let rule = policy
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|c| c.tcp.as_ref())
+        .and_then(|t| t.tcp_keepalive.as_ref());
+    if mesh.is_none() && rule.is_none() {
+        return None;
+    }
+    let seconds = |d: &isthmus_config::istio::common::Duration| UInt32Value {
+        value: u32::try_from(d.as_std().as_secs()).unwrap_or(u32::MAX),
+    };
+    let mut k = EnvoyKeepalive::default();
+    for set in mesh.into_iter().chain(rule) {
+        if set.probes > 0 {
+            k.keepalive_probes = Some(UInt32Value { value: set.probes });
+        }
+        if let Some(t) = &set.time {
+            k.keepalive_time = Some(seconds(t));
+        }
+        if let Some(i) = &set.interval {
+            k.keepalive_interval = Some(seconds(i));
+        }
+    }
+    Some(UpstreamConnectionOptions {
+        tcp_keepalive: Some(k),
+        ..Default::default()
+    })
 }
 
 fn circuit_breakers(policy: Option<&TrafficPolicy>) -> CircuitBreakers {

@@ -904,6 +904,48 @@ fn virtual_service_headers_become_route_header_operations() {
     );
 }
 
+/// TCP keepalive on upstream connections: the mesh's `tcpKeepalive`, each field a
+/// DestinationRule sets over it; `tcp.maxConnectionDuration` as the cluster's
+/// `max_connection_duration`, as Istio writes them.
+#[test]
+fn tcp_keepalive_and_max_connection_duration_reach_the_cluster() {
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 30m, tcpKeepalive: {time: 60s, probes: 5}}\n";
+    let mesh: MeshConfig = serde_json::from_value(
+        serde_json::json!({"tcpKeepalive": {"time": "600s", "interval": "20s"}}),
+    )
+    .unwrap();
+    let p = proxy("10.9.0.1", "x", "data");
+    let name = "outbound|5000||nc.data.svc.cluster.local";
+    let cluster = to_json(&cluster_named(
+        &context_with_mesh(rule, mesh.clone()),
+        &p,
+        name,
+    ))
+    .unwrap();
+    assert_eq!(
+        cluster["upstream_connection_options"],
+        serde_json::json!({"tcp_keepalive": {"keepalive_probes": 5, "keepalive_time": 60, "keepalive_interval": 20}}),
+        "{cluster}"
+    );
+    assert_eq!(
+        cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            ["common_http_protocol_options"]["max_connection_duration"],
+        "1800s",
+        "{cluster}"
+    );
+    // The mesh's alone, and none without either.
+    let mesh_only = to_json(&cluster_named(&context_with_mesh("", mesh), &p, name)).unwrap();
+    assert_eq!(
+        mesh_only["upstream_connection_options"],
+        serde_json::json!({"tcp_keepalive": {"keepalive_time": 600, "keepalive_interval": 20}})
+    );
+    let neither = to_json(&cluster_named(&context(), &p, name)).unwrap();
+    assert!(
+        neither.get("upstream_connection_options").is_none(),
+        "{neither}"
+    );
+}
+
 /// The destinations of a split carry their own header operations on their weighted clusters;
 /// an `:authority` or `host` set becomes a host rewrite, and no pseudo-header reaches Envoy's
 /// header lists (it refuses them), as Istio's.

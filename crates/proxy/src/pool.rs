@@ -1,7 +1,8 @@
 //! Pooled HTTP connections to the endpoints of one transport. An HTTP/1.1 connection carries
 //! one request at a time and waits idle between them; one HTTP/2 connection per endpoint
 //! carries them all. A connection leaves the pool when its peer closes it, when it has been
-//! unused for the idle timeout, or after `maxRequestsPerConnection` requests.
+//! unused for the idle timeout, after `maxRequestsPerConnection` requests, or once it is older
+//! than the maximum connection duration (it finishes the requests it carries).
 //!
 //! Connections are keyed by the endpoint's address, which the load balancer has in hand
 //! (hyper-util's pool, used before, hashed each request's scheme and authority with SipHash and
@@ -60,6 +61,8 @@ pub struct HttpPool {
     /// None: connections stay until their peer closes them.
     idle_timeout: Option<Duration>,
     max_requests: Option<u32>,
+    /// Envoy's `max_connection_duration`: no new requests on a connection this old.
+    max_duration: Option<Duration>,
     endpoints: Mutex<HashMap<Address, Endpoint, foldhash::fast::RandomState>>,
     /// The task that closes connections idle past the timeout has been started.
     reaping: AtomicBool,
@@ -89,6 +92,7 @@ struct Shared {
     peer: Peer,
     uses: u32,
     used: Instant,
+    born: Instant,
 }
 
 /// An HTTP/1.1 connection out of the pool, and the requests it has carried.
@@ -96,6 +100,7 @@ struct Http1Conn {
     tx: http1::SendRequest<Body>,
     uses: u32,
     peer: Peer,
+    born: Instant,
 }
 
 /// The server's certificate on an mTLS connection, None on plaintext.
@@ -117,7 +122,7 @@ impl Endpoint {
         if !self
             .http2
             .as_ref()
-            .is_some_and(|s| pool.keeps(&s.tx, s.used, now))
+            .is_some_and(|s| pool.keeps(&s.tx, s.used, s.born, now))
         {
             self.http2 = None;
             return None;
@@ -136,7 +141,8 @@ impl Endpoint {
     /// An idle HTTP/1.1 connection ready for a request. Closed and expired ones are dropped;
     /// one whose previous exchange the connection has not wound up yet stays for later.
     fn http1(&mut self, now: Instant, pool: &HttpPool) -> Option<Http1Conn> {
-        self.idle.retain(|i| pool.keeps(&i.conn.tx, i.since, now));
+        self.idle
+            .retain(|i| pool.keeps(&i.conn.tx, i.since, i.conn.born, now));
         let at = self.idle.iter().rposition(|i| i.conn.tx.is_ready())?;
         let mut conn = self.idle.remove(at).conn;
         conn.uses += 1;
@@ -155,6 +161,7 @@ impl HttpPool {
         version: UpstreamHttp,
         idle_timeout: Option<Duration>,
         max_requests: Option<u32>,
+        max_duration: Option<Duration>,
     ) -> HttpPool {
         HttpPool {
             connector,
@@ -162,6 +169,7 @@ impl HttpPool {
             version,
             idle_timeout,
             max_requests,
+            max_duration,
             endpoints: Mutex::default(),
             reaping: AtomicBool::new(false),
         }
@@ -265,9 +273,9 @@ impl HttpPool {
         opened
     }
 
-    /// Whether a pooled connection unused since `since` stays: not once its peer has closed
-    /// it, nor after the idle timeout (counted).
-    fn keeps<T: Closes>(&self, tx: &T, since: Instant, now: Instant) -> bool {
+    /// Whether a pooled connection made at `born` and unused since `since` stays: not once
+    /// its peer has closed it, nor after the idle timeout or the maximum duration (counted).
+    fn keeps<T: Closes>(&self, tx: &T, since: Instant, born: Instant, now: Instant) -> bool {
         if tx.closed() {
             return false;
         }
@@ -276,6 +284,13 @@ impl HttpPool {
             .is_some_and(|t| now.duration_since(since) >= t)
         {
             self.counters.inc("upstream_cx_idle_timeout");
+            return false;
+        }
+        if self
+            .max_duration
+            .is_some_and(|d| now.duration_since(born) >= d)
+        {
+            self.counters.inc("upstream_cx_max_duration_reached");
             return false;
         }
         true
@@ -331,11 +346,13 @@ impl HttpPool {
             tx.ready().await.map_err(PoolError::Handshake)?;
             if self.max_requests.is_none_or(|max| max > 1) {
                 let mut endpoints = lock(&self.endpoints);
+                let now = Instant::now();
                 endpoints.entry(to.clone()).or_default().http2 = Some(Shared {
                     tx: tx.clone(),
                     peer: peer.clone(),
                     uses: 1,
-                    used: Instant::now(),
+                    used: now,
+                    born: now,
                 });
             }
             Ok((Checked::Http2(tx, peer), false))
@@ -351,7 +368,13 @@ impl HttpPool {
                 drop(open);
             });
             // A new connection takes its first request before it reports ready.
-            Ok((Checked::Http1(Http1Conn { tx, uses: 1, peer }), false))
+            let conn = Http1Conn {
+                tx,
+                uses: 1,
+                peer,
+                born: Instant::now(),
+            };
+            Ok((Checked::Http1(conn), false))
         }
     }
 
@@ -403,9 +426,14 @@ impl HttpPool {
         let pool: Weak<HttpPool> = Arc::downgrade(self);
         // Without a timeout, only to forget closed connections and the endpoints left empty
         // (original-destination clusters meet many).
-        let every = self.idle_timeout.map_or(Duration::from_secs(60), |t| {
-            (t / 4).max(Duration::from_millis(50))
-        });
+        let every = self
+            .idle_timeout
+            .into_iter()
+            .chain(self.max_duration)
+            .min()
+            .map_or(Duration::from_secs(60), |t| {
+                (t / 4).max(Duration::from_millis(50))
+            });
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,11 +451,12 @@ impl HttpPool {
     fn reap(&self, now: Instant) {
         let mut endpoints = lock(&self.endpoints);
         endpoints.retain(|_, ep| {
-            ep.idle.retain(|i| self.keeps(&i.conn.tx, i.since, now));
+            ep.idle
+                .retain(|i| self.keeps(&i.conn.tx, i.since, i.conn.born, now));
             if ep
                 .http2
                 .as_ref()
-                .is_some_and(|s| !self.keeps(&s.tx, s.used, now))
+                .is_some_and(|s| !self.keeps(&s.tx, s.used, s.born, now))
             {
                 ep.http2 = None;
             }
@@ -625,6 +654,8 @@ mod tests {
             protocol,
             idle_timeout: None,
             max_requests_per_connection: None,
+            max_connection_duration: None,
+            keepalive: None,
         }
     }
 
@@ -737,6 +768,35 @@ mod tests {
         // The next request opens a new one.
         let _ = text(get(pool, &up.addr, "/").await).await;
         assert_eq!(up.opened.load(Ordering::SeqCst), 2);
+    }
+
+    /// DestinationRule `tcp.maxConnectionDuration`: a connection takes requests while it is
+    /// younger, is closed once older (with no request in flight), and the next one is new;
+    /// HTTP/1.1 and HTTP/2 alike.
+    #[tokio::test]
+    async fn connections_retire_at_the_maximum_duration() {
+        for (protocol, version) in [
+            (UpstreamHttp::Http1, Version::HTTP_11),
+            (UpstreamHttp::Http2, Version::HTTP_2),
+        ] {
+            let up = upstream().await;
+            let t = transport(TransportSpec {
+                max_connection_duration: Some(Duration::from_millis(300)),
+                ..spec(protocol)
+            });
+            let pool = t.http(version, false);
+            for _ in 0..3 {
+                let _ = text(get(pool, &up.addr, "/").await).await;
+            }
+            assert_eq!(up.opened.load(Ordering::SeqCst), 1, "{protocol:?}");
+            assert!(
+                settles(&up.open, 0).await,
+                "{protocol:?}: the connection outlived its maximum duration"
+            );
+            assert_eq!(pool.counters.get("upstream_cx_max_duration_reached"), 1);
+            let _ = text(get(pool, &up.addr, "/").await).await;
+            assert_eq!(up.opened.load(Ordering::SeqCst), 2, "{protocol:?}");
+        }
     }
 
     /// The endpoint's own connection counts, for `/clusters`: tried, failed, open now.

@@ -48,6 +48,36 @@ pub struct TransportSpec {
     pub idle_timeout: Option<Duration>,
     /// Requests a pooled connection carries before it is retired (unlimited when None).
     pub max_requests_per_connection: Option<u32>,
+    /// How long a pooled connection takes new requests (no limit when None).
+    pub max_connection_duration: Option<Duration>,
+    /// TCP keepalive on the connections (the cluster's `upstream_connection_options`).
+    pub keepalive: Option<Keepalive>,
+}
+
+/// Envoy's `TcpKeepalive`: SO_KEEPALIVE, with the system's timings where a field is unset.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub time: Option<Duration>,
+    pub interval: Option<Duration>,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: Option<u32>,
+}
+
+impl Keepalive {
+    fn apply(&self, tcp: &TcpStream) -> std::io::Result<()> {
+        let mut k = socket2::TcpKeepalive::new();
+        if let Some(t) = self.time {
+            k = k.with_time(t);
+        }
+        if let Some(i) = self.interval {
+            k = k.with_interval(i);
+        }
+        if let Some(n) = self.probes {
+            k = k.with_retries(n);
+        }
+        socket2::SockRef::from(tcp).set_tcp_keepalive(&k)
+    }
 }
 
 /// Which HTTP version a cluster's requests travel in (Envoy's `upstream_protocol_options`).
@@ -184,6 +214,7 @@ impl Transport {
             bind: source.map(|s| s.ip).or(spec.bind),
             mark: source.map(|s| s.mark),
             timeout: spec.connect_timeout,
+            keepalive: spec.keepalive,
             tls: tls.as_ref().map(|t| (t.raw.clone(), t.sni.clone())),
         };
         Transport {
@@ -238,6 +269,7 @@ impl Transport {
                 t => t,
             },
             self.spec.max_requests_per_connection,
+            self.spec.max_connection_duration,
         )
     }
 
@@ -332,6 +364,7 @@ pub struct Connector {
     /// Bind transparently (the address need not be local) and mark the socket.
     mark: Option<u32>,
     timeout: Duration,
+    keepalive: Option<Keepalive>,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
@@ -355,6 +388,9 @@ impl Connector {
             }
             let tcp = socket.connect(target).await?;
             tcp.set_nodelay(true)?;
+            if let Some(k) = &self.keepalive {
+                k.apply(&tcp)?;
+            }
             match &self.tls {
                 None => Ok(Conn::Plain(tcp)),
                 Some((cfg, sni)) => tokio_rustls::TlsConnector::from(cfg.clone())
@@ -896,6 +932,8 @@ mod tests {
             protocol: UpstreamHttp::Http1,
             idle_timeout: None,
             max_requests_per_connection: None,
+            max_connection_duration: None,
+            keepalive: None,
         };
         let transport = Transport::new(spec, Some(&client), ConnectionStats::detached()).unwrap();
         let tls = transport.tls.as_ref().unwrap();
@@ -939,6 +977,8 @@ mod tests {
             protocol: UpstreamHttp::Http1,
             idle_timeout: None,
             max_requests_per_connection: None,
+            max_connection_duration: None,
+            keepalive: None,
         };
         let transport = Transport::new(spec, None, ConnectionStats::detached()).unwrap();
         let made =
@@ -946,5 +986,41 @@ mod tests {
         assert_eq!(made(&transport), [false; 3]);
         let _ = transport.http(Version::HTTP_11, false);
         assert_eq!(made(&transport), [true, false, false]);
+    }
+
+    /// The cluster's TCP keepalive is on the upstream socket, as the kernel reports it.
+    #[tokio::test]
+    async fn connections_carry_the_clusters_tcp_keepalive() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = Address::Ip(listener.local_addr().unwrap());
+        let connector = |keepalive| Connector {
+            bind: None,
+            mark: None,
+            timeout: Duration::from_secs(5),
+            keepalive,
+            tls: None,
+        };
+        let socket = |c: Conn| match c {
+            Conn::Plain(tcp) => tcp,
+            Conn::Tls(_) => unreachable!("plaintext connector"),
+        };
+        let tcp = socket(
+            connector(Some(Keepalive {
+                time: Some(Duration::from_secs(7)),
+                interval: Some(Duration::from_secs(3)),
+                probes: Some(4),
+            }))
+            .connect(&to)
+            .await
+            .unwrap(),
+        );
+        let s = socket2::SockRef::from(&tcp);
+        assert!(s.keepalive().unwrap());
+        assert_eq!(s.tcp_keepalive_time().unwrap(), Duration::from_secs(7));
+        assert_eq!(s.tcp_keepalive_interval().unwrap(), Duration::from_secs(3));
+        assert_eq!(s.tcp_keepalive_retries().unwrap(), 4);
+        // Without one, the socket has none.
+        let plain = socket(connector(None).connect(&to).await.unwrap());
+        assert!(!socket2::SockRef::from(&plain).keepalive().unwrap());
     }
 }

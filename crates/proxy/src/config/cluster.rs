@@ -26,7 +26,8 @@ use super::listener::{pb_duration, socket_addr, socket_address};
 use crate::peer::Workload;
 use crate::stats::{CounterCell, Stats};
 use crate::upstream::{
-    Address, ClusterState, EndpointState, Pools, TlsSpec, Transport, TransportSpec, UpstreamHttp,
+    Address, ClusterState, EndpointState, Keepalive, Pools, TlsSpec, Transport, TransportSpec,
+    UpstreamHttp,
 };
 
 pub(crate) const KIND: &str = "cluster";
@@ -281,6 +282,7 @@ struct HttpOptions {
     protocol: UpstreamHttp,
     idle_timeout: Option<Duration>,
     max_requests_per_connection: Option<u32>,
+    max_connection_duration: Option<Duration>,
 }
 
 fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
@@ -297,6 +299,7 @@ fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
             protocol: legacy,
             idle_timeout: None,
             max_requests_per_connection: None,
+            max_connection_duration: None,
         });
     };
     let opts = HttpProtocolOptions::decode(any.value.as_slice())
@@ -329,6 +332,10 @@ fn http_options(c: &PbCluster) -> Result<HttpOptions, String> {
             .and_then(|o| o.max_requests_per_connection.as_ref())
             .map(|v| v.value)
             .filter(|n| *n > 0),
+        max_connection_duration: common
+            .and_then(|o| o.max_connection_duration.as_ref())
+            .map(pb_duration)
+            .filter(|d| !d.is_zero()),
     })
 }
 
@@ -390,6 +397,20 @@ pub fn compile(
         .transpose()
         .map_err(|e| err(format!("upstream bind: {e}")))?;
     let options = http_options(c).map_err(&err)?;
+    let keepalive = c
+        .upstream_connection_options
+        .as_ref()
+        .and_then(|o| o.tcp_keepalive.as_ref())
+        .map(|k| {
+            let seconds = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+                v.as_ref().map(|s| Duration::from_secs(u64::from(s.value)))
+            };
+            Keepalive {
+                time: seconds(&k.keepalive_time),
+                interval: seconds(&k.keepalive_interval),
+                probes: k.keepalive_probes.as_ref().map(|p| p.value),
+            }
+        });
     let spec = |tls: Option<TlsSpec>| -> Result<TransportSpec, String> {
         Ok(TransportSpec {
             bind,
@@ -401,6 +422,8 @@ pub fn compile(
             protocol: options.protocol,
             idle_timeout: options.idle_timeout,
             max_requests_per_connection: options.max_requests_per_connection,
+            max_connection_duration: options.max_connection_duration,
+            keepalive,
         })
     };
     // Cluster-level transport, then per-endpoint matches (Istio's auto mTLS).
