@@ -170,31 +170,23 @@ spec:
     assert_eq!(o.tag_overrides["request_host"].value, "request.host");
 }
 
+/// The validation report of VirtualService `web` with one HTTP route to `web` that has
+/// `fields` (YAML, indented as the route's).
+fn web_route_report(fields: &str) -> isthmus_config::validate::Report {
+    let text = format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: web\nspec:\n  hosts: [web]\n  http:\n  - route:\n    - destination:\n        host: web\n{fields}"
+    );
+    let loaded = Loader::default().load_str("vs.yaml", &text);
+    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
+    isthmus_config::validate::validate(&loaded.resources[0].object)
+}
+
 #[test]
 fn cors_unmatched_preflights_is_one_of_istios_values() {
-    let vs = |value: &str| {
-        format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: web
-spec:
-  hosts: [web]
-  http:
-  - corsPolicy:
-      allowOrigins:
-      - exact: https://app.example.com
-      unmatchedPreflights: {value}
-    route:
-    - destination:
-        host: web
-"#
-        )
-    };
     let report = |value: &str| {
-        let loaded = Loader::default().load_str("vs.yaml", &vs(value));
-        assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
-        isthmus_config::validate::validate(&loaded.resources[0].object)
+        web_route_report(&format!(
+            "    corsPolicy:\n      allowOrigins:\n      - exact: https://app.example.com\n      unmatchedPreflights: {value}\n"
+        ))
     };
     assert!(report("IGNORE").is_valid());
     let bad = report("DROP");
@@ -207,29 +199,12 @@ spec:
 
 #[test]
 fn the_authority_is_rewritten_in_one_place_only() {
-    let text = r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata:
-  name: web
-spec:
-  hosts: [web]
-  http:
-  - headers:
-      request:
-        set: {":authority": a.internal}
-        add: {host: b.internal}
-    route:
-    - destination:
-        host: web
-"#;
-    let loaded = Loader::default().load_str("vs.yaml", text);
-    assert!(loaded.diagnostics.is_empty(), "{:?}", loaded.diagnostics);
-    let report = isthmus_config::validate::validate(&loaded.resources[0].object);
+    let report = web_route_report(
+        "    headers:\n      request:\n        set: {\":authority\": a.internal}\n        add: {host: b.internal}\n",
+    );
     assert_eq!(
         report.errors,
-        [
-            "authority header cannot be set multiple times: have \"a.internal\", attempting to set \"b.internal\""
-        ],
+        ["authority header cannot be set multiple times: have \"a.internal\", attempting to set \"b.internal\""],
         "{report:?}"
     );
 }
