@@ -204,7 +204,9 @@ fn the_authority_is_rewritten_in_one_place_only() {
     );
     assert_eq!(
         report.errors,
-        ["authority header cannot be set multiple times: have \"a.internal\", attempting to set \"b.internal\""],
+        [
+            "authority header cannot be set multiple times: have \"a.internal\", attempting to set \"b.internal\""
+        ],
         "{report:?}"
     );
 }

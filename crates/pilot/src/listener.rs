@@ -640,15 +640,17 @@ fn tcp_proxy_filter(cluster: &str) -> Filter {
         cluster,
         tcp_proxy::ClusterSpecifier::Cluster(cluster.into()),
         false,
+        None,
     )
 }
 
 /// `tcp_proxy` to `clusters`, its stats under `stat_prefix`; `source_ip`: consistent hashing
-/// by the client's IP.
+/// by the client's IP; `idle_timeout`: over Envoy's default hour.
 fn tcp_proxy_to(
     stat_prefix: &str,
     clusters: tcp_proxy::ClusterSpecifier,
     source_ip: bool,
+    idle_timeout: Option<envoy_types::pb::google::protobuf::Duration>,
 ) -> Filter {
     use envoy_types::pb::envoy::r#type::v3::{HashPolicy, hash_policy};
     network_filter(
@@ -664,6 +666,7 @@ fn tcp_proxy_to(
                 })
                 .into_iter()
                 .collect(),
+            idle_timeout,
             ..Default::default()
         }),
     )
@@ -707,10 +710,20 @@ fn outbound_tcp_proxy_to(
                 .collect(),
         }),
     };
+    // The DestinationRule's `connectionPool.tcp.idleTimeout` (its top-level policy, as
+    // Istio's) over Envoy's hour.
+    let idle = ctx
+        .destination_rule(&proxy.namespace, svc)
+        .and_then(|dr| dr.object.spec.traffic_policy.as_ref())
+        .and_then(|p| p.connection_pool.as_ref())
+        .and_then(|c| c.tcp.as_ref())
+        .and_then(|t| t.idle_timeout.as_ref())
+        .map(|d| crate::cluster::duration(d.as_std()));
     tcp_proxy_to(
         &stat_prefix,
         clusters,
         crate::route::hashes_source_ip(ctx, proxy, svc),
+        idle,
     )
 }
 

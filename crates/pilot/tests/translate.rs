@@ -636,6 +636,22 @@ fn source_ip_hashing_reaches_the_tcp_proxy() {
 
 /// Istio's TCP traffic shifting: a VirtualService's `tcp` routes, first applicable one wins,
 /// `sourceLabels` per workload, the port's own cluster when none applies.
+/// The `tcp_proxy` of the outbound listener of `nc:5000` (a TCP service of the test mesh).
+fn nc_tcp_proxy(ctx: &PushContext, p: &Proxy) -> serde_json::Value {
+    let l = isthmus_pilot::listener::listeners(ctx, p)
+        .into_iter()
+        .find(|l| l.name == "10.96.1.30_5000")
+        .expect("nc's listener");
+    let json = to_json(&l).unwrap();
+    json["filter_chains"][0]["filters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.network.tcp_proxy")
+        .expect("tcp_proxy")["typed_config"]
+        .clone()
+}
+
 #[test]
 fn tcp_routes_shift_connections_by_weight_and_source() {
     let vs = |matches: &str| {
@@ -643,23 +659,9 @@ fn tcp_routes_shift_connections_by_weight_and_source() {
             "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: nc, namespace: data}}\nspec:\n  hosts: [nc]\n  tcp:\n  - match: [{{port: 5000, sourceLabels: {{app: productpage}}}}]\n    route: [{{destination: {{host: nc, subset: v2}}}}]\n  - match: [{matches}]\n    route:\n    - {{destination: {{host: nc, subset: v1}}, weight: 80}}\n    - {{destination: {{host: nc.data.svc.cluster.local, subset: v2}}, weight: 20}}\n    - {{destination: {{host: nc, subset: v3}}, weight: 0}}\n"
         )
     };
-    let tcp_proxy = |ctx: &PushContext, p: &Proxy| -> serde_json::Value {
-        let l = isthmus_pilot::listener::listeners(ctx, p)
-            .into_iter()
-            .find(|l| l.name == "10.96.1.30_5000")
-            .expect("nc's listener");
-        let json = to_json(&l).unwrap();
-        json["filter_chains"][0]["filters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|f| f["name"] == "envoy.filters.network.tcp_proxy")
-            .expect("tcp_proxy")["typed_config"]
-            .clone()
-    };
     let ctx = context_with(&vs("{port: 5000, destinationSubnets: [10.96.0.0/16]}"));
     let other = proxy("10.9.0.1", "x", "data");
-    let tp = tcp_proxy(&ctx, &other);
+    let tp = nc_tcp_proxy(&ctx, &other);
     assert_eq!(
         tp["weighted_clusters"]["clusters"],
         serde_json::json!([
@@ -674,7 +676,7 @@ fn tcp_routes_shift_connections_by_weight_and_source() {
     );
     // The productpage workload is the route's source: all its connections to v2.
     let productpage = proxy("10.1.0.10", "productpage-v1-0", "bookinfo");
-    let tp = tcp_proxy(&ctx, &productpage);
+    let tp = nc_tcp_proxy(&ctx, &productpage);
     assert_eq!(
         tp["cluster"], "outbound|5000|v2|nc.data.svc.cluster.local",
         "{tp}"
@@ -688,7 +690,7 @@ fn tcp_routes_shift_connections_by_weight_and_source() {
     // Matches for another port or another subnet leave the port's own cluster.
     for other_match in ["{port: 6000}", "{destinationSubnets: [192.168.0.0/16]}"] {
         let ctx = context_with(&vs(other_match));
-        let tp = tcp_proxy(&ctx, &other);
+        let tp = nc_tcp_proxy(&ctx, &other);
         assert_eq!(
             tp["cluster"], "outbound|5000||nc.data.svc.cluster.local",
             "{other_match}: {tp}"
@@ -906,10 +908,10 @@ fn virtual_service_headers_become_route_header_operations() {
 
 /// TCP keepalive on upstream connections: the mesh's `tcpKeepalive`, each field a
 /// DestinationRule sets over it; `tcp.maxConnectionDuration` as the cluster's
-/// `max_connection_duration`, as Istio writes them.
+/// `max_connection_duration` and `tcp.idleTimeout` as the TCP proxy's, as Istio writes them.
 #[test]
-fn tcp_keepalive_and_max_connection_duration_reach_the_cluster() {
-    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 30m, tcpKeepalive: {time: 60s, probes: 5}}\n";
+fn tcp_connection_pool_settings_reach_the_cluster_and_the_tcp_proxy() {
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 30m, idleTimeout: 2h, tcpKeepalive: {time: 60s, probes: 5}}\n";
     let mesh: MeshConfig = serde_json::from_value(
         serde_json::json!({"tcpKeepalive": {"time": "600s", "interval": "20s"}}),
     )
@@ -944,6 +946,12 @@ fn tcp_keepalive_and_max_connection_duration_reach_the_cluster() {
         neither.get("upstream_connection_options").is_none(),
         "{neither}"
     );
+    // The idle timeout of connections to the service, and Envoy's hour without one.
+    assert_eq!(
+        nc_tcp_proxy(&context_with(rule), &p)["idle_timeout"],
+        "7200s"
+    );
+    assert!(nc_tcp_proxy(&context(), &p).get("idle_timeout").is_none());
 }
 
 /// The destinations of a split carry their own header operations on their weighted clusters;
