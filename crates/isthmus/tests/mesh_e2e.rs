@@ -1168,6 +1168,8 @@ metadata: {name: web, namespace: ts}
 spec:
   hosts: [web]
   http:
+  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, scheme: https}
   - headers:
       request:
         set: {x-route: web-default}
@@ -1249,6 +1251,13 @@ fn tcp_routes_split_connections_and_follow_their_sources_and_http_routes_edit_he
     assert!(
         out.to_lowercase()
             .contains("responseheader=x-served-by:mesh"),
+        "{out}"
+    );
+    // A redirect, by the client's sidecar: to https, the request's port kept (not http's).
+    let (_, out) = mesh.get("client", "http://web:8080/old?q=1", &[]);
+    assert!(
+        out.contains("StatusCode=301")
+            && out.contains("ResponseHeader=location:https://web:8080/new?q=1"),
         "{out}"
     );
     // The VirtualService's `corsPolicy`: a preflight from the allowed origin is answered by

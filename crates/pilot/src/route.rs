@@ -336,7 +336,17 @@ fn http_route(ctx: &PushContext, proxy: &Proxy, r: &HttpRoute, port: u16, vs_ns:
     let action = if let Some(redirect) = &r.redirect {
         route::Action::Redirect(RedirectAction {
             host_redirect: redirect.authority.clone(),
-            port_redirect: redirect.port.unwrap_or(0),
+            // Envoy cannot take the port from the request, but the route is the listener
+            // port's: `FROM_REQUEST_PORT` is that port, as Istio writes it. Envoy's own
+            // choice is the protocol's default (`FROM_PROTOCOL_DEFAULT`).
+            port_redirect: match (redirect.port, redirect.derive_port.as_deref()) {
+                (Some(p), _) => p,
+                (None, Some("FROM_REQUEST_PORT")) => u32::from(port),
+                _ => 0,
+            },
+            scheme_rewrite_specifier: (!redirect.scheme.is_empty()).then(|| {
+                redirect_action::SchemeRewriteSpecifier::SchemeRedirect(redirect.scheme.clone())
+            }),
             response_code: match redirect.redirect_code {
                 302 => redirect_action::RedirectResponseCode::Found as i32,
                 303 => redirect_action::RedirectResponseCode::SeeOther as i32,

@@ -993,6 +993,26 @@ fn split_destinations_carry_their_headers_and_authority_is_a_host_rewrite() {
     );
 }
 
+/// A VirtualService redirect's `scheme` and `derivePort`: Envoy's scheme redirect, and the
+/// listener's port for `FROM_REQUEST_PORT` (Envoy's default, the protocol's, otherwise).
+#[test]
+fn redirects_carry_their_scheme_and_derived_port() {
+    let ctx = context_with(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - match: [{uri: {prefix: /keep}}]\n    redirect: {scheme: https, derivePort: FROM_REQUEST_PORT}\n  - redirect: {scheme: https, authority: secure.example, redirectCode: 308}\n",
+    );
+    let routes = productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
+    assert_eq!(
+        routes[0]["redirect"],
+        serde_json::json!({"scheme_redirect": "https", "port_redirect": 9080}),
+        "{routes}"
+    );
+    assert_eq!(
+        routes[1]["redirect"],
+        serde_json::json!({"scheme_redirect": "https", "host_redirect": "secure.example", "response_code": "PERMANENT_REDIRECT"}),
+        "{routes}"
+    );
+}
+
 /// A VirtualService `corsPolicy`: Envoy's CORS policy on the route, as Istio writes it, with the
 /// CORS filter after the fault filter in the outbound connection manager.
 #[test]

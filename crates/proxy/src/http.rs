@@ -528,26 +528,42 @@ async fn handle(
     }
 }
 
+/// Envoy's redirect: the scheme, host and port the route names, else the request's; the
+/// request's port goes when the route names a port or a host, or changes the scheme away from
+/// the one whose default port it is (`http://web:80` to `https://web`).
 fn redirect(rd: &Redirect, parts: &Parts, host: &str) -> Response<Body> {
-    let scheme = rd.scheme.as_deref().unwrap_or("http");
-    let mut authority = rd.host.clone().unwrap_or_else(|| {
-        host.rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map_or(host.to_string(), |(h, _)| h.to_string())
-    });
-    if let Some(p) = rd.port {
-        authority = format!("{authority}:{p}");
-    } else if rd.host.is_none()
-        && let Some((_, p)) = host.rsplit_once(':')
-    {
-        authority = format!("{authority}:{p}");
-    }
-    let path = rd.path.clone().unwrap_or_else(|| {
-        parts
+    let proto = parts
+        .headers
+        .get(FORWARDED_PROTO)
+        .and_then(|v| v.to_str().ok())
+        .or(parts.uri.scheme_str())
+        .unwrap_or("http");
+    let scheme = rd
+        .scheme
+        .as_deref()
+        .or(parts.uri.scheme_str())
+        .unwrap_or("http");
+    let (name, port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => (h, Some(p)),
+        _ => (host, None),
+    };
+    let default_port = matches!((proto, port), ("http", Some("80")) | ("https", Some("443")));
+    let authority = match (&rd.host, rd.port, port) {
+        (Some(h), Some(p), _) => format!("{h}:{p}"),
+        (Some(h), None, _) => h.clone(),
+        (None, Some(p), _) => format!("{name}:{p}"),
+        (None, None, Some(p)) if !(scheme != proto && default_port) => format!("{name}:{p}"),
+        (None, None, _) => name.to_string(),
+    };
+    // The route's path keeps the request's query unless it has one of its own.
+    let path = match (&rd.path, parts.uri.query()) {
+        (Some(p), Some(q)) if !p.contains('?') => format!("{p}?{q}"),
+        (Some(p), _) => p.clone(),
+        (None, _) => parts
             .uri
             .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string())
-    });
+            .map_or("/".to_string(), |p| p.as_str().to_string()),
+    };
     let mut r = local_reply(rd.status, "");
     if let Ok(v) = HeaderValue::from_str(&format!("{scheme}://{authority}{path}")) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -1570,6 +1586,54 @@ impl Drop for Observed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirects_keep_or_drop_the_request_port_as_envoy() {
+        let location = |rd: Redirect, host: &str| {
+            let parts = Request::get("/a?b=1").body(()).unwrap().into_parts().0;
+            redirect(&rd, &parts, host).headers()[header::LOCATION]
+                .to_str()
+                .unwrap()
+                .to_string()
+        };
+        let to = |scheme: Option<&str>, host: Option<&str>, port: Option<u32>| Redirect {
+            status: 301,
+            host: host.map(str::to_string),
+            port,
+            path: None,
+            scheme: scheme.map(str::to_string),
+        };
+        // To https: http's default port goes, another stays.
+        assert_eq!(
+            location(to(Some("https"), None, None), "web:80"),
+            "https://web/a?b=1"
+        );
+        assert_eq!(
+            location(to(Some("https"), None, None), "web:8080"),
+            "https://web:8080/a?b=1"
+        );
+        // A port or a host of the route's replaces the request's.
+        assert_eq!(
+            location(to(Some("https"), None, Some(8443)), "web:80"),
+            "https://web:8443/a?b=1"
+        );
+        assert_eq!(
+            location(to(None, Some("new.example"), None), "web:8080"),
+            "http://new.example/a?b=1"
+        );
+        // Same scheme: the port stays.
+        assert_eq!(
+            location(to(None, None, None), "web:80"),
+            "http://web:80/a?b=1"
+        );
+        // The route's path takes the request's query, unless it has its own.
+        let path = |p: &str| Redirect {
+            path: Some(p.into()),
+            ..to(None, None, None)
+        };
+        assert_eq!(location(path("/new"), "web"), "http://web/new?b=1");
+        assert_eq!(location(path("/new?c=2"), "web"), "http://web/new?c=2");
+    }
 
     #[test]
     fn hop_by_hop_headers_do_not_cross() {
