@@ -402,6 +402,7 @@ fn metadata(md: Option<&Struct>) -> Result<NodeMetadata, String> {
         proxy_headers,
         dns_auto_allocate: string("DNS_AUTO_ALLOCATE")
             .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        idle_timeout: string("IDLE_TIMEOUT"),
     })
 }
 
@@ -493,6 +494,26 @@ spec:
             }),
             ..Default::default()
         }
+    }
+
+    /// `ISTIO_META_IDLE_TIMEOUT` reaches the control plane as `IDLE_TIMEOUT`, a Go duration;
+    /// one that does not parse is none, as in Istio.
+    #[test]
+    fn the_idle_timeout_comes_from_the_node_metadata() {
+        let with = |v: &str| {
+            let mut n = node("10.0.0.1", serde_json::json!({}));
+            if let Some(md) = n.metadata.as_mut() {
+                md.fields.insert(
+                    "IDLE_TIMEOUT".into(),
+                    envoy_types::pb::google::protobuf::Value {
+                        kind: Some(value::Kind::StringValue(v.into())),
+                    },
+                );
+            }
+            proxy_of(&n).unwrap().idle_timeout
+        };
+        assert_eq!(with("1h30m"), Some(std::time::Duration::from_secs(5400)));
+        assert_eq!(with("soon"), None);
     }
 
     /// A pod's `proxyHeaders` reach the control plane in its node metadata and shape its

@@ -57,6 +57,8 @@ pub struct Scope {
     pub telemetry: Vec<u8>,
     /// Allocated addresses of ServiceEntries are in its listeners and routes.
     pub dns_auto_allocate: bool,
+    /// Its TCP proxies' idle timeout (`IDLE_TIMEOUT`).
+    pub idle_timeout: Option<std::time::Duration>,
     /// Which VirtualService matches with `sourceLabels` select the workload.
     pub source_selections: Vec<bool>,
 }
@@ -279,6 +281,7 @@ impl PushContext {
     pub fn scope(&self, proxy: &Proxy) -> Scope {
         Scope {
             dns_auto_allocate: proxy.dns_auto_allocate,
+            idle_timeout: proxy.idle_timeout,
             source_selections: crate::route::source_selections(self, proxy),
             proxy_headers: proxy.proxy_headers.clone(),
             locality: self.proxy_locality(proxy),

@@ -383,7 +383,7 @@ fn tls_port(
         };
         l.default_filter_chain = Some(FilterChain {
             name: "PassthroughFilterChain".into(),
-            filters: vec![tcp_proxy_filter(catch_all)],
+            filters: vec![tcp_proxy_filter(catch_all, proxy)],
             ..Default::default()
         });
     }
@@ -410,7 +410,7 @@ fn virtual_outbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
         use_original_dst: Some(BoolValue { value: true }),
         filter_chains: vec![FilterChain {
             name: "virtualOutbound-catchall-tcp".into(),
-            filters: vec![tcp_proxy_filter(catch_all)],
+            filters: vec![tcp_proxy_filter(catch_all, proxy)],
             ..Default::default()
         }],
         listener_filters: vec![listener_filter_of(
@@ -437,7 +437,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
     tcp_front.extend(crate::authz::network_filters(ctx, proxy));
     let passthrough = || {
         let mut f = tcp_front.clone();
-        f.push(tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER));
+        f.push(tcp_proxy_filter(INBOUND_PASSTHROUGH_CLUSTER, proxy));
         f
     };
     if let Some(workload) = ctx.workload_of(proxy) {
@@ -480,7 +480,7 @@ fn virtual_inbound(ctx: &PushContext, proxy: &Proxy) -> Listener {
             };
             let tcp = || {
                 let mut f = tcp_front.clone();
-                f.push(tcp_proxy_filter(&cluster));
+                f.push(tcp_proxy_filter(&cluster, proxy));
                 f
             };
             let variants: Vec<Variant> = if protocol == Protocol::Unknown {
@@ -635,12 +635,13 @@ fn network_filter(name: &str, config: Any) -> Filter {
     }
 }
 
-fn tcp_proxy_filter(cluster: &str) -> Filter {
+/// `tcp_proxy` to `cluster`, with the proxy's own idle timeout (`IDLE_TIMEOUT`), if any.
+fn tcp_proxy_filter(cluster: &str, proxy: &Proxy) -> Filter {
     tcp_proxy_to(
         cluster,
         tcp_proxy::ClusterSpecifier::Cluster(cluster.into()),
         false,
-        None,
+        proxy.idle_timeout.map(crate::cluster::duration),
     )
 }
 
@@ -711,14 +712,16 @@ fn outbound_tcp_proxy_to(
         }),
     };
     // The DestinationRule's `connectionPool.tcp.idleTimeout` (its top-level policy, as
-    // Istio's) over Envoy's hour.
+    // Istio's), else the proxy's own, over Envoy's hour.
     let idle = ctx
         .destination_rule(&proxy.namespace, svc)
         .and_then(|dr| dr.object.spec.traffic_policy.as_ref())
         .and_then(|p| p.connection_pool.as_ref())
         .and_then(|c| c.tcp.as_ref())
         .and_then(|t| t.idle_timeout.as_ref())
-        .map(|d| crate::cluster::duration(d.as_std()));
+        .map(|d| d.as_std())
+        .or(proxy.idle_timeout)
+        .map(crate::cluster::duration);
     tcp_proxy_to(
         &stat_prefix,
         clusters,

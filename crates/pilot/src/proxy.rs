@@ -45,6 +45,9 @@ pub struct Proxy {
     /// ServiceEntry hosts without addresses are reached at the ones the registry allocated
     /// (`DNS_AUTO_ALLOCATE`, with the agent answering DNS for them).
     pub dns_auto_allocate: bool,
+    /// Istio's `IDLE_TIMEOUT` metadata (`ISTIO_META_IDLE_TIMEOUT`): the idle timeout of its
+    /// TCP proxies, over Envoy's hour.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -71,6 +74,8 @@ pub struct NodeMetadata {
     pub tracing: Option<serde_json::Value>,
     /// `DNS_AUTO_ALLOCATE`.
     pub dns_auto_allocate: bool,
+    /// `IDLE_TIMEOUT`, a Go duration.
+    pub idle_timeout: Option<String>,
 }
 
 impl Proxy {
@@ -131,6 +136,11 @@ impl Proxy {
             proxy_headers: meta.proxy_headers.clone(),
             tracing: meta.tracing.clone(),
             dns_auto_allocate: meta.dns_auto_allocate,
+            // As Istio, a value that does not parse is no timeout of the proxy's own.
+            idle_timeout: meta
+                .idle_timeout
+                .as_deref()
+                .and_then(|d| isthmus_config::istio::common::parse_go_duration(d).ok()),
         })
     }
 

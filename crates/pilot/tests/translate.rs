@@ -952,6 +952,48 @@ fn tcp_connection_pool_settings_reach_the_cluster_and_the_tcp_proxy() {
         "7200s"
     );
     assert!(nc_tcp_proxy(&context(), &p).get("idle_timeout").is_none());
+    // A proxy's own `IDLE_TIMEOUT` (ISTIO_META_IDLE_TIMEOUT) on every TCP proxy it has,
+    // inbound, outbound and passthrough; the rule's over it.
+    let meta = NodeMetadata {
+        idle_timeout: Some("30m".into()),
+        ..Default::default()
+    };
+    let own = proxy_with_metadata("10.9.0.1", "x", "data", &meta);
+    assert_eq!(
+        nc_tcp_proxy(&context_with(rule), &own)["idle_timeout"],
+        "7200s"
+    );
+    let listeners: Vec<serde_json::Value> = isthmus_pilot::listener::listeners(&context(), &own)
+        .iter()
+        .map(|l| to_json(l).unwrap())
+        .collect();
+    let mut tcp_proxies = Vec::new();
+    collect_typed(
+        &serde_json::Value::Array(listeners),
+        "TcpProxy",
+        &mut tcp_proxies,
+    );
+    assert!(tcp_proxies.len() > 3, "{tcp_proxies:?}");
+    for tp in &tcp_proxies {
+        assert_eq!(tp["idle_timeout"], "1800s", "{tp}");
+    }
+}
+
+/// Every `typed_config` under `v` whose type name ends with `kind`.
+fn collect_typed(v: &serde_json::Value, kind: &str, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            if m.get("@type")
+                .and_then(|t| t.as_str())
+                .is_some_and(|t| t.ends_with(kind))
+            {
+                out.push(v.clone());
+            }
+            m.values().for_each(|x| collect_typed(x, kind, out));
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| collect_typed(x, kind, out)),
+        _ => {}
+    }
 }
 
 /// The destinations of a split carry their own header operations on their weighted clusters;
