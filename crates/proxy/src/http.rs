@@ -1330,7 +1330,8 @@ fn caller(hcm: &Hcm, parts: &Parts, shared: &Shared) -> Option<Arc<peer::Workloa
         .and_then(|v| shared.peers.decode(v.as_bytes()))
 }
 
-/// Records a request the proxy answered itself (a policy or an injected fault said no).
+/// Records a request the proxy answered itself (a policy or an injected fault said no, or a
+/// CORS preflight).
 fn refuse(
     shared: &Shared,
     info: &ConnInfo,
