@@ -791,6 +791,15 @@ fn tls_ports_route_by_sni() {
     assert!(tenants.get("default_filter_chain").is_none(), "{tenants}");
 }
 
+/// The routes of productpage's virtual host for a reviews-v1 sidecar, with a VirtualService
+/// for productpage whose `http` routes are `http` (YAML, as the list's items).
+fn productpage_vs_routes(http: &str) -> serde_json::Value {
+    let ctx = context_with(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: productpage, namespace: bookinfo}}\nspec:\n  hosts: [productpage]\n  http:\n{http}"
+    ));
+    productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))
+}
+
 /// The routes of productpage's virtual host in a proxy's route configuration of port 9080.
 fn productpage_routes(ctx: &PushContext, p: &Proxy) -> serde_json::Value {
     let routes = isthmus_pilot::route::routes(ctx, p, &["9080".to_string()]);
@@ -831,10 +840,9 @@ fn istio_mutual_takes_the_rules_sni_and_subject_alt_names() {
 /// named after the route and the match.
 #[test]
 fn each_match_of_a_route_is_a_route() {
-    let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - name: app\n    match:\n    - {name: exact, uri: {exact: /productpage}}\n    - uri: {prefix: /static}\n    - {uri: {prefix: /elsewhere}, port: 7070}\n    route: [{destination: {host: productpage, subset: v1}}]\n  - name: rest\n    route: [{destination: {host: productpage}}]\n",
+    let routes = productpage_vs_routes(
+        "  - name: app\n    match:\n    - {name: exact, uri: {exact: /productpage}}\n    - uri: {prefix: /static}\n    - {uri: {prefix: /elsewhere}, port: 7070}\n    route: [{destination: {host: productpage, subset: v1}}]\n  - name: rest\n    route: [{destination: {host: productpage}}]\n",
     );
-    let routes = productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
     let summary: Vec<(String, serde_json::Value, String)> = routes
         .as_array()
         .unwrap()
@@ -873,11 +881,7 @@ fn each_match_of_a_route_is_a_route() {
 /// and its one destination's together.
 #[test]
 fn virtual_service_headers_become_route_header_operations() {
-    let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n    rewrite: {uriRegexRewrite: {match: \"^/a/(.*)$\", rewrite: \"/b/\\\\1\"}}\n",
-    );
-    let route =
-        productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))[0].clone();
+    let route = productpage_vs_routes("  - headers:\n      request: {set: {x-a: \"1\"}, remove: [x-b]}\n      response: {add: {x-c: \"3\"}, remove: [server]}\n    route:\n    - destination: {host: productpage}\n      headers: {request: {add: {x-d: \"4\"}}}\n    rewrite: {uriRegexRewrite: {match: \"^/a/(.*)$\", rewrite: \"/b/\\\\1\"}}\n")[0].clone();
     assert_eq!(
         route["request_headers_to_add"],
         serde_json::json!([
@@ -1001,11 +1005,7 @@ fn collect_typed(v: &serde_json::Value, kind: &str, out: &mut Vec<serde_json::Va
 /// header lists (it refuses them), as Istio's.
 #[test]
 fn split_destinations_carry_their_headers_and_authority_is_a_host_rewrite() {
-    let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - headers: {request: {set: {\":authority\": pp.internal, x-a: \"1\"}}}\n    route:\n    - destination: {host: productpage}\n      weight: 80\n      headers: {request: {set: {x-dest: pp}, remove: [x-b]}, response: {add: {x-from: pp}}}\n    - destination: {host: details}\n      weight: 20\n      headers: {request: {set: {host: details.internal}}}\n",
-    );
-    let route =
-        productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"))[0].clone();
+    let route = productpage_vs_routes("  - headers: {request: {set: {\":authority\": pp.internal, x-a: \"1\"}}}\n    route:\n    - destination: {host: productpage}\n      weight: 80\n      headers: {request: {set: {x-dest: pp}, remove: [x-b]}, response: {add: {x-from: pp}}}\n    - destination: {host: details}\n      weight: 20\n      headers: {request: {set: {host: details.internal}}}\n")[0].clone();
     assert_eq!(
         route["route"]["host_rewrite_literal"], "pp.internal",
         "{route}"
@@ -1039,10 +1039,9 @@ fn split_destinations_carry_their_headers_and_authority_is_a_host_rewrite() {
 /// listener's port for `FROM_REQUEST_PORT` (Envoy's default, the protocol's, otherwise).
 #[test]
 fn redirects_carry_their_scheme_and_derived_port() {
-    let ctx = context_with(
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: bookinfo}\nspec:\n  hosts: [productpage]\n  http:\n  - match: [{uri: {prefix: /keep}}]\n    redirect: {scheme: https, derivePort: FROM_REQUEST_PORT}\n  - redirect: {scheme: https, authority: secure.example, redirectCode: 308}\n",
+    let routes = productpage_vs_routes(
+        "  - match: [{uri: {prefix: /keep}}]\n    redirect: {scheme: https, derivePort: FROM_REQUEST_PORT}\n  - redirect: {scheme: https, authority: secure.example, redirectCode: 308}\n",
     );
-    let routes = productpage_routes(&ctx, &proxy("10.1.0.11", "reviews-v1-0", "bookinfo"));
     assert_eq!(
         routes[0]["redirect"],
         serde_json::json!({"scheme_redirect": "https", "port_redirect": 9080}),
