@@ -642,16 +642,19 @@ fn tcp_proxy_filter(cluster: &str, proxy: &Proxy) -> Filter {
         tcp_proxy::ClusterSpecifier::Cluster(cluster.into()),
         false,
         proxy.idle_timeout.map(crate::cluster::duration),
+        None,
     )
 }
 
 /// `tcp_proxy` to `clusters`, its stats under `stat_prefix`; `source_ip`: consistent hashing
-/// by the client's IP; `idle_timeout`: over Envoy's default hour.
+/// by the client's IP; `idle_timeout`: over Envoy's default hour; `max_duration`: a
+/// connection's longest life.
 fn tcp_proxy_to(
     stat_prefix: &str,
     clusters: tcp_proxy::ClusterSpecifier,
     source_ip: bool,
     idle_timeout: Option<envoy_types::pb::google::protobuf::Duration>,
+    max_duration: Option<envoy_types::pb::google::protobuf::Duration>,
 ) -> Filter {
     use envoy_types::pb::envoy::r#type::v3::{HashPolicy, hash_policy};
     network_filter(
@@ -668,6 +671,7 @@ fn tcp_proxy_to(
                 .into_iter()
                 .collect(),
             idle_timeout,
+            max_downstream_connection_duration: max_duration,
             ..Default::default()
         }),
     )
@@ -711,22 +715,27 @@ fn outbound_tcp_proxy_to(
                 .collect(),
         }),
     };
-    // The DestinationRule's `connectionPool.tcp.idleTimeout` (its top-level policy, as
-    // Istio's), else the proxy's own, over Envoy's hour.
-    let idle = ctx
+    // The DestinationRule's `connectionPool.tcp` (its top-level policy, as Istio's):
+    // `idleTimeout`, else the proxy's own, over Envoy's hour; `maxConnectionDuration`.
+    let tcp = ctx
         .destination_rule(&proxy.namespace, svc)
         .and_then(|dr| dr.object.spec.traffic_policy.as_ref())
         .and_then(|p| p.connection_pool.as_ref())
-        .and_then(|c| c.tcp.as_ref())
+        .and_then(|c| c.tcp.as_ref());
+    let idle = tcp
         .and_then(|t| t.idle_timeout.as_ref())
         .map(|d| d.as_std())
         .or(proxy.idle_timeout)
         .map(crate::cluster::duration);
+    let max_duration = tcp
+        .and_then(|t| t.max_connection_duration.as_ref())
+        .map(|d| crate::cluster::duration(d.as_std()));
     tcp_proxy_to(
         &stat_prefix,
         clusters,
         crate::route::hashes_source_ip(ctx, proxy, svc),
         idle,
+        max_duration,
     )
 }
 

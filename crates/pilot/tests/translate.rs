@@ -912,7 +912,8 @@ fn virtual_service_headers_become_route_header_operations() {
 
 /// TCP keepalive on upstream connections: the mesh's `tcpKeepalive`, each field a
 /// DestinationRule sets over it; `tcp.maxConnectionDuration` as the cluster's
-/// `max_connection_duration` and `tcp.idleTimeout` as the TCP proxy's, as Istio writes them.
+/// `max_connection_duration` and the TCP proxy's `max_downstream_connection_duration`, and
+/// `tcp.idleTimeout` as the TCP proxy's, as Istio writes them.
 #[test]
 fn tcp_connection_pool_settings_reach_the_cluster_and_the_tcp_proxy() {
     let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: nc, namespace: data}\nspec:\n  host: nc\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnectionDuration: 30m, idleTimeout: 2h, tcpKeepalive: {time: 60s, probes: 5}}\n";
@@ -956,6 +957,11 @@ fn tcp_connection_pool_settings_reach_the_cluster_and_the_tcp_proxy() {
         "7200s"
     );
     assert!(nc_tcp_proxy(&context(), &p).get("idle_timeout").is_none());
+    // The longest life of a connection to it.
+    assert_eq!(
+        nc_tcp_proxy(&context_with(rule), &p)["max_downstream_connection_duration"],
+        "1800s"
+    );
     // A proxy's own `IDLE_TIMEOUT` (ISTIO_META_IDLE_TIMEOUT) on every TCP proxy it has,
     // inbound, outbound and passthrough; the rule's over it.
     let meta = NodeMetadata {

@@ -256,6 +256,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
             access_logs,
             hash_source_ip,
             idle_timeout,
+            max_duration,
             stats,
             metadata_exchange: _,
         } => {
@@ -264,6 +265,7 @@ async fn handle(stream: TcpStream, source: SocketAddr, port: u16, shared: &Arc<S
                 stat_prefix,
                 hash_source_ip: *hash_source_ip,
                 idle_timeout: *idle_timeout,
+                max_duration: *max_duration,
                 logs: access_logs,
                 stats: stats.as_ref(),
                 exchanges,

@@ -22,6 +22,9 @@ pub struct Filter<'a> {
     /// The client's IP is the consistent-hash key.
     pub hash_source_ip: bool,
     pub idle_timeout: Option<Duration>,
+    /// Envoy's `max_downstream_connection_duration`: the connection is closed this long after
+    /// it began (None: never).
+    pub max_duration: Option<Duration>,
     pub logs: &'a [Arc<AccessLog>],
     pub stats: Option<&'a Arc<StatsConfig>>,
     /// The client agreed to Istio's TCP metadata exchange, which the chain does.
@@ -182,9 +185,16 @@ where
     // Istio's metrics count a long connection's bytes as it goes, not only at its end.
     let period = dims.as_ref().map(|d| d.config.tcp_reporting);
     let mut reported = (0, 0);
+    let limit = every(filter.max_duration);
+    tokio::pin!(limit);
     loop {
         tokio::select! {
             _ = &mut copy => break,
+            () = &mut limit => {
+                stats.inc(format_args!("tcp.{}.max_downstream_connection_duration", filter.stat_prefix));
+                tracing::debug!(source = %info.source, cluster = %cluster.name, "maximum duration");
+                break;
+            }
             found = told(&mut waiting), if waiting.is_some() => {
                 waiting = None;
                 if let Some(peer) = found {

@@ -2363,6 +2363,84 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
     });
 }
 
+/// `max_downstream_connection_duration` (a DestinationRule's `tcp.maxConnectionDuration`): a
+/// TCP connection in use is closed once that old, and counted.
+#[test]
+fn busy_tcp_connections_are_closed_at_the_maximum_duration() {
+    in_netns(|| async {
+        let (h, _) = harness().await;
+        let max = Duration::from_millis(600);
+        h.fixed.put(
+            LISTENER,
+            "10.96.0.23_5000",
+            pack_any(port_listener(
+                "10.96.0.23_5000",
+                "10.96.0.23",
+                5000,
+                typed(
+                    "envoy.filters.network.tcp_proxy",
+                    pack_any(TcpProxy {
+                        stat_prefix: "tcp".into(),
+                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("tcp".into())),
+                        max_downstream_connection_duration: Some(
+                            envoy_types::pb::google::protobuf::Duration {
+                                seconds: 0,
+                                nanos: i32::try_from(max.as_nanos()).unwrap(),
+                            },
+                        ),
+                        ..Default::default()
+                    }),
+                ),
+            )),
+        );
+        h.push();
+        for _ in 0..200 {
+            if http_get_host("10.96.0.23:5000", "svc").await.0 == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Keep-alive requests every 50 ms: never idle, yet closed.
+        let s = tokio::net::TcpStream::connect("10.96.0.23:5000")
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let opened = std::time::Instant::now();
+        let mut answered = 0;
+        while !send.is_closed() && opened.elapsed() < Duration::from_secs(10) {
+            let req = http::Request::get("/")
+                .header("host", "svc")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            match send.send_request(req).await {
+                Ok(r) if r.status() == 200 => {
+                    let _ = r.into_body().collect().await;
+                    answered += 1;
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let lived = opened.elapsed();
+        assert!(answered >= 3, "{answered} answers");
+        assert!(
+            lived >= max / 2 && lived < Duration::from_secs(10),
+            "{lived:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        let (_, stats) = admin("GET", "/stats?filter=max_downstream").await;
+        let closed = stats.lines().find_map(|l| {
+            l.strip_prefix("tcp.tcp.max_downstream_connection_duration: ")?
+                .parse::<u64>()
+                .ok()
+        });
+        assert!(closed.is_some_and(|n| n >= 1), "{stats}");
+    });
+}
+
 /// Envoy's own headers, as Istio configures them: `server` per the connection manager, the
 /// attempt count to the upstream (and back, when asked), what is left of the timeout, the path
 /// before a rewrite, and the upstream's service time; the router's `suppress_envoy_headers`

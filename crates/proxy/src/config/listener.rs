@@ -130,6 +130,8 @@ pub enum NetworkFilter {
         access_logs: Vec<Arc<AccessLog>>,
         /// No byte either way for this long closes the connection (None: never).
         idle_timeout: Option<Duration>,
+        /// A connection this old is closed (None: never).
+        max_duration: Option<Duration>,
         /// Istio's metrics of the connection, when the chain has the stats filter.
         stats: Option<Arc<StatsConfig>>,
         /// Istio's TCP metadata exchange with the client, under this ALPN value.
@@ -547,6 +549,11 @@ fn network_filter(f: &Filter) -> Result<NetworkFilter, String> {
             hash_source_ip,
             access_logs: access_logs(&tp.access_log)?,
             idle_timeout: crate::idle::timeout(tp.idle_timeout.as_ref().map(pb_duration)),
+            max_duration: tp
+                .max_downstream_connection_duration
+                .as_ref()
+                .map(pb_duration)
+                .filter(|d| !d.is_zero()),
             stats: None,
             metadata_exchange: None,
         });
@@ -854,6 +861,7 @@ mod tests {
                 hash_source_ip: false,
                 access_logs: Vec::new(),
                 idle_timeout: None,
+                max_duration: None,
                 stats: None,
                 metadata_exchange: None,
             },
