@@ -791,25 +791,12 @@ fn metadata_exchange(headers: &ProxyHeaders, inbound: bool) -> HttpFilter {
     }
 }
 
-/// The fault filter, configured per route (VirtualService `fault`), before the router.
-fn fault_filter() -> HttpFilter {
+/// A filter whose configuration is per route (the fault filter for VirtualService `fault`, the
+/// CORS filter for `corsPolicy`): in the chain with `empty` as its own.
+fn per_route_filter(name: &str, empty: Any) -> HttpFilter {
     HttpFilter {
-        name: crate::route::FAULT_FILTER.into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
-        ))),
-        ..Default::default()
-    }
-}
-
-/// The CORS filter, configured per route (VirtualService `corsPolicy`), after the fault filter
-/// as in Istio's chain.
-fn cors_filter() -> HttpFilter {
-    HttpFilter {
-        name: crate::route::CORS_FILTER.into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors::default(),
-        ))),
+        name: name.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(empty)),
         ..Default::default()
     }
 }
@@ -827,9 +814,16 @@ fn http_connection_manager_rds(
             config_source: Some(ads()),
             route_config_name: route_config.into(),
         })),
+        // Fault, then CORS, as in Istio's chain.
         http_filters: vec![
-            fault_filter(),
-            cors_filter(),
+            per_route_filter(
+                crate::route::FAULT_FILTER,
+                pack_any(envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default()),
+            ),
+            per_route_filter(
+                crate::route::CORS_FILTER,
+                pack_any(envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors::default()),
+            ),
             metadata_exchange(headers, false),
             router(headers),
         ],

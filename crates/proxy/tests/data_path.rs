@@ -72,14 +72,25 @@ fn typed(name: &str, any: Any) -> Filter {
 }
 
 fn tcp_proxy(cluster: &str) -> Filter {
-    typed(
-        "envoy.filters.network.tcp_proxy",
-        pack_any(TcpProxy {
-            stat_prefix: cluster.into(),
-            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
-            ..Default::default()
-        }),
-    )
+    tcp_proxy_with(cluster, |_| {})
+}
+
+/// A `tcp_proxy` to `cluster`, with what `edit` sets besides.
+fn tcp_proxy_with(cluster: &str, edit: impl FnOnce(&mut TcpProxy)) -> Filter {
+    let mut tp = TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    edit(&mut tp);
+    typed("envoy.filters.network.tcp_proxy", pack_any(tp))
+}
+
+/// A counter's value in the admin's `/stats` text.
+fn stat_value(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
 }
 
 /// Istio's stats filter with this `stats.PluginConfig` (HTTP or network: the same shape).
@@ -1217,10 +1228,7 @@ fn admin_endpoints_answer_like_envoys() {
             assert!(stats.contains(line), "{line}: {stats}");
         }
         let count = |name: &str| -> u64 {
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in {stats}"))
+            stat_value(&stats, name).unwrap_or_else(|| panic!("no {name} in {stats}"))
         };
         assert!(count("cluster_manager.cds.update_success") >= 1, "{stats}");
         assert!(count("listener_manager.lds.update_success") >= 1, "{stats}");
@@ -2319,14 +2327,7 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
         // TCP: bytes both ways, then quiet. The proxy closes it, and counts what it moved.
         let tx_bytes = || async {
             let (_, stats) = admin("GET", "/stats?filter=cluster.tcp.upstream_cx_tx").await;
-            stats
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("cluster.tcp.upstream_cx_tx_bytes_total: ")?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .unwrap_or(0)
+            stat_value(&stats, "cluster.tcp.upstream_cx_tx_bytes_total").unwrap_or(0)
         };
         let before = tx_bytes().await;
         let request = b"GET / HTTP/1.1\r\nhost: svc\r\n\r\n";
@@ -2352,12 +2353,7 @@ fn quiet_connections_are_closed_after_the_idle_timeout() {
         assert_eq!(tx_bytes().await - before, request.len() as u64);
 
         let (_, stats) = admin("GET", "/stats?filter=idle_timeout").await;
-        let count = |name: &str| -> u64 {
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
-                .unwrap_or(0)
-        };
+        let count = |name: &str| -> u64 { stat_value(&stats, name).unwrap_or(0) };
         assert!(count("http.80.downstream_cx_idle_timeout") >= 1, "{stats}");
         assert!(count("tcp.tcp.idle_timeout") >= 1, "{stats}");
     });
@@ -2377,20 +2373,13 @@ fn busy_tcp_connections_are_closed_at_the_maximum_duration() {
                 "10.96.0.23_5000",
                 "10.96.0.23",
                 5000,
-                typed(
-                    "envoy.filters.network.tcp_proxy",
-                    pack_any(TcpProxy {
-                        stat_prefix: "tcp".into(),
-                        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("tcp".into())),
-                        max_downstream_connection_duration: Some(
-                            envoy_types::pb::google::protobuf::Duration {
-                                seconds: 0,
-                                nanos: i32::try_from(max.as_nanos()).unwrap(),
-                            },
-                        ),
-                        ..Default::default()
-                    }),
-                ),
+                tcp_proxy_with("tcp", |tp| {
+                    tp.max_downstream_connection_duration =
+                        Some(envoy_types::pb::google::protobuf::Duration {
+                            seconds: 0,
+                            nanos: i32::try_from(max.as_nanos()).unwrap(),
+                        });
+                }),
             )),
         );
         h.push();
@@ -2432,11 +2421,7 @@ fn busy_tcp_connections_are_closed_at_the_maximum_duration() {
         );
         let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         let (_, stats) = admin("GET", "/stats?filter=max_downstream").await;
-        let closed = stats.lines().find_map(|l| {
-            l.strip_prefix("tcp.tcp.max_downstream_connection_duration: ")?
-                .parse::<u64>()
-                .ok()
-        });
+        let closed = stat_value(&stats, "tcp.tcp.max_downstream_connection_duration");
         assert!(closed.is_some_and(|n| n >= 1), "{stats}");
     });
 }
